@@ -1,0 +1,249 @@
+"""Detector calibration of a :class:`~diffgpu.DiffractionPatterns` signal.
+
+Pixel-coordinate convention (used by every geometry in diffgpu)
+----------------------------------------------------------------
+A detector frame is the array ``frame[row, column]``.  Pixel coordinates are
+``(x, y) = (column, row)`` and **the centre of pixel (row 0, column 0) is at
+(x, y) = (0.0, 0.0)**; that pixel covers ``-0.5 <= x < 0.5`` and
+``-0.5 <= y < 0.5``.  The centre of a 256 x 256 detector is therefore at
+(127.5, 127.5), which is also where diffsims puts the direct beam by default.
+
+The beam centre is kept in the signal axes, not beside them: the calibrated
+coordinate of pixel ``i`` along an axis is ``offset + i * scale`` (HyperSpy's
+rule) and the centre is where that coordinate is zero, so
+``center = -offset / scale``.  Cropping with ``isig``, rebinning and saving
+therefore keep the centre right without any bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["Calibration", "electron_wavelength", "beam_energy_from_wavelength"]
+
+# CODATA 2018 constants, SI
+_H = 6.62607015e-34
+_M0 = 9.1093837015e-31
+_E = 1.602176634e-19
+_C = 299792458.0
+
+
+def electron_wavelength(beam_energy_kev):
+    """Relativistic electron wavelength in ångström for a beam energy in keV.
+
+    Examples
+    --------
+    >>> from diffgpu.calibration import electron_wavelength
+    >>> round(electron_wavelength(200.0), 5)
+    0.02508
+    """
+    if not beam_energy_kev > 0:
+        raise ValueError(f"beam_energy must be positive (keV); got {beam_energy_kev!r}")
+    ev = beam_energy_kev * 1e3 * _E
+    return _H / math.sqrt(2 * _M0 * ev * (1 + ev / (2 * _M0 * _C**2))) * 1e10
+
+
+def beam_energy_from_wavelength(wavelength_angstrom):
+    """Beam energy in keV whose relativistic electron wavelength is the given one (Å).
+
+    Examples
+    --------
+    >>> from diffgpu.calibration import beam_energy_from_wavelength
+    >>> round(beam_energy_from_wavelength(0.025079), 2)
+    200.0
+    """
+    if not wavelength_angstrom > 0:
+        raise ValueError(f"wavelength must be positive (Å); got {wavelength_angstrom!r}")
+    p = _H / (wavelength_angstrom * 1e-10)  # momentum
+    mc2 = _M0 * _C**2
+    kinetic = math.sqrt((p * _C) ** 2 + mc2**2) - mc2
+    return kinetic / _E / 1e3
+
+
+class Calibration:
+    """Calibration view of a diffraction signal: centre, scale, units, mask, beam energy.
+
+    Get it as ``s.calibration``; every attribute reads from and writes to the
+    signal itself (its signal axes and metadata), so it survives slicing,
+    ``deepcopy``, saving and loading.
+
+    Attributes
+    ----------
+    center : tuple of float
+        Direct-beam centre ``(x, y)`` in pixels (see the module docstring for the
+        convention). Setting ``None`` puts it at the middle of the detector.
+    scale : tuple of float
+        Pixel size ``(x, y)`` in ``units``; set one number for square pixels.
+        Setting the scale keeps the centre (in pixels) where it was.
+    units : str
+        Units of the signal axes, e.g. ``"px"``, ``"1/nm"``, ``"1/Å"``.
+    mask : numpy.ndarray of bool or None
+        Detector-shaped ``(rows, columns)``; **True marks pixels to exclude**
+        (bad pixels, beam stop), as in NumPy masked arrays and pyxem.
+    beam_energy : float or None
+        Accelerating voltage in keV (``metadata.Acquisition_instrument.TEM.beam_energy``).
+    wavelength : float or None
+        Relativistic electron wavelength in Å, derived from ``beam_energy``;
+        setting it sets ``beam_energy``.
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> s = diffgpu.DiffractionPatterns(np.zeros((2, 64, 64), dtype="uint16"))
+    >>> s.calibration.center = None          # middle of the detector
+    >>> s.calibration.center
+    (31.5, 31.5)
+    >>> s.calibration.scale = 0.02
+    >>> s.calibration.units = "1/nm"
+    >>> s.calibration.beam_energy = 200
+    >>> round(s.calibration.wavelength, 5)
+    0.02508
+    """
+
+    def __init__(self, signal):
+        self._signal = signal
+
+    # -- geometry kept in the axes ------------------------------------------------
+    @property
+    def _axes(self):
+        ax = self._signal.axes_manager.signal_axes
+        return ax[0], ax[1]  # x (columns), y (rows)
+
+    @property
+    def detector_shape(self):
+        """``(rows, columns)`` of one frame."""
+        ax_x, ax_y = self._axes
+        return (ax_y.size, ax_x.size)
+
+    @property
+    def center(self):
+        return tuple(float(-ax.offset / ax.scale) for ax in self._axes)
+
+    @center.setter
+    def center(self, value):
+        if value is None:
+            ny, nx = self.detector_shape
+            value = ((nx - 1) / 2, (ny - 1) / 2)
+        cx, cy = _pair(value, "center")
+        for ax, c in zip(self._axes, (cx, cy)):
+            ax.offset = -c * ax.scale
+
+    @property
+    def scale(self):
+        return tuple(float(ax.scale) for ax in self._axes)
+
+    @scale.setter
+    def scale(self, value):
+        sx, sy = _pair(value, "scale")
+        if not (sx > 0 and sy > 0):
+            raise ValueError(f"scale must be positive; got {(sx, sy)}")
+        center = self.center
+        for ax, s, c in zip(self._axes, (sx, sy), center):
+            ax.scale = s
+            ax.offset = -c * s
+
+    @property
+    def units(self):
+        ax_x, ax_y = self._axes
+        return ax_x.units if ax_x.units == ax_y.units else (ax_x.units, ax_y.units)
+
+    @units.setter
+    def units(self, value):
+        for ax in self._axes:
+            ax.units = str(value)
+
+    # -- mask and beam, kept in metadata -------------------------------------------
+    @property
+    def mask(self):
+        md = self._signal.metadata
+        return md.get_item("Diffraction.mask") if md.has_item("Diffraction.mask") else None
+
+    @mask.setter
+    def mask(self, value):
+        md = self._signal.metadata
+        if value is None:
+            if md.has_item("Diffraction.mask"):
+                del md.Diffraction.mask
+            return
+        md.set_item("Diffraction.mask", check_mask(value, self.detector_shape))
+
+    @property
+    def beam_energy(self):
+        key = "Acquisition_instrument.TEM.beam_energy"
+        md = self._signal.metadata
+        return float(md.get_item(key)) if md.has_item(key) else None
+
+    @beam_energy.setter
+    def beam_energy(self, value):
+        key = "Acquisition_instrument.TEM.beam_energy"
+        if value is None:
+            if self._signal.metadata.has_item(key):
+                del self._signal.metadata.Acquisition_instrument.TEM.beam_energy
+            return
+        electron_wavelength(value)  # validates
+        self._signal.metadata.set_item(key, float(value))
+
+    @property
+    def wavelength(self):
+        e = self.beam_energy
+        return None if e is None else electron_wavelength(e)
+
+    @wavelength.setter
+    def wavelength(self, value):
+        self.beam_energy = beam_energy_from_wavelength(value)
+
+    def __repr__(self):
+        cx, cy = self.center
+        sx, sy = self.scale
+        mask = self.mask
+        masked = "none" if mask is None else f"{int(mask.sum())} pixels"
+        energy = self.beam_energy
+        beam = "unknown" if energy is None else f"{energy:g} keV ({self.wavelength:.5f} Å)"
+        return (
+            f"<Calibration: center=({cx:g}, {cy:g}) px, scale=({sx:g}, {sy:g}) {self.units}, "
+            f"mask={masked}, beam={beam}>"
+        )
+
+
+def _pair(value, name):
+    arr = np.asarray(value, dtype=float).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 2)
+    if arr.size != 2 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be one finite number or a pair (x, y); got {value!r}")
+    return float(arr[0]), float(arr[1])
+
+
+def check_mask(mask, detector_shape):
+    """Validate a detector mask and return it as a boolean NumPy array.
+
+    Parameters
+    ----------
+    mask : array-like
+        ``(rows, columns)`` array; non-zero / True marks excluded pixels.
+    detector_shape : tuple of int
+        ``(rows, columns)`` of one frame.
+
+    Raises
+    ------
+    ValueError
+        If the shape differs from the detector's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.calibration import check_mask
+    >>> check_mask(np.zeros((4, 5)), (4, 5)).dtype
+    dtype('bool')
+    """
+    from .device import to_host_array
+
+    mask = np.asarray(to_host_array(mask))
+    if mask.shape != tuple(detector_shape):
+        raise ValueError(
+            f"mask shape {mask.shape} does not match the detector shape {tuple(detector_shape)} "
+            "(rows, columns)"
+        )
+    return mask.astype(bool, copy=False)

@@ -1,0 +1,102 @@
+"""Starting a dask cluster that uses every visible GPU, or this machine's CPUs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .device import DeviceUnavailableError, devices, require_gpu
+
+__all__ = ["start_cluster"]
+
+
+def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory_limit="auto",
+                  processes=True, quiet=False, **kwargs):
+    """Start a local dask cluster and return a connected :class:`distributed.Client`.
+
+    * ``device="gpu"`` (or ``"auto"`` when dask-cuda and a GPU are present): a
+      ``dask_cuda.LocalCUDACluster`` with one worker per visible GPU (honouring
+      ``CUDA_VISIBLE_DEVICES``), each worker pinned to its own device, so the
+      transfer steps that :meth:`to_device` put in the graph run on that
+      worker's GPU.
+    * otherwise a ``distributed.LocalCluster`` sized to this machine.
+
+    The dashboard link is printed (unless ``quiet``); in Jupyter the returned
+    client also shows it. Close with ``client.close(); client.cluster.close()``
+    or use it as a context manager.
+
+    Parameters
+    ----------
+    device : {"auto", "gpu", "cpu"}
+        Which kind of cluster.
+    n_workers, threads_per_worker : int, optional
+        CPU cluster sizing (default: dask's choice for this machine). For a GPU
+        cluster ``n_workers`` is the number of visible GPUs and cannot be more.
+    memory_limit : str or int
+        Host memory limit per worker (``"auto"``, ``"4GB"``, ...).
+    processes : bool
+        CPU cluster only: worker processes (default) or threads in this process.
+    quiet : bool
+        Do not print the dashboard link.
+    **kwargs
+        Passed to the cluster class (e.g. ``device_memory_limit``, ``rmm_pool_size``
+        for dask-cuda, ``dashboard_address`` for both).
+
+    Returns
+    -------
+    distributed.Client
+
+    Raises
+    ------
+    DeviceUnavailableError
+        ``device="gpu"`` without a usable GPU or without dask-cuda.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> client = diffgpu.start_cluster(device="cpu", n_workers=1, processes=False,
+    ...                                quiet=True, dashboard_address=":0")
+    >>> client.submit(sum, [1, 2, 3]).result()
+    6
+    >>> client.close(); client.cluster.close()
+    """
+    from distributed import Client, LocalCluster
+
+    if device not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"device must be 'auto', 'gpu' or 'cpu'; got {device!r}")
+    has_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
+    use_gpu = False
+    if device == "gpu":
+        require_gpu()
+        if not has_dask_cuda:
+            raise DeviceUnavailableError(
+                "A GPU cluster needs dask-cuda: `pip install diffgpu[cuda-cluster]` "
+                "(or `pip install dask-cuda`)."
+            )
+        use_gpu = True
+    elif device == "auto":
+        use_gpu = has_dask_cuda and len(devices()) > 0
+
+    if use_gpu:
+        from dask_cuda import LocalCUDACluster
+
+        visible = [str(d.id) for d in devices()]
+        parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if parent:  # map our ids back to the physical ones the parent listed
+            physical = [p.strip() for p in parent.split(",")]
+            visible = [physical[int(i)] for i in visible]
+        if n_workers is not None:
+            if n_workers > len(visible):
+                raise ValueError(f"n_workers={n_workers} but only {len(visible)} GPUs are visible")
+            visible = visible[:n_workers]
+        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(visible),
+                                   memory_limit=memory_limit, **kwargs)
+        kind = f"LocalCUDACluster with {len(visible)} GPU worker(s)"
+    else:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               memory_limit=memory_limit, processes=processes, **kwargs)
+        kind = f"LocalCluster with {len(cluster.workers)} CPU worker(s)"
+    client = Client(cluster)
+    if not quiet:
+        print(f"diffgpu: started a {kind}; dashboard: {client.dashboard_link}")
+    return client

@@ -1,0 +1,287 @@
+"""Device layer: the only module of diffgpu that knows about CuPy.
+
+Everything else asks this module where an array lives and which array module
+(NumPy or CuPy) to compute it with, so each kernel is written once::
+
+    xp = array_module(frames)      # numpy or cupy, from the array itself
+    out = xp.zeros(...)
+
+CuPy is imported lazily, on the first call that needs it; importing diffgpu
+never initialises CUDA.  ``CUDA_VISIBLE_DEVICES`` is honoured exactly as the
+CUDA runtime does (CuPy only ever sees the listed devices); an empty value, or
+``-1``, means *CPU only* and is checked before CuPy is even imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DeviceUnavailableError",
+    "DeviceInfo",
+    "gpu_available",
+    "devices",
+    "array_module",
+    "is_device_array",
+    "to_device_array",
+    "to_host_array",
+    "device_of",
+]
+
+_INSTALL_HINT = (
+    "Install CuPy for your CUDA version, e.g. `pip install cupy-cuda12x` (CUDA 12) "
+    "or `pip install cupy-cuda13x` (CUDA 13), or `pip install diffgpu[gpu]`."
+)
+
+# Result of the one attempt to import CuPy: (module or None, reason or None).
+_CUPY_IMPORT: tuple | None = None
+
+
+class DeviceUnavailableError(RuntimeError):
+    """No usable GPU: CuPy is missing, or no CUDA device is visible or working.
+
+    The message says what is missing and how to fix it.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> try:
+    ...     diffgpu.device.require_gpu()
+    ... except diffgpu.DeviceUnavailableError as err:
+    ...     print("CPU only:", type(err).__name__)
+    ... else:
+    ...     print("GPU found")  # doctest: +SKIP
+    CPU only: DeviceUnavailableError
+    """
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One visible CUDA device.
+
+    Attributes
+    ----------
+    id : int
+        Device number as CuPy and dask-cuda see it (after ``CUDA_VISIBLE_DEVICES``).
+    name : str
+        Product name, e.g. ``"NVIDIA H100 80GB HBM3"``.
+    total_memory : int
+        Device memory in bytes.
+    """
+
+    id: int
+    name: str
+    total_memory: int
+
+    def __str__(self):
+        return f"GPU {self.id}: {self.name} ({self.total_memory / 2**30:.1f} GiB)"
+
+
+def _hidden_by_environment() -> bool:
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return value is not None and value.strip() in ("", "-1")
+
+
+def _import_cupy():
+    """Import CuPy once; return ``(module, None)`` or ``(None, reason)``."""
+    global _CUPY_IMPORT
+    if _CUPY_IMPORT is None:
+        try:
+            _CUPY_IMPORT = (importlib.import_module("cupy"), None)
+        except Exception as err:  # ImportError, or a broken CUDA install
+            _CUPY_IMPORT = (None, f"CuPy could not be imported ({type(err).__name__}: {err})")
+    return _CUPY_IMPORT
+
+
+def _loaded_cupy():
+    """CuPy if something already imported it (we or the user), else None; never imports."""
+    if _CUPY_IMPORT is not None and _CUPY_IMPORT[0] is not None:
+        return _CUPY_IMPORT[0]
+    return sys.modules.get("cupy")
+
+
+def _probe():
+    """Return ``(cupy, n_devices, reason)``; reason says why there is no GPU."""
+    if _hidden_by_environment():
+        return None, 0, "CUDA_VISIBLE_DEVICES is empty, which means: use the CPU only"
+    cp, reason = _import_cupy()
+    if cp is None:
+        return None, 0, f"{reason}. {_INSTALL_HINT}"
+    try:
+        n = int(cp.cuda.runtime.getDeviceCount())
+    except Exception as err:  # no driver, no device, driver too old, ...
+        return cp, 0, (
+            f"CuPy is installed but found no working CUDA device ({type(err).__name__}: {err}). "
+            "Check the NVIDIA driver (`nvidia-smi`) and that the CuPy wheel matches its CUDA version."
+        )
+    if n == 0:
+        return cp, 0, "CuPy is installed but no CUDA device is visible."
+    return cp, n, None
+
+
+def gpu_available() -> bool:
+    """Whether at least one CUDA device is visible and CuPy works with it.
+
+    Honours ``CUDA_VISIBLE_DEVICES``; probes the device count, not just the import.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> isinstance(diffgpu.gpu_available(), bool)
+    True
+    """
+    return _probe()[1] > 0
+
+
+def require_gpu():
+    """Return the CuPy module, or raise :class:`DeviceUnavailableError` saying why not.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> if diffgpu.gpu_available():
+    ...     cp = diffgpu.device.require_gpu()
+    """
+    cp, n, reason = _probe()
+    if n == 0:
+        raise DeviceUnavailableError(f"No GPU available: {reason}")
+    return cp
+
+
+def devices() -> list[DeviceInfo]:
+    """The visible CUDA devices (an empty list on a CPU-only machine).
+
+    Returns
+    -------
+    list of DeviceInfo
+        Id, name and memory of each device CuPy can see.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> for d in diffgpu.devices():
+    ...     print(d)  # doctest: +SKIP
+    GPU 0: NVIDIA H100 80GB HBM3 (79.1 GiB)
+    """
+    cp, n, _ = _probe()
+    out = []
+    for i in range(n):
+        props = cp.cuda.runtime.getDeviceProperties(i)
+        name = props["name"]
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        out.append(DeviceInfo(id=i, name=str(name), total_memory=int(props["totalGlobalMem"])))
+    return out
+
+
+def is_device_array(x) -> bool:
+    """Whether ``x`` is a CuPy array (never imports CuPy to find out).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.device import is_device_array
+    >>> is_device_array(np.zeros(3))
+    False
+    """
+    cp = _loaded_cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def _meta_of(x):
+    """The block type of a dask array, or the array itself."""
+    return getattr(x, "_meta", x)
+
+
+def array_module(x):
+    """The array module (``numpy`` or ``cupy``) that computes on ``x``.
+
+    Works on NumPy and CuPy arrays and on dask arrays (from their ``meta``), so a
+    kernel written as ``xp = array_module(x)`` runs unchanged on CPU and GPU.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.device import array_module
+    >>> array_module(np.ones(3)) is np
+    True
+    """
+    if is_device_array(_meta_of(x)):
+        return _loaded_cupy()
+    return np
+
+
+def device_of(x) -> str:
+    """``"gpu"`` if the (dask) array's blocks are CuPy arrays, else ``"cpu"``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from diffgpu.device import device_of
+    >>> device_of(da.zeros((4, 4), chunks=2))
+    'cpu'
+    """
+    return "gpu" if is_device_array(_meta_of(x)) else "cpu"
+
+
+def _block_to_host(block):
+    return _loaded_cupy().asnumpy(block) if is_device_array(block) else np.asarray(block)
+
+
+def _is_dask(x) -> bool:
+    return type(x).__module__.startswith("dask.")
+
+
+def to_device_array(x):
+    """Move an array to the current GPU; a dask array gets a lazy transfer step.
+
+    NumPy arrays are copied to the device now; dask arrays get one
+    ``map_blocks`` step with an explicit ``dtype`` and CuPy ``meta`` and compute
+    nothing. Device arrays are returned unchanged.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        Without CuPy or without a working CUDA device.
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> from diffgpu.device import to_device_array
+    >>> if diffgpu.gpu_available():
+    ...     x = to_device_array(np.ones((2, 2)))
+    """
+    cp = require_gpu()
+    if _is_dask(x):
+        if is_device_array(x._meta):
+            return x
+        meta = cp.empty((0,) * x.ndim, dtype=x.dtype)
+        return x.map_blocks(cp.asarray, dtype=x.dtype, meta=meta)
+    if is_device_array(x):
+        return x
+    return cp.asarray(x)
+
+
+def to_host_array(x):
+    """Move an array to host memory (NumPy); a dask array gets a lazy transfer step.
+
+    Host arrays are returned unchanged, so the call is idempotent. Needs no GPU.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.device import to_host_array
+    >>> to_host_array(np.arange(3))
+    array([0, 1, 2])
+    """
+    if _is_dask(x):
+        if not is_device_array(x._meta):
+            return x
+        meta = np.empty((0,) * x.ndim, dtype=x.dtype)
+        return x.map_blocks(_block_to_host, dtype=x.dtype, meta=meta)
+    return _block_to_host(x)

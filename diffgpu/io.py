@@ -1,0 +1,142 @@
+"""Reading data into diffgpu's signal classes."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["load", "as_diffraction_patterns"]
+
+_SIGNAL_TYPES = {
+    # signal dimension -> diffgpu signal type used when a file does not name one of ours
+    2: "diffraction_patterns",
+    1: "radial_profiles",
+}
+_OURS = ("diffraction_patterns", "polar_patterns", "radial_profiles")
+
+
+def as_diffraction_patterns(signal, copy=False):
+    """Turn any HyperSpy (or pyxem) 2D signal into :class:`~diffgpu.DiffractionPatterns`.
+
+    Data (lazy stays lazy, no copy unless asked), axes calibration, metadata
+    and original metadata are kept; the result is a new signal object.
+
+    Parameters
+    ----------
+    signal : hyperspy.signal.BaseSignal
+        A signal with two signal dimensions (``Signal2D`` or a subclass).
+    copy : bool
+        Copy the data too (default: share it with ``signal``).
+
+    Returns
+    -------
+    DiffractionPatterns or LazyDiffractionPatterns
+
+    Raises
+    ------
+    TypeError
+        If ``signal`` is not a HyperSpy signal.
+    ValueError
+        If it does not have exactly two signal dimensions.
+
+    Examples
+    --------
+    >>> import numpy as np, hyperspy.api as hs, diffgpu
+    >>> raw = hs.signals.Signal2D(np.zeros((4, 64, 64)))
+    >>> raw.axes_manager.signal_axes[0].scale = 0.1
+    >>> s = diffgpu.as_diffraction_patterns(raw)
+    >>> type(s).__name__, s.axes_manager.signal_axes[0].scale
+    ('DiffractionPatterns', 0.1)
+    """
+    from hyperspy.signal import BaseSignal
+
+    if not isinstance(signal, BaseSignal):
+        raise TypeError(f"expected a HyperSpy signal; got {type(signal).__name__}")
+    ndim = signal.axes_manager.signal_dimension
+    if ndim != 2:
+        raise ValueError(
+            f"diffraction patterns need 2 signal dimensions (detector rows, columns); "
+            f"this signal has {ndim} (signal shape {signal.axes_manager.signal_shape})"
+        )
+    data = signal.data.copy() if copy else signal.data
+    new = signal._deepcopy_with_new_data(data, copy_variance=True)
+    new.set_signal_type("diffraction_patterns")
+    return new
+
+
+def load(path, lazy=True, signal_type=None, **kwargs):
+    """Load a file RosettaSciIO can read as a diffgpu signal (lazily by default).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        Any format RosettaSciIO reads (``.mib``, ``.hspy``, ``.zspy``, ``.blo``,
+        ``.hdf5`` from many detectors, ...).
+    lazy : bool
+        Keep the data on disk and read it chunk by chunk as needed (default).
+    signal_type : str, optional
+        Force one of diffgpu's signal types; by default a file saved by
+        diffgpu keeps its type and any other 2D signal becomes
+        ``"diffraction_patterns"``.
+    **kwargs
+        Passed to :func:`hyperspy.api.load` (``reader=``, ``chunks=``, ...).
+
+    Returns
+    -------
+    DiffractionPatterns, PolarPatterns, RadialProfiles (or their Lazy classes)
+        A list of them if the file holds several signals.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    OSError
+        If no reader could read it; the message names the file and the reason.
+    ValueError
+        If the data cannot be one of diffgpu's signals (e.g. 3 signal dimensions).
+
+    Examples
+    --------
+    >>> import diffgpu, tempfile, os
+    >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32))
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.zspy")
+    >>> s.save(path)
+    >>> diffgpu.load(path)
+    <LazyDiffractionPatterns, title: Synthetic 4D-STEM, dimensions: (4, 4|32, 32)>
+    """
+    import hyperspy.api as hs
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: '{path}'")
+    try:
+        loaded = hs.load(path, lazy=lazy, **kwargs)
+    except Exception as err:
+        raise OSError(f"could not read '{path}': {type(err).__name__}: {err}") from err
+    if isinstance(loaded, list):
+        return [_ours(s, signal_type, path) for s in loaded]
+    return _ours(loaded, signal_type, path)
+
+
+def _ours(signal, signal_type, path):
+    if signal_type is None:
+        current = signal.metadata.get_item("Signal.signal_type", "")
+        if current in _OURS:
+            return signal
+        dim = signal.axes_manager.signal_dimension
+        if dim not in _SIGNAL_TYPES:
+            raise ValueError(
+                f"'{path}' holds a signal with {dim} signal dimensions; diffgpu reads diffraction "
+                "patterns (2) or radial profiles (1)"
+            )
+        signal_type = _SIGNAL_TYPES[dim]
+    if signal_type == "diffraction_patterns":
+        return as_diffraction_patterns(signal)
+    if signal_type not in _OURS:
+        raise ValueError(f"signal_type must be one of {_OURS}; got {signal_type!r}")
+    signal.set_signal_type(signal_type)
+    if not type(signal).__module__.startswith("diffgpu."):
+        raise ValueError(
+            f"'{path}' holds a signal of signal dimension {signal.axes_manager.signal_dimension}, "
+            f"which cannot be {signal_type!r}"
+        )
+    return signal

@@ -1,0 +1,14 @@
+"""HyperSpy signal classes of diffgpu (eager and lazy pairs)."""
+
+from .diffraction_patterns import DiffractionPatterns, LazyDiffractionPatterns
+from .polar_patterns import LazyPolarPatterns, PolarPatterns
+from .radial_profiles import LazyRadialProfiles, RadialProfiles
+
+__all__ = [
+    "DiffractionPatterns",
+    "LazyDiffractionPatterns",
+    "PolarPatterns",
+    "LazyPolarPatterns",
+    "RadialProfiles",
+    "LazyRadialProfiles",
+]

@@ -1,0 +1,97 @@
+"""Device behaviour shared by every diffgpu signal: ``to_device``/``to_host``/``device``.
+
+Two small mixins rather than one: HyperSpy's ``LazySignal`` overrides ``plot``
+and ``save`` paths, so the lazy classes need their own mixin placed *before*
+``LazySignal`` in the method resolution order.
+"""
+
+from __future__ import annotations
+
+from ..device import device_of, to_device_array, to_host_array
+
+
+class DeviceMixin:
+    """Moves a signal's data between host and GPU, in place, eager or lazy."""
+
+    @property
+    def device(self):
+        """Where the data (or, lazily, its blocks) live: ``"cpu"`` or ``"gpu"``."""
+        return device_of(self.data)
+
+    def to_device(self):
+        """Move the data to the GPU, in place (like HyperSpy's own methods).
+
+        Lazy signals get a transfer step in their dask graph (explicit ``dtype``
+        and CuPy ``meta``) and nothing is computed; eager signals are copied to
+        the current device now. Calling it again does nothing.
+
+        Raises
+        ------
+        DeviceUnavailableError
+            Without CuPy or a working CUDA device; the signal is left unchanged.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32))
+        >>> if diffgpu.gpu_available():
+        ...     s.to_device()
+        ...     assert s.device == "gpu"
+        """
+        # to_device_array raises before anything is assigned, so failure changes nothing
+        self.data = to_device_array(self.data)
+
+    def to_host(self):
+        """Move the data to host memory (NumPy), in place; idempotent, needs no GPU.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32))
+        >>> s.to_host()
+        >>> s.device
+        'cpu'
+        """
+        self.data = to_host_array(self.data)
+
+    def _on_host(self):
+        """This signal if its data is on the host, else a host copy (lazy stays lazy)."""
+        if self.device == "cpu":
+            return self
+        return self._deepcopy_with_new_data(to_host_array(self.data), copy_variance=True)
+
+    def plot(self, *args, **kwargs):
+        """Plot as HyperSpy does; device-resident data is moved to the host to be shown.
+
+        For device-resident signals the plot belongs to a host copy (a lazy copy
+        for lazy signals, which fetches only what is displayed).
+        """
+        return _via_host(self, "plot", super().plot, args, kwargs)
+
+    def save(self, *args, **kwargs):
+        """Save as HyperSpy does; device-resident data is written from a host copy."""
+        return _via_host(self, "save", super().save, args, kwargs)
+
+
+class LazyDeviceMixin:
+    """Puts the host routing of ``plot``/``save`` before HyperSpy's ``LazySignal``."""
+
+    def plot(self, *args, **kwargs):
+        return _via_host(self, "plot", super().plot, args, kwargs)
+
+    plot.__doc__ = DeviceMixin.plot.__doc__
+
+    def save(self, *args, **kwargs):
+        return _via_host(self, "save", super().save, args, kwargs)
+
+    save.__doc__ = DeviceMixin.save.__doc__
+
+
+def _via_host(signal, name, parent_method, args, kwargs):
+    """Call ``parent_method`` on host data, or the same method of a host copy."""
+    host = signal._on_host()
+    if host is signal:
+        return parent_method(*args, **kwargs)
+    if name == "plot":
+        signal._host_for_plot = host  # keep it alive as long as the figure may need it
+    return getattr(host, name)(*args, **kwargs)

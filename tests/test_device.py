@@ -1,0 +1,204 @@
+"""Device layer and to_device()/to_host() on signals (CPU, stand-in and real GPU)."""
+
+import dask.array as da
+import numpy as np
+import pytest
+
+import diffgpu
+from diffgpu import device as dev
+from conftest import StandInDeviceArray
+
+
+def counting_lazy_signal(counter, shape=(4, 4, 16, 16)):
+    """A lazy signal whose chunks count how often they are computed."""
+
+    def make(block_info=None):
+        counter.append(block_info[None]["chunk-location"])
+        return np.ones(block_info[None]["chunk-shape"], dtype="uint16")
+
+    data = da.map_blocks(make, chunks=((2, 2), (2, 2), (16,), (16,)), dtype="uint16",
+                         meta=np.empty((0, 0, 0, 0), "uint16"))
+    return diffgpu.LazyDiffractionPatterns(data)
+
+
+# -- no GPU ---------------------------------------------------------------------------
+
+def test_empty_cuda_visible_devices_means_cpu_only(no_gpu):
+    assert diffgpu.gpu_available() is False
+    assert diffgpu.devices() == []
+    with pytest.raises(diffgpu.DeviceUnavailableError, match="CUDA_VISIBLE_DEVICES"):
+        dev.require_gpu()
+
+
+def test_missing_cupy_error_says_how_to_install(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(dev, "_CUPY_IMPORT", (None, "CuPy could not be imported (ImportError: x)"))
+    assert not diffgpu.gpu_available()
+    with pytest.raises(diffgpu.DeviceUnavailableError, match="pip install cupy-cuda12x"):
+        dev.require_gpu()
+
+
+def test_cupy_without_working_device(monkeypatch, standin_gpu):
+    def broken():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    standin_gpu.cuda.runtime.getDeviceCount = broken
+    with pytest.raises(diffgpu.DeviceUnavailableError, match="no working CUDA device"):
+        dev.require_gpu()
+
+
+def test_error_is_an_exception_not_baseexception():
+    assert issubclass(diffgpu.DeviceUnavailableError, Exception)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_to_device_without_gpu_leaves_signal_unchanged(no_gpu, lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16), lazy=lazy)
+    before_data, before_cls = s.data, type(s)
+    with pytest.raises(diffgpu.DeviceUnavailableError, match="No GPU available"):
+        s.to_device()
+    assert s.data is before_data and type(s) is before_cls and s.device == "cpu"
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_to_host_is_a_no_op_on_host(lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16), lazy=lazy)
+    data = s.data
+    s.to_host()
+    assert s.data is data and s.device == "cpu"
+
+
+def test_array_module_and_device_of_on_host():
+    x = np.zeros(3)
+    assert dev.array_module(x) is np
+    assert dev.array_module(da.zeros(3)) is np
+    assert dev.device_of(x) == "cpu"
+    assert dev.to_host_array(x) is x
+
+
+# -- stand-in device: exercises the plumbing only ------------------------------------
+
+def test_standin_lazy_to_device_adds_steps_and_computes_nothing(standin_gpu):
+    counter = []
+    s = counting_lazy_signal(counter)
+    n_layers = len(s.data.dask.layers)
+    s.to_device()
+    assert counter == []
+    assert s.device == "gpu"
+    assert isinstance(s.data._meta, StandInDeviceArray)
+    assert s.data.dtype == np.uint16
+    assert len(s.data.dask.layers) == n_layers + 1
+    s.to_device()  # idempotent: no second transfer step
+    assert len(s.data.dask.layers) == n_layers + 1
+    s.to_host()
+    assert counter == []
+    assert s.device == "cpu"
+    assert type(s.data._meta) is np.ndarray
+    assert len(s.data.dask.layers) == n_layers + 2
+
+
+def test_standin_lazy_compute_gives_eager_device_signal(standin_gpu):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 2), sig_shape=(16, 16))
+    ref = s.data.compute()
+    s.to_device()
+    s.compute()
+    assert type(s) is diffgpu.DiffractionPatterns
+    assert isinstance(s.data, StandInDeviceArray) and s.device == "gpu"
+    np.testing.assert_array_equal(np.asarray(s.data), ref)
+    s.to_host()
+    assert type(s.data) is np.ndarray
+    np.testing.assert_array_equal(s.data, ref)
+
+
+def test_standin_eager_round_trip(standin_gpu):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16), lazy=False)
+    ref = s.data.copy()
+    s.to_device()
+    assert isinstance(s.data, StandInDeviceArray) and s.device == "gpu"
+    assert dev.array_module(s.data) is standin_gpu
+    s.to_device()
+    s.to_host()
+    assert type(s.data) is np.ndarray
+    np.testing.assert_array_equal(s.data, ref)
+
+
+def test_standin_devices_listed(standin_gpu):
+    (d,) = diffgpu.devices()
+    assert d.id == 0 and d.name == "Stand-in device" and d.total_memory == 2**30
+    assert "Stand-in device" in str(d)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_standin_save_writes_from_host(standin_gpu, tmp_path, lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16), lazy=lazy)
+    ref = np.asarray(s.data)
+    s.to_device()
+    s.save(tmp_path / "dev.zspy")
+    assert s.device == "gpu"  # the signal itself stays on the device
+    back = diffgpu.load(tmp_path / "dev.zspy", lazy=False)
+    assert type(back) is diffgpu.DiffractionPatterns
+    np.testing.assert_array_equal(back.data, ref)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_standin_plot_shows_host_data(standin_gpu, lazy):
+    import matplotlib.pyplot as plt
+
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16), lazy=lazy)
+    s.to_device()
+    s.plot()
+    shown = s._host_for_plot
+    assert shown.device == "cpu"
+    assert s.device == "gpu"
+    plt.close("all")
+
+
+# -- real GPU -------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_devices_listed(cupy):
+    ds = diffgpu.devices()
+    assert len(ds) == cupy.cuda.runtime.getDeviceCount() > 0
+    assert all(d.total_memory > 0 and d.name for d in ds)
+
+
+@pytest.mark.gpu
+def test_gpu_lazy_to_device_meta_compute_round_trip(cupy):
+    counter = []
+    s = counting_lazy_signal(counter)
+    s.to_device()
+    assert counter == []
+    assert isinstance(s.data._meta, cupy.ndarray) and s.device == "gpu"
+    assert dev.array_module(s.data) is cupy
+    total = s.sum(axis=(2, 3))  # HyperSpy reduction on CuPy blocks
+    assert total.device == "gpu"
+    s.compute()
+    assert isinstance(s.data, cupy.ndarray) and type(s) is diffgpu.DiffractionPatterns
+    s.to_host()
+    np.testing.assert_array_equal(s.data, np.ones((4, 4, 16, 16), "uint16"))
+
+
+@pytest.mark.gpu
+def test_gpu_eager_round_trip_and_idempotence(cupy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 3), sig_shape=(32, 32), lazy=False)
+    ref = s.data.copy()
+    s.to_device()
+    first = s.data
+    s.to_device()
+    assert s.data is first and isinstance(first, cupy.ndarray)
+    s.to_host()
+    s.to_host()
+    np.testing.assert_array_equal(s.data, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_save_and_plot(cupy, tmp_path):
+    import matplotlib.pyplot as plt
+
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(16, 16))
+    ref = s.data.compute()
+    s.to_device()
+    s.save(tmp_path / "gpu.zspy")
+    np.testing.assert_array_equal(diffgpu.load(tmp_path / "gpu.zspy", lazy=False).data, ref)
+    s.plot()
+    plt.close("all")
