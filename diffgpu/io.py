@@ -99,7 +99,7 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     >>> import diffgpu, tempfile, os
     >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32))
     >>> path = os.path.join(tempfile.mkdtemp(), "scan.zspy")
-    >>> s.save(path)
+    >>> s.save(path, show_progressbar=False)
     >>> diffgpu.load(path)
     <LazyDiffractionPatterns, title: Synthetic 4D-STEM, dimensions: (4, 4|32, 32)>
     """

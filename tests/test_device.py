@@ -170,7 +170,7 @@ def test_gpu_lazy_to_device_meta_compute_round_trip(cupy):
     assert counter == []
     assert isinstance(s.data._meta, cupy.ndarray) and s.device == "gpu"
     assert dev.array_module(s.data) is cupy
-    total = s.sum(axis=(2, 3))  # HyperSpy reduction on CuPy blocks
+    total = s.sum(axis=s.axes_manager.signal_axes)  # HyperSpy reduction on CuPy blocks
     assert total.device == "gpu"
     s.compute()
     assert isinstance(s.data, cupy.ndarray) and type(s) is diffgpu.DiffractionPatterns
