@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmark scripts: honest timing and a printed table."""
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Peers' OpenMP threads (pyFAI, numba) spin after their parallel regions and slow whatever
+# is timed next on a small machine: make them sleep instead. Set before any import of them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def median_time(func, repeat=5, warmup=1, sync=None):
+    """Median wall time of ``func()`` over ``repeat`` runs after ``warmup`` runs.
+
+    ``sync`` is called after each run (e.g. a CUDA stream synchronise) before the clock stops.
+    """
+    for _ in range(warmup):
+        func()
+        if sync:
+            sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        func()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine():
+    """One line naming this machine."""
+    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+
+
+def print_table(title, header, rows):
+    """Print rows (lists) under a header as a Markdown table."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(_fmt(v) for v in row) + " |")
+    sys.stdout.flush()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,20 @@
+"""The example scripts run (small sizes) and write their figures."""
+
+import runpy
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name, *args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    return runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+
+
+def test_main_job(tmp_path, monkeypatch, capsys):
+    run_example("main_job.py", "--output", str(tmp_path), "--nav", "4", "6", "--sig", "32", "32",
+                monkeypatch=monkeypatch)
+    png = tmp_path / "main_job.png"
+    assert png.exists() and png.stat().st_size > 10_000
+    assert "reduced 24 frames" in capsys.readouterr().out
