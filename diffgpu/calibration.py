@@ -77,8 +77,9 @@ class Calibration:
     scale : tuple of float
         Pixel size ``(x, y)`` in ``units``; set one number for square pixels.
         Setting the scale keeps the centre (in pixels) where it was.
-    units : str
-        Units of the signal axes, e.g. ``"px"``, ``"1/nm"``, ``"1/Å"``.
+    units : str or None
+        Units of the signal axes, e.g. ``"px"``, ``"1/nm"``, ``"1/Å"`` (None where
+        unset; a pair ``(x, y)`` if the two axes differ).
     mask : numpy.ndarray of bool or None
         Detector-shaped ``(rows, columns)``; **True marks pixels to exclude**
         (bad pixels, beam stop), as in NumPy masked arrays and pyxem.
@@ -146,8 +147,8 @@ class Calibration:
 
     @property
     def units(self):
-        ax_x, ax_y = self._axes
-        return ax_x.units if ax_x.units == ax_y.units else (ax_x.units, ax_y.units)
+        ux, uy = (ax.units if isinstance(ax.units, str) else None for ax in self._axes)
+        return ux if ux == uy else (ux, uy)
 
     @units.setter
     def units(self, value):

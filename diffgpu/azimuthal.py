@@ -1,0 +1,236 @@
+"""Azimuthal integration of diffraction signals (1D and 2D), on the host or a GPU.
+
+The signal methods :meth:`DiffractionPatterns.get_azimuthal_integral1d` and
+:meth:`DiffractionPatterns.get_azimuthal_integral2d` call :func:`azimuthal_integral`,
+which turns the calibration into a :class:`~diffgpu.geometry.PolarGeometry`,
+fetches the cached :class:`~diffgpu.kernels.integration.IntegrationEngine` for
+it, and applies it eagerly or through ``map_blocks`` (lazy), on whatever kind
+of blocks the signal has.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+
+from .calibration import check_mask
+from .device import array_module, is_device_array
+from .geometry import PolarGeometry, integration_matrix, mask_digest
+from .kernels.integration import IntegrationEngine, default_threads
+
+__all__ = ["azimuthal_integral", "get_engine"]
+
+_ENGINES: OrderedDict = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
+_MAX_ENGINES = 16
+
+_ANGSTROM_PER_UNIT = {  # reciprocal-length units of the detector scale -> length unit in Å
+    "1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
+    "1/nm": 10.0, "nm^-1": 10.0,
+}
+
+
+def get_engine(geom, mask=None):
+    """The integration engine for a geometry and mask, built once and cached (16 most recent).
+
+    Examples
+    --------
+    >>> from diffgpu.azimuthal import get_engine
+    >>> from diffgpu.geometry import PolarGeometry
+    >>> g = PolarGeometry((32, 32), (15.5, 15.5), (1.0, 1.0), 8, 1, (0.0, 16.0), (-180.0, 180.0))
+    >>> get_engine(g) is get_engine(g)
+    True
+    """
+    key = (geom, mask_digest(mask))
+    with _ENGINES_LOCK:
+        if key in _ENGINES:
+            _ENGINES.move_to_end(key)
+            return _ENGINES[key]
+    engine = IntegrationEngine(integration_matrix(geom, mask))
+    with _ENGINES_LOCK:
+        _ENGINES[key] = engine
+        while len(_ENGINES) > _MAX_ENGINES:
+            _ENGINES.popitem(last=False)
+    return engine
+
+
+def _positive_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _range(value, name, lower=None, span=None):
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (start, stop); got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not hi > lo:
+        raise ValueError(f"{name} must satisfy start < stop (an empty or inverted range); got {value!r}")
+    if lower is not None and lo < lower:
+        raise ValueError(f"{name} must start at {lower} or above; got {value!r}")
+    if span is not None and hi - lo > span * (1 + 1e-12):
+        raise ValueError(f"{name} may span at most {span:g}; got {value!r}")
+    return lo, hi
+
+
+def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, radial_unit,
+              curved_ewald, affine):
+    cal = signal.calibration
+    units = cal.units[0] if isinstance(cal.units, tuple) else cal.units
+    if azimuth_unit not in ("deg", "rad"):
+        raise ValueError(f"azimuth_unit must be 'deg' or 'rad'; got {azimuth_unit!r}")
+    to_deg = 1.0 if azimuth_unit == "deg" else 180.0 / math.pi
+    if azimuth_range is None:
+        az = (-180.0, 180.0)
+    else:
+        span = 360.0 if azimuth_unit == "deg" else 2 * math.pi
+        az = tuple(v * to_deg for v in _range(azimuth_range, "azimuth_range", span=span))
+        if azimuth_unit == "deg" and az[1] - az[0] <= 2 * math.pi + 1e-9:
+            warnings.warn(f"azimuth_range {azimuth_range} is read in degrees; pass "
+                          "azimuth_unit='rad' if it is in radians", UserWarning, stacklevel=4)
+
+    wavelength = None
+    unit = radial_unit or "k"
+    if unit not in ("k", "q", "2theta_deg", "2theta_rad"):
+        raise ValueError("radial_unit must be None (the signal's units), 'q', '2theta_deg' or "
+                         f"'2theta_rad'; got {radial_unit!r}")
+    if curved_ewald or unit.startswith("2theta"):
+        if units not in _ANGSTROM_PER_UNIT:
+            raise ValueError(f"radial_unit={unit!r}/curved_ewald need the detector scale in 1/Å or "
+                             f"1/nm (calibration.units); it is {units!r}")
+        if cal.wavelength is None:
+            raise ValueError("radial_unit 2theta and curved_ewald need the beam energy: set "
+                             "s.calibration.beam_energy (keV)")
+        wavelength = cal.wavelength / _ANGSTROM_PER_UNIT[units]  # in the detector's length unit
+    if affine is not None:
+        affine = np.asarray(affine, dtype=float)
+        if affine.shape != (2, 2) or not np.all(np.isfinite(affine)) or np.linalg.det(affine) == 0:
+            raise ValueError(f"affine must be an invertible 2x2 matrix; got {affine.tolist()}")
+        affine = tuple(affine.ravel().tolist())
+
+    geom = PolarGeometry(
+        detector_shape=cal.detector_shape, center=tuple(cal.center), scale=tuple(cal.scale),
+        npt=npt, npt_azim=npt_azim, radial_range=(0.0, 1.0), azimuth_range=az, affine=affine,
+        radial_unit=unit, wavelength=wavelength, curved=bool(curved_ewald),
+    )
+    if radial_range is None:  # out to the farthest detector corner
+        ny, nx = cal.detector_shape
+        cx, cy = cal.center
+        corners = np.array([[-0.5 - cx, -0.5 - cy], [nx - 0.5 - cx, -0.5 - cy],
+                            [-0.5 - cx, ny - 0.5 - cy], [nx - 0.5 - cx, ny - 0.5 - cy]])
+        m = np.diag(geom.scale) @ (np.asarray(affine).reshape(2, 2) if affine else np.eye(2))
+        rho = np.hypot(*(corners @ m.T).T).max()
+        rr = (0.0, float(geom.output_radius(rho)))
+    else:
+        rr = _range(radial_range, "radial_range", lower=0.0)
+    geom = PolarGeometry(**{**geom.__dict__, "radial_range": rr})
+    return geom, units
+
+
+def _mask(signal, mask):
+    cal = signal.calibration
+    combined = cal.mask
+    if mask is not None:
+        if hasattr(mask, "data") and hasattr(mask, "axes_manager"):  # a HyperSpy signal
+            mask = mask.data
+        mask = check_mask(mask, cal.detector_shape)
+        combined = mask if combined is None else (combined | mask)
+    return combined
+
+
+def _out_axes(signal, geom, units, azimuth_unit):
+    r0, r1 = geom.radial_range
+    dr = (r1 - r0) / geom.npt
+    names = {"k": ("radius", units), "q": ("q", units),
+             "2theta_deg": ("two_theta", "deg"), "2theta_rad": ("two_theta", "rad")}
+    name, r_units = names[geom.radial_unit]
+    radial = {"name": name, "size": geom.npt, "scale": dr, "offset": r0 + dr / 2, "navigate": False}
+    if r_units is not None:
+        radial["units"] = r_units
+    a0, a1 = geom.azimuth_range
+    to_unit = 1.0 if azimuth_unit == "deg" else math.pi / 180.0
+    da = (a1 - a0) / geom.npt_azim
+    azimuth = {"name": "azimuth", "units": azimuth_unit, "size": geom.npt_azim,
+               "scale": da * to_unit, "offset": (a0 + da / 2) * to_unit, "navigate": False}
+    return signal.axes_manager._get_navigation_axes_dicts(), radial, azimuth
+
+
+def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_range=None,
+                       mask=None, mean=False, inplace=False, radial_unit=None,
+                       azimuth_unit="deg", curved_ewald=False, affine=None, dtype="float32"):
+    """Shared implementation of the 1D (``npt_azim=None``) and 2D integrals; see the methods."""
+    from .signals import LazyPolarPatterns, LazyRadialProfiles, PolarPatterns, RadialProfiles
+
+    if signal.axes_manager.signal_dimension != 2:
+        raise ValueError("azimuthal integration needs 2D diffraction patterns; this signal has "
+                         f"{signal.axes_manager.signal_dimension} signal dimension(s)")
+    one_d = npt_azim is None
+    npt = _positive_int(npt, "npt")
+    npt_azim = 1 if one_d else _positive_int(npt_azim, "npt_azim")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {dtype}")
+    geom, units = _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit,
+                            radial_unit, curved_ewald, affine)
+    combined_mask = _mask(signal, mask)
+    engine = get_engine(geom, combined_mask)
+
+    data = signal.data
+    nav_shape = data.shape[:-2]
+    n_pix = data.shape[-2] * data.shape[-1]
+    out_sig = (npt,) if one_d else (npt, npt_azim)
+
+    def integrate_block(block, threads=1):
+        flat = block.reshape((-1, n_pix))
+        out = engine.apply(flat, mean=mean, dtype=dtype, threads=threads)
+        return out.reshape(block.shape[:-2] + out_sig)
+
+    if signal._lazy:
+        import dask.array as da
+
+        if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
+            data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
+        xp = array_module(data)
+        meta = xp.empty((0,) * (len(nav_shape) + len(out_sig)), dtype=dtype)
+        chunks = data.chunks[:-2] + tuple((n,) for n in out_sig)
+        if one_d:
+            result = da.map_blocks(integrate_block, data, dtype=dtype, meta=meta, chunks=chunks,
+                                   drop_axis=data.ndim - 1)
+        else:
+            result = da.map_blocks(integrate_block, data, dtype=dtype, meta=meta, chunks=chunks)
+    else:
+        threads = 1 if is_device_array(data) else default_threads()
+        result = integrate_block(data, threads=threads)
+
+    nav_axes, radial, azimuth = _out_axes(signal, geom, units, azimuth_unit)
+    if one_d:
+        cls, axes, stype = (LazyRadialProfiles if signal._lazy else RadialProfiles,
+                            nav_axes + [radial], "radial_profiles")
+    else:
+        cls, axes, stype = (LazyPolarPatterns if signal._lazy else PolarPatterns,
+                            nav_axes + [radial, azimuth], "polar_patterns")
+    metadata = signal.metadata.as_dictionary()
+    metadata.get("Diffraction", {}).pop("mask", None)
+    metadata.setdefault("Signal", {})["signal_type"] = stype
+    title = metadata.get("General", {}).get("title", "")
+    metadata.setdefault("General", {})["title"] = f"Azimuthal integral of {title}".strip()
+    metadata["Integration"] = {
+        "center": list(signal.calibration.center), "scale": list(geom.scale), "npt": npt,
+        "npt_azim": npt_azim, "radial_range": list(geom.radial_range),
+        "azimuth_range_deg": list(geom.azimuth_range), "radial_unit": geom.radial_unit,
+        "mean": bool(mean), "curved_ewald": bool(curved_ewald),
+        "affine": None if affine is None else list(geom.affine),
+        "masked_pixels": 0 if combined_mask is None else int(combined_mask.sum()),
+    }
+    out = cls(result, axes=axes, metadata=metadata,
+              original_metadata=signal.original_metadata.as_dictionary())
+    if inplace:
+        signal.__class__ = out.__class__
+        signal.__dict__ = out.__dict__
+        return None
+    return out
