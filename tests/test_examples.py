@@ -18,3 +18,10 @@ def test_main_job(tmp_path, monkeypatch, capsys):
     png = tmp_path / "main_job.png"
     assert png.exists() and png.stat().st_size > 10_000
     assert "reduced 24 frames" in capsys.readouterr().out
+
+
+def test_azimuthal_integration_example(tmp_path, monkeypatch, capsys):
+    run_example("azimuthal_integration.py", "--output", str(tmp_path), "--nav", "2", "3",
+                "--sig", "64", "64", monkeypatch=monkeypatch)
+    assert (tmp_path / "azimuthal_integration.png").stat().st_size > 10_000
+    assert "integrated 6 patterns" in capsys.readouterr().out
