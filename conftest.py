@@ -42,9 +42,21 @@ def _standin_cupy():
     mod.empty = lambda shape, dtype=float: np.empty(shape, dtype).view(StandInDeviceArray)
     props = {"name": b"Stand-in device", "totalGlobalMem": 2**30}
     mod.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props)
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
+                                      getDevice=lambda: 0)
     )
-    mod.__getattr__ = lambda name: getattr(np, name)
+    def passthrough(name):  # NumPy's functions, returning stand-in arrays as CuPy's would
+        value = getattr(np, name)
+        if isinstance(value, type) or not callable(value):
+            return value
+
+        def wrapped(*args, **kwargs):
+            out = value(*args, **kwargs)
+            return out.view(StandInDeviceArray) if type(out) is np.ndarray else out
+
+        return wrapped
+
+    mod.__getattr__ = passthrough
     return mod
 
 

@@ -15,6 +15,10 @@ from .device import DeviceUnavailableError, devices, gpu_available
 from .io import as_diffraction_patterns, load
 from .signals import (
     DiffractionPatterns,
+    DirectBeamShifts,
+    LazyDirectBeamShifts,
+    LazyVirtualImages,
+    VirtualImages,
     LazyDiffractionPatterns,
     LazyPolarPatterns,
     LazyRadialProfiles,
@@ -31,6 +35,10 @@ __all__ = [
     "LazyPolarPatterns",
     "RadialProfiles",
     "LazyRadialProfiles",
+    "VirtualImages",
+    "LazyVirtualImages",
+    "DirectBeamShifts",
+    "LazyDirectBeamShifts",
     "DeviceUnavailableError",
     "gpu_available",
     "devices",

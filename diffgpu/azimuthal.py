@@ -18,9 +18,10 @@ from collections import OrderedDict
 import numpy as np
 
 from .calibration import check_mask
-from .device import array_module, is_device_array
+from .device import is_device_array
 from .geometry import PolarGeometry, integration_matrix, mask_digest
 from .kernels.integration import IntegrationEngine, default_threads
+from .mapping import map_frames
 
 __all__ = ["azimuthal_integral", "get_engine"]
 
@@ -181,31 +182,16 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
     engine = get_engine(geom, combined_mask)
 
     data = signal.data
-    nav_shape = data.shape[:-2]
-    n_pix = data.shape[-2] * data.shape[-1]
     out_sig = (npt,) if one_d else (npt, npt_azim)
+    n_pix = data.shape[-2] * data.shape[-1]
 
-    def integrate_block(block, threads=1):
-        flat = block.reshape((-1, n_pix))
-        out = engine.apply(flat, mean=mean, dtype=dtype, threads=threads)
-        return out.reshape(block.shape[:-2] + out_sig)
+    def integrate(frames, threads=1):
+        out = engine.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, threads=threads)
+        return out.reshape((-1,) + out_sig)
 
-    if signal._lazy:
-        import dask.array as da
-
-        if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
-            data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
-        xp = array_module(data)
-        meta = xp.empty((0,) * (len(nav_shape) + len(out_sig)), dtype=dtype)
-        chunks = data.chunks[:-2] + tuple((n,) for n in out_sig)
-        if one_d:
-            result = da.map_blocks(integrate_block, data, dtype=dtype, meta=meta, chunks=chunks,
-                                   drop_axis=data.ndim - 1)
-        else:
-            result = da.map_blocks(integrate_block, data, dtype=dtype, meta=meta, chunks=chunks)
-    else:
-        threads = 1 if is_device_array(data) else default_threads()
-        result = integrate_block(data, threads=threads)
+    threads = 1 if is_device_array(data) else default_threads()
+    result = map_frames(data, integrate, out_sig, dtype,
+                        eager_func=lambda frames: integrate(frames, threads))
 
     nav_axes, radial, azimuth = _out_axes(signal, geom, units, azimuth_unit)
     if one_d:

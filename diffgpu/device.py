@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "to_device_array",
     "to_host_array",
     "device_of",
+    "DeviceCache",
 ]
 
 _INSTALL_HINT = (
@@ -285,3 +287,49 @@ def to_host_array(x):
         meta = np.empty((0,) * x.ndim, dtype=x.dtype)
         return x.map_blocks(_block_to_host, dtype=x.dtype, meta=meta)
     return _block_to_host(x)
+
+
+class DeviceCache:
+    """A host constant (matrix, detector weights, templates) with one copy per GPU, made once.
+
+    Kernels ask for the constant in the array module of their data: the host
+    value for NumPy blocks, or this device's copy for CuPy blocks (moved on
+    first use, then reused by every later block on that device).
+
+    Parameters
+    ----------
+    host : object
+        The host value (NumPy array, SciPy sparse matrix, ...).
+    to_device : callable, optional
+        ``to_device(cupy, host) -> device value``; default ``cupy.asarray``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.device import DeviceCache
+    >>> weights = DeviceCache(np.ones((4, 2), "float32"))
+    >>> weights.get(np) is weights.host
+    True
+    """
+
+    def __init__(self, host, to_device=None):
+        self.host = host
+        self._to_device = to_device or (lambda cp, value: cp.asarray(value))
+        self._copies = {}
+        self._lock = threading.Lock()
+
+    def get(self, xp):
+        """The value for computing with array module ``xp`` (numpy or cupy)."""
+        if xp is np:
+            return self.host
+        key = xp.cuda.runtime.getDevice()
+        with self._lock:
+            if key not in self._copies:
+                self._copies[key] = self._to_device(xp, self.host)
+            return self._copies[key]
+
+    def __getstate__(self):  # pickled to dask workers: device copies stay behind
+        return {"host": self.host, "_to_device": self._to_device}
+
+    def __setstate__(self, state):
+        self.__init__(state["host"], state["_to_device"])

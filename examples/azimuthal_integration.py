@@ -43,8 +43,9 @@ def main(argv=None):
         s.to_device()
 
     # both are lazy: nothing is computed until compute()
-    polar = s.get_azimuthal_integral2d(npt=100, npt_azim=360, mean=True, radial_range=(0, 1.28))
-    profile = s.get_azimuthal_integral1d(npt=200, mean=True, radial_range=(0, 1.28))
+    k_max = 0.01 * min(args.sig) / 2  # the largest circle inside the detector
+    polar = s.get_azimuthal_integral2d(npt=100, npt_azim=360, mean=True, radial_range=(0, k_max))
+    profile = s.get_azimuthal_integral1d(npt=200, mean=True, radial_range=(0, k_max))
     t0 = time.perf_counter()
     for result in (polar, profile):
         result.to_host()

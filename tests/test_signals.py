@@ -17,13 +17,18 @@ OURS = {
     "LazyPolarPatterns": ("polar_patterns", 2, True),
     "RadialProfiles": ("radial_profiles", 1, False),
     "LazyRadialProfiles": ("radial_profiles", 1, True),
+    "VirtualImages": ("virtual_images", 2, False),
+    "LazyVirtualImages": ("virtual_images", 2, True),
+    "DirectBeamShifts": ("direct_beam_shifts", 1, False),
+    "LazyDirectBeamShifts": ("direct_beam_shifts", 1, True),
 }
 # Names pyxem registers: ours must never be among them.
 PYXEM_NAMES = {"Diffraction2D", "LazyDiffraction2D", "PolarDiffraction2D", "LazyPolarDiffraction2D",
                "Diffraction1D", "LazyDiffraction1D", "OrientationMap", "LazyOrientationMap",
-               "ElectronDiffraction2D", "LazyElectronDiffraction2D", "DiffractionVectors"}
+               "ElectronDiffraction2D", "LazyElectronDiffraction2D", "DiffractionVectors",
+               "BeamShift", "LazyBeamShift", "VirtualDarkFieldImage", "LazyVirtualDarkFieldImage"}
 PYXEM_TYPES = {"electron_diffraction", "diffraction", "polar_diffraction", "orientation_map",
-               "electron_diffraction_1d", "diffraction_vectors"}
+               "electron_diffraction_1d", "diffraction_vectors", "beam_shift", "virtual_dark_field"}
 
 
 def _registrations():

@@ -19,13 +19,12 @@ stack of frames ``(n, pixels)``: ``out = frames @ M.T``.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 
-from ..device import array_module, is_device_array
+from ..device import DeviceCache, array_module, is_device_array
 
 __all__ = ["IntegrationEngine"]
 
@@ -117,20 +116,8 @@ class IntegrationEngine:
         self._csr = (self.matrix.indptr, self.matrix.indices.astype(np.int32),
                      self.matrix.data.astype(np.float32))
         self.coverage = np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel()
-        self._device_copies = {}
-        self._lock = threading.Lock()
-
-    # -- device copies -------------------------------------------------------------
-    def _on_device(self, cp):
-        """The matrix and coverage on the current CUDA device (moved once, then cached)."""
-        key = cp.cuda.runtime.getDevice()
-        with self._lock:
-            if key not in self._device_copies:
-                from cupyx.scipy import sparse as cpsparse
-
-                self._device_copies[key] = (cpsparse.csr_matrix(self.matrix),
-                                            cp.asarray(self.coverage, dtype=cp.float32))
-            return self._device_copies[key]
+        # moved to each GPU once, on first use there
+        self._device = DeviceCache((self.matrix, self.coverage), _matrix_to_device)
 
     # -- applying ------------------------------------------------------------------
     def apply(self, frames, mean=False, dtype=np.float32, threads=1):
@@ -190,7 +177,7 @@ class IntegrationEngine:
 
     def _apply_device(self, frames, mean, dtype):
         cp = array_module(frames)
-        matrix, coverage = self._on_device(cp)
+        matrix, coverage = self._device.get(cp)
         if frames.dtype.kind != "f":
             frames = frames.astype(cp.float32)  # convert on the device: uint16 moves half the bytes
         elif frames.dtype != cp.float32:
@@ -208,6 +195,13 @@ class IntegrationEngine:
                 cover = coverage[None, :]
             out /= cp.where(cover > 0, cover, cp.nan).astype(dtype)
         return out
+
+
+def _matrix_to_device(cp, host):
+    from cupyx.scipy import sparse as cpsparse
+
+    matrix, coverage = host
+    return cpsparse.csr_matrix(matrix), cp.asarray(coverage, dtype=cp.float32)
 
 
 def default_threads():

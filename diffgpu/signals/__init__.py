@@ -3,6 +3,8 @@
 from .diffraction_patterns import DiffractionPatterns, LazyDiffractionPatterns
 from .polar_patterns import LazyPolarPatterns, PolarPatterns
 from .radial_profiles import LazyRadialProfiles, RadialProfiles
+from .virtual_images import LazyVirtualImages, VirtualImages
+from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
 
 __all__ = [
     "DiffractionPatterns",
@@ -11,4 +13,8 @@ __all__ = [
     "LazyPolarPatterns",
     "RadialProfiles",
     "LazyRadialProfiles",
+    "VirtualImages",
+    "LazyVirtualImages",
+    "DirectBeamShifts",
+    "LazyDirectBeamShifts",
 ]

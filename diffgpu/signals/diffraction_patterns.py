@@ -137,6 +137,238 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
                                   azimuth_unit=azimuth_unit, curved_ewald=curved_ewald,
                                   affine=affine, dtype=dtype)
 
+    # -- virtual imaging ------------------------------------------------------------
+    def get_virtual_image(self, rois, normalize=False):
+        """Virtual images for one or many detectors, all in one pass over the data.
+
+        Parameters
+        ----------
+        rois : ROI, array or list of them
+            HyperSpy ``CircleROI`` (a disc, or an annulus with ``r_inner``) or
+            ``RectangularROI``, in the signal's calibrated units, or detector-shaped
+            masks (bool, or float weights). Pixels are weighted by the exact fraction
+            of their area inside a circle, annulus or rectangle.
+        normalize : bool
+            Divide by each detector's area (mean per pixel) instead of summing.
+
+        Returns
+        -------
+        VirtualImages or LazyVirtualImages
+            Navigation axis ``detector`` (one image per ROI) and the scan as the signal;
+            for a single ROI (not in a list), just its image. Lazy in gives lazy out,
+            device in gives device out. NaN pixels inside a detector give NaN.
+
+        Examples
+        --------
+        >>> import diffgpu, hyperspy.api as hs
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(8, 8), sig_shape=(64, 64))
+        >>> bf = hs.roi.CircleROI(cx=0, cy=0, r=3)            # calibrated units: px from the centre
+        >>> adf = hs.roi.CircleROI(cx=0, cy=0, r=30, r_inner=12)
+        >>> images = s.get_virtual_image([bf, adf])
+        >>> images
+        <LazyVirtualImages, title: Virtual image of Synthetic 4D-STEM, dimensions: (2|8, 8)>
+        >>> images.compute()
+        """
+        from ..virtual import virtual_images
+
+        return virtual_images(self, rois, normalize=normalize)
+
+    def get_integrated_intensity(self, roi):
+        """The virtual image of one detector (an ROI or a mask): see :meth:`get_virtual_image`.
+
+        Examples
+        --------
+        >>> import diffgpu, hyperspy.api as hs
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32), lazy=False)
+        >>> s.get_integrated_intensity(hs.roi.RectangularROI(-4, -4, 4, 4)).data.shape
+        (4, 4)
+        """
+        return self.get_virtual_image(roi)
+
+    # -- beam position and centring --------------------------------------------------
+    def center_of_mass(self, mask=None, threshold=None):
+        """Centre of mass of every pattern, as a shift from ``calibration.center``.
+
+        One matrix product gives the three moments of all frames in a block (BLAS
+        or cuBLAS), so it runs at memory speed.
+
+        Parameters
+        ----------
+        mask : (x, y, r) or array-like, optional
+            Where to take the centre of mass: a disc (pixels) or detector-shaped
+            weights. ``calibration.mask`` pixels are always left out.
+        threshold : float, optional
+            Ignore pixels below this fraction of each frame's maximum (0 to 1).
+
+        Returns
+        -------
+        DirectBeamShifts or LazyDirectBeamShifts
+            ``(x, y)`` shifts in pixels; NaN where a frame has no intensity in the region.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(64, 64), lazy=False)
+        >>> cx, cy = s.calibration.center
+        >>> shifts = s.center_of_mass(mask=(cx, cy, 8))
+        >>> shifts.data.shape
+        (4, 4, 2)
+        """
+        from ..beam import center_of_mass
+
+        return center_of_mass(self, mask=mask, threshold=threshold)
+
+    def get_direct_beam_position(self, method="center_of_mass", mask=None, threshold=None,
+                                 sigma=2.0, radius=None, window=None):
+        """Sub-pixel position of the direct beam in every pattern, as shifts from the centre.
+
+        Parameters
+        ----------
+        method : {"center_of_mass", "blur", "cross_correlate"}
+            ``"center_of_mass"``: the centre of mass in ``mask`` (see
+            :meth:`center_of_mass`). ``"blur"``: the maximum of the pattern blurred with a
+            Gaussian of ``sigma`` pixels, refined by the centre of mass within ``window``
+            pixels of it. ``"cross_correlate"``: the peak of the cross-correlation with a
+            disc of ``radius`` pixels (the beam's size), refined within ``window``.
+            The last two ignore the rest of the pattern, so rings and Bragg spots away from
+            the beam do not bias them.
+        mask, threshold : see :meth:`center_of_mass` (``"center_of_mass"`` only).
+        sigma : float
+            Blur in pixels (``"blur"``).
+        radius : float
+            Beam disc radius in pixels (``"cross_correlate"``, required).
+        window : float, optional
+            Refinement radius in pixels; default ``4 * sigma`` (blur) or ``radius``.
+
+        Returns
+        -------
+        DirectBeamShifts or LazyDirectBeamShifts
+            ``(x, y)`` in pixels from ``calibration.center``; lazy in, lazy out.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(64, 64))
+        >>> shifts = s.get_direct_beam_position(method="cross_correlate", radius=2.0)
+        >>> shifts.compute()
+        """
+        from ..beam import direct_beam_position
+
+        return direct_beam_position(self, method=method, mask=mask, threshold=threshold,
+                                    sigma=sigma, radius=radius, window=window)
+
+    def shift_diffraction(self, shift_x, shift_y=None, inplace=False):
+        """Move every pattern by its own sub-pixel shift (bilinear, intensity-preserving).
+
+        Parameters
+        ----------
+        shift_x : float, array or DirectBeamShifts
+            x shifts in pixels (scalar or scan-shaped); or, with ``shift_y=None``, a
+            :class:`DirectBeamShifts` / array of shape ``scan + (2,)`` holding (x, y).
+        shift_y : float or array, optional
+            y shifts in pixels.
+        inplace : bool
+            Replace this signal's data.
+
+        Returns
+        -------
+        DiffractionPatterns (lazy if this is), float32; content at (x, y) moves to
+        (x + dx, y + dy). The total intensity changes only by what leaves the detector.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(32, 32), lazy=False)
+        >>> moved = s.shift_diffraction(0.5, -1.25)
+        >>> moved.data.dtype
+        dtype('float32')
+        """
+        from ..beam import shift_diffraction
+
+        return shift_diffraction(self, shift_x, shift_y, inplace=inplace)
+
+    def center_direct_beam(self, shifts=None, method="center_of_mass", inplace=False, **kwargs):
+        """Shift every pattern so that its direct beam sits on ``calibration.center``.
+
+        Parameters
+        ----------
+        shifts : DirectBeamShifts or array, optional
+            Where the beam is (e.g. from :meth:`get_direct_beam_position`, perhaps
+            smoothed with :meth:`DirectBeamShifts.fit_plane`); found with ``method`` and
+            ``**kwargs`` (see :meth:`get_direct_beam_position`) if not given.
+        inplace : bool
+            Replace this signal's data.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(64, 64))
+        >>> shifts = s.get_direct_beam_position(method="blur", sigma=2, window=6)
+        >>> centred = s.center_direct_beam(shifts=shifts.fit_plane())
+        """
+        from ..beam import center_direct_beam
+
+        return center_direct_beam(self, shifts=shifts, method=method, inplace=inplace, **kwargs)
+
+    # -- detector clean-up ------------------------------------------------------------
+    def find_bad_pixels(self, threshold=5.0, set_mask=False):
+        """Hot and dead pixels, from the mean pattern (one pass over the data).
+
+        A pixel is hot when its mean is more than ``threshold`` times the median of its
+        8 neighbours (which follows rings and the beam's edge but not a lone pixel), and
+        dead when it is zero in every pattern while its neighbours are not.
+
+        Returns
+        -------
+        numpy.ndarray of bool
+            Detector-shaped, True = bad. With ``set_mask=True`` it is also added to
+            ``calibration.mask``, so integration and centre of mass leave those pixels out.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32), lazy=False)
+        >>> s.data[..., 5, 7] = 60000
+        >>> bool(s.find_bad_pixels()[5, 7])
+        True
+        """
+        from ..cleanup import find_bad_pixels
+
+        return find_bad_pixels(self, threshold=threshold, set_mask=set_mask)
+
+    def correct_bad_pixels(self, mask=None, inplace=False):
+        """Replace bad pixels by the mean of their good 3 x 3 neighbours (lazily).
+
+        ``mask`` defaults to ``calibration.mask``. Float data keep their dtype; integer
+        data become float32.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.ones((2, 8, 8), dtype="float32"))
+        >>> s.data[:, 3, 3] = 1000
+        >>> bad = np.zeros((8, 8), bool); bad[3, 3] = True
+        >>> float(s.correct_bad_pixels(mask=bad).data[0, 3, 3])
+        1.0
+        """
+        from ..cleanup import correct_bad_pixels
+
+        return correct_bad_pixels(self, mask=mask, inplace=inplace)
+
+    def flat_field(self, gain=None, dark=None, inplace=False):
+        """Dark and gain correction, ``(frame - dark) * gain``, as float32 (lazily).
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.full((2, 4, 4), 10, dtype="uint16"))
+        >>> float(s.flat_field(gain=np.full((4, 4), 0.5), dark=np.full((4, 4), 2)).data[0, 0, 0])
+        4.0
+        """
+        from ..cleanup import flat_field
+
+        return flat_field(self, gain=gain, dark=dark, inplace=inplace)
+
 
 class LazyDiffractionPatterns(LazyDeviceMixin, LazySignal2D, DiffractionPatterns):
     """Lazy (dask-backed) :class:`DiffractionPatterns`.

@@ -1,0 +1,236 @@
+"""Finding the direct beam in every pattern, and centring it: lazy, on host or GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .detectors import disc_weights
+from .device import DeviceCache, array_module, to_host_array
+from .kernels.reduce import weighted_sums
+from .kernels.shift import shift_frames
+from .mapping import map_frames
+
+__all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
+
+
+def _shifts_signal(signal, data, title, method):
+    from .signals import DirectBeamShifts, LazyDirectBeamShifts
+
+    axes = signal.axes_manager._get_navigation_axes_dicts() + [
+        {"name": "shift", "size": 2, "scale": 1.0, "offset": 0.0, "units": "px", "navigate": False}
+    ]
+    cls = LazyDirectBeamShifts if signal._lazy else DirectBeamShifts
+    md = {"General": {"title": f"{title} of {signal.metadata.General.title}".strip()},
+          "Signal": {"signal_type": "direct_beam_shifts"},
+          "BeamShifts": {"method": method, "center": list(signal.calibration.center),
+                         "components": ["x", "y"]}}
+    return cls(data, axes=axes, metadata=md)
+
+
+def _com_weights(shape, region):
+    """(pixels, 3) weights: region, region * x, region * y (pixel coordinates)."""
+    ny, nx = shape
+    y, x = np.indices(shape, dtype=np.float64)
+    w = np.stack([region, region * x, region * y]).reshape(3, ny * nx).T
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _com_from_sums(sums, xp):
+    total = sums[:, 0]
+    safe = xp.where(total > 0, total, xp.float32(1))
+    com = xp.stack([sums[:, 1] / safe, sums[:, 2] / safe], axis=1)
+    return xp.where((total > 0)[:, None], com, xp.float32(np.nan))
+
+
+def _region(signal, mask):
+    """Pixel weights in which to take the centre of mass."""
+    shape = signal.calibration.detector_shape
+    if mask is None:
+        region = np.ones(shape, dtype=np.float32)
+    elif np.ndim(mask) == 1 and len(mask) == 3:  # (x, y, r) disc in pixels
+        x, y, r = (float(v) for v in mask)
+        region = disc_weights(shape, (x, y), r)
+    else:
+        region = np.asarray(to_host_array(getattr(mask, "data", mask)), dtype=np.float32)
+        if region.shape != shape:
+            raise ValueError(f"mask shape {region.shape} does not match the detector shape {shape}")
+    bad = signal.calibration.mask
+    if bad is not None:
+        region = region * ~bad
+    if not region.any():
+        raise ValueError("the centre-of-mass region covers no (unmasked) pixel")
+    return region
+
+
+def center_of_mass(signal, mask=None, threshold=None):
+    """Shared implementation of :meth:`DiffractionPatterns.center_of_mass`."""
+    if threshold is not None and not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1) (a fraction of each frame's maximum); "
+                         f"got {threshold}")
+    shape = signal.calibration.detector_shape
+    weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
+    cx, cy = signal.calibration.center
+
+    def com(frames):
+        xp = array_module(frames)
+        sums = weighted_sums(frames.reshape(frames.shape[0], -1), weights.get(xp), threshold)
+        return _com_from_sums(sums, xp) - xp.asarray([cx, cy], dtype=xp.float32)
+
+    data = map_frames(signal.data, com, (2,), np.float32)
+    return _shifts_signal(signal, data, "Centre of mass", "center_of_mass")
+
+
+def _ndimage(xp):
+    if xp is np:
+        import scipy.ndimage as ndi
+    else:
+        import cupyx.scipy.ndimage as ndi
+    return ndi
+
+
+def _windowed_com(frames, px, py, radius, xp, iterations=3):
+    """Centre of mass of each frame within a disc of ``radius`` around (px, py).
+
+    The window is re-centred on the estimate a few times: a window that is not
+    centred on a symmetric peak pulls the centre of mass towards its own centre.
+    """
+    n, ny, nx = frames.shape
+    y = xp.arange(ny, dtype=xp.float32)[None, :, None]
+    x = xp.arange(nx, dtype=xp.float32)[None, None, :]
+    for _ in range(iterations):
+        inside = ((x - px[:, None, None]) ** 2 + (y - py[:, None, None]) ** 2) <= radius**2
+        w = xp.where(inside, frames, xp.float32(0))
+        total = w.sum(axis=(1, 2))
+        safe = xp.where(total > 0, total, xp.float32(1))
+        px = xp.where(total > 0, (w * x).sum(axis=(1, 2)) / safe, px)
+        py = xp.where(total > 0, (w * y).sum(axis=(1, 2)) / safe, py)
+    return px, py
+
+
+def _blur_position(frames, sigma, window):
+    xp = array_module(frames)
+    f = frames.astype(xp.float32)
+    blurred = _ndimage(xp).gaussian_filter(f, sigma=(0, sigma, sigma), mode="constant")
+    n, ny, nx = f.shape
+    peak = blurred.reshape(n, -1).argmax(axis=1)
+    py, px = (peak // nx).astype(xp.float32), (peak % nx).astype(xp.float32)
+    return _windowed_com(f, px, py, window, xp)
+
+
+def _xcorr_position(frames, radius, window):
+    xp = array_module(frames)
+    f = frames.astype(xp.float32)
+    n, ny, nx = f.shape
+    template = xp.asarray(disc_weights((ny, nx), (0.0, 0.0), radius))  # disc at the origin...
+    template = template + xp.asarray(disc_weights((ny, nx), (nx, 0.0), radius)) \
+        + xp.asarray(disc_weights((ny, nx), (0.0, ny), radius)) \
+        + xp.asarray(disc_weights((ny, nx), (nx, ny), radius))  # ...wrapped around the corners
+    corr = xp.fft.irfft2(xp.fft.rfft2(f) * xp.conj(xp.fft.rfft2(template))[None], s=(ny, nx))
+    peak = corr.reshape(n, -1).argmax(axis=1)
+    py, px = (peak // nx).astype(xp.float32), (peak % nx).astype(xp.float32)
+    # refine on the top half of the correlation peak (disc * disc: a smooth, symmetric cone);
+    # the rest of the pattern only adds a broad background that would bias the centre of mass
+    top = corr.reshape(n, -1).max(axis=1)[:, None, None]
+    c = xp.maximum(corr - 0.5 * top, 0)
+    return _windowed_com(c, px, py, window, xp)
+
+
+def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=None, sigma=2.0,
+                         radius=None, window=None):
+    """Shared implementation of :meth:`DiffractionPatterns.get_direct_beam_position`."""
+    methods = ("center_of_mass", "blur", "cross_correlate")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}; got {method!r}")
+    if method == "center_of_mass":
+        return center_of_mass(signal, mask=mask, threshold=threshold)
+    cx, cy = signal.calibration.center
+    if method == "blur":
+        if window is None:
+            window = 4 * sigma
+        if not (sigma > 0 and window > 0):
+            raise ValueError(f"sigma and window must be positive; got {sigma}, {window}")
+
+        def find(frames):
+            px, py = _blur_position(frames, sigma, window)
+            xp = array_module(frames)
+            return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
+    else:
+        if radius is None or not radius > 0:
+            raise ValueError("method='cross_correlate' needs radius= (the direct beam's disc "
+                             "radius in pixels)")
+        if window is None:
+            window = radius
+
+        def find(frames):
+            px, py = _xcorr_position(frames, radius, window)
+            xp = array_module(frames)
+            return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
+
+    data = map_frames(signal.data, find, (2,), np.float32)
+    return _shifts_signal(signal, data, "Direct beam position", method)
+
+
+def _shift_array(signal, shifts):
+    """Shifts as a host/device/dask array ``nav_shape + (2,)`` matching the signal."""
+    nav_shape = tuple(signal.data.shape[:-2])
+    data = getattr(shifts, "data", shifts)
+    if not hasattr(data, "shape"):
+        data = np.asarray(data, dtype=np.float32)
+    if tuple(data.shape) != nav_shape + (2,):
+        raise ValueError(f"shifts must have the shape {nav_shape + (2,)} (scan shape, then x and "
+                         f"y); got {tuple(data.shape)}")
+    return data
+
+
+def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
+    """Shared implementation of :meth:`DiffractionPatterns.shift_diffraction`."""
+    nav_shape = tuple(signal.data.shape[:-2])
+    if shift_y is None:
+        shifts = _shift_array(signal, shift_x)
+    else:
+        sx = np.broadcast_to(np.asarray(to_host_array(getattr(shift_x, "data", shift_x)), float),
+                             nav_shape)
+        sy = np.broadcast_to(np.asarray(to_host_array(getattr(shift_y, "data", shift_y)), float),
+                             nav_shape)
+        shifts = np.stack([sx, sy], axis=-1).astype(np.float32)
+    data = signal.data
+    if signal._lazy:
+        import dask.array as da
+
+        if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
+            data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
+        nav = len(nav_shape)
+        if not type(shifts).__module__.startswith("dask"):
+            shifts = da.from_array(to_host_array(shifts), chunks=data.chunks[:nav] + ((2,),))
+        else:
+            shifts = shifts.rechunk(data.chunks[:nav] + ((2,),))
+        shifts = shifts[..., None, :]  # nav + (1, 2): blocks line up with the frames'
+        frame_shape = data.shape[-2:]
+
+        def block(frames, sh):
+            out = shift_frames(frames.reshape((-1,) + frame_shape), sh.reshape(-1, 2))
+            return out.reshape(frames.shape)
+
+        meta = array_module(data).empty((0,) * data.ndim, dtype=np.float32)
+        result = da.map_blocks(block, data, shifts, dtype=np.float32, meta=meta,
+                               chunks=data.chunks)
+    else:
+        frames = data.reshape((-1,) + data.shape[-2:])
+        result = shift_frames(frames, to_host_array(shifts).reshape(-1, 2)).reshape(data.shape)
+    out = signal._deepcopy_with_new_data(result)
+    out.metadata.General.title = f"Shifted {signal.metadata.General.title}".strip()
+    if inplace:
+        signal.data = out.data
+        return None
+    return out
+
+
+def center_direct_beam(signal, shifts=None, method="center_of_mass", inplace=False, **kwargs):
+    """Shared implementation of :meth:`DiffractionPatterns.center_direct_beam`."""
+    if shifts is None:
+        shifts = direct_beam_position(signal, method=method, **kwargs)
+    elif kwargs:
+        raise TypeError(f"keyword arguments {sorted(kwargs)} only apply when the shifts are "
+                        "found here (shifts=None)")
+    data = _shift_array(signal, shifts)
+    return shift_diffraction(signal, -data, inplace=inplace)

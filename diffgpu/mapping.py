@@ -1,0 +1,73 @@
+"""Applying a function to every frame of a signal, eagerly or lazily, on host or GPU.
+
+The one place where frame-wise operations meet dask: :func:`map_frames` hands
+a kernel stacks of frames ``(n, rows, columns)`` of whatever array type the
+signal's blocks are, and builds the lazy graph with an explicit ``dtype`` and
+``meta`` (NumPy or CuPy, from the input), so nothing is computed on the host
+to find out what a GPU function returns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .device import array_module
+
+__all__ = ["map_frames"]
+
+
+def map_frames(data, func, out_shape, dtype, eager_func=None):
+    """Apply ``func`` to all frames of ``data`` ``(..., rows, columns)``.
+
+    Parameters
+    ----------
+    data : numpy, cupy or dask array
+        Navigation axes first, the detector's two axes last.
+    func : callable
+        ``func(frames) -> out`` with ``frames`` of shape ``(n, rows, columns)`` and
+        ``out`` of shape ``(n, *out_shape)``, on the frames' device.
+    out_shape : tuple of int
+        Shape of the result for one frame (``()`` for one number per frame).
+    dtype : numpy dtype
+        dtype of the result.
+    eager_func : callable, optional
+        Used instead of ``func`` for in-memory data (e.g. with more threads).
+
+    Returns
+    -------
+    array of shape ``data.shape[:-2] + out_shape``: lazy for dask input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.mapping import map_frames
+    >>> totals = map_frames(np.ones((2, 3, 4, 4)), lambda f: f.sum(axis=(1, 2)), (), "float64")
+    >>> totals.shape, totals[0, 0]
+    ((2, 3), np.float64(16.0))
+    """
+    out_shape = tuple(int(n) for n in out_shape)
+    dtype = np.dtype(dtype)
+    nav_shape = data.shape[:-2]
+    frame_shape = data.shape[-2:]
+
+    def apply(block, f=func):
+        out = f(block.reshape((-1,) + frame_shape))
+        return out.reshape(block.shape[:-2] + out_shape)
+
+    if not type(data).__module__.startswith("dask"):
+        return apply(data, eager_func or func)
+
+    import dask.array as da
+
+    if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
+        data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
+    nav = len(nav_shape)
+    meta = array_module(data).empty((0,) * (nav + len(out_shape)), dtype=dtype)
+    chunks = data.chunks[:nav] + tuple((n,) for n in out_shape)
+    k = len(out_shape)
+    kwargs = {}
+    if k < 2:
+        kwargs["drop_axis"] = list(range(nav + k, nav + 2))
+    elif k > 2:
+        kwargs["new_axis"] = list(range(nav + 2, nav + k))
+    return da.map_blocks(apply, data, dtype=dtype, meta=meta, chunks=chunks, **kwargs)

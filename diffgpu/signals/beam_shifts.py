@@ -1,0 +1,84 @@
+"""Direct-beam shifts: where the beam is in every pattern, relative to the calibrated centre."""
+
+from __future__ import annotations
+
+import numpy as np
+from hyperspy._signals.lazy_signal1d import LazySignal1D
+from hyperspy._signals.signal1d import Signal1D
+
+from ..device import to_host_array
+from ._device import DeviceMixin, LazyDeviceMixin
+
+__all__ = ["DirectBeamShifts", "LazyDirectBeamShifts"]
+
+
+class DirectBeamShifts(DeviceMixin, Signal1D):
+    """Beam shift ``(x, y)`` in pixels at every scan position, from ``calibration.center``.
+
+    The signal axis has two values, x (columns) then y (rows); the beam of
+    pattern ``i`` is at ``calibration.center + shifts[i]``. Made by
+    :meth:`DiffractionPatterns.get_direct_beam_position` and
+    :meth:`DiffractionPatterns.center_of_mass`; used by
+    :meth:`DiffractionPatterns.center_direct_beam`.
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> sh = diffgpu.DirectBeamShifts(np.zeros((4, 5, 2), dtype="float32"))
+    >>> sh.axes_manager.signal_shape
+    (2,)
+    """
+
+    _signal_type = "direct_beam_shifts"
+
+    def fit_plane(self, mask=None):
+        """Least-squares plane ``a + b * column + c * row`` through the shifts (a linear descan).
+
+        Parameters
+        ----------
+        mask : array-like of bool, optional
+            Navigation-shaped; True excludes a scan position from the fit (e.g. over
+            vacuum or a strongly diffracting grain).
+
+        Returns
+        -------
+        DirectBeamShifts
+            The fitted shifts at every scan position (eager, on the host).
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> rows, cols = np.indices((4, 5))
+        >>> data = np.stack([0.1 * cols + 2, -0.2 * rows], axis=-1)
+        >>> sh = diffgpu.DirectBeamShifts(data)
+        >>> np.allclose(sh.fit_plane().data, data)
+        True
+        """
+        data = np.asarray(to_host_array(self.data.compute() if self._lazy else self.data),
+                          dtype=float)
+        nav_shape = data.shape[:-1]
+        if len(nav_shape) not in (1, 2):
+            raise ValueError(f"fit_plane needs a 1D or 2D scan; navigation shape is {nav_shape}")
+        idx = np.indices(nav_shape).reshape(len(nav_shape), -1)
+        design = np.column_stack([np.ones(idx.shape[1])] + [i for i in idx[::-1]])
+        values = data.reshape(-1, 2)
+        use = np.all(np.isfinite(values), axis=1)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != nav_shape:
+                raise ValueError(f"mask shape {mask.shape} does not match the scan shape {nav_shape}")
+            use &= ~mask.ravel()
+        if use.sum() < design.shape[1]:
+            raise ValueError("too few valid scan positions to fit a plane")
+        coef, *_ = np.linalg.lstsq(design[use], values[use], rcond=None)
+        fitted = (design @ coef).reshape(data.shape).astype(np.float32)
+        out = DirectBeamShifts(fitted, axes=self.axes_manager._get_axes_dicts(),
+                               metadata=self.metadata.as_dictionary())
+        out.metadata.General.title = f"Plane fit of {self.metadata.General.title}".strip()
+        return out
+
+
+class LazyDirectBeamShifts(LazyDeviceMixin, LazySignal1D, DirectBeamShifts):
+    """Lazy (dask-backed) :class:`DirectBeamShifts`."""
+
+    _lazy = True

@@ -1,0 +1,141 @@
+"""Centre of mass, direct-beam position, plane fit, shifting and centring."""
+
+import numpy as np
+import pytest
+
+import diffgpu
+
+
+@pytest.fixture(scope="module")
+def drifting():
+    return diffgpu.data.synthetic_4dstem(nav_shape=(8, 10), sig_shape=(96, 96), lazy=False)
+
+
+def _position_error(s, shifts):
+    pos = shifts.data + np.asarray(s.calibration.center)
+    return pos - s.metadata.Synthetic.beam_centers
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="center_of_mass", mask="beam"),
+    dict(method="blur", sigma=2.0, window=8.0),
+    dict(method="cross_correlate", radius=2.88),
+])
+def test_beam_positions_match_the_truth(drifting, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.get("mask") == "beam":
+        cx, cy = drifting.calibration.center
+        kwargs["mask"] = (cx, cy, 9.0)
+    shifts = drifting.get_direct_beam_position(**kwargs)
+    assert isinstance(shifts, diffgpu.DirectBeamShifts)
+    assert shifts.data.shape == (8, 10, 2)
+    err = _position_error(drifting, shifts)
+    assert np.sqrt(np.mean(err**2)) <= 0.1
+
+
+def test_center_of_mass_equals_a_direct_numpy_reference(drifting):
+    region = np.zeros((96, 96))
+    region[20:70, 30:80] = 1
+    shifts = drifting.center_of_mass(mask=region, threshold=0.1)
+    y, x = np.indices((96, 96))
+    f = drifting.data.astype(float)
+    f = np.where(f >= 0.1 * f.max(axis=(-2, -1), keepdims=True), f, 0) * region
+    tot = f.sum(axis=(-2, -1))
+    ref = np.stack([(f * x).sum(axis=(-2, -1)) / tot, (f * y).sum(axis=(-2, -1)) / tot], -1)
+    np.testing.assert_allclose(shifts.data + np.asarray(drifting.calibration.center), ref, atol=2e-3)
+
+
+def test_lazy_beam_position_equals_eager(drifting):
+    lazy = drifting.as_lazy()
+    lazy.rechunk(nav_chunks=(4, 5))
+    for method, kw in (("center_of_mass", {}), ("blur", {"sigma": 2.0}),
+                       ("cross_correlate", {"radius": 2.88})):
+        eager = drifting.get_direct_beam_position(method=method, **kw)
+        lz = lazy.get_direct_beam_position(method=method, **kw)
+        assert isinstance(lz, diffgpu.LazyDirectBeamShifts)
+        np.testing.assert_allclose(lz.data.compute(), eager.data, atol=1e-4)
+
+
+def test_fit_plane_recovers_a_linear_descan():
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(6, 7), sig_shape=(64, 64), wobble=0.0,
+                                      drift=(3.0, -2.0), lazy=False)
+    shifts = s.get_direct_beam_position(method="blur", sigma=2.0, window=6.0).fit_plane()
+    err = shifts.data + np.asarray(s.calibration.center) - s.metadata.Synthetic.beam_centers
+    assert np.abs(err).max() < 0.05
+    with pytest.raises(ValueError, match="mask shape"):
+        shifts.fit_plane(mask=np.zeros((2, 2), bool))
+
+
+def test_centering_puts_the_beam_on_the_center_and_keeps_intensity(drifting):
+    cx, cy = drifting.calibration.center
+    shifts = drifting.get_direct_beam_position(method="blur", sigma=2.0, window=8.0)
+    centred = drifting.center_direct_beam(shifts=shifts)
+    after = centred.get_direct_beam_position(method="blur", sigma=2.0, window=8.0)
+    assert np.abs(after.data).max() < 0.1
+    # totals change only by what leaves the detector: small here (rings well inside)
+    before_tot = drifting.data.sum(axis=(-2, -1), dtype=float)
+    after_tot = centred.data.sum(axis=(-2, -1), dtype=float)
+    np.testing.assert_allclose(after_tot, before_tot, rtol=5e-3)
+    lazy = drifting.as_lazy().center_direct_beam(shifts=shifts)
+    assert isinstance(lazy, diffgpu.LazyDiffractionPatterns)
+    np.testing.assert_allclose(lazy.data.compute(), centred.data, rtol=1e-6, atol=1e-4)
+    found = drifting.as_lazy().center_direct_beam(method="blur", sigma=2.0, window=8.0)
+    np.testing.assert_allclose(found.data.compute(), centred.data, rtol=1e-5, atol=1e-3)
+
+
+def test_shift_diffraction_moves_content_exactly():
+    f = np.zeros((2, 3, 16, 16), dtype="float32")
+    f[..., 8, 8] = 1.0
+    s = diffgpu.DiffractionPatterns(f)
+    moved = s.shift_diffraction(1.25, -2.5)
+    assert moved.data.sum() == pytest.approx(6.0)
+    y, x = np.indices((16, 16))
+    cx = (moved.data * x).sum(axis=(-2, -1))
+    cy = (moved.data * y).sum(axis=(-2, -1))
+    np.testing.assert_allclose(cx, 9.25, atol=1e-6)
+    np.testing.assert_allclose(cy, 5.5, atol=1e-6)
+
+
+def test_bad_shift_and_method_inputs(drifting):
+    with pytest.raises(ValueError, match=r"shifts must have the shape \(8, 10, 2\)"):
+        drifting.center_direct_beam(shifts=np.zeros((8, 9, 2)))
+    with pytest.raises(ValueError, match="method must be one of"):
+        drifting.get_direct_beam_position(method="magic")
+    with pytest.raises(ValueError, match="needs radius"):
+        drifting.get_direct_beam_position(method="cross_correlate")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        drifting.center_of_mass(threshold=2)
+    with pytest.raises(ValueError, match="mask shape"):
+        drifting.center_of_mass(mask=np.ones((5, 5)))
+    with pytest.raises(TypeError, match="only apply when"):
+        drifting.center_direct_beam(shifts=np.zeros((8, 10, 2)), sigma=3)
+
+
+def test_standin_device_beam_finding(standin_gpu, drifting):
+    from conftest import StandInDeviceArray
+
+    ref = drifting.center_of_mass()
+    s = drifting.deepcopy()
+    s.to_device()
+    shifts = s.center_of_mass()
+    assert isinstance(shifts.data, StandInDeviceArray)
+    np.testing.assert_allclose(np.asarray(shifts.data), ref.data, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, kw", [("center_of_mass", {}), ("blur", {"sigma": 2.0}),
+                                        ("cross_correlate", {"radius": 2.88})])
+def test_gpu_beam_positions_and_centering_match_cpu(cupy, drifting, method, kw):
+    cpu = drifting.get_direct_beam_position(method=method, **kw)
+    s = drifting.as_lazy()
+    s.to_device()
+    gpu = s.get_direct_beam_position(method=method, **kw)
+    assert isinstance(gpu.data._meta, cupy.ndarray)
+    gpu.to_host()
+    gpu.compute()
+    np.testing.assert_allclose(gpu.data, cpu.data, atol=1e-3)
+    centred_cpu = drifting.center_direct_beam(shifts=cpu)
+    centred_gpu = s.center_direct_beam(shifts=cpu)
+    centred_gpu.to_host()
+    centred_gpu.compute()
+    np.testing.assert_allclose(centred_gpu.data, centred_cpu.data, rtol=1e-5, atol=1e-3)

@@ -1,0 +1,65 @@
+"""Detector clean-up: bad pixels, dark and gain."""
+
+import numpy as np
+import pytest
+
+import diffgpu
+
+
+def test_find_and_correct_hot_and_dead_pixels():
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(6, 6), sig_shape=(64, 64), lazy=False)
+    s.data[..., 10, 50] = 40000  # hot
+    s.data[..., 40, 12] = 0  # dead
+    bad = s.find_bad_pixels()
+    assert bad[10, 50] and bad[40, 12]
+    assert bad.sum() <= 5  # the rings and the beam are not flagged
+    s.find_bad_pixels(set_mask=True)
+    assert s.calibration.mask[10, 50]
+    fixed = s.correct_bad_pixels()
+    assert fixed.data.dtype == np.float32
+    neighbours = s.data[..., 9:12, 49:52].astype(float).sum(axis=(-2, -1)) - s.data[..., 10, 50]
+    np.testing.assert_allclose(fixed.data[..., 10, 50], neighbours / 8, rtol=1e-5)
+    untouched = ~s.calibration.mask
+    np.testing.assert_array_equal(fixed.data[..., untouched], s.data[..., untouched])
+    lazy = s.as_lazy().correct_bad_pixels()
+    np.testing.assert_allclose(lazy.data.compute(), fixed.data)
+
+
+def test_correct_needs_a_mask():
+    s = diffgpu.DiffractionPatterns(np.ones((2, 8, 8)))
+    with pytest.raises(ValueError, match="no bad-pixel mask"):
+        s.correct_bad_pixels()
+    with pytest.raises(ValueError, match="mask shape"):
+        s.correct_bad_pixels(mask=np.zeros((4, 4), bool))
+
+
+def test_flat_field_and_dark():
+    rng = np.random.default_rng(0)
+    data = rng.integers(100, 200, (3, 4, 16, 16)).astype("uint16")
+    gain = rng.uniform(0.8, 1.2, (16, 16))
+    dark = rng.uniform(0, 20, (16, 16))
+    s = diffgpu.DiffractionPatterns(data)
+    out = s.flat_field(gain=gain, dark=dark)
+    np.testing.assert_allclose(out.data, (data - dark) * gain, rtol=1e-5)
+    lazy = s.as_lazy().flat_field(gain=gain)
+    np.testing.assert_allclose(lazy.data.compute(), data * gain, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs a gain"):
+        s.flat_field()
+    with pytest.raises(ValueError, match=r"gain shape \(8, 8\) does not match"):
+        s.flat_field(gain=np.ones((8, 8)))
+    with pytest.raises(ValueError, match="dark contains NaN"):
+        s.flat_field(dark=np.full((16, 16), np.nan))
+
+
+@pytest.mark.gpu
+def test_gpu_cleanup_matches_cpu(cupy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32), lazy=False)
+    bad = np.zeros((32, 32), bool)
+    bad[5, 7] = True
+    gain = np.linspace(0.9, 1.1, 32 * 32).reshape(32, 32)
+    cpu = s.correct_bad_pixels(mask=bad).flat_field(gain=gain)
+    s.to_device()
+    gpu = s.correct_bad_pixels(mask=bad).flat_field(gain=gain)
+    assert gpu.device == "gpu"
+    gpu.to_host()
+    np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-5)
