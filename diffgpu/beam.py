@@ -64,9 +64,9 @@ def _region(signal, mask):
 
 def center_of_mass(signal, mask=None, threshold=None):
     """Shared implementation of :meth:`DiffractionPatterns.center_of_mass`."""
-    if threshold is not None and not 0 <= threshold < 1:
-        raise ValueError(f"threshold must be in [0, 1) (a fraction of each frame's maximum); "
-                         f"got {threshold}")
+    if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a non-negative multiple of each frame's mean "
+                         f"intensity; got {threshold}")
     shape = signal.calibration.detector_shape
     weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
     cx, cy = signal.calibration.center
@@ -91,19 +91,27 @@ def _ndimage(xp):
 def _windowed_com(frames, px, py, radius, xp, iterations=3):
     """Centre of mass of each frame within a disc of ``radius`` around (px, py).
 
-    The window is re-centred on the estimate a few times: a window that is not
-    centred on a symmetric peak pulls the centre of mass towards its own centre.
+    Works on a small patch around each estimate (gathered for all frames at
+    once), and re-centres the window a few times: a window that is not centred
+    on a symmetric peak pulls the centre of mass towards its own centre.
     """
     n, ny, nx = frames.shape
-    y = xp.arange(ny, dtype=xp.float32)[None, :, None]
-    x = xp.arange(nx, dtype=xp.float32)[None, None, :]
+    size = min(2 * int(np.ceil(radius)) + 3, ny, nx)
+    span = xp.arange(size)
+    rows = xp.arange(n)[:, None, None]
     for _ in range(iterations):
-        inside = ((x - px[:, None, None]) ** 2 + (y - py[:, None, None]) ** 2) <= radius**2
-        w = xp.where(inside, frames, xp.float32(0))
+        top = xp.clip(xp.rint(py).astype(xp.int64) - size // 2, 0, ny - size)
+        left = xp.clip(xp.rint(px).astype(xp.int64) - size // 2, 0, nx - size)
+        y = (top[:, None] + span[None, :]).astype(xp.float32)  # (n, size)
+        x = (left[:, None] + span[None, :]).astype(xp.float32)
+        patch = frames[rows, y.astype(xp.int64)[:, :, None], x.astype(xp.int64)[:, None, :]]
+        inside = ((x[:, None, :] - px[:, None, None]) ** 2
+                  + (y[:, :, None] - py[:, None, None]) ** 2) <= radius**2
+        w = xp.where(inside, patch, xp.float32(0))
         total = w.sum(axis=(1, 2))
         safe = xp.where(total > 0, total, xp.float32(1))
-        px = xp.where(total > 0, (w * x).sum(axis=(1, 2)) / safe, px)
-        py = xp.where(total > 0, (w * y).sum(axis=(1, 2)) / safe, py)
+        px = xp.where(total > 0, (w * x[:, None, :]).sum(axis=(1, 2)) / safe, px)
+        py = xp.where(total > 0, (w * y[:, :, None]).sum(axis=(1, 2)) / safe, py)
     return px, py
 
 

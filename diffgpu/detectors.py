@@ -8,11 +8,20 @@ or any user mask.  HyperSpy ROIs are read in the signal's calibrated units.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .geometry import PolarGeometry, _disc_area, _pixel_polygons
 
 __all__ = ["disc_weights", "rectangle_weights", "detector_weights"]
+
+
+@functools.lru_cache(maxsize=32)
+def _disc_weights_cached(detector_shape, center, radius, scale, inner_radius):
+    w = _disc_weights(detector_shape, center, radius, scale, inner_radius)
+    w.flags.writeable = False  # shared between callers
+    return w
 
 
 def disc_weights(detector_shape, center, radius, scale=(1.0, 1.0), inner_radius=0.0):
@@ -36,16 +45,33 @@ def disc_weights(detector_shape, center, radius, scale=(1.0, 1.0), inner_radius=
     >>> round(float(w.sum()), 6) == round(3.141592653589793 * 100, 6)
     True
     """
+    key = (tuple(int(n) for n in detector_shape), tuple(float(c) for c in center), float(radius),
+           tuple(float(v) for v in scale), float(inner_radius))
+    return _disc_weights_cached(*key).copy()
+
+
+def _disc_weights(detector_shape, center, radius, scale, inner_radius):
     if not radius > inner_radius >= 0:
         raise ValueError(f"need radius > inner_radius >= 0; got radius={radius}, "
                          f"inner_radius={inner_radius}")
     geom = PolarGeometry(tuple(detector_shape), tuple(map(float, center)),
                          tuple(map(float, scale)), 1, 1, (0.0, 1.0), (-180.0, 180.0))
     poly, pixel_area = _pixel_polygons(geom)
-    a, b = poly, np.roll(poly, -1, axis=1)
+    corner_r = np.hypot(poly[..., 0], poly[..., 1])
+    rmax = corner_r.max(axis=1)
+    # a pixel is cut by a circle only if the circle passes between its nearest and farthest
+    # points; the nearest is no closer than (min corner distance - half its diagonal)
+    half_diag = 0.5 * np.hypot(*(poly[0, 2] - poly[0, 0]))
+    rmin = np.maximum(corner_r.min(axis=1) - half_diag, 0.0)
 
     def inside(r):
-        return _disc_area(a, b, r).sum(axis=1) if r > 0 else 0.0
+        """Area of every pixel inside the disc of radius r (exact only where it is cut)."""
+        area = np.where(rmax <= r, pixel_area, 0.0)
+        cut = np.flatnonzero((rmin < r) & (rmax > r))
+        if r > 0 and cut.size:
+            a = poly[cut]
+            area[cut] = _disc_area(a, np.roll(a, -1, axis=1), r).sum(axis=1)
+        return area
 
     w = (inside(float(radius)) - inside(float(inner_radius))) / pixel_area
     w[w < 1e-9] = 0.0  # rounding residue of pixels the disc does not reach

@@ -198,7 +198,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             Where to take the centre of mass: a disc (pixels) or detector-shaped
             weights. ``calibration.mask`` pixels are always left out.
         threshold : float, optional
-            Ignore pixels below this fraction of each frame's maximum (0 to 1).
+            Ignore pixels below ``threshold`` times each frame's mean intensity (as in
+            pyxem), e.g. to suppress diffuse scattering.
 
         Returns
         -------
