@@ -24,6 +24,8 @@ from .signals import (
     LazyRadialProfiles,
     PolarPatterns,
     RadialProfiles,
+    to_device,
+    to_host,
 )
 
 __version__ = "0.1.0.dev0"
@@ -39,6 +41,8 @@ __all__ = [
     "LazyVirtualImages",
     "DirectBeamShifts",
     "LazyDirectBeamShifts",
+    "to_device",
+    "to_host",
     "DeviceUnavailableError",
     "gpu_available",
     "devices",

@@ -202,3 +202,79 @@ def test_gpu_save_and_plot(cupy, tmp_path):
     np.testing.assert_array_equal(diffgpu.load(tmp_path / "gpu.zspy", lazy=False).data, ref)
     s.plot()
     plt.close("all")
+
+
+# -- generic operations on device-resident signals ---------------------------------
+
+def _log_scale(frames):
+    xp = dev.array_module(frames)
+    return xp.log1p(frames.astype(xp.float32))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_map_frames_on_host(lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(16, 16), lazy=lazy)
+    ref = np.log1p(np.asarray(s.data).astype("float32")) if not lazy else None
+    out = s.map_frames(_log_scale, dtype="float32")
+    assert type(out).__name__ == ("Lazy" if lazy else "") + "DiffractionPatterns"
+    maxima = s.map_frames(lambda f, offset: f.max(axis=(1, 2)) + offset, output_shape=(),
+                          dtype="float64", offset=1)
+    profile = s.map_frames(lambda f: f.sum(axis=1), output_shape=(16,), dtype="float64",
+                           signal_type="radial_profiles")
+    if lazy:
+        data = s.data.compute()
+        ref = np.log1p(data.astype("float32"))
+        out.compute(), maxima.compute(), profile.compute()
+    else:
+        data = s.data
+    np.testing.assert_allclose(out.data, ref, rtol=1e-6)
+    np.testing.assert_allclose(maxima.data, data.max(axis=(-2, -1)) + 1)
+    assert isinstance(profile, diffgpu.RadialProfiles)
+    np.testing.assert_allclose(profile.data, data.sum(axis=-2))
+
+
+def test_module_level_to_host_and_to_device_for_any_signal(standin_gpu):
+    import hyperspy.api as hs
+
+    s = hs.signals.Signal1D(np.arange(6.0).reshape(2, 3)).as_lazy()
+    diffgpu.to_device(s)
+    assert isinstance(s.data._meta, StandInDeviceArray)
+    diffgpu.to_host(s)
+    assert type(s.data._meta) is np.ndarray
+
+
+def test_standin_map_frames_keeps_device_meta(standin_gpu):
+    counter = []
+    s = counting_lazy_signal(counter)
+    s.to_device()
+    out = s.map_frames(_log_scale, dtype="float32")
+    assert isinstance(out.data._meta, StandInDeviceArray) and counter == []
+    maxima = s.map_frames(lambda f: f.max(axis=(1, 2)), output_shape=())
+    assert isinstance(maxima.data._meta, StandInDeviceArray) and counter == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gpu_generic_operations_match_cpu(cupy, lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), lazy=lazy)
+    g = s.deepcopy()
+    g.to_device()
+    ops = {
+        "arithmetic": lambda x: (x * 2 + 1) / 3,
+        "sum signal": lambda x: x.sum(axis=x.axes_manager.signal_axes),
+        "mean navigation": lambda x: x.mean(axis=x.axes_manager.navigation_axes),
+        "max": lambda x: x.max(axis=x.axes_manager.signal_axes),
+        "inav": lambda x: x.inav[1:3, ::2],
+        "isig": lambda x: x.isig[4:20, 8:24],
+        "rebin": lambda x: x.rebin(scale=(1, 1, 2, 2)),
+        "map_frames": lambda x: x.map_frames(_log_scale, dtype="float32"),
+    }
+    for name, op in ops.items():
+        cpu, gpu = op(s), op(g)
+        assert type(gpu).__module__.startswith("diffgpu"), name
+        assert isinstance(gpu.data._meta if lazy else gpu.data, cupy.ndarray), name
+        if lazy:
+            cpu.compute()
+            gpu.compute()
+        gpu.to_host()
+        np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-5, err_msg=name)

@@ -1,5 +1,6 @@
 """HyperSpy signal classes of diffgpu (eager and lazy pairs)."""
 
+from ._device import to_device, to_host
 from .diffraction_patterns import DiffractionPatterns, LazyDiffractionPatterns
 from .polar_patterns import LazyPolarPatterns, PolarPatterns
 from .radial_profiles import LazyRadialProfiles, RadialProfiles
@@ -7,6 +8,8 @@ from .virtual_images import LazyVirtualImages, VirtualImages
 from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
 
 __all__ = [
+    "to_device",
+    "to_host",
     "DiffractionPatterns",
     "LazyDiffractionPatterns",
     "PolarPatterns",

@@ -10,6 +10,36 @@ from __future__ import annotations
 from ..device import device_of, to_device_array, to_host_array
 
 
+def to_device(signal):
+    """Move any HyperSpy signal's data to the GPU, in place (lazy: a graph step).
+
+    For signals that are not diffgpu's (e.g. HyperSpy's own results); diffgpu
+    signals have the method :meth:`DeviceMixin.to_device`.
+
+    Examples
+    --------
+    >>> import numpy as np, hyperspy.api as hs, diffgpu
+    >>> s = hs.signals.Signal1D(np.arange(4.0))
+    >>> if diffgpu.gpu_available():
+    ...     diffgpu.to_device(s)
+    """
+    signal.data = to_device_array(signal.data)
+
+
+def to_host(signal):
+    """Move any HyperSpy signal's data to host memory, in place (lazy: a graph step).
+
+    Examples
+    --------
+    >>> import numpy as np, hyperspy.api as hs, diffgpu
+    >>> s = hs.signals.Signal1D(np.arange(4.0))
+    >>> diffgpu.to_host(s)
+    >>> type(s.data).__name__
+    'ndarray'
+    """
+    signal.data = to_host_array(signal.data)
+
+
 class DeviceMixin:
     """Moves a signal's data between host and GPU, in place, eager or lazy."""
 

@@ -137,6 +137,69 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
                                   azimuth_unit=azimuth_unit, curved_ewald=curved_ewald,
                                   affine=affine, dtype=dtype)
 
+    # -- generic operations ----------------------------------------------------------
+    def map_frames(self, function, output_shape=None, dtype=None, signal_type=None, **kwargs):
+        """Apply a vectorised function to stacks of frames, on whatever device they are.
+
+        Unlike HyperSpy's ``map``, ``function`` receives many frames at once, as an
+        array ``(n, rows, columns)`` of the signal's own kind (NumPy, or CuPy after
+        :meth:`to_device`), and must return ``(n, *output_shape)``. The output shape and
+        dtype are declared, not found by running the function on the host, so a
+        GPU-only function works in a lazy graph. Use ``array_module(frames)`` inside it
+        to write it once for both.
+
+        Parameters
+        ----------
+        function : callable
+            ``function(frames, **kwargs) -> array``.
+        output_shape : tuple of int, optional
+            Result per frame; default the detector shape (an image-to-image operation).
+        dtype : dtype, optional
+            Result dtype; default the signal's.
+        signal_type : str, optional
+            Signal type of the result (default: ``"diffraction_patterns"`` when the
+            output has the detector's shape, else HyperSpy's generic signal). Move a
+            generic device-resident result with ``diffgpu.to_host(result)``.
+
+        Returns
+        -------
+        signal, lazy if this one is.
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> from diffgpu.device import array_module
+        >>> s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32))
+        >>> def log_scale(frames):
+        ...     xp = array_module(frames)          # numpy or cupy
+        ...     return xp.log1p(frames.astype(xp.float32))
+        >>> s.map_frames(log_scale, dtype="float32")
+        <LazyDiffractionPatterns, title: Synthetic 4D-STEM, dimensions: (4, 4|32, 32)>
+        >>> maxima = s.map_frames(lambda f: f.max(axis=(1, 2)), output_shape=())
+        >>> maxima.data.shape
+        (4, 4)
+        """
+        from ..mapping import map_frames
+
+        detector = tuple(self.data.shape[-2:])
+        output_shape = detector if output_shape is None else tuple(output_shape)
+        dtype = self.data.dtype if dtype is None else dtype
+        result = map_frames(self.data, lambda frames: function(frames, **kwargs), output_shape,
+                            dtype)
+        if output_shape == detector and signal_type in (None, "diffraction_patterns"):
+            return self._deepcopy_with_new_data(result)
+        from hyperspy.signals import BaseSignal
+
+        axes = self.axes_manager._get_navigation_axes_dicts() + [
+            {"size": n, "navigate": False} for n in output_shape]
+        out = BaseSignal(result, axes=axes) if axes else BaseSignal(result)
+        out.metadata.General.title = self.metadata.General.title
+        if self._lazy and not out._lazy:
+            out = out.as_lazy()
+        if signal_type:
+            out.set_signal_type(signal_type)
+        return out
+
     # -- virtual imaging ------------------------------------------------------------
     def get_virtual_image(self, rois, normalize=False):
         """Virtual images for one or many detectors, all in one pass over the data.
