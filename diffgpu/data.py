@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthetic_4dstem", "beam_centers"]
+__all__ = ["synthetic_4dstem", "beam_centers", "scattering_map"]
 
 
 def beam_centers(nav_shape, center, drift=(4.0, 3.0), wobble=0.3):
@@ -69,7 +69,30 @@ def beam_centers(nav_shape, center, drift=(4.0, 3.0), wobble=0.3):
     return out
 
 
-def _render(centers, sig_shape, ring_radii, ring_width, ring_counts, beam_radius,
+def scattering_map(nav_shape):
+    """Relative scattering strength (0.6 to 1.4) at every scan position: the "sample".
+
+    Rings are brighter and the direct beam dimmer where the sample scatters more,
+    so bright-field and dark-field images show contrast: smooth blobs (grains) of a
+    few scan pixels.
+
+    Examples
+    --------
+    >>> from diffgpu.data import scattering_map
+    >>> m = scattering_map((16, 16))
+    >>> bool(0.6 <= m.min() and m.max() <= 1.4)
+    True
+    """
+    nav_shape = tuple(int(n) for n in nav_shape)
+    if len(nav_shape) == 1:
+        return scattering_map((1,) + nav_shape)[0]
+    rows, cols = np.indices(nav_shape, dtype=float)
+    v = 0.5 * np.sin(2 * np.pi * cols / 11.0 + 0.4) * np.cos(2 * np.pi * rows / 9.0) \
+        + 0.5 * np.sin(2 * np.pi * (cols + rows) / 17.0)
+    return 1.0 + 0.4 * v
+
+
+def _render(centers, strength, sig_shape, ring_radii, ring_width, ring_counts, beam_radius,
             beam_counts, background, noise, dtype, rng):
     """Frames for the given ``(..., 2)`` centres: the model, with Poisson noise."""
     ny, nx = sig_shape
@@ -79,6 +102,7 @@ def _render(centers, sig_shape, ring_radii, ring_width, ring_counts, beam_radius
     out = np.empty((flat.shape[0], ny, nx), dtype=dtype)
     disc_area = np.pi * beam_radius**2
     limit = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else None
+    strength = strength.reshape(-1)
     for i, (cx, cy) in enumerate(flat):
         dx = x - cx
         dy = y - cy
@@ -87,9 +111,9 @@ def _render(centers, sig_shape, ring_radii, ring_width, ring_counts, beam_radius
         lam = background * np.exp(-r / (0.25 * max(nx, ny)))
         for k, (rk, ck) in enumerate(zip(ring_radii, ring_counts)):
             texture = 1.0 + 0.3 * np.cos((k + 2) * phi + 0.7 * k)
-            lam += ck * texture * np.exp(-0.5 * ((r - rk) / ring_width) ** 2)
+            lam += strength[i] * ck * texture * np.exp(-0.5 * ((r - rk) / ring_width) ** 2)
         edge = np.exp(np.minimum((r - beam_radius) / 0.5, 60.0))  # soft edge, no overflow
-        lam += (beam_counts / disc_area) / (1.0 + edge)
+        lam += (1.4 - 0.4 * strength[i]) * (beam_counts / disc_area) / (1.0 + edge)
         frame = rng.poisson(lam) if noise else lam
         if limit is not None:
             frame = np.clip(frame, 0, limit)
@@ -157,7 +181,8 @@ def synthetic_4dstem(
     LazyDiffractionPatterns or DiffractionPatterns
         Calibrated in pixels with ``calibration.center`` at ``center``. The truth
         is in ``metadata.Synthetic``: ``beam_centers`` (``nav_shape + (2,)``,
-        ``(x, y)`` pixels), ``ring_radii`` (pixels) and the model parameters.
+        ``(x, y)`` pixels), ``scattering`` (the sample's relative scattering strength
+        per scan position), ``ring_radii`` (pixels) and the model parameters.
 
     Examples
     --------
@@ -202,6 +227,7 @@ def synthetic_4dstem(
     dtype = np.dtype(dtype)
 
     centers = beam_centers(nav_shape, center, drift, wobble)
+    strength = scattering_map(nav_shape)
     shape = nav_shape + sig_shape
     if chunks == "auto":
         chunks = da.core.normalize_chunks(
@@ -220,7 +246,7 @@ def synthetic_4dstem(
         loc = block_info[None]["array-location"][: len(nav_shape)]
         sl = tuple(slice(a, b) for a, b in loc)
         rng = np.random.default_rng([seed] + [a for a, _ in loc])
-        return _render(centers[sl], rng=rng, **params)
+        return _render(centers[sl], strength[sl], rng=rng, **params)
 
     data = da.map_blocks(block, dtype=dtype, chunks=chunks, meta=np.empty((0,) * len(shape), dtype))
     s = LazyDiffractionPatterns(data)
@@ -233,6 +259,7 @@ def synthetic_4dstem(
         ax.name = name
     md = {
         "beam_centers": centers,
+        "scattering": strength,
         "ring_radii": list(params["ring_radii"]),
         "ring_width": params["ring_width"],
         "beam_radius": params["beam_radius"],

@@ -25,3 +25,12 @@ def test_azimuthal_integration_example(tmp_path, monkeypatch, capsys):
                 "--sig", "64", "64", monkeypatch=monkeypatch)
     assert (tmp_path / "azimuthal_integration.png").stat().st_size > 10_000
     assert "integrated 6 patterns" in capsys.readouterr().out
+
+
+def test_beam_and_virtual_images_example(tmp_path, monkeypatch, capsys):
+    run_example("beam_and_virtual_images.py", "--output", str(tmp_path), "--nav", "6", "8",
+                "--sig", "64", "64", monkeypatch=monkeypatch)
+    assert (tmp_path / "beam_and_virtual_images.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    rms = float(out.split("against the truth: ")[1].split(" px")[0])
+    assert rms < 0.1
