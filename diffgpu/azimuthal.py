@@ -185,13 +185,13 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
     out_sig = (npt,) if one_d else (npt, npt_azim)
     n_pix = data.shape[-2] * data.shape[-1]
 
-    def integrate(frames, threads=1):
-        out = engine.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, threads=threads)
+    def integrate(frames, eng, threads=1):
+        out = eng.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, threads=threads)
         return out.reshape((-1,) + out_sig)
 
     threads = 1 if is_device_array(data) else default_threads()
-    result = map_frames(data, integrate, out_sig, dtype,
-                        eager_func=lambda frames: integrate(frames, threads))
+    result = map_frames(data, integrate, out_sig, dtype, constants=(engine,),
+                        eager_func=lambda frames, eng: integrate(frames, eng, threads))
 
     nav_axes, radial, azimuth = _out_axes(signal, geom, units, azimuth_unit)
     if one_d:

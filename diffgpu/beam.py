@@ -71,12 +71,12 @@ def center_of_mass(signal, mask=None, threshold=None):
     weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
     cx, cy = signal.calibration.center
 
-    def com(frames):
+    def com(frames, w):
         xp = array_module(frames)
-        sums = weighted_sums(frames.reshape(frames.shape[0], -1), weights.get(xp), threshold)
+        sums = weighted_sums(frames.reshape(frames.shape[0], -1), w.get(xp), threshold)
         return _com_from_sums(sums, xp) - xp.asarray([cx, cy], dtype=xp.float32)
 
-    data = map_frames(signal.data, com, (2,), np.float32)
+    data = map_frames(signal.data, com, (2,), np.float32, constants=(weights,))
     return _shifts_signal(signal, data, "Centre of mass", "center_of_mass")
 
 

@@ -51,7 +51,7 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
     bad = DeviceCache(mask)
     dtype = signal.data.dtype if signal.data.dtype.kind == "f" else np.dtype(np.float32)
 
-    def fix(frames):
+    def fix(frames, valid, bad):
         xp = array_module(frames)
         v, b = valid.get(xp), bad.get(xp)
         f = frames.astype(dtype)
@@ -70,7 +70,7 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
         fill = num / xp.where(den > 0, den, 1)
         return xp.where(b, fill, f)
 
-    result = map_frames(signal.data, fix, shape, dtype)
+    result = map_frames(signal.data, fix, shape, dtype, constants=(valid, bad))
     out = signal._deepcopy_with_new_data(result)
     out.metadata.General.title = f"Bad pixels corrected {signal.metadata.General.title}".strip()
     if inplace:
@@ -97,7 +97,7 @@ def flat_field(signal, gain=None, dark=None, inplace=False):
 
     g, d = image(gain, "gain"), image(dark, "dark")
 
-    def correct(frames):
+    def correct(frames, g, d):
         xp = array_module(frames)
         f = frames.astype(xp.float32)
         if d is not None:
@@ -106,7 +106,7 @@ def flat_field(signal, gain=None, dark=None, inplace=False):
             f = f * g.get(xp)
         return f
 
-    result = map_frames(signal.data, correct, shape, np.float32)
+    result = map_frames(signal.data, correct, shape, np.float32, constants=(g, d))
     out = signal._deepcopy_with_new_data(result)
     out.metadata.General.title = f"Flat-field corrected {signal.metadata.General.title}".strip()
     if inplace:

@@ -11,7 +11,8 @@ _SIGNAL_TYPES = {
     2: "diffraction_patterns",
     1: "radial_profiles",
 }
-_OURS = ("diffraction_patterns", "polar_patterns", "radial_profiles")
+_OURS = ("diffraction_patterns", "polar_patterns", "radial_profiles", "virtual_images",
+         "direct_beam_shifts")
 
 
 def as_diffraction_patterns(signal, copy=False):

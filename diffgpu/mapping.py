@@ -16,7 +16,7 @@ from .device import array_module
 __all__ = ["map_frames"]
 
 
-def map_frames(data, func, out_shape, dtype, eager_func=None):
+def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
     """Apply ``func`` to all frames of ``data`` ``(..., rows, columns)``.
 
     Parameters
@@ -24,14 +24,19 @@ def map_frames(data, func, out_shape, dtype, eager_func=None):
     data : numpy, cupy or dask array
         Navigation axes first, the detector's two axes last.
     func : callable
-        ``func(frames) -> out`` with ``frames`` of shape ``(n, rows, columns)`` and
-        ``out`` of shape ``(n, *out_shape)``, on the frames' device.
+        ``func(frames, *constants) -> out`` with ``frames`` of shape
+        ``(n, rows, columns)`` and ``out`` of shape ``(n, *out_shape)``, on the frames'
+        device.
     out_shape : tuple of int
         Shape of the result for one frame (``()`` for one number per frame).
     dtype : numpy dtype
         dtype of the result.
     eager_func : callable, optional
         Used instead of ``func`` for in-memory data (e.g. with more threads).
+    constants : tuple
+        Large constant inputs (integration matrices, detector weights, templates).
+        In a lazy graph each becomes one node that every block depends on, so a
+        distributed cluster sends it to each worker once, not with every task.
 
     Returns
     -------
@@ -50,13 +55,14 @@ def map_frames(data, func, out_shape, dtype, eager_func=None):
     nav_shape = data.shape[:-2]
     frame_shape = data.shape[-2:]
 
-    def apply(block, f=func):
-        out = f(block.reshape((-1,) + frame_shape))
+    def apply(block, *consts, f=func):
+        out = f(block.reshape((-1,) + frame_shape), *consts)
         return out.reshape(block.shape[:-2] + out_shape)
 
     if not type(data).__module__.startswith("dask"):
-        return apply(data, eager_func or func)
+        return apply(data, *constants, f=eager_func or func)
 
+    import dask
     import dask.array as da
 
     if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
@@ -70,4 +76,5 @@ def map_frames(data, func, out_shape, dtype, eager_func=None):
         kwargs["drop_axis"] = list(range(nav + k, nav + 2))
     elif k > 2:
         kwargs["new_axis"] = list(range(nav + 2, nav + k))
-    return da.map_blocks(apply, data, dtype=dtype, meta=meta, chunks=chunks, **kwargs)
+    consts = [dask.delayed(c, pure=True) for c in constants]
+    return da.map_blocks(apply, data, *consts, dtype=dtype, meta=meta, chunks=chunks, **kwargs)

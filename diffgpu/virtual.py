@@ -34,10 +34,10 @@ def virtual_images(signal, detectors, normalize=False):
     matrix = DeviceCache(np.ascontiguousarray(weights.reshape(k, -1).T))
     n_pix = weights.shape[1] * weights.shape[2]
 
-    def detect(frames):
-        return weighted_sums(frames.reshape(-1, n_pix), matrix.get(array_module(frames)))
+    def detect(frames, weights):
+        return weighted_sums(frames.reshape(-1, n_pix), weights.get(array_module(frames)))
 
-    result = map_frames(signal.data, detect, (k,), np.float32)  # (..., k)
+    result = map_frames(signal.data, detect, (k,), np.float32, constants=(matrix,))  # (..., k)
     xp = array_module(result)
     if signal._lazy:
         import dask.array as da

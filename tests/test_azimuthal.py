@@ -312,3 +312,12 @@ def test_gpu_nan_pixels_masked(cupy):
     p = s.get_azimuthal_integral2d(npt=10, npt_azim=12, mean=True, radial_range=(0, 15))
     p.to_host()
     np.testing.assert_allclose(p.data, 1.0, rtol=1e-5)
+
+
+def test_the_engine_is_one_graph_node_shared_by_all_blocks():
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 4), sig_shape=(32, 32), chunks=(1, 2))
+    p = s.get_azimuthal_integral2d(npt=8, npt_azim=12)
+    graph = dict(p.data.__dask_graph__())
+    engines = [k for k in graph if "IntegrationEngine" in str(k)]
+    assert len(engines) == 1  # sent to each worker once, not with each of the 8 tasks
+    assert p.data.npartitions == 8

@@ -12,14 +12,6 @@ def run_example(name, *args, monkeypatch):
     return runpy.run_path(str(EXAMPLES / name), run_name="__main__")
 
 
-def test_main_job(tmp_path, monkeypatch, capsys):
-    run_example("main_job.py", "--output", str(tmp_path), "--nav", "4", "6", "--sig", "32", "32",
-                monkeypatch=monkeypatch)
-    png = tmp_path / "main_job.png"
-    assert png.exists() and png.stat().st_size > 10_000
-    assert "reduced 24 frames" in capsys.readouterr().out
-
-
 def test_azimuthal_integration_example(tmp_path, monkeypatch, capsys):
     run_example("azimuthal_integration.py", "--output", str(tmp_path), "--nav", "2", "3",
                 "--sig", "64", "64", monkeypatch=monkeypatch)

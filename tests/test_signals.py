@@ -180,3 +180,13 @@ def test_hyperspy_operations_keep_our_classes():
     assert type(s.sum(axis=s.axes_manager.navigation_axes)) is diffgpu.LazyDiffractionPatterns
     s.compute()
     assert type(s.rebin(scale=(1, 1, 2, 2))) is diffgpu.DiffractionPatterns
+
+
+def test_loader_knows_every_signal_type_we_register():
+    from hyperspy.extensions import ALL_EXTENSIONS
+
+    from diffgpu.io import _OURS
+
+    ours = {spec["signal_type"] for spec in ALL_EXTENSIONS["signals"].values()
+            if spec["module"].startswith("diffgpu.")}
+    assert ours == set(_OURS)

@@ -1,0 +1,251 @@
+"""The ``diffgpu`` command line: batch runs on a workstation or a cluster.
+
+::
+
+    diffgpu info
+    diffgpu demo [-o DIR]
+    diffgpu integrate INPUT -o OUTPUT.zspy [--npt 100] [--npt-azim 360 | --1d] [--center X Y] ...
+    diffgpu virtual INPUT -o OUTPUT.zspy --disc R [--annulus R_IN R_OUT] ...
+
+Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
+chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
+name next to OUTPUT and renamed only when complete, so an interrupted or failed run leaves
+no OUTPUT behind. Exit codes: 0 success, 2 bad arguments, 3 bad input (unreadable file,
+wrong shape), 4 no GPU where one was required, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_DEVICE = 0, 1, 2, 3, 4
+
+
+class InputError(Exception):
+    """The input (file, shape, mask) cannot be processed."""
+
+
+def _common(p):
+    p.add_argument("input", help="input file (any format RosettaSciIO reads)")
+    p.add_argument("-o", "--output", required=True, help="output .zspy path")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"),
+                   help="direct beam (x, y) in pixels (default: from the file's calibration)")
+    p.add_argument("--scale", type=float, help="detector pixel size in --units")
+    p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
+    p.add_argument("--mask", help=".npy file: detector-shaped bool mask, True = excluded")
+    p.add_argument("--chunks", type=int, metavar="FRAMES",
+                   help="frames per chunk along the first scan axis (default: the file's)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where to compute (auto: a GPU if one works)")
+    p.add_argument("--scheduler", default="threads",
+                   help="'threads' (default), 'local-cluster' (one worker per GPU, or CPU workers), "
+                        "or the address of a running dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="diffgpu", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, CUDA devices, dask-cuda")
+    demo = sub.add_parser("demo", help="the main job on built-in synthetic data (PNG figure)")
+    demo.add_argument("-o", "--output", default="demo-output")
+    demo.add_argument("--nav", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
+    demo.add_argument("--sig", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"))
+    demo.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+
+    integ = sub.add_parser("integrate", help="azimuthal integration (2D polar, or 1D profiles)")
+    _common(integ)
+    integ.add_argument("--npt", type=int, default=100, help="radial bins")
+    integ.add_argument("--npt-azim", type=int, default=360, help="azimuthal bins (2D)")
+    integ.add_argument("--1d", dest="one_d", action="store_true", help="radial profiles only")
+    integ.add_argument("--radial-range", type=float, nargs=2, metavar=("START", "STOP"))
+    integ.add_argument("--mean", action="store_true", help="mean per pixel instead of sum")
+
+    virt = sub.add_parser("virtual", help="virtual images (discs, annuli) in one pass")
+    _common(virt)
+    virt.add_argument("--disc", type=float, action="append", default=[], metavar="R",
+                      help="a disc detector of radius R around the centre (calibrated units)")
+    virt.add_argument("--annulus", type=float, nargs=2, action="append", default=[],
+                      metavar=("R_IN", "R_OUT"), help="an annular detector around the centre")
+    return parser
+
+
+def cmd_info(args):
+    import dask
+    import hyperspy
+    import importlib.util
+    import numpy
+
+    import diffgpu
+
+    print(f"diffgpu {diffgpu.__version__}")
+    print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}, dask {dask.__version__}, "
+          f"hyperspy {hyperspy.__version__}")
+    print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+    gpus = diffgpu.devices()
+    if gpus:
+        for d in gpus:
+            print(d)
+    else:
+        print("CUDA devices: none;", diffgpu.device._probe()[2])
+    have = importlib.util.find_spec("dask_cuda") is not None
+    print(f"dask-cuda: {'available' if have else 'not installed (pip install diffgpu[cuda-cluster])'}")
+    return EXIT_OK
+
+
+def cmd_demo(args):
+    from .demo import main_job
+
+    main_job(args.output, tuple(args.nav), tuple(args.sig), args.device)
+    return EXIT_OK
+
+
+def _load(args):
+    import numpy as np
+
+    import diffgpu
+
+    try:
+        s = diffgpu.load(args.input, lazy=True)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from err
+    except (OSError, ValueError) as err:
+        raise InputError(str(err)) from err
+    if isinstance(s, list):
+        raise InputError(f"'{args.input}' holds {len(s)} signals; diffgpu batch runs take one")
+    if not isinstance(s, diffgpu.DiffractionPatterns):
+        raise InputError(f"'{args.input}' holds {type(s).__name__}, not diffraction patterns")
+    if args.chunks:
+        s.rechunk(nav_chunks=(args.chunks,) + ("auto",) * (s.axes_manager.navigation_dimension - 1))
+    if args.scale is not None:
+        s.calibration.scale = args.scale
+    if args.units:
+        s.calibration.units = args.units
+    if args.center is not None:
+        s.calibration.center = tuple(args.center)
+    if args.mask:
+        try:
+            s.calibration.mask = np.load(args.mask)
+        except (OSError, ValueError) as err:
+            raise InputError(f"mask '{args.mask}': {err}") from err
+    if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
+        s.to_device()
+    return s
+
+
+def _scheduler(args):
+    """A dask client for --scheduler, or None for the local threaded scheduler."""
+    if args.scheduler == "threads":
+        return None
+    import diffgpu
+
+    if args.scheduler == "local-cluster":
+        return diffgpu.start_cluster(device="gpu" if args.device == "gpu" else
+                                     ("auto" if args.device == "auto" else "cpu"))
+    from distributed import Client
+
+    return Client(args.scheduler)
+
+
+def _write_atomically(result, output, overwrite, progress):
+    """Save to a temporary name next to ``output``, then rename: never a half-written output."""
+    output = os.path.abspath(output)
+    if not output.endswith(".zspy"):
+        raise InputError(f"output must be a .zspy path; got '{output}'")
+    if os.path.exists(output) and not overwrite:
+        raise InputError(f"'{output}' exists (use --overwrite to replace it)")
+    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.partial.zspy")
+    try:
+        result.to_host()
+        result.save(tmp, show_progressbar=progress, overwrite=True)
+        if os.path.exists(output):
+            shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_integrate(args):
+    s = _load(args)
+    kw = dict(radial_range=args.radial_range, mean=args.mean)
+    if args.one_d:
+        result = s.get_azimuthal_integral1d(npt=args.npt, **kw)
+    else:
+        result = s.get_azimuthal_integral2d(npt=args.npt, npt_azim=args.npt_azim, **kw)
+    return _run(args, result, f"integrated {s.axes_manager.navigation_size} patterns")
+
+
+def cmd_virtual(args):
+    import hyperspy.api as hs
+
+    s = _load(args)
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=r) for r in args.disc]
+    rois += [hs.roi.CircleROI(cx=0, cy=0, r=hi, r_inner=lo) for lo, hi in args.annulus]
+    if not rois:
+        raise InputError("no detector: give --disc R and/or --annulus R_IN R_OUT")
+    result = s.get_virtual_image(rois)
+    return _run(args, result, f"{len(rois)} virtual images of {s.axes_manager.navigation_size} patterns")
+
+
+def _run(args, result, what):
+    client = _scheduler(args)
+    try:
+        t0 = time.perf_counter()
+        _write_atomically(result, args.output, args.overwrite, not args.no_progress)
+        print(f"{what} in {time.perf_counter() - t0:.1f} s -> {args.output}")
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.scheduler == "local-cluster":
+                cluster.close()
+    return EXIT_OK
+
+
+COMMANDS = {"info": cmd_info, "demo": cmd_demo, "integrate": cmd_integrate,
+            "virtual": cmd_virtual}
+
+
+def _terminate(signum, frame):  # turn SIGTERM into an exception so clean-up runs
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    """Entry point of the ``diffgpu`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from .device import DeviceUnavailableError
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as err:
+        print(f"diffgpu: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except DeviceUnavailableError as err:
+        print(f"diffgpu: error: {err}", file=sys.stderr)
+        return EXIT_DEVICE
+    except KeyboardInterrupt:
+        print("diffgpu: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except ValueError as err:  # bad parameters found by the operations themselves
+        print(f"diffgpu: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main_exit():
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main_exit()

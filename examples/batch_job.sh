@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A batch run of diffgpu on a SLURM cluster: GPU workers started by dask-jobqueue,
+# the diffgpu command line connected to their scheduler.
+#
+#   sbatch examples/batch_job.sh scan.mib results/
+#
+#SBATCH --job-name=diffgpu
+#SBATCH --time=02:00:00
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=16G
+set -euo pipefail
+input=${1:?usage: batch_job.sh INPUT OUTPUT_DIR}
+outdir=${2:?usage: batch_job.sh INPUT OUTPUT_DIR}
+mkdir -p "$outdir"
+
+# 1. start GPU workers as their own jobs; write the scheduler address to a file
+python - "$outdir/scheduler.json" <<'PY' &
+import sys, time
+from dask_jobqueue import SLURMCluster
+cluster = SLURMCluster(cores=8, processes=1, memory="64GB", walltime="02:00:00",
+                       job_extra_directives=["--gres=gpu:1"],
+                       worker_extra_args=["--resources", "GPU=1"])
+cluster.scale(jobs=4)
+cluster.scheduler_info  # start it
+open(sys.argv[1], "w").write(cluster.scheduler_address)
+print("dashboard:", cluster.dashboard_link, flush=True)
+while True:
+    time.sleep(60)  # keep the cluster alive until this job ends
+PY
+cluster_pid=$!
+while [ ! -s "$outdir/scheduler.json" ]; do sleep 2; done
+scheduler=$(cat "$outdir/scheduler.json")
+
+# 2. the reductions; each writes its .zspy atomically
+diffgpu info
+diffgpu integrate "$input" -o "$outdir/polar.zspy" --npt 100 --npt-azim 360 \
+    --device gpu --scheduler "$scheduler"
+diffgpu virtual "$input" -o "$outdir/virtual.zspy" --disc 4 --annulus 12 60 \
+    --device gpu --scheduler "$scheduler"
+
+kill "$cluster_pid"

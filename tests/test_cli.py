@@ -1,0 +1,122 @@
+"""The diffgpu command line, end to end on small files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import diffgpu
+from diffgpu.cli import main
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "scan.zspy"
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(48, 48), chunks=(2, 6))
+    s.save(path, show_progressbar=False)
+    return path
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "diffgpu" in out and "CUDA devices" in out or "GPU 0" in out
+    assert "dask-cuda" in out
+
+
+def test_integrate_2d_and_1d(scan_file, tmp_path):
+    out = tmp_path / "polar.zspy"
+    assert main(["integrate", str(scan_file), "-o", str(out), "--npt", "20", "--npt-azim", "36",
+                 "--mean", "--no-progress"]) == 0
+    polar = diffgpu.load(out, lazy=False)
+    assert isinstance(polar, diffgpu.PolarPatterns) and polar.data.shape == (4, 6, 20, 36)
+    ref = diffgpu.load(scan_file).get_azimuthal_integral2d(npt=20, npt_azim=36, mean=True)
+    ref.compute()
+    np.testing.assert_allclose(polar.data, ref.data, rtol=1e-6)
+    out1 = tmp_path / "profiles.zspy"
+    assert main(["integrate", str(scan_file), "-o", str(out1), "--1d", "--npt", "16",
+                 "--center", "24.0", "23.5", "--no-progress"]) == 0
+    prof = diffgpu.load(out1, lazy=False)
+    assert isinstance(prof, diffgpu.RadialProfiles) and prof.data.shape == (4, 6, 16)
+    assert prof.metadata.Integration.center == [24.0, 23.5]
+    assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
+
+
+def test_virtual(scan_file, tmp_path):
+    out = tmp_path / "vi.zspy"
+    assert main(["virtual", str(scan_file), "-o", str(out), "--disc", "3",
+                 "--annulus", "8", "20", "--no-progress"]) == 0
+    images = diffgpu.load(out, lazy=False)
+    assert isinstance(images, diffgpu.VirtualImages) and images.data.shape == (2, 4, 6)
+
+
+def test_errors_have_exit_codes_and_leave_no_output(scan_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x.zspy"
+    assert main(["integrate", str(tmp_path / "missing.mib"), "-o", str(out)]) == 3
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.hspy"
+    bad.write_bytes(b"not a file format")
+    assert main(["integrate", str(bad), "-o", str(out)]) == 3
+    assert "could not read" in capsys.readouterr().err
+    np.save(tmp_path / "mask.npy", np.zeros((5, 5), bool))
+    assert main(["integrate", str(scan_file), "-o", str(out), "--mask",
+                 str(tmp_path / "mask.npy")]) == 3
+    assert "mask shape" in capsys.readouterr().err
+    assert main(["integrate", str(scan_file), "-o", str(out), "--npt", "0"]) == 3
+    assert main(["virtual", str(scan_file), "-o", str(out)]) == 3
+    assert "no detector" in capsys.readouterr().err
+    assert main(["integrate", str(scan_file), "-o", str(tmp_path / "x.h5")]) == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["integrate", str(scan_file), "-o", str(out), "--device", "gpu"]) == 4
+    assert "No GPU available" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["integrate"])
+    assert exc.value.code == 2
+
+
+def test_existing_output_needs_overwrite(scan_file, tmp_path):
+    out = tmp_path / "polar.zspy"
+    args = ["integrate", str(scan_file), "-o", str(out), "--npt", "8", "--npt-azim", "8",
+            "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 3
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_interrupted_run_leaves_no_output(tmp_path):
+    big = tmp_path / "big.zspy"
+    diffgpu.data.synthetic_4dstem(nav_shape=(48, 48), sig_shape=(96, 96), noise=False,
+                                  chunks=(2, 48)).save(big, show_progressbar=False)
+    out = tmp_path / "out.zspy"
+    proc = subprocess.Popen([sys.executable, "-m", "diffgpu", "integrate", str(big), "-o", str(out),
+                             "--npt", "96", "--npt-azim", "720", "--no-progress"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("partial" in p for p in os.listdir(tmp_path)):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if "partial" in p] == []
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path), "--nav", "4", "6", "--sig", "48", "48",
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "main_job.png").stat().st_size > 10_000
+    assert "beam found" in capsys.readouterr().out
+
+
+def test_local_cluster_scheduler(scan_file, tmp_path):
+    out = tmp_path / "vi.zspy"
+    assert main(["virtual", str(scan_file), "-o", str(out), "--disc", "4", "--device", "cpu",
+                 "--scheduler", "local-cluster", "--no-progress"]) == 0
+    assert diffgpu.load(out, lazy=False).data.shape == (1, 4, 6)
