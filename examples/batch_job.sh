@@ -21,7 +21,6 @@ cluster = SLURMCluster(cores=8, processes=1, memory="64GB", walltime="02:00:00",
                        job_extra_directives=["--gres=gpu:1"],
                        worker_extra_args=["--resources", "GPU=1"])
 cluster.scale(jobs=4)
-cluster.scheduler_info  # start it
 open(sys.argv[1], "w").write(cluster.scheduler_address)
 print("dashboard:", cluster.dashboard_link, flush=True)
 while True:
