@@ -13,10 +13,13 @@ from . import data, device
 from .cluster import start_cluster
 from .device import DeviceUnavailableError, devices, gpu_available
 from .io import as_diffraction_patterns, load
+from .templates import TemplateLibrary
 from .signals import (
     DiffractionPatterns,
     DirectBeamShifts,
     LazyDirectBeamShifts,
+    LazyOrientationMatches,
+    OrientationMatches,
     LazyVirtualImages,
     VirtualImages,
     LazyDiffractionPatterns,
@@ -41,6 +44,9 @@ __all__ = [
     "LazyVirtualImages",
     "DirectBeamShifts",
     "LazyDirectBeamShifts",
+    "OrientationMatches",
+    "LazyOrientationMatches",
+    "TemplateLibrary",
     "to_device",
     "to_host",
     "DeviceUnavailableError",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthetic_4dstem", "beam_centers", "scattering_map"]
+__all__ = ["synthetic_4dstem", "beam_centers", "scattering_map", "orientation_patterns"]
 
 
 def beam_centers(nav_shape, center, drift=(4.0, 3.0), wobble=0.3):
@@ -271,4 +271,81 @@ def synthetic_4dstem(
     s.metadata.set_item("Synthetic", md)
     if not lazy:
         s.compute(show_progressbar=False)
+    return s
+
+
+def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.01,
+                         accelerating_voltage=200.0, reciprocal_radius=1.2,
+                         max_excitation_error=0.05, spot_sigma=1.5, counts=2.0e4,
+                         beam_counts=2.0e4, seed=0, noise=True):
+    """Spot patterns of a crystal at known orientations (diffsims kinematics, our drawing).
+
+    diffsims computes the spots (positions in 1/Å, kinematic intensities) of
+    ``phase`` at every rotation; each spot is drawn as a Gaussian of
+    ``spot_sigma`` pixels at column ``x / calibration + cx``, row
+    ``y / calibration + cy`` (diffsims' own orientation, the one
+    :meth:`PolarPatterns.get_orientation` expects), with the direct beam at the
+    detector middle. Intensities are scaled so the spots hold ``counts`` electrons in
+    total, plus ``beam_counts`` in the direct beam, with Poisson noise.
+
+    Parameters
+    ----------
+    phase : orix.crystal_map.Phase
+        With structure and space group (e.g. ``TemplateLibrary.silicon()``).
+    rotations : orix.quaternion.Rotation
+        One per pattern; the result's scan is one-dimensional (``rotations.size``).
+
+    Returns
+    -------
+    DiffractionPatterns
+        Calibrated in 1/Å, centred; ``metadata.Synthetic.rotations`` holds the true
+        rotations as quaternions ``(n, 4)``.
+
+    Examples
+    --------
+    >>> from orix.quaternion import Rotation
+    >>> import diffgpu
+    >>> s = diffgpu.data.orientation_patterns(diffgpu.TemplateLibrary.silicon(),
+    ...                                       Rotation.random(2), sig_shape=(64, 64))
+    >>> s.data.shape
+    (2, 64, 64)
+    """
+    from diffsims.generators.simulation_generator import SimulationGenerator
+
+    from .signals import DiffractionPatterns
+
+    ny, nx = sig_shape
+    cx, cy = (nx - 1) / 2, (ny - 1) / 2
+    gen = SimulationGenerator(accelerating_voltage=accelerating_voltage, minimum_intensity=1e-10)
+    sim = gen.calculate_diffraction2d(phase, rotation=rotations, reciprocal_radius=reciprocal_radius,
+                                      max_excitation_error=max_excitation_error,
+                                      with_direct_beam=False)
+    coords = sim.coordinates if rotations.size > 1 else [sim.coordinates]
+    rng = np.random.default_rng(seed)
+    out = np.zeros((rotations.size, ny, nx), dtype=np.float32)
+    y, x = np.indices(sig_shape, dtype=np.float64)
+    reach = int(np.ceil(4 * spot_sigma))
+    norm = 1.0 / (2 * np.pi * spot_sigma**2)
+    for i, vec in enumerate(coords):
+        xy = np.asarray(vec.data)[:, :2] / calibration
+        inten = np.asarray(vec.intensity, dtype=float)
+        inten = counts * inten / inten.sum() if inten.sum() > 0 else inten
+        spots = list(zip(xy[:, 0] + cx, xy[:, 1] + cy, inten)) + [(cx, cy, beam_counts)]
+        for px, py, amp in spots:
+            j0, j1 = max(int(px) - reach, 0), min(int(px) + reach + 2, nx)
+            i0, i1 = max(int(py) - reach, 0), min(int(py) + reach + 2, ny)
+            if j1 <= j0 or i1 <= i0:
+                continue
+            d2 = (x[i0:i1, j0:j1] - px) ** 2 + (y[i0:i1, j0:j1] - py) ** 2
+            out[i, i0:i1, j0:j1] += amp * norm * np.exp(-0.5 * d2 / spot_sigma**2)
+    if noise:
+        out = rng.poisson(out).astype(np.float32)
+    s = DiffractionPatterns(out)
+    s.metadata.General.title = f"Simulated {phase.name} patterns"
+    s.calibration.center = (cx, cy)
+    s.calibration.scale = calibration
+    s.calibration.units = "1/Å"
+    s.calibration.beam_energy = accelerating_voltage
+    s.metadata.set_item("Synthetic.rotations", rotations.data.reshape(-1, 4))
+    s.metadata.set_item("Synthetic.phase", phase.name)
     return s

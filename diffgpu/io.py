@@ -12,7 +12,7 @@ _SIGNAL_TYPES = {
     1: "radial_profiles",
 }
 _OURS = ("diffraction_patterns", "polar_patterns", "radial_profiles", "virtual_images",
-         "direct_beam_shifts")
+         "direct_beam_shifts", "orientation_matches")
 
 
 def as_diffraction_patterns(signal, copy=False):

@@ -21,6 +21,8 @@ OURS = {
     "LazyVirtualImages": ("virtual_images", 2, True),
     "DirectBeamShifts": ("direct_beam_shifts", 1, False),
     "LazyDirectBeamShifts": ("direct_beam_shifts", 1, True),
+    "OrientationMatches": ("orientation_matches", 2, False),
+    "LazyOrientationMatches": ("orientation_matches", 2, True),
 }
 # Names pyxem registers: ours must never be among them.
 PYXEM_NAMES = {"Diffraction2D", "LazyDiffraction2D", "PolarDiffraction2D", "LazyPolarDiffraction2D",

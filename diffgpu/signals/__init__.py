@@ -6,6 +6,7 @@ from .polar_patterns import LazyPolarPatterns, PolarPatterns
 from .radial_profiles import LazyRadialProfiles, RadialProfiles
 from .virtual_images import LazyVirtualImages, VirtualImages
 from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
+from .orientation_matches import LazyOrientationMatches, OrientationMatches
 
 __all__ = [
     "to_device",
@@ -20,4 +21,6 @@ __all__ = [
     "LazyVirtualImages",
     "DirectBeamShifts",
     "LazyDirectBeamShifts",
+    "OrientationMatches",
+    "LazyOrientationMatches",
 ]

@@ -1,0 +1,98 @@
+"""Orientation mapping by template matching of polar patterns (glue between signal and kernel)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .device import DeviceCache, array_module
+from .kernels.matching import match_patterns, prepare_templates
+from .mapping import map_frames
+from .templates import TemplateLibrary
+
+__all__ = ["get_orientation"]
+
+_PER_ANGSTROM = {"1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
+                 "1/nm": 0.1, "nm^-1": 0.1}
+FIELDS = ("template", "phase", "correlation", "in_plane_rotation", "mirror")
+
+
+def _templates_to_device(cp, host):
+    return tuple(cp.asarray(h) for h in host)
+
+
+def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
+                    template_sigma=None, max_frequency=None):
+    """Shared implementation of :meth:`PolarPatterns.get_orientation`."""
+    from .signals import LazyOrientationMatches, OrientationMatches
+
+    if not isinstance(library, TemplateLibrary):
+        if hasattr(library, "rotations") and hasattr(library, "coordinates"):
+            library = TemplateLibrary.from_simulation(library)  # a diffsims Simulation2D
+        else:
+            raise TypeError(f"library must be a TemplateLibrary or a diffsims Simulation2D; got "
+                            f"{type(library).__name__}")
+    n_t = len(library)
+    if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or n_best < 1:
+        raise ValueError(f"n_best must be a positive integer; got {n_best!r}")
+    if n_best > n_t:
+        raise ValueError(f"n_best={n_best} is larger than the library ({n_t} templates)")
+    if not 0 < frac_keep <= 1:
+        raise ValueError(f"frac_keep must be in (0, 1]; got {frac_keep}")
+    az, rad = polar.axes_manager.signal_axes
+    units = rad.units if isinstance(rad.units, str) else None
+    if units not in _PER_ANGSTROM:
+        raise ValueError(f"the radial axis must be in 1/Å or 1/nm to compare with templates; it is "
+                         f"{units!r}: calibrate the scale before integrating")
+    to_a = _PER_ANGSTROM[units]
+    radii = rad.axis * to_a
+    r_top = (rad.high_value + rad.scale / 2) * to_a
+    if r_top < library.reciprocal_radius * (1 - 1e-6):
+        raise ValueError(f"the polar data reach {r_top:.3g} 1/Å but the templates reach "
+                         f"{library.reciprocal_radius:.3g} 1/Å: integrate to a larger radial_range "
+                         "or simulate the library with a smaller reciprocal_radius")
+    span = az.scale * az.size * (1.0 if az.units == "deg" else 180 / math.pi)
+    if abs(span - 360) > 1e-6:
+        raise ValueError(f"template matching needs the full azimuthal circle; the data span {span:g}"
+                         " degrees")
+    n_azim = az.size
+    sigma = template_sigma if template_sigma is not None else 1.0 * rad.scale * to_a
+    K = int(max_frequency or min(n_azim // 2 + 1, 64))
+    key = (tuple(np.round(radii, 9)), n_azim, float(sigma), float(gamma), bool(normalize_templates), K)
+    cache = library._cache
+    if key not in cache:
+        rendered = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates)
+        cache.clear()  # one rendering per library at a time: they can be large
+        cache[key] = DeviceCache(prepare_templates(rendered, K), _templates_to_device)
+    templates = cache[key]
+    phase_index = DeviceCache(library.phase_index.astype(np.float32))
+    keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
+
+    def match(frames, tmpl, phases):
+        xp = array_module(frames)
+        res = match_patterns(frames, tmpl.get(xp), n_best=n_best, gamma=gamma, keep=keep)
+        ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
+        return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
+
+    data = map_frames(polar.data, match, (n_best, len(FIELDS)), np.float32,
+                      constants=(templates, phase_index))
+    axes = polar.axes_manager._get_navigation_axes_dicts() + [
+        {"name": "rank", "size": n_best, "navigate": False},
+        {"name": "field", "size": len(FIELDS), "navigate": False}]
+    metadata = {
+        "General": {"title": f"Orientations of {polar.metadata.General.title}".strip()},
+        "Signal": {"signal_type": "orientation_matches"},
+        "Matching": {"fields": list(FIELDS), "n_best": n_best, "frac_keep": frac_keep,
+                     "gamma": gamma, "template_sigma": float(sigma), "max_frequency": K,
+                     "normalize_templates": bool(normalize_templates)},
+        "Library": {"rotations": library.rotations.data.reshape(-1, 4).astype(np.float64),
+                    "phase_index": library.phase_index,
+                    "phase_names": [p.name for p in library.phases],
+                    "space_groups": [p.space_group.number if p.space_group else -1
+                                     for p in library.phases],
+                    "point_groups": [p.point_group.name for p in library.phases],
+                    "reciprocal_radius": library.reciprocal_radius},
+    }
+    cls = LazyOrientationMatches if polar._lazy else OrientationMatches
+    return cls(data, axes=axes, metadata=metadata)

@@ -1,0 +1,203 @@
+"""Template matching and orientation mapping: conventions, accuracy, multi-phase, errors, GPU."""
+
+import numpy as np
+import pytest
+
+import diffgpu
+from diffgpu.templates import TemplateLibrary
+
+orix = pytest.importorskip("orix")
+pytest.importorskip("diffsims")
+from orix.quaternion import Orientation, Rotation  # noqa: E402
+
+M = np.diag([1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def si():
+    return TemplateLibrary.silicon()
+
+
+@pytest.fixture(scope="module")
+def lib(si):
+    return TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
+
+
+def _polar(s):
+    return s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28), mean=True)
+
+
+def _in_plane(rot_matrices, gamma_deg):
+    g = -np.deg2rad(np.asarray(gamma_deg))
+    rz = np.zeros(g.shape + (3, 3))
+    rz[..., 0, 0], rz[..., 0, 1] = np.cos(g), -np.sin(g)
+    rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = np.sin(g), np.cos(g), 1
+    return Rotation.from_matrix(rot_matrices @ rz)
+
+
+def test_convention_round_trip_direct_and_mirrored(si, lib):
+    rng = np.random.default_rng(3)
+    n = 24
+    idx = rng.integers(0, len(lib), n)
+    gamma = rng.uniform(-180, 180, n)
+    mirror = np.arange(n) % 2 == 1
+    mats = lib.rotations.to_matrix()[idx]
+    mats = np.where(mirror[:, None, None], M @ mats @ M, mats)
+    true = _in_plane(mats, gamma)  # template R turned in-plane by gamma: R * Rz(-gamma)
+    s = diffgpu.data.orientation_patterns(si, true, sig_shape=(128, 128), calibration=0.02,
+                                          noise=False)
+    matches = _polar(s).get_orientation(lib, n_best=1)
+    found = matches.to_orientations()
+    ang = Orientation(true, symmetry=si.point_group).angle_with(found, degrees=True)
+    assert np.mean(ang < 2.0) >= 0.9, np.round(ang, 1)
+
+
+def test_random_orientations_are_indexed(si, lib):
+    np.random.seed(1)
+    true = Rotation.random(48)
+    s = diffgpu.data.orientation_patterns(si, true, sig_shape=(128, 128), calibration=0.02)
+    found = _polar(s).get_orientation(lib).to_orientations()
+    ang = Orientation(true, symmetry=si.point_group).angle_with(found, degrees=True)
+    # 2-degree library: the nearest template is up to ~1.5 degrees away
+    assert np.mean(ang < 3.0) >= 0.8, np.round(ang, 1)
+
+
+def test_n_best_ordering_and_fields(si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(3), sig_shape=(128, 128),
+                                          calibration=0.02)
+    m = _polar(s).get_orientation(lib, n_best=5)
+    assert isinstance(m, diffgpu.OrientationMatches) and m.data.shape == (3, 5, 5)
+    corr = m.data[..., 2]
+    assert np.all(np.diff(corr, axis=1) <= 1e-6)  # best first
+    assert np.all(corr <= 1.0 + 1e-5) and np.all(corr > 0)
+    assert set(np.unique(m.data[..., 4])) <= {-1.0, 1.0}
+    assert np.all((m.data[..., 3] >= -180) & (m.data[..., 3] <= 180))
+    assert m.metadata.Matching.fields[2] == "correlation"
+
+
+def test_lazy_equals_eager(si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
+                                          calibration=0.02)
+    eager = _polar(s).get_orientation(lib, n_best=2)
+    lazy_s = s.as_lazy()
+    lazy_s.rechunk(nav_chunks=(2,))
+    lazy = _polar(lazy_s).get_orientation(lib, n_best=2)
+    assert isinstance(lazy, diffgpu.LazyOrientationMatches)
+    lazy.compute()
+    np.testing.assert_allclose(lazy.data, eager.data, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_phase_library(si):
+    from diffpy.structure import Atom, Lattice, Structure
+    from orix.crystal_map import Phase
+
+    big = Phase("Big", space_group=225, structure=Structure(
+        atoms=[Atom("Cu", [0, 0, 0]), Atom("Cu", [0.5, 0.5, 0]), Atom("Cu", [0.5, 0, 0.5]),
+               Atom("Cu", [0, 0.5, 0.5])], lattice=Lattice(3.61, 3.61, 3.61, 90, 90, 90)))
+    lib2 = TemplateLibrary.from_phase([si, big], resolution=3.0, reciprocal_radius=1.2)
+    assert len(lib2.phases) == 2 and set(np.unique(lib2.phase_index)) == {0, 1}
+    np.random.seed(2)
+    s_si = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
+                                             calibration=0.02)
+    s_cu = diffgpu.data.orientation_patterns(big, Rotation.random(6), sig_shape=(128, 128),
+                                             calibration=0.02)
+    found_si = _polar(s_si).get_orientation(lib2).data[:, 0, 1]
+    found_cu = _polar(s_cu).get_orientation(lib2).data[:, 0, 1]
+    assert np.mean(found_si == 0) >= 5 / 6 and np.mean(found_cu == 1) >= 5 / 6
+    xmap = _polar(s_cu).get_orientation(lib2).to_crystal_map()
+    assert xmap.size == 6 and "Big" in xmap.phases.names
+
+
+def test_crystal_map_and_save_load(si, lib, tmp_path):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 3), sig_shape=(128, 128), lazy=False)
+    s.calibration.scale = 0.02
+    s.calibration.units = "1/Å"
+    pats = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
+                                             calibration=0.02)
+    s.data = pats.data.reshape(2, 3, 128, 128)
+    s.calibration.center = pats.calibration.center
+    m = _polar(s).get_orientation(lib, n_best=2)
+    xmap = m.to_crystal_map()
+    assert xmap.shape == (2, 3) and xmap.phases.names[-1] == "Si"
+    assert np.allclose(xmap.prop["correlation"][:, 0], m.data[..., 0, 2].ravel())
+    m.save(tmp_path / "m.zspy")
+    back = diffgpu.load(tmp_path / "m.zspy", lazy=False)
+    assert isinstance(back, diffgpu.OrientationMatches)
+    a = m.to_orientations()
+    b = back.to_orientations()
+    assert np.all(a.angle_with(b, degrees=True) < 1e-3)
+
+
+def test_plots(si, lib):
+    import matplotlib.pyplot as plt
+
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(4), sig_shape=(128, 128),
+                                          calibration=0.02)
+    s.data = s.data.reshape(2, 2, 128, 128)
+    s = diffgpu.DiffractionPatterns(s.data, metadata=s.metadata.as_dictionary())
+    s.calibration.center = (63.5, 63.5)
+    s.calibration.scale = 0.02
+    s.calibration.units = "1/Å"
+    polar = _polar(s)
+    m = polar.get_orientation(lib)
+    m.plot_ipf_map()
+    m.plot_match(polar, lib, index=(1, 0))
+    plt.close("all")
+
+
+def test_bad_input(si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(2), sig_shape=(128, 128),
+                                          calibration=0.02)
+    polar = _polar(s)
+    with pytest.raises(ValueError, match="larger than the library"):
+        polar.get_orientation(lib, n_best=len(lib) + 1)
+    with pytest.raises(ValueError, match="n_best must be a positive integer"):
+        polar.get_orientation(lib, n_best=0)
+    with pytest.raises(ValueError, match="templates reach 1.2"):
+        s.get_azimuthal_integral2d(npt=32, npt_azim=360, radial_range=(0, 0.8)).get_orientation(lib)
+    with pytest.raises(ValueError, match="full azimuthal circle"):
+        s.get_azimuthal_integral2d(npt=64, npt_azim=90, radial_range=(0, 1.28),
+                                   azimuth_range=(0, 90)).get_orientation(lib)
+    px = diffgpu.DiffractionPatterns(s.data)
+    px.calibration.center = None
+    with pytest.raises(ValueError, match="1/Å or 1/nm"):
+        px.get_azimuthal_integral2d(npt=16, npt_azim=360).get_orientation(lib)
+    with pytest.raises(TypeError, match="TemplateLibrary"):
+        polar.get_orientation("library")
+    with pytest.raises(ValueError, match="empty"):
+        TemplateLibrary([], Rotation.identity(0), [], [si], 1.0)
+    from orix.crystal_map import Phase
+
+    with pytest.raises(ValueError, match="no structure"):
+        TemplateLibrary.from_phase(Phase("bare", space_group=225), resolution=5)
+
+
+def test_prefilter_keeps_a_fraction(si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(4), sig_shape=(128, 128),
+                                          calibration=0.02)
+    polar = _polar(s)
+    full = polar.get_orientation(lib, n_best=1)
+    half = polar.get_orientation(lib, n_best=1, frac_keep=0.5)
+    assert half.data.shape == full.data.shape
+    assert np.all(half.data[:, 0, 2] <= full.data[:, 0, 2] + 1e-5)  # never better than all
+    with pytest.raises(ValueError, match="frac_keep"):
+        polar.get_orientation(lib, frac_keep=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gpu_matching_matches_cpu(cupy, si, lib, lazy):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(8), sig_shape=(128, 128),
+                                          calibration=0.02)
+    if lazy:
+        s = s.as_lazy()
+    cpu = _polar(s).get_orientation(lib, n_best=3)
+    s.to_device()
+    gpu = _polar(s).get_orientation(lib, n_best=3)
+    assert gpu.device == "gpu"
+    if lazy:
+        cpu.compute()
+        gpu.compute()
+    gpu.to_host()
+    np.testing.assert_array_equal(gpu.data[..., 0, 0], cpu.data[..., 0, 0])  # same templates
+    np.testing.assert_allclose(gpu.data[..., 2], cpu.data[..., 2], rtol=1e-4)  # correlations
