@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthetic_4dstem", "beam_centers", "scattering_map", "orientation_patterns"]
+__all__ = ["synthetic_4dstem", "beam_centers", "scattering_map", "orientation_patterns",
+           "grain_map"]
 
 
 def beam_centers(nav_shape, center, drift=(4.0, 3.0), wobble=0.3):
@@ -349,3 +350,51 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     s.metadata.set_item("Synthetic.rotations", rotations.data.reshape(-1, 4))
     s.metadata.set_item("Synthetic.phase", phase.name)
     return s
+
+
+def grain_map(phase=None, nav_shape=(16, 16), n_grains=5, sig_shape=(128, 128), calibration=0.02,
+              seed=0, **kwargs):
+    """A 2D scan over a polycrystal: Voronoi grains of random orientations, spot patterns.
+
+    Every scan position shows the pattern of its grain's orientation (from
+    :func:`orientation_patterns`, with its own Poisson noise).
+
+    Returns
+    -------
+    DiffractionPatterns
+        Scan ``nav_shape``; ``metadata.Synthetic.rotations`` holds the true rotation of
+        every scan position ``(rows * columns, 4)`` and ``metadata.Synthetic.grains`` the
+        grain index map.
+
+    Examples
+    --------
+    >>> import diffgpu
+    >>> s = diffgpu.data.grain_map(nav_shape=(4, 4), n_grains=2, sig_shape=(64, 64))
+    >>> s.data.shape, s.metadata.Synthetic.grains.shape
+    ((4, 4, 64, 64), (4, 4))
+    """
+    from orix.quaternion import Rotation
+
+    from .templates import TemplateLibrary
+
+    phase = phase or TemplateLibrary.silicon()
+    rng = np.random.default_rng(seed)
+    rows, cols = nav_shape
+    seeds = rng.uniform(0, 1, (n_grains, 2)) * [rows, cols]
+    r, c = np.indices(nav_shape)
+    grains = np.argmin((r[..., None] - seeds[:, 0]) ** 2 + (c[..., None] - seeds[:, 1]) ** 2, axis=-1)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    orientations = Rotation.random(n_grains)
+    np.random.set_state(state)
+    per_position = Rotation(orientations.data[grains.ravel()])
+    s = orientation_patterns(phase, per_position, sig_shape=sig_shape, calibration=calibration,
+                             seed=seed, **kwargs)
+    s.data = s.data.reshape(nav_shape + tuple(sig_shape))
+    out = type(s)(s.data, metadata=s.metadata.as_dictionary())
+    out.calibration.center = s.calibration.center
+    out.calibration.scale = calibration
+    out.calibration.units = "1/Å"
+    out.metadata.set_item("Synthetic.grains", grains)
+    out.metadata.General.title = f"Simulated {phase.name} grain map"
+    return out

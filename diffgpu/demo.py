@@ -7,9 +7,12 @@ detector), moves it to the GPU if there is one, and then, lazily:
 1. finds the direct beam in every pattern and centres it (plane fit of the descan);
 2. integrates every centred pattern azimuthally (a polar transform and a radial profile);
 3. makes bright-field and annular dark-field images in one pass;
+4. maps the orientations of a simulated silicon polycrystal (spot patterns of Voronoi
+   grains) by template matching against a diffsims/orix library;
 
-and writes ``main_job.png`` with the mean pattern, a polar transform, the mean radial
-profile and the two virtual images. The same lines run on CPU and GPU.
+and writes ``main_job.png`` (mean pattern, a polar transform, the mean radial profile,
+the two virtual images) and ``orientation_map.png`` (true grains, IPF map, best template
+over a pattern). The same lines run on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -111,4 +114,36 @@ def main_job(output="demo-output", nav_shape=(32, 32), sig_shape=(128, 128), dev
     fig.savefig(path, dpi=70)
     plt.close(fig)
     say("wrote", path)
+
+    # 4. orientation mapping of a simulated Si polycrystal
+    from orix.quaternion import Orientation, Rotation
+
+    si = diffgpu.TemplateLibrary.silicon()
+    grains = diffgpu.data.grain_map(si, nav_shape=(12, 12), n_grains=5)  # 0.02 1/Å per pixel
+    library = diffgpu.TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
+    if s.device == "gpu":
+        grains.to_device()
+    t0 = time.perf_counter()
+    polar = grains.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28),
+                                            mean=True)
+    matches = polar.get_orientation(library, n_best=1)
+    matches.to_host()
+    polar.to_host()
+    truth = Orientation(Rotation(grains.metadata.Synthetic.rotations), symmetry=si.point_group)
+    found = matches.to_orientations()
+    err = truth.angle_with(Orientation(found.data.reshape(-1, 4), symmetry=si.point_group),
+                           degrees=True)
+    say(f"orientation map: {grains.axes_manager.navigation_size} patterns against "
+        f"{len(library)} templates in {time.perf_counter() - t0:.2f} s; "
+        f"{100 * np.mean(err < 3):.0f}% within 3 degrees of the truth (2-degree library)")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    axes[0].imshow(grains.metadata.Synthetic.grains, cmap="tab10")
+    axes[0].set_title("true grains")
+    matches.plot_ipf_map(ax=axes[1])
+    matches.plot_match(polar, library, index=(0, 0), ax=axes[2])
+    fig.tight_layout()
+    omap = os.path.join(output, "orientation_map.png")
+    fig.savefig(omap, dpi=70)
+    plt.close(fig)
+    say("wrote", omap)
     return path

@@ -62,9 +62,14 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     key = (tuple(np.round(radii, 9)), n_azim, float(sigma), float(gamma), bool(normalize_templates), K)
     cache = library._cache
     if key not in cache:
-        rendered = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates)
         cache.clear()  # one rendering per library at a time: they can be large
-        cache[key] = DeviceCache(prepare_templates(rendered, K), _templates_to_device)
+        real = np.empty((K, radii.size, n_t), np.float32)
+        imag = np.empty((K, radii.size, n_t), np.float32)
+        for t0 in range(0, n_t, 2048):  # render in slices: the full polar stack can be GBs
+            part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
+                                        templates=slice(t0, t0 + 2048))
+            real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
+        cache[key] = DeviceCache((real, imag), _templates_to_device)
     templates = cache[key]
     phase_index = DeviceCache(library.phase_index.astype(np.float32))
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))

@@ -187,8 +187,10 @@ class TemplateLibrary:
             h.update(np.ascontiguousarray(s).tobytes())
         return h.hexdigest()
 
-    def render_polar(self, radii, n_azim, spot_sigma, gamma=0.5, normalize=True):
+    def render_polar(self, radii, n_azim, spot_sigma, gamma=0.5, normalize=True, templates=None):
         """Templates drawn on a polar grid: ``(n_templates, n_radii, n_azim)`` float32.
+
+        ``templates`` (a slice or index array) draws only some of them.
 
         Each spot is a Gaussian of ``spot_sigma`` (1/Å, in the detector plane) at its
         (radius, azimuth), scaled by ``intensity ** gamma``; with ``normalize`` every
@@ -198,9 +200,10 @@ class TemplateLibrary:
         dr = radii[1] - radii[0] if radii.size > 1 else 1.0
         theta = (np.arange(n_azim) + 0.5) * 360.0 / n_azim - 180.0
         dth = 360.0 / n_azim
-        out = np.zeros((len(self), radii.size, n_azim), dtype=np.float32)
+        chosen = np.arange(len(self))[templates] if templates is not None else np.arange(len(self))
+        out = np.zeros((chosen.size, radii.size, n_azim), dtype=np.float32)
         reach = 3.0 * spot_sigma
-        for i, (r, t, inten) in enumerate(self.spots):
+        for i, (r, t, inten) in enumerate(self.spots[j] for j in chosen):
             if r.size == 0:
                 continue
             w = np.power(np.maximum(inten, 0), gamma)

@@ -26,3 +26,10 @@ def test_beam_and_virtual_images_example(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     rms = float(out.split("against the truth: ")[1].split(" px")[0])
     assert rms < 0.1
+
+
+def test_orientation_mapping_example(tmp_path, monkeypatch, capsys):
+    run_example("orientation_mapping.py", "--output", str(tmp_path), "--nav", "4", "5",
+                "--resolution", "3", monkeypatch=monkeypatch)
+    assert (tmp_path / "orientation_map.png").stat().st_size > 10_000
+    assert "within 2 degrees of the truth" in capsys.readouterr().out

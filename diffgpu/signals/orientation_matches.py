@@ -120,9 +120,12 @@ class OrientationMatches(DeviceMixin, Signal2D):
         from orix.plot import IPFColorKeyTSL
         from orix.vector import Vector3d
 
+        from orix.quaternion import Orientation
+
         ori = self.to_orientations()
         vec = {"x": Vector3d.xvector(), "y": Vector3d.yvector(), "z": Vector3d.zvector()}[direction]
-        rgb = IPFColorKeyTSL(ori.symmetry.laue, direction=vec).orientation2color(ori.flatten())
+        flat = Orientation(ori.data.reshape(-1, 4), symmetry=ori.symmetry)  # row-major, unlike flatten()
+        rgb = IPFColorKeyTSL(ori.symmetry.laue, direction=vec).orientation2color(flat)
         nav = self.axes_manager.navigation_shape[::-1]
         if ax is None:
             _, ax = plt.subplots()
@@ -143,7 +146,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         az, rad = polar.axes_manager.signal_axes
         if ax is None:
             _, ax = plt.subplots()
-        ax.imshow(data, aspect="auto", origin="lower",
+        ax.imshow(data, aspect="auto", origin="lower", vmax=np.nanpercentile(data, 99.5),
                   extent=[az.low_value - az.scale / 2, az.high_value + az.scale / 2,
                           rad.low_value - rad.scale / 2, rad.high_value + rad.scale / 2])
         r, theta, _ = library.spots[int(m[0])]
