@@ -1,8 +1,10 @@
 """Shared helpers for the benchmark scripts: honest timing and a printed table."""
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -63,3 +65,33 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def run_tool(script, name, argv):
+    """Run ``script --tool name *argv`` in a fresh process; return the dict it printed as JSON.
+
+    Each tool gets its own interpreter so that no tool's threads or caches affect another.
+    """
+    cmd = [sys.executable, str(script), "--tool", name] + [str(a) for a in argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(lines[-1])
+
+
+def tool_process(func, gib=3):
+    """The body of a ``--tool`` process: warm the memory, fill a dict, print it as JSON."""
+    warm_memory(gib)
+    out = {}
+    try:
+        func(out)
+    except ImportError as err:
+        out = {"error": f"not installed ({err.name})"}
+    print(json.dumps(out))
+
+
+def ratio(a, b):
+    """``a / b`` as "12.3x" when both are numbers, else "n/a"."""
+    return f"{a / b:.1f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"

@@ -13,16 +13,14 @@ GPU rows run when CuPy finds a CUDA device.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, median_time, print_table, warm_memory  # noqa: E402  (sets OMP_WAIT_POLICY)
+from _common import machine, median_time, print_table, ratio, run_tool, tool_process  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -237,15 +235,6 @@ TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyfai": tool
          "pyxem": tool_pyxem}
 
 
-def run_tool(name, data_path, repeat):
-    cmd = [sys.executable, __file__, "--tool", name, "--data", data_path, "--repeat", str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"error": err}
-    return json.loads(lines[-1])
 
 
 def main():
@@ -256,14 +245,7 @@ def main():
     ap.add_argument("--data")
     args = ap.parse_args()
     if args.tool:
-        warm_memory()
-        out = {}
-        try:
-            TOOLS[args.tool](args.data, args.repeat, out)
-        except ImportError as err:
-            out = {"error": f"not installed ({err.name})"}
-        print(json.dumps(out))
-        return
+        return tool_process(lambda out: TOOLS[args.tool](args.data, args.repeat, out))
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,11 +256,9 @@ def main():
         print(f"data: {args.nav}x{args.nav} scan of 256x256 float32 frames ({n} frames), "
               f"made in {time.perf_counter() - t0:.1f} s; 2D {NPT}x{NPT_AZIM}, 1D {NPT}; "
               f"centre {CENTER}; medians of {args.repeat} runs")
-        res = {name: run_tool(name, data_path, args.repeat) for name in TOOLS}
+        res = {name: run_tool(__file__, name, ["--data", data_path, "--repeat", args.repeat])
+               for name in TOOLS}
         ours, fai, pyx = res["diffgpu"], res["pyfai"], res["pyxem"]
-
-        def ratio(a, b):
-            return f"{a / b:.1f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"
 
         rows = []
         for key, fkey, xkey in (("2d eager", "2d", "2d incl. setup"), ("1d eager", "1d", "1d incl. setup")):

@@ -16,16 +16,14 @@ degree) for diffgpu. GPU rows when CuPy finds a device.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, print_table, warm_memory  # noqa: E402
+from _common import machine, print_table, ratio, run_tool, tool_process  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -195,14 +193,6 @@ TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": lambda p, o, large=False: tool_
          "pyxem": tool_pyxem}
 
 
-def run_tool(name, path, large):
-    cmd = [sys.executable, __file__, "--tool", name, "--data", path] + (["--large"] if large else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
 
 
 def main():
@@ -214,17 +204,9 @@ def main():
     ap.add_argument("--data")
     args = ap.parse_args()
     if args.tool:
-        warm_memory(2)
-        out = {}
-        try:
-            if args.tool == "pyxem":
-                TOOLS[args.tool](args.data, out)
-            else:
-                TOOLS[args.tool](args.data, out, large=args.large)
-        except ImportError as err:
-            out = {"error": f"not installed ({err.name})"}
-        print(json.dumps(out))
-        return
+        if args.tool == "pyxem":
+            return tool_process(lambda out: tool_pyxem(args.data, out), gib=2)
+        return tool_process(lambda out: TOOLS[args.tool](args.data, out, large=args.large), gib=2)
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "si")
@@ -232,14 +214,14 @@ def main():
         make_data(path, args.random, args.zone)
         print(f"data: {args.random} random + {args.zone} near-zone-axis Si patterns, 256x256 at "
               f"0.01 1/Å/px, made in {time.perf_counter() - t0:.0f} s")
-        res = {name: run_tool(name, path, args.large) for name in TOOLS}
+        res = {name: run_tool(__file__, name, ["--data", path] + (["--large"] if args.large else []))
+               for name in TOOLS}
     ours, pyx = res["diffgpu"], res["pyxem"]
     rows = []
     for key in ("random within 2 deg", "zone within 2 deg", "random median error (deg)",
                 "zone median error (deg)", "random patterns/s", "zone patterns/s"):
         a, b = ours.get(key, ours.get("error")), pyx.get(key, pyx.get("error"))
-        ratio = f"{a / b:.1f}x" if key.endswith("/s") and isinstance(a, float) and isinstance(b, float) else ""
-        rows.append([key, a, b, ratio])
+        rows.append([key, a, b, ratio(a, b) if key.endswith("/s") else ""])
     print_table("Orientation mapping, Si, 1,081 templates (CPU)",
                 ["", "diffgpu", f"pyxem {pyx.get('version', '')}", "ratio"], rows)
     print_table("diffgpu, more", ["what", "value"],

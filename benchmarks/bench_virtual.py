@@ -12,15 +12,13 @@ GPU rows run when CuPy finds a CUDA device.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, median_time, print_table, warm_memory  # noqa: E402
+from _common import machine, median_time, print_table, ratio, run_tool, tool_process  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -122,14 +120,6 @@ def tool_pyxem(data_path, repeat, out):
 TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyxem": tool_pyxem}
 
 
-def run_tool(name, data_path, repeat):
-    cmd = [sys.executable, __file__, "--tool", name, "--data", data_path, "--repeat", str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
 
 
 def main():
@@ -140,25 +130,16 @@ def main():
     ap.add_argument("--data")
     args = ap.parse_args()
     if args.tool:
-        warm_memory()
-        out = {}
-        try:
-            TOOLS[args.tool](args.data, args.repeat, out)
-        except ImportError as err:
-            out = {"error": f"not installed ({err.name})"}
-        print(json.dumps(out))
-        return
+        return tool_process(lambda out: TOOLS[args.tool](args.data, args.repeat, out))
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "frames.npy")
         make_data(args.nav, data_path)
         print(f"data: {args.nav}x{args.nav} scan of 256x256 float32 frames; medians of "
               f"{args.repeat} runs (pyxem: {max(1, args.repeat // 2)})")
-        res = {name: run_tool(name, data_path, args.repeat) for name in TOOLS}
+        res = {name: run_tool(__file__, name, ["--data", data_path, "--repeat", args.repeat])
+               for name in TOOLS}
     ours, pyx = res["diffgpu"], res["pyxem"]
-
-    def ratio(a, b):
-        return f"{a / b:.1f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"
 
     rows = []
     for key, label in (("virtual 3 detectors", "virtual imaging, 3 detectors"),

@@ -8,7 +8,7 @@ from .detectors import disc_weights
 from .device import DeviceCache, array_module, to_host_array
 from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
-from .mapping import map_frames
+from .mapping import map_frames, with_new_data
 
 __all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
 
@@ -225,12 +225,7 @@ def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
     else:
         frames = data.reshape((-1,) + data.shape[-2:])
         result = shift_frames(frames, to_host_array(shifts).reshape(-1, 2)).reshape(data.shape)
-    out = signal._deepcopy_with_new_data(result)
-    out.metadata.General.title = f"Shifted {signal.metadata.General.title}".strip()
-    if inplace:
-        signal.data = out.data
-        return None
-    return out
+    return with_new_data(signal, result, "Shifted", inplace)
 
 
 def center_direct_beam(signal, shifts=None, method="center_of_mass", inplace=False, **kwargs):

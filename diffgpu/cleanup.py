@@ -6,7 +6,7 @@ import numpy as np
 
 from .calibration import check_mask
 from .device import DeviceCache, array_module, to_host_array
-from .mapping import map_frames
+from .mapping import map_frames, with_new_data
 
 __all__ = ["find_bad_pixels", "correct_bad_pixels", "flat_field"]
 
@@ -71,12 +71,7 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
         return xp.where(b, fill, f)
 
     result = map_frames(signal.data, fix, shape, dtype, constants=(valid, bad))
-    out = signal._deepcopy_with_new_data(result)
-    out.metadata.General.title = f"Bad pixels corrected {signal.metadata.General.title}".strip()
-    if inplace:
-        signal.data = out.data
-        return None
-    return out
+    return with_new_data(signal, result, "Bad pixels corrected", inplace)
 
 
 def flat_field(signal, gain=None, dark=None, inplace=False):
@@ -107,9 +102,4 @@ def flat_field(signal, gain=None, dark=None, inplace=False):
         return f
 
     result = map_frames(signal.data, correct, shape, np.float32, constants=(g, d))
-    out = signal._deepcopy_with_new_data(result)
-    out.metadata.General.title = f"Flat-field corrected {signal.metadata.General.title}".strip()
-    if inplace:
-        signal.data = out.data
-        return None
-    return out
+    return with_new_data(signal, result, "Flat-field corrected", inplace)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .device import array_module
 
-__all__ = ["map_frames"]
+__all__ = ["map_frames", "with_new_data"]
 
 
 def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
@@ -78,3 +78,16 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
         kwargs["new_axis"] = list(range(nav + 2, nav + k))
     consts = [dask.delayed(c, pure=True) for c in constants]
     return da.map_blocks(apply, data, *consts, dtype=dtype, meta=meta, chunks=chunks, **kwargs)
+
+
+def with_new_data(signal, data, title, inplace=False):
+    """``signal`` with ``data`` (same axes and metadata) and a title saying what was done.
+
+    Returns a new signal, or replaces the data in place and returns None.
+    """
+    if inplace:
+        signal.data = data
+        return None
+    out = signal._deepcopy_with_new_data(data)
+    out.metadata.General.title = f"{title} {signal.metadata.General.title}".strip()
+    return out
