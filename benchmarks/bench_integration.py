@@ -235,8 +235,6 @@ TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyfai": tool
          "pyxem": tool_pyxem}
 
 
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nav", type=int, default=32)

@@ -193,8 +193,6 @@ TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": lambda p, o, large=False: tool_
          "pyxem": tool_pyxem}
 
 
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--random", type=int, default=256)

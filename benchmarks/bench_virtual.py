@@ -120,8 +120,6 @@ def tool_pyxem(data_path, repeat, out):
 TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyxem": tool_pyxem}
 
 
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nav", type=int, default=32)
