@@ -97,7 +97,7 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     gamma : float
         Patterns are scaled as ``intensity ** gamma`` (templates were, when rendered).
     n_corr : int, optional
-        Points of the inverse FFT over angle (default ``2 K``).
+        Points of the inverse FFT over angle (default ``2 (K - 1)``).
     keep : int, optional
         Prefilter: correlate fully only the ``keep`` templates whose radial profiles
         (the k = 0 term) match best.
@@ -115,7 +115,7 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     n, R_p, n_azim = patterns.shape
     if R_p != R:
         raise ValueError(f"patterns have {R_p} radial bins but the templates {R}")
-    n_corr = n_corr or 2 * K
+    n_corr = n_corr or 2 * (K - 1)  # K = n_corr // 2 + 1: the spectrum needs no padding
     block = 128 if keep is None else 32
     if n > block:  # bound the (K, n, t) intermediates: blocks of patterns
         parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep,
