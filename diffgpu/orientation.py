@@ -80,8 +80,22 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
 
+    def match_eager(frames, tmpl, phases):
+        """In memory on the host: blocks of patterns on all cores (NumPy's reductions and
+        the parabola fit are single-threaded; BLAS and the FFT alone leave cores idle)."""
+        if array_module(frames) is not np or frames.shape[0] <= 64:
+            return match(frames, tmpl, phases)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .kernels.integration import default_threads
+
+        starts = range(0, frames.shape[0], 64)
+        with ThreadPoolExecutor(default_threads()) as pool:
+            parts = list(pool.map(lambda i: match(frames[i:i + 64], tmpl, phases), starts))
+        return np.concatenate(parts)
+
     data = map_frames(polar.data, match, (n_best, len(FIELDS)), np.float32,
-                      constants=(templates, phase_index))
+                      constants=(templates, phase_index), eager_func=match_eager)
     axes = polar.axes_manager._get_navigation_axes_dicts() + [
         {"name": "rank", "size": n_best, "navigate": False},
         {"name": "field", "size": len(FIELDS), "navigate": False}]
