@@ -6,6 +6,7 @@
     diffgpu demo [-o DIR]
     diffgpu integrate INPUT -o OUTPUT.zspy [--npt 100] [--npt-azim 360 | --1d] [--center X Y] ...
     diffgpu virtual INPUT -o OUTPUT.zspy --disc R [--annulus R_IN R_OUT] ...
+    diffgpu orientation INPUT -o OUTPUT.zspy --phase Si|FILE.cif [--resolution 1] [--ipf MAP.png]
 
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
@@ -74,6 +75,17 @@ def build_parser():
                       help="a disc detector of radius R around the centre (calibrated units)")
     virt.add_argument("--annulus", type=float, nargs=2, action="append", default=[],
                       metavar=("R_IN", "R_OUT"), help="an annular detector around the centre")
+    ori = sub.add_parser("orientation", help="orientation mapping by template matching")
+    _common(ori)
+    ori.add_argument("--phase", required=True, action="append",
+                     help="'Si' (built in) or a CIF file; repeat for several phases")
+    ori.add_argument("--resolution", type=float, default=1.0, help="library spacing, degrees")
+    ori.add_argument("--reciprocal-radius", type=float, default=1.2,
+                     help="largest spot radius simulated, 1/Å (the data must reach it)")
+    ori.add_argument("--voltage", type=float, default=200.0, help="accelerating voltage, kV")
+    ori.add_argument("--npt", type=int, default=64, help="radial bins of the polar patterns")
+    ori.add_argument("--n-best", type=int, default=1)
+    ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG")
     return parser
 
 
@@ -195,6 +207,53 @@ def cmd_virtual(args):
     return _run(args, result, f"{len(rois)} virtual images of {s.axes_manager.navigation_size} patterns")
 
 
+def _phase(spec):
+    from .templates import TemplateLibrary
+
+    if spec.lower() in ("si", "silicon"):
+        return TemplateLibrary.silicon()
+    if not os.path.exists(spec):
+        raise InputError(f"phase '{spec}': no such CIF file (or use the built-in 'Si')")
+    from orix.crystal_map import Phase
+
+    try:
+        return Phase.from_cif(spec)
+    except Exception as err:
+        raise InputError(f"phase '{spec}': could not read the CIF file: {err}") from err
+
+
+def cmd_orientation(args):
+    from .templates import TemplateLibrary
+
+    s = _load(args)
+    phases = [_phase(p) for p in args.phase]
+    library = TemplateLibrary.from_phase(phases if len(phases) > 1 else phases[0],
+                                         resolution=args.resolution,
+                                         accelerating_voltage=args.voltage,
+                                         reciprocal_radius=args.reciprocal_radius)
+    units = s.calibration.units
+    per_unit = {"1/nm": 10.0}.get(units, 1.0)  # radial range in the signal's own units
+    polar = s.get_azimuthal_integral2d(npt=args.npt, npt_azim=360, mean=True,
+                                       radial_range=(0, args.reciprocal_radius * per_unit * 1.05))
+    matches = polar.get_orientation(library, n_best=args.n_best)
+    code = _run(args, matches, f"{s.axes_manager.navigation_size} patterns matched against "
+                               f"{len(library)} templates")
+    if args.ipf:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from . import load
+
+        done = load(args.output, lazy=False)
+        ax = done.plot_ipf_map()
+        ax.figure.savefig(args.ipf, dpi=100)
+        plt.close(ax.figure)
+        print(f"IPF map -> {args.ipf}")
+    return code
+
+
 def _run(args, result, what):
     client = _scheduler(args)
     try:
@@ -211,7 +270,7 @@ def _run(args, result, what):
 
 
 COMMANDS = {"info": cmd_info, "demo": cmd_demo, "integrate": cmd_integrate,
-            "virtual": cmd_virtual}
+            "virtual": cmd_virtual, "orientation": cmd_orientation}
 
 
 def _terminate(signum, frame):  # turn SIGTERM into an exception so clean-up runs

@@ -120,3 +120,24 @@ def test_local_cluster_scheduler(scan_file, tmp_path):
     assert main(["virtual", str(scan_file), "-o", str(out), "--disc", "4", "--device", "cpu",
                  "--scheduler", "local-cluster", "--no-progress"]) == 0
     assert diffgpu.load(out, lazy=False).data.shape == (1, 4, 6)
+
+
+def test_orientation(tmp_path):
+    from orix.quaternion import Rotation
+
+    s = diffgpu.data.orientation_patterns(diffgpu.TemplateLibrary.silicon(), Rotation.random(4),
+                                          sig_shape=(128, 128), calibration=0.02)
+    s.data = s.data.reshape(2, 2, 128, 128)
+    s = diffgpu.DiffractionPatterns(s.data, metadata=s.metadata.as_dictionary())
+    s.calibration.center = (63.5, 63.5)
+    s.calibration.scale = 0.02
+    s.calibration.units = "1/Å"
+    s.save(tmp_path / "si.zspy", show_progressbar=False)
+    out, png = tmp_path / "ori.zspy", tmp_path / "ipf.png"
+    assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(out), "--phase", "Si",
+                 "--resolution", "4", "--n-best", "2", "--ipf", str(png), "--no-progress"]) == 0
+    m = diffgpu.load(out, lazy=False)
+    assert isinstance(m, diffgpu.OrientationMatches) and m.data.shape == (2, 2, 2, 5)
+    assert png.stat().st_size > 1000
+    assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "x.zspy"),
+                 "--phase", str(tmp_path / "missing.cif")]) == 3
