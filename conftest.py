@@ -45,6 +45,7 @@ def _standin_cupy():
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
                                       getDevice=lambda: 0)
     )
+
     def passthrough(name):  # NumPy's functions, returning stand-in arrays as CuPy's would
         value = getattr(np, name)
         if isinstance(value, type) or not callable(value):
@@ -100,4 +101,5 @@ def pytest_report_header(config):
 
     gpus = diffgpu.devices()
     where = ", ".join(str(d) for d in gpus) if gpus else "none (gpu tests will be skipped)"
-    return [f"diffgpu CUDA devices: {where}", f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [f"diffgpu CUDA devices: {where}", f"CUDA_VISIBLE_DEVICES={visible!r}"]

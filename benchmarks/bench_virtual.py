@@ -146,9 +146,8 @@ def main():
         note = f" ({pyx['virtual which']})" if key.startswith("virtual") and "virtual which" in pyx else ""
         rows.append([label, ours.get(key, ours.get("error")), f"{theirs}{note}" if not isinstance(
             theirs, float) else theirs, ratio(ours.get(key), theirs)])
-    print_table("Frames/s, eager in memory (CPU)", ["operation", "diffgpu",
-                                                     f"pyxem {pyx.get('version', '')}", "ratio"],
-                rows)
+    header = ["operation", "diffgpu", f"pyxem {pyx.get('version', '')}", "ratio"]
+    print_table("Frames/s, eager in memory (CPU)", header, rows)
     print_table("diffgpu, more (frames/s)", ["what", "value"],
                 [[k, v] for k, v in ours.items() if k not in ("virtual 3 detectors", "center of mass")])
     print_table("GPU", ["what", "value"], [[k, v] for k, v in res["diffgpu-gpu"].items()])

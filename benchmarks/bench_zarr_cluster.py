@@ -66,6 +66,7 @@ def main():
         nbytes = s.data.nbytes
         print(f"dataset: {s} {nbytes / 1e9:.1f} GB in memory, {on_disk / 1e9:.1f} GB on disk, "
               f"chunks {s.data.chunksize}")
+
         def read():
             t0 = time.perf_counter()
             s.data.map_blocks(lambda b: b.sum(axis=(-2, -1), dtype="uint64"), drop_axis=(2, 3),

@@ -173,7 +173,8 @@ def _write_atomically(result, output, overwrite, progress):
         raise InputError(f"output must be a .zspy path; got '{output}'")
     if os.path.exists(output) and not overwrite:
         raise InputError(f"'{output}' exists (use --overwrite to replace it)")
-    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.partial.zspy")
+    name = f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.partial.zspy"
+    tmp = os.path.join(os.path.dirname(output), name)
     try:
         result.to_host()
         result.save(tmp, show_progressbar=progress, overwrite=True)

@@ -64,7 +64,8 @@ def test_mask(s):
     m[0, :] = 1
     s.calibration.mask = m
     assert s.calibration.mask.dtype == bool and s.calibration.mask.sum() == 64
-    with pytest.raises(ValueError, match=r"mask shape \(64, 40\) does not match the detector shape \(40, 64\)"):
+    with pytest.raises(ValueError, match=r"mask shape \(64, 40\) does not match the detector shape "
+                                         r"\(40, 64\)"):
         s.calibration.mask = m.T
     s.calibration.mask = None
     assert s.calibration.mask is None

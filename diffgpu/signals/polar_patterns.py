@@ -85,8 +85,8 @@ class PolarPatterns(DeviceMixin, Signal2D):
         >>> s.calibration.units = "1/Å"
         >>> polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28))
         >>> matches = polar.get_orientation(lib, n_best=3)
-        >>> matches
-        <LazyOrientationMatches, title: Orientations of Azimuthal integral of Synthetic 4D-STEM, dimensions: (2, 2|5, 3)>
+        >>> matches.axes_manager.signal_shape, matches.axes_manager.navigation_shape  # (fields, n_best)
+        ((5, 3), (2, 2))
         """
         from ..orientation import get_orientation
 
