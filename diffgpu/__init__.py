@@ -9,46 +9,17 @@ The same few lines run on NumPy or CuPy blocks::
     s.to_host(); s.compute()
 """
 
-from . import data, device
+from . import data, device, signals
 from .cluster import start_cluster
 from .device import DeviceUnavailableError, devices, gpu_available
 from .io import as_diffraction_patterns, load
+from .signals import *  # noqa: F401,F403  (the signal classes, to_device, to_host)
 from .templates import TemplateLibrary
-from .signals import (
-    DiffractionPatterns,
-    DirectBeamShifts,
-    LazyDirectBeamShifts,
-    LazyOrientationMatches,
-    OrientationMatches,
-    LazyVirtualImages,
-    VirtualImages,
-    LazyDiffractionPatterns,
-    LazyPolarPatterns,
-    LazyRadialProfiles,
-    PolarPatterns,
-    RadialProfiles,
-    to_device,
-    to_host,
-)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "DiffractionPatterns",
-    "LazyDiffractionPatterns",
-    "PolarPatterns",
-    "LazyPolarPatterns",
-    "RadialProfiles",
-    "LazyRadialProfiles",
-    "VirtualImages",
-    "LazyVirtualImages",
-    "DirectBeamShifts",
-    "LazyDirectBeamShifts",
-    "OrientationMatches",
-    "LazyOrientationMatches",
+__all__ = list(signals.__all__) + [
     "TemplateLibrary",
-    "to_device",
-    "to_host",
     "DeviceUnavailableError",
     "gpu_available",
     "devices",
