@@ -10,6 +10,7 @@ of blocks the signal has.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import warnings
@@ -129,7 +130,7 @@ def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, 
         rr = (0.0, float(geom.output_radius(rho)))
     else:
         rr = _range(radial_range, "radial_range", lower=0.0)
-    geom = PolarGeometry(**{**geom.__dict__, "radial_range": rr})
+    geom = dataclasses.replace(geom, radial_range=rr)
     return geom, units
 
 
