@@ -201,30 +201,10 @@ def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
         sy = np.broadcast_to(np.asarray(to_host_array(getattr(shift_y, "data", shift_y)), float),
                              nav_shape)
         shifts = np.stack([sx, sy], axis=-1).astype(np.float32)
-    data = signal.data
-    if signal._lazy:
-        import dask.array as da
-
-        if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
-            data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
-        nav = len(nav_shape)
-        if not type(shifts).__module__.startswith("dask"):
-            shifts = da.from_array(to_host_array(shifts), chunks=data.chunks[:nav] + ((2,),))
-        else:
-            shifts = shifts.rechunk(data.chunks[:nav] + ((2,),))
-        shifts = shifts[..., None, :]  # nav + (1, 2): blocks line up with the frames'
-        frame_shape = data.shape[-2:]
-
-        def block(frames, sh):
-            out = shift_frames(frames.reshape((-1,) + frame_shape), sh.reshape(-1, 2))
-            return out.reshape(frames.shape)
-
-        meta = array_module(data).empty((0,) * data.ndim, dtype=np.float32)
-        result = da.map_blocks(block, data, shifts, dtype=np.float32, meta=meta,
-                               chunks=data.chunks)
-    else:
-        frames = data.reshape((-1,) + data.shape[-2:])
-        result = shift_frames(frames, to_host_array(shifts).reshape(-1, 2)).reshape(data.shape)
+    if not signal._lazy:
+        shifts = to_host_array(shifts)
+    result = map_frames(signal.data, shift_frames, tuple(signal.data.shape[-2:]), np.float32,
+                        per_frame=(shifts,))
     return with_new_data(signal, result, "Shifted", inplace)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import yaml
 
 __all__ = ["load", "as_diffraction_patterns"]
 
@@ -11,8 +14,9 @@ _SIGNAL_TYPES = {
     2: "diffraction_patterns",
     1: "radial_profiles",
 }
-_OURS = ("diffraction_patterns", "polar_patterns", "radial_profiles", "virtual_images",
-         "direct_beam_shifts", "orientation_matches")
+# every signal type diffgpu registers, read from the registration itself
+_OURS = tuple(sorted({spec["signal_type"] for spec in yaml.safe_load(
+    (Path(__file__).parent / "hyperspy_extension.yaml").read_text())["signals"].values()}))
 
 
 def as_diffraction_patterns(signal, copy=False):

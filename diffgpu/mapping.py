@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .device import array_module
+from .device import _is_dask, array_module, to_host_array
 
 __all__ = ["map_frames", "with_new_data"]
 
 
-def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
+def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=()):
     """Apply ``func`` to all frames of ``data`` ``(..., rows, columns)``.
 
     Parameters
@@ -24,9 +24,9 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
     data : numpy, cupy or dask array
         Navigation axes first, the detector's two axes last.
     func : callable
-        ``func(frames, *constants) -> out`` with ``frames`` of shape
-        ``(n, rows, columns)`` and ``out`` of shape ``(n, *out_shape)``, on the frames'
-        device.
+        ``func(frames, *per_frame, *constants) -> out`` with ``frames`` of shape
+        ``(n, rows, columns)``, each per-frame input ``(n, m)`` and ``out`` of shape
+        ``(n, *out_shape)``, on the frames' device.
     out_shape : tuple of int
         Shape of the result for one frame (``()`` for one number per frame).
     dtype : numpy dtype
@@ -37,6 +37,9 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
         Large constant inputs (integration matrices, detector weights, templates).
         In a lazy graph each becomes one node that every block depends on, so a
         distributed cluster sends it to each worker once, not with every task.
+    per_frame : tuple of arrays
+        Inputs with one row per frame, shaped ``navigation + (m,)`` (e.g. a shift per
+        pattern); each block of frames gets its own rows.
 
     Returns
     -------
@@ -55,12 +58,15 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
     nav_shape = data.shape[:-2]
     frame_shape = data.shape[-2:]
 
-    def apply(block, *consts, f=func):
-        out = f(block.reshape((-1,) + frame_shape), *consts)
+    n_rows = len(per_frame)
+
+    def apply(block, *args, f=func):
+        rows = [r.reshape(-1, r.shape[-1]) for r in args[:n_rows]]
+        out = f(block.reshape((-1,) + frame_shape), *rows, *args[n_rows:])
         return out.reshape(block.shape[:-2] + out_shape)
 
-    if not type(data).__module__.startswith("dask"):
-        return apply(data, *constants, f=eager_func or func)
+    if not _is_dask(data):
+        return apply(data, *per_frame, *constants, f=eager_func or func)
 
     import dask
     import dask.array as da
@@ -68,6 +74,11 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
     if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
         data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
     nav = len(nav_shape)
+    aligned = []  # nav + (1, m): their blocks line up with the blocks of frames
+    for r in per_frame:
+        chunks_r = data.chunks[:nav] + ((r.shape[-1],),)
+        r = r.rechunk(chunks_r) if _is_dask(r) else da.from_array(to_host_array(r), chunks=chunks_r)
+        aligned.append(r[..., None, :])
     meta = array_module(data).empty((0,) * (nav + len(out_shape)), dtype=dtype)
     chunks = data.chunks[:nav] + tuple((n,) for n in out_shape)
     k = len(out_shape)
@@ -77,7 +88,8 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=()):
     elif k > 2:
         kwargs["new_axis"] = list(range(nav + 2, nav + k))
     consts = [dask.delayed(c, pure=True) for c in constants]
-    return da.map_blocks(apply, data, *consts, dtype=dtype, meta=meta, chunks=chunks, **kwargs)
+    return da.map_blocks(apply, data, *aligned, *consts, dtype=dtype, meta=meta, chunks=chunks,
+                         **kwargs)
 
 
 def with_new_data(signal, data, title, inplace=False):

@@ -178,9 +178,7 @@ class IntegrationEngine:
     def _apply_device(self, frames, mean, dtype):
         cp = array_module(frames)
         matrix, coverage = self._device.get(cp)
-        if frames.dtype.kind != "f":
-            frames = frames.astype(cp.float32)  # convert on the device: uint16 moves half the bytes
-        elif frames.dtype != cp.float32:
+        if frames.dtype != cp.float32:  # converted on the device: uint16 moves half the bytes
             frames = frames.astype(cp.float32)
         finite = cp.isfinite(frames)
         any_bad = not bool(finite.all())

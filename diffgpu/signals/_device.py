@@ -68,8 +68,7 @@ class DeviceMixin:
         ...     s.to_device()
         ...     assert s.device == "gpu"
         """
-        # to_device_array raises before anything is assigned, so failure changes nothing
-        self.data = to_device_array(self.data)
+        to_device(self)  # raises before anything is assigned, so failure changes nothing
 
     def to_host(self):
         """Move the data to host memory (NumPy), in place; idempotent, needs no GPU.
@@ -82,7 +81,7 @@ class DeviceMixin:
         >>> s.device
         'cpu'
         """
-        self.data = to_host_array(self.data)
+        to_host(self)
 
     def _on_host(self):
         """This signal if its data is on the host, else a host copy (lazy stays lazy)."""
