@@ -19,9 +19,9 @@ from collections import OrderedDict
 import numpy as np
 
 from .calibration import check_mask
-from .device import is_device_array
+from .device import host_threads, is_device_array
 from .geometry import PolarGeometry, integration_matrix, mask_digest
-from .kernels.integration import IntegrationEngine, default_threads
+from .kernels.integration import IntegrationEngine
 from .mapping import map_frames
 
 __all__ = ["azimuthal_integral", "get_engine"]
@@ -190,7 +190,7 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
         out = eng.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, threads=threads)
         return out.reshape((-1,) + out_sig)
 
-    threads = 1 if is_device_array(data) else default_threads()
+    threads = 1 if is_device_array(data) else host_threads()
     result = map_frames(data, integrate, out_sig, dtype, constants=(engine,),
                         eager_func=lambda frames, eng: integrate(frames, eng, threads))
 

@@ -33,6 +33,7 @@ __all__ = [
     "to_host_array",
     "device_of",
     "DeviceCache",
+    "host_threads",
 ]
 
 _INSTALL_HINT = (
@@ -333,3 +334,18 @@ class DeviceCache:
 
     def __setstate__(self, state):
         self.__init__(state["host"], state["_to_device"])
+
+
+def host_threads():
+    """Host threads to use for in-memory work: the CPUs this process may run on.
+
+    Examples
+    --------
+    >>> from diffgpu.device import host_threads
+    >>> host_threads() >= 1
+    True
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .device import DeviceCache, array_module
+from .device import DeviceCache, array_module, host_threads
 from .kernels.matching import match_patterns, prepare_templates
 from .mapping import map_frames
 from .templates import TemplateLibrary
@@ -87,10 +87,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             return match(frames, tmpl, phases)
         from concurrent.futures import ThreadPoolExecutor
 
-        from .kernels.integration import default_threads
-
         starts = range(0, frames.shape[0], 64)
-        with ThreadPoolExecutor(default_threads()) as pool:
+        with ThreadPoolExecutor(host_threads()) as pool:
             parts = list(pool.map(lambda i: match(frames[i:i + 64], tmpl, phases), starts))
         return np.concatenate(parts)
 

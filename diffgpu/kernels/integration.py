@@ -18,7 +18,6 @@ stack of frames ``(n, pixels)``: ``out = frames @ M.T``.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -200,11 +199,3 @@ def _matrix_to_device(cp, host):
 
     matrix, coverage = host
     return cpsparse.csr_matrix(matrix), cp.asarray(coverage, dtype=cp.float32)
-
-
-def default_threads():
-    """Host threads for eager integration: the CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

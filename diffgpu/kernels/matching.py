@@ -16,11 +16,10 @@ Written once against the array module of the patterns (NumPy or CuPy).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
-from ..device import array_module
+from ..device import array_module, host_threads
 
 __all__ = ["prepare_templates", "match_patterns"]
 
@@ -39,7 +38,7 @@ def _fft(xp):
     if xp is np:
         import scipy.fft as sfft
 
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        workers = host_threads()
         return (lambda x, **k: sfft.rfft(x, workers=workers, **k),
                 lambda x, **k: sfft.irfft(x, workers=workers, **k))
     return xp.fft.rfft, xp.fft.irfft
