@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .calibration import detector_image
 from .detectors import disc_weights
 from .device import DeviceCache, array_module, to_host_array
 from .kernels.reduce import weighted_sums
@@ -51,9 +52,7 @@ def _region(signal, mask):
         x, y, r = (float(v) for v in mask)
         region = disc_weights(shape, (x, y), r)
     else:
-        region = np.asarray(to_host_array(getattr(mask, "data", mask)), dtype=np.float32)
-        if region.shape != shape:
-            raise ValueError(f"mask shape {region.shape} does not match the detector shape {shape}")
+        region = detector_image(mask, shape, "mask")
     bad = signal.calibration.mask
     if bad is not None:
         region = region * ~bad

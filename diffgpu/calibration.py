@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-__all__ = ["Calibration", "electron_wavelength", "beam_energy_from_wavelength"]
+__all__ = ["Calibration", "electron_wavelength", "beam_energy_from_wavelength", "check_mask",
+           "detector_image"]
 
 # CODATA 2018 constants, SI
 _H = 6.62607015e-34
@@ -248,3 +249,31 @@ def check_mask(mask, detector_shape):
             "(rows, columns)"
         )
     return mask.astype(bool, copy=False)
+
+
+def detector_image(value, detector_shape, name):
+    """A detector-shaped float32 host array from an array or signal, checked for shape and NaN.
+
+    Used for weights, gain and dark images and centre-of-mass regions.
+
+    Raises
+    ------
+    ValueError
+        If the shape differs from the detector's or a value is NaN or inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.calibration import detector_image
+    >>> detector_image(np.ones((4, 5)), (4, 5), "gain").dtype
+    dtype('float32')
+    """
+    from .device import to_host_array
+
+    arr = np.asarray(to_host_array(getattr(value, "data", value)), dtype=np.float32)
+    if arr.shape != tuple(detector_shape):
+        raise ValueError(f"{name} shape {arr.shape} does not match the detector shape "
+                         f"{tuple(detector_shape)} (rows, columns)")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import check_mask
+from .calibration import check_mask, detector_image
 from .device import DeviceCache, array_module, to_host_array
 from .mapping import map_frames, with_new_data
 
@@ -83,12 +83,7 @@ def flat_field(signal, gain=None, dark=None, inplace=False):
     def image(value, name):
         if value is None:
             return None
-        arr = np.asarray(to_host_array(getattr(value, "data", value)), dtype=np.float32)
-        if arr.shape != shape:
-            raise ValueError(f"{name} shape {arr.shape} does not match the detector shape {shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} contains NaN or inf")
-        return DeviceCache(arr)
+        return DeviceCache(detector_image(value, shape, name))
 
     g, d = image(gain, "gain"), image(dark, "dark")
 

@@ -131,14 +131,9 @@ def detector_weights(signal, detector):
         raise TypeError(f"{type(detector).__name__} is not a supported virtual detector; use "
                         "CircleROI (disc or annulus), RectangularROI or an array mask")
     else:
-        from .device import to_host_array
+        from .calibration import detector_image
 
-        w = np.asarray(to_host_array(getattr(detector, "data", detector)), dtype=np.float32)
-        if w.shape != shape:
-            raise ValueError(f"detector mask shape {w.shape} does not match the detector shape "
-                             f"{shape} (rows, columns)")
-        if not np.all(np.isfinite(w)):
-            raise ValueError("detector mask contains NaN or inf")
+        w = detector_image(detector, shape, "detector mask")
     if not np.any(w):
         raise ValueError(f"the virtual detector {detector!r} covers no pixel of the detector")
     return w.astype(np.float32)
