@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from .device import DeviceCache, array_module, host_threads
-from .kernels.matching import match_patterns, prepare_templates
+from .device import DeviceCache, array_module, host_threads, one_blas_thread
+from .kernels.matching import match_patterns, pack_templates, prepare_templates
 from .mapping import map_frames
 from .templates import TemplateLibrary
 
@@ -19,7 +19,8 @@ FIELDS = ("template", "phase", "correlation", "in_plane_rotation", "mirror")
 
 
 def _templates_to_device(cp, host):
-    return tuple(cp.asarray(h) for h in host)
+    packed, n_t = host
+    return cp.asarray(packed), n_t
 
 
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
@@ -69,7 +70,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
                                         templates=slice(t0, t0 + 2048))
             real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
-        cache[key] = DeviceCache((real, imag), _templates_to_device)
+        cache[key] = DeviceCache(pack_templates(real, imag), _templates_to_device)
+        del real, imag
     templates = cache[key]
     phase_index = DeviceCache(library.phase_index.astype(np.float32))
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
@@ -88,7 +90,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         from concurrent.futures import ThreadPoolExecutor
 
         starts = range(0, frames.shape[0], 64)
-        with ThreadPoolExecutor(host_threads()) as pool:
+        with one_blas_thread(), ThreadPoolExecutor(host_threads()) as pool:
             parts = list(pool.map(lambda i: match(frames[i:i + 64], tmpl, phases), starts))
         return np.concatenate(parts)
 

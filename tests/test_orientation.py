@@ -201,3 +201,63 @@ def test_gpu_matching_matches_cpu(cupy, si, lib, lazy):
     gpu.to_host()
     np.testing.assert_array_equal(gpu.data[..., 0, 0], cpu.data[..., 0, 0])  # same templates
     np.testing.assert_allclose(gpu.data[..., 2], cpu.data[..., 2], rtol=1e-4)  # correlations
+
+
+def _brute_force(patterns, rendered, gamma, K):
+    """Every template, direct and mirrored, at 0.1 degree steps: the best score of each,
+    ``(n, 2, n_t)`` (direct, mirrored)."""
+    p = np.where(np.isfinite(patterns), np.maximum(patterns, 0), 0) ** gamma
+    p = p / np.linalg.norm(p.reshape(len(p), -1), axis=1)[:, None, None]
+    P = np.fft.rfft(p, axis=-1)[..., :K]
+    T = np.fft.rfft(rendered, axis=-1)[..., :K]
+    n_fine, n_azim = 3600, patterns.shape[-1]
+    direct = np.einsum("nrk,trk->ntk", P, np.conj(T))
+    mirrored = np.einsum("nrk,trk->ntk", P, T)  # theta -> -theta conjugates the spectrum
+    return np.stack([np.fft.irfft(direct, n_fine, axis=-1).max(-1),
+                     np.fft.irfft(mirrored, n_fine, axis=-1).max(-1)], axis=1) * n_fine / n_azim
+
+
+def test_pruned_search_equals_brute_force():
+    from diffgpu.kernels.matching import match_patterns, pack_templates, prepare_templates
+
+    rng = np.random.default_rng(7)
+    R, N, n_t, K = 12, 360, 23, 91
+    theta = np.arange(N)
+    rendered = np.zeros((n_t, R, N), np.float32)
+    for t in range(n_t):  # a few Gaussian spots per template
+        for _ in range(5):
+            r, c = rng.integers(R), rng.uniform(0, 360)
+            d = (theta - c + 180) % 360 - 180
+            rendered[t, r] += np.exp(-0.5 * (d / 3.0) ** 2) * rng.uniform(0.2, 1)
+    rendered /= np.linalg.norm(rendered.reshape(n_t, -1), axis=1)[:, None, None]
+    patterns = np.stack([np.roll(rendered[3], 40, axis=-1), rendered[11, :, ::-1],
+                         rng.uniform(0, 1, (R, N))]).astype(np.float32)
+    patterns[0, 2, 5] = np.nan  # counts as 0
+    patterns[1, 0, 0] = -3.0    # counts as 0
+    best = _brute_force(patterns, rendered, 1.0, K)  # (n, 2, n_t)
+    real, imag = prepare_templates(rendered, K)
+    for tile in (5, 8, 64):  # several tiles, a padded last tile, one tile
+        got = match_patterns(patterns, pack_templates(real, imag, max_tile=tile), n_best=4, gamma=1.0)
+        for i in range(len(patterns)):
+            t, side = got[i, :, 0].astype(int), (got[i, :, 3] < 0).astype(int)
+            true = best[i, side, t]  # the true peaks of the chosen (template, mirror) pairs
+            np.testing.assert_allclose(got[i, :, 1], true, atol=5e-3)  # parabola vs 0.1 deg
+            # no pair left out scores higher than the chosen ones
+            assert np.sort(best[i].ravel())[-4] <= true.min() + 5e-3
+            assert len(set(zip(t, side))) == 4
+    assert got[0, 0, 0] == 3 and got[0, 0, 3] == 1 and abs(got[0, 0, 2] - 40) < 1
+    assert got[1, 0, 0] == 11 and got[1, 0, 3] == -1
+
+
+def test_one_blas_thread_limits_and_restores_blas():
+    from diffgpu.device import _blas_controller, one_blas_thread
+
+    def blas_threads():  # the BLAS libraries loaded when diffgpu first limited them (NumPy's)
+        return [i["num_threads"] for i in _blas_controller().info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with pytest.raises(RuntimeError):
+        with one_blas_thread():
+            assert all(n == 1 for n in blas_threads())
+            raise RuntimeError
+    assert blas_threads() == before

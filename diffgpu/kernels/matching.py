@@ -7,21 +7,28 @@ all in-plane rotations ``gamma`` is an inverse FFT over theta of
 many patterns and templates per call. Writing ``P^ = a + ib`` and ``T^ = c + id``, the
 direct correlation needs ``ac + bd`` and ``bc - ad`` and the mirrored template
 (``theta -> -theta``, whose transform is ``conj(T^)``) needs ``ac - bd`` and ``bc + ad``:
-the same four real products serve both. Frequencies above ``K`` carry little (spots
-are a degree or two wide) and are dropped, so the inverse FFT has ``2K`` points; the best
-angle is refined by a parabola through its neighbours.
+the same four real products serve both, and stacking ``[a; b] @ [c, d]`` gets all four
+from one matrix product (larger matrices: 1.7x faster than four calls here). Frequencies
+above ``K`` carry little (spots are a degree or two wide) and are dropped, so the inverse
+FFT has ``2K`` points; the best angle is refined by a parabola through its neighbours.
+Only templates whose bound (:func:`_bounds`) beats a pattern's running n-th best score
+are searched over angle.
 
 Written once against the array module of the patterns (NumPy or CuPy).
 """
 
 from __future__ import annotations
 
+import math
 
+import numba
 import numpy as np
 
 from ..device import array_module, host_threads
 
-__all__ = ["prepare_templates", "match_patterns"]
+__all__ = ["prepare_templates", "pack_templates", "match_patterns"]
+
+MAX_TILE = 2048  # templates per product: bounds the (K, 2n, 2t) intermediate of a block
 
 
 def prepare_templates(rendered, max_frequency):
@@ -31,6 +38,32 @@ def prepare_templates(rendered, max_frequency):
     real = np.ascontiguousarray(spec.real.transpose(0, 2, 1), dtype=np.float32)
     imag = np.ascontiguousarray(spec.imag.transpose(0, 2, 1), dtype=np.float32)
     return real, imag
+
+
+def pack_templates(real, imag, max_tile=MAX_TILE):
+    """Template spectra ``(K, R, n_t)`` -> ``(n_tiles, K, R, 2 tile)`` float32 and ``n_t``.
+
+    Each tile holds the real parts of its templates, then their imaginary parts, so that
+    one matrix product per block of patterns gives all four real products (see
+    :func:`match_patterns`). Tiles are equal in size; the last is padded with empty
+    templates, which the search skips.
+
+    Examples
+    --------
+    >>> real = np.ones((3, 4, 5), np.float32)
+    >>> packed, n_t = pack_templates(real, 2 * real, max_tile=2)
+    >>> packed.shape, n_t
+    ((3, 3, 4, 4), 5)
+    """
+    K, R, n_t = real.shape
+    n_tiles = max(1, math.ceil(n_t / max_tile))
+    tile = math.ceil(n_t / n_tiles)
+    out = np.zeros((n_tiles, K, R, 2 * tile), dtype=np.float32)
+    for i in range(n_tiles):
+        t0, t1 = i * tile, min((i + 1) * tile, n_t)
+        out[i, :, :, :t1 - t0] = real[..., t0:t1]
+        out[i, :, :, tile:tile + t1 - t0] = imag[..., t0:t1]
+    return out, n_t
 
 
 def _fft(xp):
@@ -44,17 +77,41 @@ def _fft(xp):
     return xp.fft.rfft, xp.fft.irfft
 
 
+@numba.njit(nogil=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, cache=True)
+def _scale_host(patterns, gamma, out):
+    """Host version of the scaling in :func:`_pattern_spectra`, in one pass per pattern
+    (2x faster than NumPy's float32 ``**``; fast-math without "no NaNs", so the test holds)."""
+    for i in range(patterns.shape[0]):
+        total = 0.0
+        for r in range(patterns.shape[1]):
+            for j in range(patterns.shape[2]):
+                v = np.float32(patterns[i, r, j])
+                v = v ** gamma if v > 0 else np.float32(0)  # NaN, inf and negative bins count 0
+                v = v if v < np.inf else np.float32(0)
+                out[i, r, j] = v
+                total += v * v
+        inv = np.float32(1 / np.sqrt(total)) if total > 0 else np.float32(1)
+        out[i] *= inv
+
+
 def _pattern_spectra(patterns, gamma, max_frequency, xp):
-    p = patterns.astype(xp.float32)
-    p = xp.where(xp.isfinite(p), xp.maximum(p, 0), 0)  # NaN bins (outside the detector) count 0
-    if gamma != 1:
-        p = p ** xp.float32(gamma)
-    norm = xp.sqrt((p * p).sum(axis=(1, 2), keepdims=True))
-    p = p / xp.where(norm > 0, norm, 1)
+    """Polar patterns ``(n, R, N)`` -> their spectra ``(K, 2n, R)``: real parts, then imaginary."""
+    if xp is np:
+        p = np.empty(patterns.shape, dtype=np.float32)
+        _scale_host(patterns, np.float32(gamma), p)
+    else:
+        p = patterns.astype(xp.float32)
+        p = xp.where(xp.isfinite(p), xp.maximum(p, 0), 0)  # NaN bins (outside the detector) count 0
+        if gamma != 1:
+            p = p ** xp.float32(gamma)
+        norm = xp.sqrt((p * p).sum(axis=(1, 2), keepdims=True))
+        p = p / xp.where(norm > 0, norm, 1)
     spec = _fft(xp)[0](p, axis=-1)[..., :max_frequency]  # (n, R, K)
-    spec = xp.moveaxis(spec, -1, 0)  # (K, n, R)
-    return (xp.ascontiguousarray(spec.real.astype(xp.float32)),
-            xp.ascontiguousarray(spec.imag.astype(xp.float32)))
+    n, R, K = spec.shape
+    out = xp.empty((K, 2 * n, R), dtype=xp.float32)
+    out[:, :n] = xp.moveaxis(spec.real, -1, 0)
+    out[:, n:] = xp.moveaxis(spec.imag, -1, 0)
+    return out
 
 
 def _best_angles(re, im, n_azim, n_corr, xp):
@@ -80,17 +137,53 @@ def _best_angles(re, im, n_azim, n_corr, xp):
     return peak, angle
 
 
-def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=None,
-                   template_tile=None):
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _bounds_host(prod, n, t, weights, out):
+    """Host version of :func:`_bounds`: one pass over the products, no temporaries."""
+    K = prod.shape[0]
+    out[:] = 0
+    for k in range(K):
+        w = weights[k]
+        for i in range(n):
+            for j in range(t):
+                a = prod[k, i, j]          # Re(P) Re(T)
+                d = prod[k, i, t + j]      # Re(P) Im(T)
+                c = prod[k, n + i, j]      # Im(P) Re(T)
+                b = prod[k, n + i, t + j]  # Im(P) Im(T)
+                out[0, i, j] += w * math.sqrt((a + b) * (a + b) + (c - d) * (c - d))
+                out[1, i, j] += w * math.sqrt((a - b) * (a - b) + (c + d) * (c + d))
+
+
+def _bounds(prod, n, t, weights, xp):
+    """For every (pattern, template): the largest value its correlation could reach at any
+    angle, direct and mirrored: ``(2, n, t)``.
+
+    With ``X_k`` the correlation's spectrum, the correlation at any angle is at most
+    ``(|X_0| + 2 sum_k |X_k|) / N`` (``weights``). ``|direct|^2 = (A+B)^2 + (C-D)^2``
+    and ``|mirrored|^2 = (A-B)^2 + (C+D)^2`` come straight from the four products.
+    """
+    if xp is np:
+        out = np.empty((2, n, t), dtype=np.float32)
+        _bounds_host(prod, n, t, weights, out)
+        return out
+    A, D = prod[:, :n, :t], prod[:, :n, t:]
+    C, B = prod[:, n:, :t], prod[:, n:, t:]
+    S = A * A + B * B + C * C + D * D
+    Q = 2 * (A * B - C * D)
+    direct = xp.tensordot(weights, xp.sqrt(xp.maximum(S + Q, 0)), axes=(0, 0))
+    mirrored = xp.tensordot(weights, xp.sqrt(xp.maximum(S - Q, 0)), axes=(0, 0))
+    return xp.stack([direct, mirrored])
+
+
+def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=None):
     """Best ``n_best`` (template, rotation, mirror) for every polar pattern.
 
     Parameters
     ----------
     patterns : array ``(n, R, N)``
         Polar patterns (radius x azimuth), NumPy or CuPy.
-    templates : tuple ``(real, imag)``
-        Template spectra from :func:`prepare_templates`, each ``(K, R, n_t)``, on the
-        patterns' device.
+    templates : tuple ``(packed, n_templates)``
+        From :func:`pack_templates`, ``packed`` on the patterns' device.
     n_best : int
         Matches kept per pattern.
     gamma : float
@@ -100,54 +193,52 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     keep : int, optional
         Prefilter: correlate fully only the ``keep`` templates whose radial profiles
         (the k = 0 term) match best.
-    template_tile : int, optional
-        Templates per product (bounds memory for large libraries).
 
     Returns
     -------
     float32 array ``(n, n_best, 4)``: template index, correlation (cosine-like, 1 =
     identical), in-plane rotation in degrees, mirror flag (+1 direct, -1 mirrored).
+
+    Examples
+    --------
+    A template matched against itself turned by 30 degrees:
+
+    >>> th = np.arange(360)
+    >>> tmpl = np.exp(-0.5 * ((th[None] - np.array([[40], [100]])) / 2.0) ** 2)[None]
+    >>> packed, n_t = pack_templates(*prepare_templates(tmpl / np.linalg.norm(tmpl), 181))
+    >>> best = match_patterns(np.roll(tmpl, 30, axis=-1), (packed, n_t), gamma=1)
+    >>> round(float(best[0, 0, 1]), 2), round(float(best[0, 0, 2]))
+    (1.0, 30)
     """
     xp = array_module(patterns)
-    tr, ti = templates
-    K, R, n_t = tr.shape
+    packed, n_t = templates
+    n_tiles, K, R, tile2 = packed.shape
+    tile = tile2 // 2
     n, R_p, n_azim = patterns.shape
     if R_p != R:
         raise ValueError(f"patterns have {R_p} radial bins but the templates {R}")
     n_corr = n_corr or 2 * (K - 1)  # K = n_corr // 2 + 1: the spectrum needs no padding
-    block = 128 if keep is None else 32
-    if n > block:  # bound the (K, n, t) intermediates: blocks of patterns
-        parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep,
-                                template_tile) for i in range(0, n, block)]
+    block = 64 if keep is None else 32
+    if n > block:  # bound the (K, 2n, 2t) intermediates: blocks of patterns
+        parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep)
+                 for i in range(0, n, block)]
         return xp.concatenate(parts, axis=0)
-    a, b = _pattern_spectra(patterns, gamma, K, xp)  # (K, n, R)
+    ab = _pattern_spectra(patterns, gamma, K, xp)  # (K, 2n, R)
     if keep is not None and keep < n_t:
-        return _match_prefiltered(a, b, tr, ti, n_best, n_azim, n_corr, keep, xp)
-    tile = template_tile or max(64, int(2**25 // max(K * n, 1)))  # ~130 MB per product
+        return _match_prefiltered(ab, packed, n_t, n_best, n_azim, n_corr, keep, xp)
     weights = xp.full(K, 2.0 / n_azim, dtype=xp.float32)
     weights[0] = 1.0 / n_azim
     best_score = xp.full((n, n_best), -np.inf, dtype=xp.float32)
     best_info = xp.zeros((n, n_best, 3), dtype=xp.float32)
-    for t0 in range(0, n_t, tile):
-        c, d = tr[:, :, t0:t0 + tile], ti[:, :, t0:t0 + tile]
-        A, B, C, D = a @ c, b @ d, b @ c, a @ d  # (K, n, t) each: the four real products
-        # |direct|^2 = (A+B)^2 + (C-D)^2 = S + Q and |mirrored|^2 = (A-B)^2 + (C+D)^2 = S - Q
-        S = A * A
-        tmp = xp.multiply(B, B)
-        S += tmp
-        xp.multiply(C, C, out=tmp)
-        S += tmp
-        xp.multiply(D, D, out=tmp)
-        S += tmp
-        Q = A * B
-        xp.multiply(C, D, out=tmp)
-        Q -= tmp
-        Q *= 2
-        for sign in (1.0, -1.0):
-            mag = xp.add(S, Q, out=tmp) if sign > 0 else xp.subtract(S, Q, out=S)
-            xp.sqrt(xp.maximum(mag, 0, out=mag), out=mag)
-            bound = xp.tensordot(weights, mag, axes=(0, 0))  # (n, t)
-            best_score, best_info = _search((A, B, C, D), bound, sign, t0, best_score, best_info,
+    for i in range(n_tiles):
+        prod = ab @ packed[i]  # (K, 2n, 2t): all four real products in one call
+        bounds = _bounds(prod, n, tile, weights, xp)
+        valid = min(tile, n_t - i * tile)
+        if valid < tile:  # padding in the last tile: never a candidate
+            bounds[:, :, valid:] = -np.inf
+        products = (prod[:, :n, :tile], prod[:, n:, tile:], prod[:, n:, :tile], prod[:, :n, tile:])
+        for sign, bound in ((1.0, bounds[0]), (-1.0, bounds[1])):
+            best_score, best_info = _search(products, bound, sign, i * tile, best_score, best_info,
                                             n_azim, n_corr, xp)
     return _pack(best_score, best_info, xp)
 
@@ -169,15 +260,12 @@ def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp
     done, upto = 0, min(16, t)
     active = xp.arange(n)
     while active.size:
-        cand = order[active, done:upto][None]  # (1, m, c) template indices in this tile
-
-        def pick(x):
-            return xp.take_along_axis(x[:, active], cand, axis=2)
-
-        a_, b_, c_, d_ = pick(A), pick(B), pick(C), pick(D)
+        cand = order[active, done:upto]  # (m, c) template indices in this tile
+        rows = active[:, None]
+        a_, b_, c_, d_ = A[:, rows, cand], B[:, rows, cand], C[:, rows, cand], D[:, rows, cand]
         re, im = (a_ + b_, c_ - d_) if sign > 0 else (a_ - b_, c_ + d_)
         peak, angle = _best_angles(re, im, n_azim, n_corr, xp)
-        info = xp.stack([(cand[0] + t0).astype(xp.float32), angle.astype(xp.float32),
+        info = xp.stack([(cand + t0).astype(xp.float32), angle.astype(xp.float32),
                          xp.full(peak.shape, sign, dtype=xp.float32)], axis=-1)
         s, i = _merge(best_score[active], best_info[active], peak.astype(xp.float32), info,
                       best_score.shape[1], xp)
@@ -191,17 +279,21 @@ def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp
     return best_score, best_info
 
 
-def _match_prefiltered(a, b, tr, ti, n_best, n_azim, n_corr, keep, xp):
+def _match_prefiltered(ab, packed, n_t, n_best, n_azim, n_corr, keep, xp):
     # k = 0 is the radial profile (real): score every template by it, keep the best per pattern
-    profile = a[0] @ tr[0]  # (n, n_t)
+    n_tiles, K, R, tile2 = packed.shape
+    tile = tile2 // 2
+    n = ab.shape[1] // 2
+    a, b = ab[:, :n], ab[:, n:]
+    profile = xp.concatenate([a[0] @ packed[i, 0, :, :tile] for i in range(n_tiles)], axis=1)[:, :n_t]
     chosen = xp.argsort(-profile, axis=1)[:, :keep]  # (n, keep)
-    c = xp.moveaxis(tr[:, :, chosen], 2, 1)  # (K, n, R, keep)
-    d = xp.moveaxis(ti[:, :, chosen], 2, 1)
+    tiles, local = chosen // tile, chosen % tile
+    c = xp.moveaxis(packed[tiles, :, :, local], (2, 3), (0, 2))  # (K, n, R, keep)
+    d = xp.moveaxis(packed[tiles, :, :, local + tile], (2, 3), (0, 2))
     A = xp.einsum("knr,knrt->knt", a, c)
     B = xp.einsum("knr,knrt->knt", b, d)
     C = xp.einsum("knr,knrt->knt", b, c)
     D = xp.einsum("knr,knrt->knt", a, d)
-    n = a.shape[1]
     best_score = xp.full((n, 0), -np.inf, dtype=xp.float32)
     best_info = xp.zeros((n, 0, 3), dtype=xp.float32)
     for sign, re, im in ((1.0, A + B, C - D), (-1.0, A - B, C + D)):
