@@ -261,3 +261,21 @@ def test_one_blas_thread_limits_and_restores_blas():
             assert all(n == 1 for n in blas_threads())
             raise RuntimeError
     assert blas_threads() == before
+
+
+def test_array_module_path_equals_host_kernels(standin_gpu):
+    """The generic (CuPy) formulation of the scaling and the bound, run by NumPy functions on
+    stand-in arrays, picks what the numba host kernels pick. No proof about GPUs."""
+    from diffgpu.kernels.matching import match_patterns, pack_templates, prepare_templates
+
+    rng = np.random.default_rng(2)
+    rendered = rng.uniform(0, 1, (30, 8, 120)).astype(np.float32) ** 8
+    patterns = rng.uniform(0, 1, (5, 8, 120)).astype(np.float32) ** 8
+    patterns[0, 0, 0], patterns[1, 1, 1], patterns[2, 2, 2] = np.nan, np.inf, -1
+    packed, n_t = pack_templates(*prepare_templates(rendered, 40), max_tile=16)
+    host = match_patterns(patterns, (packed, n_t), n_best=3, gamma=0.5)
+    dev = match_patterns(standin_gpu.asarray(patterns), (standin_gpu.asarray(packed), n_t),
+                         n_best=3, gamma=0.5)
+    assert type(dev) is not np.ndarray  # it stayed on the "device"
+    np.testing.assert_array_equal(np.asarray(dev)[..., [0, 3]], host[..., [0, 3]])
+    np.testing.assert_allclose(np.asarray(dev)[..., 1:3], host[..., 1:3], rtol=1e-4, atol=1e-4)
