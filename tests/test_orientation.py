@@ -128,6 +128,30 @@ def test_crystal_map_and_save_load(si, lib, tmp_path):
     assert np.all(a.angle_with(b, degrees=True) < 1e-3)
 
 
+def test_reliability_compares_with_the_best_different_orientation(si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(2), sig_shape=(128, 128),
+                                          calibration=0.02)
+    m = _polar(s).get_orientation(lib, n_best=4)
+    far = int(np.argmax(Orientation(lib.rotations, symmetry=si.point_group).angle_with(
+        Orientation(lib.rotations[0], symmetry=si.point_group), degrees=True)))
+    data = np.zeros((2, 4, 5), np.float32)
+    data[:, :, 4] = 1
+    # pattern 0: rank 1 is the same orientation (0.5 degree turn), rank 2 another one
+    data[0, :, 0], data[0, :, 2], data[0, :, 3] = [0, 0, far, far], [0.8, 0.79, 0.4, 0.3], \
+        [10, 10.5, 0, 0]
+    # pattern 1: rank 1 is already a different orientation
+    data[1, :, 0], data[1, :, 2] = [0, far, 0, 0], [0.5, 0.45, 0.4, 0.39]
+    m.data = data
+    rel = m.get_reliability(min_misorientation=5)
+    np.testing.assert_allclose(rel.data, [1 - 0.4 / 0.8, 1 - 0.45 / 0.5], rtol=1e-6)
+    assert rel.axes_manager.signal_shape == (2,)
+    # none far enough among the n_best: the last one bounds the alternatives
+    np.testing.assert_allclose(m.get_reliability(min_misorientation=180).data,
+                               [1 - 0.3 / 0.8, 1 - 0.39 / 0.5], rtol=1e-6)
+    with pytest.raises(ValueError, match="n_best >= 2"):
+        _polar(s).get_orientation(lib, n_best=1).get_reliability()
+
+
 def test_plots(si, lib):
     import matplotlib.pyplot as plt
 

@@ -111,6 +111,76 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return CrystalMap(rotations=rot, phase_id=flat[:, 0, 1].astype(int), phase_list=phase_list,
                           prop=props, scan_unit=unit, **coords)
 
+    def get_reliability(self, min_misorientation=5.0):
+        """How clearly the best match beats the best *different* orientation: a scan map.
+
+        For every pattern, ``1 - c_alt / c_best``, where ``c_best`` is the correlation of
+        the best match and ``c_alt`` that of the best-ranked match whose orientation is
+        more than ``min_misorientation`` degrees away from it (up to crystal symmetry; a
+        match of another phase always counts). Near 0, two distinct orientations fit the
+        pattern equally well: near some zone axes this is a property of the pattern itself
+        (see the docs: "What a pattern cannot tell"). When none of the ``n_best`` matches
+        is that far away, the last one's correlation is used, so the value is a lower
+        bound. Needs ``n_best >= 2``; lazy matches are computed.
+
+        Parameters
+        ----------
+        min_misorientation : float
+            Degrees: matches closer than this to the best count as the same orientation.
+
+        Returns
+        -------
+        hyperspy.signals.Signal2D or Signal1D
+            The map, with the scan's axes.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> from orix.quaternion import Rotation
+        >>> si = diffgpu.TemplateLibrary.silicon()
+        >>> lib = diffgpu.TemplateLibrary.from_phase(si, resolution=3.0, reciprocal_radius=1.2)
+        >>> s = diffgpu.data.orientation_patterns(si, Rotation.random(3), sig_shape=(128, 128),
+        ...                                       calibration=0.02)
+        >>> polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28))
+        >>> rel = polar.get_orientation(lib, n_best=10).get_reliability()
+        >>> rel.data.shape, bool(np.all((rel.data >= 0) & (rel.data <= 1)))
+        ((3,), True)
+        """
+        import hyperspy.api as hs
+        from orix.quaternion import Orientation
+
+        m = self._host_matches()
+        n_best = m.shape[-2]
+        if n_best < 2:
+            raise ValueError("reliability compares the best match with the next ones: match with "
+                             "n_best >= 2 (e.g. 5)")
+        phases, _ = self._phases()
+        flat = m.reshape(-1, n_best, 5)
+        rot = self.to_rotations().data.reshape(-1, n_best, 4)
+        far = np.zeros(flat.shape[:2], bool)
+        for p, phase in enumerate(phases):
+            own = flat[:, 0, 1] == p
+            if not own.any():
+                continue
+            best = Orientation(np.repeat(rot[own, :1], n_best - 1, axis=1).reshape(-1, 4),
+                               symmetry=phase.point_group)
+            other = Orientation(rot[own, 1:].reshape(-1, 4), symmetry=phase.point_group)
+            angle = best.angle_with(other, degrees=True).reshape(-1, n_best - 1)
+            far[own, 1:] = (angle > min_misorientation) | (flat[own, 1:, 1] != p)
+        far[:, -1] = True  # no distinct match among the n_best: the last bounds them all
+        first = far.argmax(axis=1)
+        c_best = flat[:, 0, 2]
+        c_alt = flat[np.arange(len(flat)), first, 2]
+        rel = np.clip(1 - c_alt / np.where(c_best > 0, c_best, np.nan), 0, 1)
+        rel = rel.reshape(m.shape[:-2]).astype(np.float32)
+        axes = self.axes_manager._get_navigation_axes_dicts()
+        for ax in axes:
+            ax["navigate"] = False
+        cls = hs.signals.Signal2D if rel.ndim == 2 else hs.signals.Signal1D
+        out = cls(rel, axes=axes)
+        out.metadata.General.title = f"Reliability of {self.metadata.General.title}".strip()
+        return out
+
     def plot_ipf_map(self, direction="z", ax=None):
         """Plot the best orientations coloured by the inverse pole figure of ``direction``.
 
