@@ -7,7 +7,8 @@ Run it as::
 A 2D scan over Voronoi grains of silicon at random orientations (diffsims kinematics,
 Poisson noise) is integrated to polar patterns, matched against a 1-degree Si template
 library (direct and mirrored templates, all in-plane rotations), and turned into an IPF
-orientation map, an orix CrystalMap, and a figure of the best template over one pattern.
+orientation map, a reliability map (how clearly the best orientation beats the best other
+one), an orix CrystalMap, and a figure of the best template over one pattern.
 """
 
 import argparse
@@ -43,7 +44,7 @@ def main(argv=None):
 
     polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28), mean=True)
     t0 = time.perf_counter()
-    matches = polar.get_orientation(library, n_best=3)
+    matches = polar.get_orientation(library, n_best=5)
     matches.to_host()
     print(f"matched {s.axes_manager.navigation_size} patterns in {time.perf_counter() - t0:.2f} s")
 
@@ -56,12 +57,18 @@ def main(argv=None):
     xmap = matches.to_crystal_map()
     print(xmap)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    reliability = matches.get_reliability()  # near 0: two different orientations fit as well
+    print(f"reliability below 0.01 (ambiguous patterns): {100 * np.mean(reliability.data < 0.01):.0f}%")
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     axes[0].imshow(s.metadata.Synthetic.grains, cmap="tab10")
     axes[0].set_title("true grains")
     matches.plot_ipf_map(ax=axes[1])
+    im = axes[2].imshow(reliability.data, cmap="gray", vmin=0)
+    axes[2].set_title("reliability: 1 - c(other) / c(best)")
+    fig.colorbar(im, ax=axes[2])
     polar.to_host()
-    matches.plot_match(polar, library, index=(0, 0), ax=axes[2])
+    matches.plot_match(polar, library, index=(0, 0), ax=axes[3])
     fig.tight_layout()
     path = os.path.join(args.output, "orientation_map.png")
     fig.savefig(path, dpi=70)

@@ -218,8 +218,10 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     if R_p != R:
         raise ValueError(f"patterns have {R_p} radial bins but the templates {R}")
     n_corr = n_corr or 2 * (K - 1)  # K = n_corr // 2 + 1: the spectrum needs no padding
-    block = 64 if keep is None else 32
-    if n > block:  # bound the (K, 2n, 2t) intermediates: blocks of patterns
+    # Blocks of patterns bound the (K, 2n, 2t) intermediates: 64 fit a host core's caches
+    # best; a GPU needs larger products to be busy (512: ~1 GB per product at 2,048 templates).
+    block = (64 if keep is None else 32) if xp is np else (512 if keep is None else 128)
+    if n > block:
         parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep)
                  for i in range(0, n, block)]
         return xp.concatenate(parts, axis=0)
