@@ -7,6 +7,7 @@
     diffgpu integrate INPUT -o OUTPUT.zspy [--npt 100] [--npt-azim 360 | --1d] [--center X Y] ...
     diffgpu virtual INPUT -o OUTPUT.zspy --disc R [--annulus R_IN R_OUT] ...
     diffgpu orientation INPUT -o OUTPUT.zspy --phase Si|FILE.cif [--resolution 1] [--ipf MAP.png]
+                        [--n-best 5 --reliability MAP.png]
 
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
@@ -86,6 +87,8 @@ def build_parser():
     ori.add_argument("--npt", type=int, default=64, help="radial bins of the polar patterns")
     ori.add_argument("--n-best", type=int, default=1)
     ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG")
+    ori.add_argument("--reliability", help="also write a reliability map to this PNG (needs "
+                     "--n-best >= 2): near 0 where two different orientations fit as well")
     return parser
 
 
@@ -239,7 +242,7 @@ def cmd_orientation(args):
     matches = polar.get_orientation(library, n_best=args.n_best)
     code = _run(args, matches, f"{s.axes_manager.navigation_size} patterns matched against "
                                f"{len(library)} templates")
-    if args.ipf:
+    if code == 0 and (args.ipf or args.reliability):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -248,10 +251,24 @@ def cmd_orientation(args):
         from . import load
 
         done = load(args.output, lazy=False)
-        ax = done.plot_ipf_map()
-        ax.figure.savefig(args.ipf, dpi=100)
-        plt.close(ax.figure)
-        print(f"IPF map -> {args.ipf}")
+        if args.ipf:
+            ax = done.plot_ipf_map()
+            ax.figure.savefig(args.ipf, dpi=100)
+            plt.close(ax.figure)
+            print(f"IPF map -> {args.ipf}")
+        if args.reliability:
+            rel = done.get_reliability()
+            fig, ax = plt.subplots()
+            if rel.data.ndim == 2:
+                fig.colorbar(ax.imshow(rel.data, cmap="gray", vmin=0), ax=ax)
+            else:
+                ax.plot(rel.data)
+                ax.set_xlabel("scan position")
+            ax.set_title("reliability: 1 - c(other orientation) / c(best)")
+            fig.savefig(args.reliability, dpi=100)
+            plt.close(fig)
+            low = 100 * (rel.data < 0.01).mean()
+            print(f"reliability map -> {args.reliability} (below 0.01: {low:.0f}%)")
     return code
 
 
@@ -280,7 +297,11 @@ def _terminate(signum, frame):  # turn SIGTERM into an exception so clean-up run
 
 def main(argv=None):
     """Entry point of the ``diffgpu`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "orientation" and args.reliability and args.n_best < 2:
+        parser.error("--reliability compares the best match with the next ones: give --n-best 2 "
+                     "or more (e.g. 5)")
     from .device import DeviceUnavailableError
 
     previous = signal.signal(signal.SIGTERM, _terminate)

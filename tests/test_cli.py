@@ -133,11 +133,17 @@ def test_orientation(tmp_path):
     s.calibration.scale = 0.02
     s.calibration.units = "1/Å"
     s.save(tmp_path / "si.zspy", show_progressbar=False)
-    out, png = tmp_path / "ori.zspy", tmp_path / "ipf.png"
+    out, png, rel = tmp_path / "ori.zspy", tmp_path / "ipf.png", tmp_path / "rel.png"
     assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(out), "--phase", "Si",
-                 "--resolution", "4", "--n-best", "2", "--ipf", str(png), "--no-progress"]) == 0
+                 "--resolution", "4", "--n-best", "2", "--ipf", str(png), "--reliability", str(rel),
+                 "--no-progress"]) == 0
     m = diffgpu.load(out, lazy=False)
     assert isinstance(m, diffgpu.OrientationMatches) and m.data.shape == (2, 2, 2, 5)
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and rel.stat().st_size > 1000
+    with pytest.raises(SystemExit) as exc:  # --reliability needs --n-best >= 2
+        main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "y.zspy"),
+              "--phase", "Si", "--reliability", str(rel)])
+    assert exc.value.code == 2
+    assert not (tmp_path / "y.zspy").exists()
     assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "x.zspy"),
                  "--phase", str(tmp_path / "missing.cif")]) == 3
