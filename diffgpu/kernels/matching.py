@@ -221,6 +221,8 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     # Blocks of patterns bound the (K, 2n, 2t) intermediates: 64 fit a host core's caches
     # best; a GPU needs larger products to be busy (512: ~1 GB per product at 2,048 templates).
     block = (64 if keep is None else 32) if xp is np else (512 if keep is None else 128)
+    if keep is not None:  # the prefilter gathers (K, R, keep) spectra per pattern: ~256 MB at most
+        block = max(1, min(block, 2**28 // (K * R * min(keep, n_t) * 8)))
     if n > block:
         parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep)
                  for i in range(0, n, block)]
