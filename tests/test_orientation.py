@@ -120,6 +120,7 @@ def test_crystal_map_and_save_load(si, lib, tmp_path):
     xmap = m.to_crystal_map()
     assert xmap.shape == (2, 3) and xmap.phases.names[-1] == "Si"
     assert np.allclose(xmap.prop["correlation"][:, 0], m.data[..., 0, 2].ravel())
+    assert np.allclose(xmap.prop["reliability"], m.get_reliability().data.ravel())
     m.save(tmp_path / "m.zspy")
     back = diffgpu.load(tmp_path / "m.zspy", lazy=False)
     assert isinstance(back, diffgpu.OrientationMatches)

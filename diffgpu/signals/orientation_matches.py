@@ -88,7 +88,11 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return Orientation(rot, symmetry=phase.point_group)
 
     def to_crystal_map(self):
-        """An orix ``CrystalMap``: best orientations, phases, scores, mirror flags, positions."""
+        """An orix ``CrystalMap``: best orientations, phases, scores, mirror flags, positions.
+
+        Properties: ``correlation``, ``mirror`` and ``template`` (all ``n_best`` ranks), and
+        with ``n_best >= 2`` the ``reliability`` of :meth:`get_reliability`.
+        """
         from orix.crystal_map import CrystalMap
 
         _, phase_list = self._phases()
@@ -107,6 +111,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         props = {"correlation": flat[:, :, 2] if n_best > 1 else flat[:, 0, 2],
                  "mirror": flat[:, :, 4] if n_best > 1 else flat[:, 0, 4],
                  "template": flat[:, :, 0] if n_best > 1 else flat[:, 0, 0]}
+        if n_best >= 2:  # how clearly the best orientation wins (see get_reliability)
+            props["reliability"] = self.get_reliability().data.ravel()
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
         return CrystalMap(rotations=rot, phase_id=flat[:, 0, 1].astype(int), phase_list=phase_list,
                           prop=props, scan_unit=unit, **coords)
