@@ -278,3 +278,35 @@ def test_gpu_generic_operations_match_cpu(cupy, lazy):
             gpu.compute()
         gpu.to_host()
         np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-5, err_msg=name)
+
+
+def _blas_threads():
+    from diffgpu.device import _blas_controller
+
+    return [i["num_threads"] for i in _blas_controller().info() if i["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("scheduler", [None, "synchronous"])
+def test_lazy_compute_runs_blas_single_threaded_under_dask_threads(scheduler, monkeypatch):
+    import dask.array as da
+
+    monkeypatch.setattr(dev, "host_threads", lambda: 2)  # as on any multi-core machine
+    before = _blas_threads()
+    seen = []
+
+    def record(block):
+        if block.size:  # not dask's calls on empty arrays to learn the output type
+            seen.append(_blas_threads())
+        return block
+
+    s = diffgpu.DiffractionPatterns(np.zeros((4, 8, 8), np.float32)).as_lazy()
+    s.data = da.from_array(np.zeros((4, 8, 8), np.float32), chunks=(1, 8, 8)).map_blocks(
+        record, dtype=np.float32)
+    kwargs = {"scheduler": scheduler} if scheduler else {}
+    s.compute(show_progressbar=False, **kwargs)
+    assert not s._lazy and len(seen) == 4
+    if scheduler is None:  # dask's threads: one BLAS thread each
+        assert all(all(n == 1 for n in x) for x in seen)
+    else:
+        assert all(x == before for x in seen)
+    assert _blas_threads() == before

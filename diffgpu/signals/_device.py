@@ -7,7 +7,7 @@ and ``save`` paths, so the lazy classes need their own mixin placed *before*
 
 from __future__ import annotations
 
-from ..device import device_of, to_device_array, to_host_array
+from ..device import blas_for_dask, device_of, to_device_array, to_host_array
 
 
 def to_device(signal):
@@ -103,7 +103,17 @@ class DeviceMixin:
 
 
 class LazyDeviceMixin:
-    """Puts the host routing of ``plot``/``save`` before HyperSpy's ``LazySignal``."""
+    """Puts the host routing of ``plot``/``save`` before HyperSpy's ``LazySignal``, and runs
+    computations with one BLAS thread per dask thread (:func:`~diffgpu.device.blas_for_dask`)."""
+
+    def compute(self, *args, **kwargs):
+        """Compute as HyperSpy does (``close_file``, ``show_progressbar``, dask's keywords).
+
+        With dask's local threaded scheduler, BLAS runs single-threaded meanwhile: dask
+        already keeps every core busy, and BLAS threads on top of its threads slow it down.
+        """
+        with blas_for_dask(self.data, kwargs.get("scheduler")):
+            return super().compute(*args, **kwargs)
 
     def plot(self, *args, **kwargs):
         return _via_host(self, "plot", super().plot, args, kwargs)
@@ -111,7 +121,8 @@ class LazyDeviceMixin:
     plot.__doc__ = DeviceMixin.plot.__doc__
 
     def save(self, *args, **kwargs):
-        return _via_host(self, "save", super().save, args, kwargs)
+        with blas_for_dask(self.data, kwargs.get("scheduler")):
+            return _via_host(self, "save", super().save, args, kwargs)
 
     save.__doc__ = DeviceMixin.save.__doc__
 
