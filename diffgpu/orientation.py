@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread
-from .kernels.matching import match_patterns, pack_templates, prepare_templates
+from .kernels.matching import match_patterns, pack_templates, prepare_templates, template_major
 from .mapping import map_frames
 from .templates import TemplateLibrary
 
@@ -72,30 +72,34 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
         cache[key] = DeviceCache(pack_templates(real, imag), _templates_to_device)
         del real, imag
-    templates = cache[key]
-    phase_index = DeviceCache(library.phase_index.astype(np.float32))
+    constants = [cache[key], DeviceCache(library.phase_index.astype(np.float32))]
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
+    if keep is not None and keep < n_t:  # the prefilter gathers templates one piece each
+        if key + ("major",) not in cache:
+            cache[key + ("major",)] = DeviceCache(template_major(*cache[key].host))
+        constants.append(cache[key + ("major",)])
 
-    def match(frames, tmpl, phases):
+    def match(frames, tmpl, phases, major=None):
         xp = array_module(frames)
-        res = match_patterns(frames, tmpl.get(xp), n_best=n_best, gamma=gamma, keep=keep)
+        spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
+        res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep)
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
 
-    def match_eager(frames, tmpl, phases):
+    def match_eager(frames, *consts):
         """In memory on the host: blocks of patterns on all cores (NumPy's reductions and
         the parabola fit are single-threaded; BLAS and the FFT alone leave cores idle)."""
         if array_module(frames) is not np or frames.shape[0] <= 64:
-            return match(frames, tmpl, phases)
+            return match(frames, *consts)
         from concurrent.futures import ThreadPoolExecutor
 
         starts = range(0, frames.shape[0], 64)
         with one_blas_thread(), ThreadPoolExecutor(host_threads()) as pool:
-            parts = list(pool.map(lambda i: match(frames[i:i + 64], tmpl, phases), starts))
+            parts = list(pool.map(lambda i: match(frames[i:i + 64], *consts), starts))
         return np.concatenate(parts)
 
     data = map_frames(polar.data, match, (n_best, len(FIELDS)), np.float32,
-                      constants=(templates, phase_index), eager_func=match_eager)
+                      constants=tuple(constants), eager_func=match_eager)
     axes = polar.axes_manager._get_navigation_axes_dicts() + [
         {"name": "rank", "size": n_best, "navigate": False},
         {"name": "field", "size": len(FIELDS), "navigate": False}]

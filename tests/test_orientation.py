@@ -210,15 +210,15 @@ def test_prefilter_keeps_a_fraction(si, lib):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lazy", [False, True])
-def test_gpu_matching_matches_cpu(cupy, si, lib, lazy):
+@pytest.mark.parametrize("lazy, frac_keep", [(False, 1.0), (True, 1.0), (False, 0.3)])
+def test_gpu_matching_matches_cpu(cupy, si, lib, lazy, frac_keep):
     s = diffgpu.data.orientation_patterns(si, Rotation.random(8), sig_shape=(128, 128),
                                           calibration=0.02)
     if lazy:
         s = s.as_lazy()
-    cpu = _polar(s).get_orientation(lib, n_best=3)
+    cpu = _polar(s).get_orientation(lib, n_best=3, frac_keep=frac_keep)
     s.to_device()
-    gpu = _polar(s).get_orientation(lib, n_best=3)
+    gpu = _polar(s).get_orientation(lib, n_best=3, frac_keep=frac_keep)
     assert gpu.device == "gpu"
     if lazy:
         cpu.compute()
@@ -243,7 +243,8 @@ def _brute_force(patterns, rendered, gamma, K):
 
 
 def test_pruned_search_equals_brute_force():
-    from diffgpu.kernels.matching import match_patterns, pack_templates, prepare_templates
+    from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
+                                          template_major)
 
     rng = np.random.default_rng(7)
     R, N, n_t, K = 12, 360, 23, 91
@@ -271,6 +272,14 @@ def test_pruned_search_equals_brute_force():
             assert np.sort(best[i].ravel())[-4] <= true.min() + 5e-3
             assert len(set(zip(t, side))) == 4
     assert got[0, 0, 0] == 3 and got[0, 0, 3] == 1 and abs(got[0, 0, 2] - 40) < 1
+    # the prefilter: each pattern's 8 best on the low frequencies, then exact scores
+    packed, n_t = pack_templates(real, imag, max_tile=8)
+    pre = match_patterns(patterns, (packed, n_t, template_major(packed, n_t)), n_best=2, gamma=1.0,
+                         keep=8)
+    for i in range(len(patterns)):
+        t, side = pre[i, :, 0].astype(int), (pre[i, :, 3] < 0).astype(int)
+        np.testing.assert_allclose(pre[i, :, 1], best[i, side, t], atol=5e-3)
+    assert pre[0, 0, 0] == 3 and pre[1, 0, 0] == 11 and pre[1, 0, 3] == -1
     assert got[1, 0, 0] == 11 and got[1, 0, 3] == -1
 
 
@@ -289,18 +298,22 @@ def test_one_blas_thread_limits_and_restores_blas():
 
 
 def test_array_module_path_equals_host_kernels(standin_gpu):
-    """The generic (CuPy) formulation of the scaling and the bound, run by NumPy functions on
-    stand-in arrays, picks what the numba host kernels pick. No proof about GPUs."""
-    from diffgpu.kernels.matching import match_patterns, pack_templates, prepare_templates
+    """The generic (CuPy) formulation of the scaling, the bound and the prefilter's products,
+    run by NumPy functions on stand-in arrays, picks what the numba host kernels pick. No
+    proof about GPUs."""
+    from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
+                                          template_major)
 
     rng = np.random.default_rng(2)
     rendered = rng.uniform(0, 1, (30, 8, 120)).astype(np.float32) ** 8
     patterns = rng.uniform(0, 1, (5, 8, 120)).astype(np.float32) ** 8
     patterns[0, 0, 0], patterns[1, 1, 1], patterns[2, 2, 2] = np.nan, np.inf, -1
     packed, n_t = pack_templates(*prepare_templates(rendered, 40), max_tile=16)
-    host = match_patterns(patterns, (packed, n_t), n_best=3, gamma=0.5)
-    dev = match_patterns(standin_gpu.asarray(patterns), (standin_gpu.asarray(packed), n_t),
-                         n_best=3, gamma=0.5)
-    assert type(dev) is not np.ndarray  # it stayed on the "device"
-    np.testing.assert_array_equal(np.asarray(dev)[..., [0, 3]], host[..., [0, 3]])
-    np.testing.assert_allclose(np.asarray(dev)[..., 1:3], host[..., 1:3], rtol=1e-4, atol=1e-4)
+    major = template_major(packed, n_t)
+    for keep in (None, 7):  # full search, prefilter
+        host = match_patterns(patterns, (packed, n_t, major), n_best=3, gamma=0.5, keep=keep)
+        dev = match_patterns(standin_gpu.asarray(patterns), (standin_gpu.asarray(packed), n_t,
+                             standin_gpu.asarray(major)), n_best=3, gamma=0.5, keep=keep)
+        assert type(dev) is not np.ndarray  # it stayed on the "device"
+        np.testing.assert_array_equal(np.asarray(dev)[..., [0, 3]], host[..., [0, 3]])
+        np.testing.assert_allclose(np.asarray(dev)[..., 1:3], host[..., 1:3], rtol=1e-4, atol=1e-4)
