@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread
-from .kernels.matching import match_patterns, pack_templates, prepare_templates, template_major
+from .kernels.matching import (match_patterns, pack_templates, prepare_templates, spectral_norms,
+                               template_major)
 from .mapping import map_frames
 from .templates import TemplateLibrary
 
@@ -19,7 +20,7 @@ FIELDS = ("template", "phase", "correlation", "in_plane_rotation", "mirror")
 
 
 def _templates_to_device(cp, host):
-    packed, n_t = host
+    packed, n_t = host[:2]  # the host-only search's extra layouts stay behind
     return cp.asarray(packed), n_t
 
 
@@ -70,18 +71,22 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
                                         templates=slice(t0, t0 + 2048))
             real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
-        cache[key] = DeviceCache(pack_templates(real, imag), _templates_to_device)
+        packed, _ = pack_templates(real, imag)
         del real, imag
+        major = template_major(packed, n_t)
+        cache[key] = DeviceCache((packed, n_t, major, spectral_norms(major)), _templates_to_device)
     constants = [cache[key], DeviceCache(library.phase_index.astype(np.float32))]
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
-    if keep is not None and keep < n_t:  # the prefilter gathers templates one piece each
+    if keep is not None and keep < n_t:  # on a GPU the prefilter needs the template-major copy
         if key + ("major",) not in cache:
-            cache[key + ("major",)] = DeviceCache(template_major(*cache[key].host))
+            cache[key + ("major",)] = DeviceCache(cache[key].host[2])
         constants.append(cache[key + ("major",)])
 
     def match(frames, tmpl, phases, major=None):
         xp = array_module(frames)
-        spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
+        spectra = tmpl.get(xp)  # host: packed, n_t, template-major copy, norms
+        if xp is not np and major is not None:
+            spectra = spectra + (major.get(xp),)
         res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep)
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)

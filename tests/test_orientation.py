@@ -244,10 +244,10 @@ def _brute_force(patterns, rendered, gamma, K):
 
 def test_pruned_search_equals_brute_force():
     from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
-                                          template_major)
+                                          spectral_norms, template_major)
 
     rng = np.random.default_rng(7)
-    R, N, n_t, K = 12, 360, 23, 91
+    R, N, n_t, K = 12, 360, 70, 91  # more templates than the two-stage search takes first
     theta = np.arange(N)
     rendered = np.zeros((n_t, R, N), np.float32)
     for t in range(n_t):  # a few Gaussian spots per template
@@ -262,8 +262,14 @@ def test_pruned_search_equals_brute_force():
     patterns[1, 0, 0] = -3.0    # counts as 0
     best = _brute_force(patterns, rendered, 1.0, K)  # (n, 2, n_t)
     real, imag = prepare_templates(rendered, K)
-    for tile in (5, 8, 64):  # several tiles, a padded last tile, one tile
-        got = match_patterns(patterns, pack_templates(real, imag, max_tile=tile), n_best=4, gamma=1.0)
+    searches = []
+    for tile in (16, 24, 128):  # several tiles, a padded last tile, one tile
+        packed, n_t = pack_templates(real, imag, max_tile=tile)
+        major = template_major(packed, n_t)
+        searches += [(packed, n_t),  # every product (the GPU's way)
+                     (packed, n_t, major, spectral_norms(major))]  # two stages (the host's)
+    for spectra in searches:
+        got = match_patterns(patterns, spectra, n_best=4, gamma=1.0)
         for i in range(len(patterns)):
             t, side = got[i, :, 0].astype(int), (got[i, :, 3] < 0).astype(int)
             true = best[i, side, t]  # the true peaks of the chosen (template, mirror) pairs
@@ -302,7 +308,7 @@ def test_array_module_path_equals_host_kernels(standin_gpu):
     run by NumPy functions on stand-in arrays, picks what the numba host kernels pick. No
     proof about GPUs."""
     from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
-                                          template_major)
+                                          spectral_norms, template_major)
 
     rng = np.random.default_rng(2)
     rendered = rng.uniform(0, 1, (30, 8, 120)).astype(np.float32) ** 8
@@ -310,8 +316,9 @@ def test_array_module_path_equals_host_kernels(standin_gpu):
     patterns[0, 0, 0], patterns[1, 1, 1], patterns[2, 2, 2] = np.nan, np.inf, -1
     packed, n_t = pack_templates(*prepare_templates(rendered, 40), max_tile=16)
     major = template_major(packed, n_t)
-    for keep in (None, 7):  # full search, prefilter
-        host = match_patterns(patterns, (packed, n_t, major), n_best=3, gamma=0.5, keep=keep)
+    for keep in (None, 7):  # full search (two stages on the host), prefilter
+        host = match_patterns(patterns, (packed, n_t, major, spectral_norms(major)), n_best=3,
+                              gamma=0.5, keep=keep)
         dev = match_patterns(standin_gpu.asarray(patterns), (standin_gpu.asarray(packed), n_t,
                              standin_gpu.asarray(major)), n_best=3, gamma=0.5, keep=keep)
         assert type(dev) is not np.ndarray  # it stayed on the "device"

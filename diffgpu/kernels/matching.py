@@ -26,7 +26,8 @@ import numpy as np
 
 from ..device import array_module, host_threads
 
-__all__ = ["prepare_templates", "pack_templates", "template_major", "match_patterns"]
+__all__ = ["prepare_templates", "pack_templates", "template_major", "spectral_norms",
+           "match_patterns"]
 
 MAX_TILE = 2048  # templates per product: bounds the (K, 2n, 2t) intermediate of a block
 
@@ -67,19 +68,26 @@ def pack_templates(real, imag, max_tile=MAX_TILE):
 
 
 def template_major(packed, n_t):
-    """Packed tiles -> ``(n_t, K, R, 2)``: each template's spectrum (real, imaginary) in one
-    contiguous piece, for the prefilter, which gathers a different subset for every pattern.
+    """Packed tiles -> ``(n_t, K, 2, R)``: each template's spectrum (real, imaginary parts
+    over radius, per frequency) in one contiguous piece, for the searches that read a
+    different subset of templates for every pattern.
 
     Examples
     --------
     >>> real = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     >>> major = template_major(*pack_templates(real, -real, max_tile=3))
-    >>> major.shape, float(major[3, 1, 2, 0]), float(major[3, 1, 2, 1])
-    ((4, 2, 3, 2), 23.0, -23.0)
+    >>> major.shape, float(major[3, 1, 0, 2]), float(major[3, 1, 1, 2])
+    ((4, 2, 2, 3), 23.0, -23.0)
     """
     n_tiles, K, R, tile2 = packed.shape
-    x = packed.reshape(n_tiles, K, R, 2, tile2 // 2).transpose(0, 4, 1, 2, 3)
-    return np.ascontiguousarray(x.reshape(-1, K, R, 2)[:n_t])
+    x = packed.reshape(n_tiles, K, R, 2, tile2 // 2).transpose(0, 4, 1, 3, 2)
+    return np.ascontiguousarray(x.reshape(-1, K, 2, R)[:n_t])
+
+
+def spectral_norms(major):
+    """``(K, n_t)``: every template's spectral norm over radius at each frequency, for the
+    Cauchy-Schwarz part of the two-stage bound (:func:`_match_two_stage`)."""
+    return np.ascontiguousarray(np.sqrt((major.astype(np.float32) ** 2).sum(axis=(2, 3))).T)
 
 
 def _fft(xp):
@@ -182,8 +190,12 @@ def _bounds(prod, n, t, weights, xp):
         out = np.empty((2, n, t), dtype=np.float32)
         _bounds_host(prod, n, t, weights, out)
         return out
-    A, D = prod[:, :n, :t], prod[:, :n, t:]
-    C, B = prod[:, n:, :t], prod[:, n:, t:]
+    return _bounds_four(prod[:, :n, :t], prod[:, n:, t:], prod[:, n:, :t], prod[:, :n, t:],
+                        weights, xp)
+
+
+def _bounds_four(A, B, C, D, weights, xp):
+    """:func:`_bounds` from the four products given apart, each ``(K, n, t)``."""
     S = A * A + B * B + C * C + D * D
     Q = 2 * (A * B - C * D)
     direct = xp.tensordot(weights, xp.sqrt(xp.maximum(S + Q, 0)), axes=(0, 0))
@@ -255,6 +267,9 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
                              "(packed, n_templates, template_major(packed, n_templates))")
         return _match_prefiltered(ab, packed, templates[2], n_t, weights, n_best, n_azim, n_corr,
                                   keep, xp)
+    if xp is np and len(templates) >= 4:
+        return _match_two_stage(ab, packed, templates[2], templates[3], n_t, weights, n_best,
+                                n_azim, n_corr)
     best_score = xp.full((n, n_best), -np.inf, dtype=xp.float32)
     best_info = xp.zeros((n, n_best, 3), dtype=xp.float32)
     for i in range(n_tiles):
@@ -270,7 +285,7 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
     return _pack(best_score, best_info, xp)
 
 
-def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp):
+def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp, ids=None):
     """Fold the best angles of one tile of templates (direct or mirrored) into the running best.
 
     ``bound`` is, for every (pattern, template), the weighted sum of the magnitudes of the
@@ -278,7 +293,9 @@ def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp
     decreasing order of it, and for each pattern the search stops once the bound falls below
     the n-th best score found. The result is the same as searching every template (the bound
     is tight: on simulated Si only 0.2-5% of templates had a bound above the best score), at a
-    fraction of the inverse FFTs.
+    fraction of the inverse FFTs. Columns whose bound is ``-inf`` (padding) are never
+    chosen. ``ids`` maps the columns to template indices for every pattern (default: the
+    column plus ``t0``).
     """
     A, B, C, D = products
     n, t = bound.shape
@@ -292,7 +309,9 @@ def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp
         a_, b_, c_, d_ = A[:, rows, cand], B[:, rows, cand], C[:, rows, cand], D[:, rows, cand]
         re, im = (a_ + b_, c_ - d_) if sign > 0 else (a_ - b_, c_ + d_)
         peak, angle = _best_angles(re, im, n_azim, n_corr, xp)
-        info = xp.stack([(cand + t0).astype(xp.float32), angle.astype(xp.float32),
+        peak = xp.where(ranked[active, done:upto] > -np.inf, peak, -np.inf)
+        tid = cand + t0 if ids is None else ids[rows, cand]
+        info = xp.stack([tid.astype(xp.float32), angle.astype(xp.float32),
                          xp.full(peak.shape, sign, dtype=xp.float32)], axis=-1)
         s, i = _merge(best_score[active], best_info[active], peak.astype(xp.float32), info,
                       best_score.shape[1], xp)
@@ -311,7 +330,7 @@ def _gathered_products_host(spec, major, chosen, A, B, C, D):
     """The four real products of every pattern with its own chosen templates, read straight
     from the template-major spectra (a transposed gather cost 6 ms per pattern)."""
     n, keep = chosen.shape
-    K, R = major.shape[1], major.shape[2]
+    K, R = major.shape[1], major.shape[3]
     for i in range(n):
         for j in range(keep):
             t = chosen[i, j]
@@ -322,12 +341,74 @@ def _gathered_products_host(spec, major, chosen, A, B, C, D):
                 bd = np.float32(0)
                 for r in range(R):
                     a, b = spec[i, k, 0, r], spec[i, k, 1, r]
-                    c, d = major[t, k, r, 0], major[t, k, r, 1]
+                    c, d = major[t, k, 0, r], major[t, k, 1, r]
                     ac += a * c
                     ad += a * d
                     bc += b * c
                     bd += b * d
                 A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = ac, bd, bc, ad
+
+
+def _low_frequency_bounds(ab, packed, n_t, weights, K1, xp):
+    """:func:`_bounds` over the ``K1`` lowest frequencies only, for every template: ``(2, n, n_t)``."""
+    n_tiles, tile = packed.shape[0], packed.shape[-1] // 2
+    n = ab.shape[1] // 2
+    return xp.concatenate([_bounds(ab[:K1] @ packed[i, :K1], n, tile, weights[:K1], xp)
+                           for i in range(n_tiles)], axis=2)[:, :, :n_t]
+
+
+def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_corr):
+    """The exact search on the host, with most of the products left out.
+
+    Stage 1 bounds every template's best score: the magnitudes of the correlation's
+    spectrum on the ``PREFILTER_FREQUENCIES`` lowest frequencies (one product, a quarter
+    of the full one) plus, for the higher ones, ``|X_k| <= ||P_k|| ||T_k||`` (Cauchy-Schwarz
+    over radius). Stage 2 correlates fully the 32 templates with the highest bounds, then
+    every other template whose bound beats a pattern's n-th best score so far (2-7% of a
+    1,081-template Si library), reading each from the template-major copy. No template that
+    could beat the result is left out, so the matches are those of the full search.
+    """
+    K = packed.shape[1]
+    n = ab.shape[1] // 2
+    K1 = min(PREFILTER_FREQUENCIES, K)
+    bound = _low_frequency_bounds(ab, packed, n_t, weights, K1, np)  # (2, n, n_t)
+    if K1 < K:
+        a, b = ab[K1:, :n], ab[K1:, n:]
+        p_norm = np.sqrt((a * a + b * b).sum(axis=-1))  # (K - K1, n)
+        bound += ((weights[K1:, None] * p_norm).T @ norms[K1:])[None]
+    top = bound.max(axis=0)  # (n, n_t): either side
+    spec = np.ascontiguousarray(np.moveaxis(ab.reshape(K, 2, n, -1), 2, 0))  # (n, K, 2, R)
+    best_score = np.full((n, n_best), -np.inf, dtype=np.float32)
+    best_info = np.zeros((n, n_best, 3), dtype=np.float32)
+
+    def correlate(ids, valid):
+        nonlocal best_score, best_info
+        c = ids.shape[1]
+        A, B, C, D = np.empty((4, K, n, c), dtype=np.float32)
+        _gathered_products_host(spec, major, ids, A, B, C, D)
+        exact = _bounds_four(A, B, C, D, weights, np)  # (2, n, c)
+        exact[:, ~valid] = -np.inf
+        for sign, side in ((1.0, exact[0]), (-1.0, exact[1])):
+            best_score, best_info = _search((A, B, C, D), side, sign, 0, best_score, best_info,
+                                            n_azim, n_corr, np, ids=ids)
+
+    first = min(n_t, max(32, n_best))
+    ids = np.argpartition(-top, first - 1, axis=1)[:, :first] if first < n_t else \
+        np.broadcast_to(np.arange(n_t), (n, n_t))
+    ids = np.ascontiguousarray(ids)
+    correlate(ids, np.ones(ids.shape, bool))
+    if first < n_t:
+        rest = top > best_score[:, -1:]
+        rest[np.arange(n)[:, None], ids] = False
+        counts = rest.sum(axis=1)
+        width = int(counts.max())
+        if width:
+            more = np.zeros((n, width), dtype=np.int64)
+            valid = np.arange(width)[None] < counts[:, None]
+            for i in np.flatnonzero(counts):
+                more[i, :counts[i]] = np.flatnonzero(rest[i])
+            correlate(more, valid)
+    return _pack(best_score, best_info, np)
 
 
 PREFILTER_FREQUENCIES = 16  # recall of the true best in the top 3% / 10%: 98% / 100% (NOTES)
@@ -344,19 +425,17 @@ def _match_prefiltered(ab, packed, major, n_t, weights, n_best, n_azim, n_corr, 
     all frequencies as one batched product per pattern and frequency.
     """
     n_tiles, K, R, tile2 = packed.shape
-    tile = tile2 // 2
     n = ab.shape[1] // 2
     K1 = min(PREFILTER_FREQUENCIES, K)
-    low = xp.concatenate([_bounds(ab[:K1] @ packed[i, :K1], n, tile, weights[:K1], xp).max(axis=0)
-                          for i in range(n_tiles)], axis=1)[:, :n_t]  # (n, n_t)
+    low = _low_frequency_bounds(ab, packed, n_t, weights, K1, xp).max(axis=0)  # (n, n_t)
     chosen = xp.argpartition(-low, keep - 1, axis=1)[:, :keep]  # (n, keep)
     spec = xp.ascontiguousarray(xp.moveaxis(ab.reshape(K, 2, n, R), 2, 0))  # (n, K, 2, R)
     if xp is np:
         A, B, C, D = np.empty((4, K, n, keep), dtype=np.float32)
         _gathered_products_host(spec, major, chosen, A, B, C, D)
     else:
-        picked = major[chosen]  # (n, keep, K, R, 2)
-        picked = xp.ascontiguousarray(picked.transpose(0, 2, 3, 4, 1)).reshape(n, K, R, 2 * keep)
+        picked = major[chosen]  # (n, keep, K, 2, R)
+        picked = xp.ascontiguousarray(picked.transpose(0, 2, 4, 3, 1)).reshape(n, K, R, 2 * keep)
         prod = xp.moveaxis(xp.matmul(spec, picked), 1, 0)  # (K, n, 2, 2 keep): [[ac, ad], [bc, bd]]
         A, D = prod[:, :, 0, :keep], prod[:, :, 0, keep:]
         C, B = prod[:, :, 1, :keep], prod[:, :, 1, keep:]
