@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_DEVICE = 0, 1, 2, 3, 4
 
@@ -178,15 +179,38 @@ def _write_atomically(result, output, overwrite, progress):
         raise InputError(f"'{output}' exists (use --overwrite to replace it)")
     name = f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.partial.zspy"
     tmp = os.path.join(os.path.dirname(output), name)
+    import dask
+
+    from .device import host_threads
+
+    # our own pool for dask's threaded scheduler, so that after an interruption the tasks
+    # already running can be waited for before the partial output is removed
+    pool = ThreadPoolExecutor(host_threads())
     try:
         result.to_host()
-        result.save(tmp, show_progressbar=progress, overwrite=True)
+        with dask.config.set(pool=pool):
+            result.save(tmp, show_progressbar=progress, overwrite=True)
         if os.path.exists(output):
             shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
         os.replace(tmp, output)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_partial(tmp)
+
+
+def _remove_partial(path, settle=1.0, timeout=30.0):
+    """Remove a partial output. Tasks still running elsewhere (a cluster's workers) may write
+    a chunk into it after a first removal: remove it again until it has stayed gone for
+    ``settle`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        quiet_until = time.monotonic() + settle
+        while time.monotonic() < quiet_until and not os.path.exists(path):
+            time.sleep(0.05)
+        if not os.path.exists(path) or time.monotonic() > deadline:
+            return
 
 
 def cmd_integrate(args):
