@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 
-from .device import DeviceCache, array_module, host_threads, one_blas_thread
+from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
 from .kernels.matching import (match_patterns, pack_templates, prepare_templates, spectral_norms,
                                template_major)
 from .mapping import map_frames
 from .templates import TemplateLibrary
 
-__all__ = ["get_orientation"]
+__all__ = ["get_orientation", "refine_orientations"]
 
 _PER_ANGSTROM = {"1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
                  "1/nm": 0.1, "nm^-1": 0.1}
@@ -124,3 +124,69 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     }
     cls = LazyOrientationMatches if polar._lazy else OrientationMatches
     return cls(data, axes=axes, metadata=metadata)
+
+
+def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
+                        accelerating_voltage=None, max_excitation_error=None):
+    """Shared implementation of :meth:`OrientationMatches.refine`."""
+    from orix.quaternion import Rotation
+
+    from .kernels.refine import prepare_patterns, refine_rotations
+    from .signals import OrientationMatches
+
+    if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
+        raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
+                         f"the matches' scan {matches.axes_manager.navigation_shape}")
+    if len(library) != len(np.asarray(matches.metadata.Library.rotations)):
+        raise ValueError("the library is not the one these matches were made with (it has "
+                         f"{len(library)} templates, the matches' library "
+                         f"{len(np.asarray(matches.metadata.Library.rotations))})")
+    az, rad = polar.axes_manager.signal_axes
+    units = rad.units if isinstance(rad.units, str) else None
+    if units not in _PER_ANGSTROM:
+        raise ValueError(f"the radial axis must be in 1/Å or 1/nm; it is {units!r}")
+    to_a = _PER_ANGSTROM[units]
+    to_deg = 1.0 if az.units == "deg" else 180 / math.pi
+    radial = (float(rad.axis[0]) * to_a, float(rad.scale) * to_a)
+    azimuthal = (float(az.axis[0]) * to_deg, float(az.scale) * to_deg)
+    if abs(azimuthal[1] * az.size - 360) > 1e-6:
+        raise ValueError("refinement needs the full azimuthal circle")
+    gamma = float(matches.metadata.Matching.gamma if gamma is None else gamma)
+    m = matches._host_matches()
+    nav = m.shape[:-2]
+    start = matches.to_rotations().data.reshape(nav + (-1, 4))[..., 0, :]
+    # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
+    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9,))
+    phases = m[..., 0, 1].reshape(nav + (1,))
+    models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
+              for p in np.unique(phases)}
+
+    def refine(frames, mat, phase, models):
+        frames = to_host_array(frames)
+        p = prepare_patterns(frames, gamma, smooth)
+        out = np.zeros((frames.shape[0], 5))
+        for ph, model in models.items():
+            sel = np.flatnonzero(phase[:, 0] == ph)
+            if not sel.size:
+                continue
+            found, score = refine_rotations(p[sel], mat[sel].reshape(-1, 3, 3), model, gamma,
+                                            radial, azimuthal, step, min_step)
+            out[sel, :4] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
+            out[sel, 4] = score
+        xp = array_module(frames)
+        return xp.asarray(out)
+
+    data = map_frames(polar.data, refine, (5,), np.float64, constants=(models,),
+                      per_frame=(mats, phases))
+    if hasattr(data, "compute"):
+        data = data.compute()
+    data = np.asarray(to_host_array(data))
+    out = OrientationMatches(m.astype(np.float32),
+                             axes=[ax.get_axis_dictionary() for ax in matches.axes_manager._axes],
+                             metadata=matches.metadata.as_dictionary())
+    out.metadata.set_item("Refined.rotations", data[..., :4])
+    out.metadata.set_item("Refined.score", data[..., 4])
+    out.metadata.set_item("Refined.parameters", {"gamma": gamma, "smooth": smooth, "step": step,
+                                                 "min_step": min_step})
+    out.metadata.General.title = f"Refined {matches.metadata.General.title}".strip()
+    return out

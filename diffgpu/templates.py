@@ -65,6 +65,9 @@ class TemplateLibrary:
                 raise ValueError(f"phase {p.name!r} has no symmetry (space or point group); "
                                  "orientations need it")
         self._cache = {}
+        # simulation parameters, for refinement (from_phase sets them; diffsims defaults)
+        self.accelerating_voltage = 200.0
+        self.max_excitation_error = 0.05
 
     def __len__(self):
         return len(self.spots)
@@ -165,6 +168,8 @@ class TemplateLibrary:
                                           with_direct_beam=False)
         lib = cls.from_simulation(sim)
         lib.reciprocal_radius = float(reciprocal_radius)
+        lib.accelerating_voltage = float(accelerating_voltage)
+        lib.max_excitation_error = float(max_excitation_error)
         return lib
 
     @staticmethod
@@ -177,6 +182,41 @@ class TemplateLibrary:
                [0.75, 0.75, 0.25], [0.75, 0.25, 0.75], [0.25, 0.75, 0.75]]
         structure = Structure(atoms=[Atom("Si", p) for p in xyz], lattice=Lattice(a, a, a, 90, 90, 90))
         return Phase("Si", space_group=227, structure=structure)
+
+    def kinematic_model(self, phase_index=0, accelerating_voltage=None, max_excitation_error=None):
+        """The spot model of one phase for refinement: ``(g, f2, k, max_excitation_error,
+        reciprocal_radius)``.
+
+        ``g`` ``(N, 3)`` are the reciprocal lattice vectors (crystal frame, 1/Å) within the
+        library's ``reciprocal_radius``, ``f2`` their kinematic intensities (diffsims,
+        Lobato scattering factors; extinct ones left out), ``k = 1 / wavelength``.
+
+        Examples
+        --------
+        >>> from diffgpu.templates import TemplateLibrary
+        >>> lib = TemplateLibrary.from_phase(TemplateLibrary.silicon(), resolution=4.0,
+        ...                                  reciprocal_radius=1.0)
+        >>> g, f2, k, smax, radius = lib.kinematic_model()
+        >>> g.shape[1], bool(np.all(np.linalg.norm(g, axis=1) <= 1.0 + 1e-9)), round(k, 2)
+        (3, True, 39.87)
+        """
+        from diffsims.crystallography._diffracting_vector import DiffractingVector
+        from diffsims.utils.sim_utils import get_electron_wavelength, get_kinematical_intensities
+
+        voltage = float(accelerating_voltage or self.accelerating_voltage)
+        smax = float(max_excitation_error or self.max_excitation_error)
+        key = ("kinematic", phase_index, voltage)
+        if key not in self._cache:
+            phase = self.phases[phase_index]
+            recip = DiffractingVector.from_min_dspacing(phase, min_dspacing=1 / self.reciprocal_radius,
+                                                        include_zero_vector=False)
+            f2 = get_kinematical_intensities(phase.structure, recip.hkl, recip.gspacing, prefactor=1,
+                                             scattering_params="lobato")
+            keep = f2 > 1e-8 * f2.max()
+            self._cache[key] = (np.asarray(recip.data).reshape(-1, 3)[keep], np.asarray(f2)[keep],
+                                1.0 / get_electron_wavelength(voltage))
+        g, f2, k = self._cache[key]
+        return g, f2, k, smax, self.reciprocal_radius
 
     # -- rendering for matching ----------------------------------------------------
     def key(self):

@@ -153,6 +153,53 @@ def test_reliability_compares_with_the_best_different_orientation(si, lib):
         _polar(s).get_orientation(lib, n_best=1).get_reliability()
 
 
+def test_refine_goes_below_the_grid_lazy_equal_eager_and_survives_saving(si, lib, tmp_path):
+    truth = Rotation.random(12)
+    s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(128, 128), calibration=0.02)
+    polar = _polar(s)
+    matches = polar.get_orientation(lib, n_best=2)  # a 2-degree library
+    refined = matches.refine(polar, lib)
+    t = Orientation(truth, symmetry=si.point_group)
+    before = t.angle_with(matches.to_orientations(), degrees=True)
+    after = t.angle_with(refined.to_orientations(), degrees=True)
+    ok = before < 3  # right matches; refinement cannot fix a wrong one
+    assert ok.sum() >= 9
+    assert np.median(after[ok]) < 0.5 < np.median(before[ok])
+    np.testing.assert_array_equal(refined.data, matches.data)  # the matches themselves stay
+    rot = refined.to_rotations()
+    np.testing.assert_allclose(rot.data[:, 0], refined.metadata.Refined.rotations)
+    np.testing.assert_allclose(rot.data[:, 1], matches.to_rotations().data[:, 1])
+    lazy = polar.as_lazy()
+    lazy.data = lazy.data.rechunk((5, -1, -1))
+    from_lazy = matches.as_lazy().refine(lazy, lib)
+    np.testing.assert_allclose(from_lazy.metadata.Refined.rotations,
+                               refined.metadata.Refined.rotations, atol=1e-9)
+    refined.save(tmp_path / "r.zspy")
+    back = diffgpu.load(tmp_path / "r.zspy", lazy=False)
+    assert np.all(back.to_orientations().angle_with(refined.to_orientations(), degrees=True) < 1e-3)
+    xmap = refined.to_crystal_map()
+    best = Rotation(xmap.rotations.data.reshape(12, 2, 4)[:, 0])  # all ranks are kept
+    assert np.all(Orientation(best, symmetry=si.point_group).angle_with(
+        Orientation(rot[:, 0], symmetry=si.point_group), degrees=True) < 1e-3)
+    with pytest.raises(ValueError, match="scan"):
+        matches.refine(polar.inav[:6], lib)
+    with pytest.raises(ValueError, match="library"):
+        matches.refine(polar, TemplateLibrary.from_phase(si, resolution=5.0))
+
+
+@pytest.mark.gpu
+def test_gpu_refine_matches_cpu(cupy, si, lib):
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
+                                          calibration=0.02)
+    polar = _polar(s)
+    matches = polar.get_orientation(lib, n_best=2)
+    cpu = matches.refine(polar, lib)
+    polar.to_device()
+    gpu = matches.refine(polar, lib)
+    np.testing.assert_allclose(gpu.metadata.Refined.rotations, cpu.metadata.Refined.rotations,
+                               atol=1e-6)
+
+
 def test_plots(si, lib):
     import matplotlib.pyplot as plt
 

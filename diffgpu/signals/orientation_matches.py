@@ -54,7 +54,10 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return phases, PhaseList(phases)
 
     def to_rotations(self):
-        """orix ``Rotation`` of every match: shape ``navigation + (n_best,)``."""
+        """orix ``Rotation`` of every match: shape ``navigation + (n_best,)``.
+
+        After :meth:`refine`, the best match's rotation is the refined one.
+        """
         from orix.quaternion import Rotation
 
         m = self._host_matches()
@@ -67,7 +70,13 @@ class OrientationMatches(DeviceMixin, Signal2D):
         c, s = np.cos(g), np.sin(g)
         rz = np.zeros(g.shape + (3, 3))
         rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
-        return Rotation.from_matrix((mats @ rz).reshape(-1, 3, 3)).reshape(*g.shape)
+        rot = Rotation.from_matrix((mats @ rz).reshape(-1, 3, 3)).reshape(*g.shape)
+        refined = self.metadata.get_item("Refined.rotations")
+        if refined is not None:  # the best match refined below the library's grid
+            q = rot.data.copy()
+            q[..., 0, :] = np.asarray(refined).reshape(q[..., 0, :].shape)
+            rot = Rotation(q)
+        return rot
 
     def to_orientations(self, rank=0):
         """orix ``Orientation`` of the ``rank``-th best match (single-phase libraries).
@@ -116,6 +125,64 @@ class OrientationMatches(DeviceMixin, Signal2D):
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
         return CrystalMap(rotations=rot, phase_id=flat[:, 0, 1].astype(int), phase_list=phase_list,
                           prop=props, scan_unit=unit, **coords)
+
+    def refine(self, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
+               accelerating_voltage=None, max_excitation_error=None):
+        """Refine every best match below the library's angular grid.
+
+        From each pattern's best match the crystal is turned in steps of ``step`` degrees
+        about the laboratory x, y and z axes, keeping turns that raise the score and halving
+        the step when none does, down to ``min_step``. The score compares the pattern with
+        diffsims' kinematic spot model at the trial orientation (see
+        :mod:`diffgpu.kernels.refine`). On simulated Si with a 1-degree library the median
+        error fell from 1.0 to about 0.2 degrees (benchmarks/RESULTS.md). It cannot undo a
+        wrong match (see :meth:`get_reliability`).
+
+        Parameters
+        ----------
+        polar : PolarPatterns or LazyPolarPatterns
+            The patterns that were matched (same scan and calibration). Lazy patterns are
+            read chunk by chunk; device-resident ones are refined on the host.
+        library : TemplateLibrary
+            The library the matches come from (its phases give the spot model).
+        gamma : float, optional
+            Intensity scaling, as in matching (default: the one used for matching).
+        smooth : float
+            Gaussian smoothing of the polar patterns, in bins.
+        step, min_step : float
+            First and last step of the search, degrees.
+        accelerating_voltage, max_excitation_error : float, optional
+            Override the library's simulation parameters (kV, 1/Å).
+
+        Returns
+        -------
+        OrientationMatches
+            In memory: the same matches, with ``metadata.Refined.rotations`` (the refined
+            best orientations, used by :meth:`to_rotations`, :meth:`to_orientations`,
+            :meth:`to_crystal_map` and the maps) and ``metadata.Refined.score``.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> from orix.quaternion import Orientation, Rotation
+        >>> si = diffgpu.TemplateLibrary.silicon()
+        >>> lib = diffgpu.TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
+        >>> truth = Rotation.random(8)
+        >>> s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(128, 128),
+        ...                                       calibration=0.02)
+        >>> polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28))
+        >>> matches = polar.get_orientation(lib, n_best=2)
+        >>> refined = matches.refine(polar, lib)
+        >>> t = Orientation(truth, symmetry=si.point_group)
+        >>> def error(m):
+        ...     return t.angle_with(m.to_orientations(), degrees=True)
+        >>> bool(np.median(error(refined)) < np.median(error(matches)))
+        True
+        """
+        from ..orientation import refine_orientations
+
+        return refine_orientations(self, polar, library, gamma, smooth, step, min_step,
+                                   accelerating_voltage, max_excitation_error)
 
     def get_reliability(self, min_misorientation=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map.
