@@ -176,8 +176,19 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         xp = array_module(frames)
         return xp.asarray(out)
 
+    def refine_eager(frames, mat, phase, models):
+        """In memory: blocks of patterns on all cores (the kernel releases the GIL)."""
+        if frames.shape[0] <= 64:
+            return refine(frames, mat, phase, models)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(host_threads()) as pool:
+            parts = list(pool.map(lambda i: refine(frames[i:i + 64], mat[i:i + 64], phase[i:i + 64],
+                                                   models), range(0, frames.shape[0], 64)))
+        return array_module(parts[0]).concatenate(parts)
+
     data = map_frames(polar.data, refine, (5,), np.float64, constants=(models,),
-                      per_frame=(mats, phases))
+                      per_frame=(mats, phases), eager_func=refine_eager)
     if hasattr(data, "compute"):
         data = data.compute()
     data = np.asarray(to_host_array(data))
