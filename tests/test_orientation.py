@@ -187,6 +187,22 @@ def test_refine_goes_below_the_grid_lazy_equal_eager_and_survives_saving(si, lib
         matches.refine(polar, TemplateLibrary.from_phase(si, resolution=5.0))
 
 
+def test_refine_kernel_scores_like_the_numpy_formulation(lib):
+    from orix.quaternion import Rotation as Rot
+
+    from diffgpu.kernels.refine import _score_one, prepare_patterns, score_rotations
+
+    g, f2, k, smax, radius = lib.kinematic_model()
+    rng = np.random.default_rng(4)
+    p = prepare_patterns(rng.uniform(0, 1, (3, 64, 360)) ** 6, 0.3)
+    mats = Rot.random(3 * 5).to_matrix().reshape(3, 5, 3, 3)
+    grid = ((0.01, 0.02), (-179.5, 1.0))
+    expected = score_rotations(p, mats, g, f2, k, smax, 0.3, *grid, radius)
+    got = np.array([[_score_one(p[i], mats[i, j], g, f2, k, smax, 0.3, *grid[0], *grid[1], radius)
+                     for j in range(5)] for i in range(3)])
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_gpu_refine_matches_cpu(cupy, si, lib):
     s = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),

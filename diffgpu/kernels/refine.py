@@ -3,7 +3,7 @@
 A template library samples orientations on a grid (1 degree: up to ~0.7 degrees from any
 orientation). Refinement starts from a match and turns the crystal in small steps about
 the three laboratory axes, keeping each turn that raises the score, and halves the step
-when none does (a pattern search), for every pattern at once.
+when none does (a pattern search), for every pattern.
 
 The model is diffsims' kinematic one, evaluated here for many rotations per call: the
 phase's reciprocal lattice vectors ``g`` (crystal frame, 1/Å) and their intensities
