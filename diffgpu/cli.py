@@ -7,7 +7,7 @@
     diffgpu integrate INPUT -o OUTPUT.zspy [--npt 100] [--npt-azim 360 | --1d] [--center X Y] ...
     diffgpu virtual INPUT -o OUTPUT.zspy --disc R [--annulus R_IN R_OUT] ...
     diffgpu orientation INPUT -o OUTPUT.zspy --phase Si|FILE.cif [--resolution 1] [--ipf MAP.png]
-                        [--n-best 5 --reliability MAP.png]
+                        [--n-best 5 --reliability MAP.png] [--refine]
 
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
@@ -90,6 +90,8 @@ def build_parser():
     ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG")
     ori.add_argument("--reliability", help="also write a reliability map to this PNG (needs "
                      "--n-best >= 2): near 0 where two different orientations fit as well")
+    ori.add_argument("--refine", action="store_true",
+                     help="refine the best matches below the library's grid (reads the data twice)")
     return parser
 
 
@@ -264,8 +266,9 @@ def cmd_orientation(args):
     polar = s.get_azimuthal_integral2d(npt=args.npt, npt_azim=360, mean=True,
                                        radial_range=(0, args.reciprocal_radius * per_unit * 1.05))
     matches = polar.get_orientation(library, n_best=args.n_best)
-    code = _run(args, matches, f"{s.axes_manager.navigation_size} patterns matched against "
-                               f"{len(library)} templates")
+    result = (lambda: matches.refine(polar, library)) if args.refine else matches
+    code = _run(args, result, f"{s.axes_manager.navigation_size} patterns matched against "
+                              f"{len(library)} templates" + (" and refined" if args.refine else ""))
     if code == 0 and (args.ipf or args.reliability):
         import matplotlib
 
@@ -297,9 +300,12 @@ def cmd_orientation(args):
 
 
 def _run(args, result, what):
+    """Write ``result`` (a signal, or a callable making one under the chosen scheduler)."""
     client = _scheduler(args)
     try:
         t0 = time.perf_counter()
+        if callable(result):
+            result = result()
         _write_atomically(result, args.output, args.overwrite, not args.no_progress)
         print(f"{what} in {time.perf_counter() - t0:.1f} s -> {args.output}")
     finally:

@@ -140,6 +140,11 @@ def test_orientation(tmp_path):
     m = diffgpu.load(out, lazy=False)
     assert isinstance(m, diffgpu.OrientationMatches) and m.data.shape == (2, 2, 2, 5)
     assert png.stat().st_size > 1000 and rel.stat().st_size > 1000
+    refined = tmp_path / "refined.zspy"
+    assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(refined), "--phase", "Si",
+                 "--resolution", "4", "--refine", "--no-progress"]) == 0
+    r = diffgpu.load(refined, lazy=False)
+    assert np.asarray(r.metadata.Refined.rotations).shape == (2, 2, 4)
     with pytest.raises(SystemExit) as exc:  # --reliability needs --n-best >= 2
         main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "y.zspy"),
               "--phase", "Si", "--reliability", str(rel)])
