@@ -20,8 +20,19 @@ FIELDS = ("template", "phase", "correlation", "in_plane_rotation", "mirror")
 
 
 def _templates_to_device(cp, host):
-    packed, n_t = host[:2]  # the host-only search's extra layouts stay behind
+    packed, n_t = host
     return cp.asarray(packed), n_t
+
+
+def _host_spectra(templates):
+    """``(packed, n_t, major, norms)`` for the host's two-stage search. The template-major
+    copy and the norms are made where they are used, once per process, so a GPU worker
+    never holds them and a cluster does not ship them."""
+    extra = getattr(templates, "_host_extra", None)
+    if extra is None:  # two threads may both build it at first: same result, no harm
+        major = template_major(*templates.host)
+        extra = templates._host_extra = (major, spectral_norms(major))
+    return templates.host + extra
 
 
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
@@ -71,22 +82,22 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
                                         templates=slice(t0, t0 + 2048))
             real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
-        packed, _ = pack_templates(real, imag)
+        cache[key] = DeviceCache(pack_templates(real, imag), _templates_to_device)
         del real, imag
-        major = template_major(packed, n_t)
-        cache[key] = DeviceCache((packed, n_t, major, spectral_norms(major)), _templates_to_device)
     constants = [cache[key], DeviceCache(library.phase_index.astype(np.float32))]
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
-    if keep is not None and keep < n_t:  # on a GPU the prefilter needs the template-major copy
+    if keep is not None and keep < n_t and polar.device == "gpu":
+        # on a GPU the prefilter reads the template-major copy there
         if key + ("major",) not in cache:
-            cache[key + ("major",)] = DeviceCache(cache[key].host[2])
+            cache[key + ("major",)] = DeviceCache(template_major(*cache[key].host))
         constants.append(cache[key + ("major",)])
 
     def match(frames, tmpl, phases, major=None):
         xp = array_module(frames)
-        spectra = tmpl.get(xp)  # host: packed, n_t, template-major copy, norms
-        if xp is not np and major is not None:
-            spectra = spectra + (major.get(xp),)
+        if xp is np:
+            spectra = _host_spectra(tmpl)
+        else:
+            spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
         res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep)
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
