@@ -8,7 +8,8 @@ detector), moves it to the GPU if there is one, and then, lazily:
 2. integrates every centred pattern azimuthally (a polar transform and a radial profile);
 3. makes bright-field and annular dark-field images in one pass;
 4. maps the orientations of a simulated silicon polycrystal (spot patterns of Voronoi
-   grains) by template matching against a diffsims/orix library;
+   grains) by template matching against a diffsims/orix library, refined below the
+   library's grid;
 
 and writes ``main_job.png`` (mean pattern, a polar transform, the mean radial profile,
 the two virtual images) and ``orientation_map.png`` (true grains, IPF map, best template
@@ -127,15 +128,16 @@ def main_job(output="demo-output", nav_shape=(32, 32), sig_shape=(128, 128), dev
     polar = grains.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28),
                                             mean=True)
     matches = polar.get_orientation(library, n_best=1)
-    matches.to_host()
+    matches = matches.refine(polar, library)  # below the library's 2-degree grid
     polar.to_host()
     truth = Orientation(Rotation(grains.metadata.Synthetic.rotations), symmetry=si.point_group)
     found = matches.to_orientations()
     err = truth.angle_with(Orientation(found.data.reshape(-1, 4), symmetry=si.point_group),
                            degrees=True)
     say(f"orientation map: {grains.axes_manager.navigation_size} patterns against "
-        f"{len(library)} templates in {time.perf_counter() - t0:.2f} s; "
-        f"{100 * np.mean(err < 3):.0f}% within 3 degrees of the truth (2-degree library)")
+        f"{len(library)} templates, refined, in {time.perf_counter() - t0:.2f} s; "
+        f"{100 * np.mean(err < 3):.0f}% within 3 degrees of the truth (2-degree library), "
+        f"median error {np.median(err):.2f} degrees")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     axes[0].imshow(grains.metadata.Synthetic.grains, cmap="tab10")
     axes[0].set_title("true grains")
