@@ -173,7 +173,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
               for p in np.unique(phases)}
 
     def refine(frames, mat, phase, models):
-        frames = to_host_array(frames)
+        xp = array_module(frames)  # the result goes back where the frames were
+        frames, mat, phase = to_host_array(frames), to_host_array(mat), to_host_array(phase)
         p = prepare_patterns(frames, gamma, smooth)
         out = np.zeros((frames.shape[0], 5))
         for ph, model in models.items():
@@ -184,7 +185,6 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                                             radial, azimuthal, step, min_step)
             out[sel, :4] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
             out[sel, 4] = score
-        xp = array_module(frames)
         return xp.asarray(out)
 
     def refine_eager(frames, mat, phase, models):

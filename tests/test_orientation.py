@@ -203,6 +203,22 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_refine_takes_device_patterns(standin_gpu, si, lib, lazy):
+    """Plumbing only (stand-in device arrays): device-resident patterns are refined on the
+    host, with the same result."""
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(4), sig_shape=(128, 128),
+                                          calibration=0.02)
+    polar = _polar(s)
+    matches = polar.get_orientation(lib, n_best=2)
+    host = matches.refine(polar, lib)
+    polar = polar.as_lazy() if lazy else polar
+    polar.to_device()
+    dev = matches.refine(polar, lib)
+    np.testing.assert_allclose(dev.metadata.Refined.rotations, host.metadata.Refined.rotations,
+                               atol=1e-9)
+
+
 @pytest.mark.gpu
 def test_gpu_refine_matches_cpu(cupy, si, lib):
     s = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
