@@ -35,6 +35,33 @@ def _host_spectra(templates):
     return templates.host + extra
 
 
+def _polar_calibration(polar):
+    """The polar axes and their unit factors ``(azimuth, radius, to_1/Å, to_degrees)``, or a
+    ValueError when they cannot be compared with templates (radius not in 1/Å or 1/nm,
+    azimuth not the full circle)."""
+    az, rad = polar.axes_manager.signal_axes
+    units = rad.units if isinstance(rad.units, str) else None
+    if units not in _PER_ANGSTROM:
+        raise ValueError(f"the radial axis must be in 1/Å or 1/nm to compare with templates; it is "
+                         f"{units!r}: calibrate the scale before integrating")
+    to_deg = 1.0 if az.units == "deg" else 180 / math.pi
+    span = az.scale * az.size * to_deg
+    if abs(span - 360) > 1e-6:
+        raise ValueError(f"template matching needs the full azimuthal circle; the data span {span:g}"
+                         " degrees")
+    return az, rad, _PER_ANGSTROM[units], to_deg
+
+
+def _in_host_blocks(run, n, block=64):
+    """``run(start, stop)`` for blocks of ``block`` frames in a thread per core, concatenated:
+    the kernels release the GIL, and NumPy's own reductions are single-threaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(host_threads()) as pool:
+        parts = list(pool.map(lambda i: run(i, min(i + block, n)), range(0, n, block)))
+    return array_module(parts[0]).concatenate(parts)
+
+
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
                     template_sigma=None, max_frequency=None):
     """Shared implementation of :meth:`PolarPatterns.get_orientation`."""
@@ -53,22 +80,13 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         raise ValueError(f"n_best={n_best} is larger than the library ({n_t} templates)")
     if not 0 < frac_keep <= 1:
         raise ValueError(f"frac_keep must be in (0, 1]; got {frac_keep}")
-    az, rad = polar.axes_manager.signal_axes
-    units = rad.units if isinstance(rad.units, str) else None
-    if units not in _PER_ANGSTROM:
-        raise ValueError(f"the radial axis must be in 1/Å or 1/nm to compare with templates; it is "
-                         f"{units!r}: calibrate the scale before integrating")
-    to_a = _PER_ANGSTROM[units]
+    az, rad, to_a, _ = _polar_calibration(polar)
     radii = rad.axis * to_a
     r_top = (rad.high_value + rad.scale / 2) * to_a
     if r_top < library.reciprocal_radius * (1 - 1e-6):
         raise ValueError(f"the polar data reach {r_top:.3g} 1/Å but the templates reach "
                          f"{library.reciprocal_radius:.3g} 1/Å: integrate to a larger radial_range "
                          "or simulate the library with a smaller reciprocal_radius")
-    span = az.scale * az.size * (1.0 if az.units == "deg" else 180 / math.pi)
-    if abs(span - 360) > 1e-6:
-        raise ValueError(f"template matching needs the full azimuthal circle; the data span {span:g}"
-                         " degrees")
     n_azim = az.size
     sigma = template_sigma if template_sigma is not None else 1.0 * rad.scale * to_a
     K = int(max_frequency or min(n_azim // 2 + 1, 64))
@@ -103,16 +121,11 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
 
     def match_eager(frames, *consts):
-        """In memory on the host: blocks of patterns on all cores (NumPy's reductions and
-        the parabola fit are single-threaded; BLAS and the FFT alone leave cores idle)."""
+        """In memory on the host: blocks of patterns on all cores, one BLAS thread each."""
         if array_module(frames) is not np or frames.shape[0] <= 64:
             return match(frames, *consts)
-        from concurrent.futures import ThreadPoolExecutor
-
-        starts = range(0, frames.shape[0], 64)
-        with one_blas_thread(), ThreadPoolExecutor(host_threads()) as pool:
-            parts = list(pool.map(lambda i: match(frames[i:i + 64], *consts), starts))
-        return np.concatenate(parts)
+        with one_blas_thread():
+            return _in_host_blocks(lambda a, b: match(frames[a:b], *consts), frames.shape[0])
 
     data = map_frames(polar.data, match, (n_best, len(FIELDS)), np.float32,
                       constants=tuple(constants), eager_func=match_eager)
@@ -152,18 +165,11 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         raise ValueError("the library is not the one these matches were made with (it has "
                          f"{len(library)} templates, the matches' library "
                          f"{len(np.asarray(matches.metadata.Library.rotations))})")
-    az, rad = polar.axes_manager.signal_axes
-    units = rad.units if isinstance(rad.units, str) else None
-    if units not in _PER_ANGSTROM:
-        raise ValueError(f"the radial axis must be in 1/Å or 1/nm; it is {units!r}")
-    to_a = _PER_ANGSTROM[units]
-    to_deg = 1.0 if az.units == "deg" else 180 / math.pi
+    az, rad, to_a, to_deg = _polar_calibration(polar)
     radial = (float(rad.axis[0]) * to_a, float(rad.scale) * to_a)
     azimuthal = (float(az.axis[0]) * to_deg, float(az.scale) * to_deg)
-    if abs(azimuthal[1] * az.size - 360) > 1e-6:
-        raise ValueError("refinement needs the full azimuthal circle")
     gamma = float(matches.metadata.Matching.gamma if gamma is None else gamma)
-    m = matches._host_matches()
+    m = matches._host_matches()  # computed once; to_rotations() reuses it
     nav = m.shape[:-2]
     start = matches.to_rotations().data.reshape(nav + (-1, 4))[..., 0, :]
     # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
@@ -188,15 +194,11 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         return xp.asarray(out)
 
     def refine_eager(frames, mat, phase, models):
-        """In memory: blocks of patterns on all cores (the kernel releases the GIL)."""
+        """In memory: blocks of patterns on all cores."""
         if frames.shape[0] <= 64:
             return refine(frames, mat, phase, models)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(host_threads()) as pool:
-            parts = list(pool.map(lambda i: refine(frames[i:i + 64], mat[i:i + 64], phase[i:i + 64],
-                                                   models), range(0, frames.shape[0], 64)))
-        return array_module(parts[0]).concatenate(parts)
+        return _in_host_blocks(lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], models),
+                               frames.shape[0])
 
     data = map_frames(polar.data, refine, (5,), np.float64, constants=(models,),
                       per_frame=(mats, phases), eager_func=refine_eager)

@@ -41,8 +41,15 @@ class OrientationMatches(DeviceMixin, Signal2D):
     _signal_type = "orientation_matches"
 
     def _host_matches(self):
-        data = self.data.compute() if self._lazy else self.data
-        return np.asarray(to_host_array(data), dtype=np.float64)
+        """The matches in host memory, float64. Lazy matches are computed once per graph (dask
+        names a graph by its content), not again by every method that needs them."""
+        if not self._lazy:
+            return np.asarray(to_host_array(self.data), dtype=np.float64)
+        name, computed = getattr(self, "_computed", (None, None))
+        if name != self.data.name:
+            computed = np.asarray(to_host_array(self.data.compute()), dtype=np.float64)
+            self._computed = (self.data.name, computed)
+        return computed
 
     def _phases(self):
         from orix.crystal_map import Phase, PhaseList
