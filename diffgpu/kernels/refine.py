@@ -107,14 +107,7 @@ def axis_rotations(angle_deg):
     >>> np.round(m[0, 4] @ [1.0, 0, 0], 6).tolist()   # +90 degrees about z
     [0.0, 1.0, 0.0]
     """
-    a = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))
-    out = np.zeros(a.shape + (6, 3, 3))
-    for j, (axis, sign) in enumerate([(0, 1), (0, -1), (1, 1), (1, -1), (2, 1), (2, -1)]):
-        c, s = np.cos(sign * a), np.sin(sign * a)
-        u, w = [(1, 2), (2, 0), (0, 1)][axis]
-        out[:, j, axis, axis] = 1
-        out[:, j, u, u], out[:, j, u, w], out[:, j, w, u], out[:, j, w, w] = c, -s, s, c
-    return out
+    return np.stack([_turns(float(a)) for a in np.atleast_1d(angle_deg)])
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
@@ -151,7 +144,8 @@ def _score_one(p, m, g, f2, k, smax, gamma, r_first, dr, a_first, da, radius):
 
 @numba.njit(nogil=True, cache=True)
 def _turns(angle_deg):
-    """:func:`axis_rotations` for one angle, compiled: ``(6, 3, 3)``."""
+    """Rotation matrices ``(6, 3, 3)`` by ``+-angle`` degrees about x, y and z (the turns of
+    the search; :func:`axis_rotations` for several angles)."""
     out = np.zeros((6, 3, 3))
     a = math.radians(angle_deg)
     for j in range(6):
