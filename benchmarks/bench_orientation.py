@@ -72,26 +72,25 @@ def make_data(path, n_random, n_zone):
         np.save(f"{path}_{name}_rot.npy", rot.data.reshape(-1, 4))
 
 
-def _within(found_q, true_q, degrees=2.0):
-    """Per pattern: is the found orientation within ``degrees`` of the truth (up to symmetry)?"""
+def _errors(found_q, true_q):
+    """Misorientation (degrees, up to Si's symmetry) of every found orientation from the truth."""
     import diffgpu
     from orix.quaternion import Orientation, Rotation
 
     pg = diffgpu.TemplateLibrary.silicon().point_group
     if not len(true_q):
-        return np.zeros(0, bool)
+        return np.zeros(0)
     return Orientation(Rotation(true_q), symmetry=pg).angle_with(
-        Orientation(Rotation(found_q), symmetry=pg), degrees=True) < degrees
+        Orientation(Rotation(np.reshape(found_q, (-1, 4))), symmetry=pg), degrees=True)
+
+
+def _within(found_q, true_q, degrees=2.0):
+    """Per pattern: is the found orientation within ``degrees`` of the truth (up to symmetry)?"""
+    return _errors(found_q, true_q) < degrees
 
 
 def _accuracy(found, true_q):
-    import diffgpu
-    from orix.quaternion import Orientation, Rotation
-
-    si = diffgpu.TemplateLibrary.silicon()
-    truth = Orientation(Rotation(true_q), symmetry=si.point_group)
-    found = Orientation(Rotation(found.data.reshape(-1, 4)), symmetry=si.point_group)
-    ang = truth.angle_with(found, degrees=True)
+    ang = _errors(found.data, true_q)
     return float(np.mean(ang < 2.0)), float(np.median(ang))
 
 
