@@ -3,16 +3,18 @@
 Tests marked ``gpu`` run the real CuPy paths; they are skipped, with the reason,
 wherever no CUDA device works (the device count is probed, not just the import).
 
-The ``standin_gpu`` fixture installs a NumPy-subclass "device array" in place of
-CuPy so the dispatch plumbing (meta types, lazy transfer steps, compute, plot,
-save) is exercised on any machine. It proves nothing about real GPUs.
+The ``standin_gpu`` fixture installs a strict CPU stand-in for CuPy
+(tests/_strict_cupy.py): device arrays that refuse NumPy conversion, dispatch only
+to functions real CuPy has, and count every host<->device transfer. Tests using it
+are marked ``cupy_rules`` (``pytest -m cupy_rules``). It checks the rules CuPy
+enforces, not speed or CUDA itself.
 """
 
 import os
-import types
+import sys
+from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -20,6 +22,10 @@ matplotlib.use("Agg")
 
 def pytest_collection_modifyitems(config, items):
     import diffgpu.device as dev
+
+    for item in items:  # every test on the strict stand-in runs with `pytest -m cupy_rules`
+        if "standin_gpu" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cupy_rules)
 
     _, n, reason = dev._probe()
     if n > 0:
@@ -30,46 +36,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class StandInDeviceArray(np.ndarray):
-    """A host array that pretends to live on a device (for plumbing tests only)."""
+# The strict stand-in lives in tests/_strict_cupy.py; imported once, under that one name.
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+import _strict_cupy  # noqa: E402
 
-
-def _standin_cupy():
-    mod = types.ModuleType("standin_cupy")
-    mod.ndarray = StandInDeviceArray
-    mod.asarray = lambda a, dtype=None: np.array(a, dtype=dtype, copy=True).view(StandInDeviceArray)
-    mod.asnumpy = lambda a: np.array(a, copy=True).view(np.ndarray)
-    mod.empty = lambda shape, dtype=float: np.empty(shape, dtype).view(StandInDeviceArray)
-    props = {"name": b"Stand-in device", "totalGlobalMem": 2**30}
-    mod.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: props,
-                                      getDevice=lambda: 0)
-    )
-
-    def passthrough(name):  # NumPy's functions, returning stand-in arrays as CuPy's would
-        value = getattr(np, name)
-        if isinstance(value, type) or not callable(value):
-            return value
-
-        def wrapped(*args, **kwargs):
-            out = value(*args, **kwargs)
-            return out.view(StandInDeviceArray) if type(out) is np.ndarray else out
-
-        return wrapped
-
-    mod.__getattr__ = passthrough
-    return mod
+StandInDeviceArray = _strict_cupy.DeviceArray
+TRANSFERS = _strict_cupy.TRANSFERS
 
 
 @pytest.fixture
 def standin_gpu(monkeypatch):
-    """Make diffgpu believe a GPU exists, with NumPy-subclass 'device' arrays."""
-    import diffgpu.device as dev
-
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fake = _standin_cupy()
-    monkeypatch.setattr(dev, "_CUPY_IMPORT", (fake, None))
-    return fake
+    """Make diffgpu believe a GPU exists, with strict stand-in CuPy arrays (see
+    tests/_strict_cupy.py): returns the stand-in ``cupy`` module; ``standin_gpu.TRANSFERS``
+    counts host<->device crossings (reset for each test)."""
+    return _strict_cupy.install(monkeypatch)
 
 
 @pytest.fixture

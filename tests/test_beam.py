@@ -119,7 +119,7 @@ def test_standin_device_beam_finding(standin_gpu, drifting):
     s.to_device()
     shifts = s.center_of_mass()
     assert isinstance(shifts.data, StandInDeviceArray)
-    np.testing.assert_allclose(np.asarray(shifts.data), ref.data, atol=1e-5)
+    np.testing.assert_allclose(shifts.data.get(), ref.data, atol=1e-5)
 
 
 @pytest.mark.gpu

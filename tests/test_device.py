@@ -42,7 +42,7 @@ def test_cupy_without_working_device(monkeypatch, standin_gpu):
     def broken():
         raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
 
-    standin_gpu.cuda.runtime.getDeviceCount = broken
+    monkeypatch.setattr(standin_gpu.cuda.runtime, "getDeviceCount", broken)
     with pytest.raises(diffgpu.DeviceUnavailableError, match="no working CUDA device"):
         dev.require_gpu()
 
@@ -104,7 +104,7 @@ def test_standin_lazy_compute_gives_eager_device_signal(standin_gpu):
     s.compute()
     assert type(s) is diffgpu.DiffractionPatterns
     assert isinstance(s.data, StandInDeviceArray) and s.device == "gpu"
-    np.testing.assert_array_equal(np.asarray(s.data), ref)
+    np.testing.assert_array_equal(s.data.get(), ref)
     s.to_host()
     assert type(s.data) is np.ndarray
     np.testing.assert_array_equal(s.data, ref)
