@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels.dtypes import native_byte_order  # a GPU has no non-native byte order
+
 __all__ = [
     "DeviceUnavailableError",
     "DeviceInfo",
@@ -238,6 +240,10 @@ def _block_to_host(block):
     return _loaded_cupy().asnumpy(block) if is_device_array(block) else np.asarray(block)
 
 
+def _block_to_device(block):
+    return _loaded_cupy().asarray(native_byte_order(block))
+
+
 def _is_dask(x) -> bool:
     return type(x).__module__.startswith("dask.")
 
@@ -265,11 +271,12 @@ def to_device_array(x):
     if _is_dask(x):
         if is_device_array(x._meta):
             return x
-        meta = cp.empty((0,) * x.ndim, dtype=x.dtype)
-        return x.map_blocks(cp.asarray, dtype=x.dtype, meta=meta)
+        dtype = x.dtype.newbyteorder("=")  # big-endian chunks (Merlin) swap bytes as they move
+        meta = cp.empty((0,) * x.ndim, dtype=dtype)
+        return x.map_blocks(_block_to_device, dtype=dtype, meta=meta)
     if is_device_array(x):
         return x
-    return cp.asarray(x)
+    return cp.asarray(native_byte_order(x))
 
 
 def to_host_array(x):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .device import _is_dask, array_module, to_host_array
+from .kernels.dtypes import check_dtype
 
 __all__ = ["map_frames", "with_new_data"]
 
@@ -53,6 +54,7 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     >>> totals.shape, totals[0, 0]
     ((2, 3), np.float64(16.0))
     """
+    check_dtype(data.dtype)  # diffraction intensities: bool, integer or real float, any byte order
     out_shape = tuple(int(n) for n in out_shape)
     dtype = np.dtype(dtype)
     nav_shape = data.shape[:-2]

@@ -24,6 +24,7 @@ import numba
 import numpy as np
 
 from ..device import DeviceCache, array_module, is_device_array
+from .dtypes import CONVERT_BLOCK, check_dtype, kernel_ready, needs_conversion
 
 __all__ = ["IntegrationEngine"]
 
@@ -144,17 +145,22 @@ class IntegrationEngine:
         return self._apply_host(frames, mean, dtype, threads)
 
     def _apply_host(self, frames, mean, dtype, threads):
-        if frames.dtype == np.bool_ or frames.dtype.kind not in "uif":
-            frames = frames.astype(np.float32)
-        frames = np.ascontiguousarray(frames)
+        check_dtype(frames.dtype)
         n = frames.shape[0]
         out = np.empty((n, self.n_bins), dtype)
         bad = np.zeros(n, dtype=np.bool_)
         indptr, indices, weights = self._csr
+        # big-endian (Merlin), float16, bool or strided frames: the kernel reads a converted
+        # copy of CONVERT_BLOCK frames at a time, never of the whole stack
+        direct = frames.flags.c_contiguous and not needs_conversion(frames.dtype)
 
         def run(lo, hi):
             acc = np.empty(TILE, dtype)
-            _gather_tiles(frames[lo:hi], indptr, indices, weights, out[lo:hi], acc, bad[lo:hi])
+            step = hi - lo if direct else CONVERT_BLOCK
+            for a in range(lo, hi, step):
+                b = min(a + step, hi)
+                block = frames[a:b] if direct else np.ascontiguousarray(kernel_ready(frames[a:b]))
+                _gather_tiles(block, indptr, indices, weights, out[a:b], acc, bad[a:b])
 
         threads = max(1, min(threads, n // TILE))
         if threads == 1:
@@ -177,6 +183,7 @@ class IntegrationEngine:
     def _apply_device(self, frames, mean, dtype):
         cp = array_module(frames)
         matrix, coverage = self._device.get(cp)
+        check_dtype(frames.dtype)
         if frames.dtype != cp.float32:  # converted on the device: uint16 moves half the bytes
             frames = frames.astype(cp.float32)
         finite = cp.isfinite(frames)

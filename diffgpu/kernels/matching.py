@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from ..device import array_module, host_threads
+from .dtypes import kernel_ready
 
 __all__ = ["prepare_templates", "pack_templates", "template_major", "spectral_norms",
            "match_patterns"]
@@ -126,7 +127,7 @@ def _pattern_spectra(patterns, gamma, max_frequency, xp):
     """Polar patterns ``(n, R, N)`` -> their spectra ``(K, 2n, R)``: real parts, then imaginary."""
     if xp is np:
         p = np.empty(patterns.shape, dtype=np.float32)
-        _scale_host(patterns, np.float32(gamma), p)
+        _scale_host(kernel_ready(patterns), np.float32(gamma), p)  # numba: native order, no float16
     else:
         p = patterns.astype(xp.float32)
         p = xp.where(xp.isfinite(p), xp.maximum(p, 0), 0)  # NaN bins (outside the detector) count 0

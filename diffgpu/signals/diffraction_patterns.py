@@ -151,7 +151,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         Parameters
         ----------
         function : callable
-            ``function(frames, **kwargs) -> array``.
+            ``function(frames, **kwargs) -> array``. ``frames`` come in the machine's byte
+            order whatever the file's (big-endian Merlin data are swapped a block at a time),
+            so numba functions take them too.
         output_shape : tuple of int, optional
             Result per frame; default the detector shape (an image-to-image operation).
         dtype : dtype, optional
@@ -179,13 +181,16 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         >>> maxima.data.shape
         (4, 4)
         """
+        from ..kernels.dtypes import native_byte_order
         from ..mapping import map_frames
 
         detector = tuple(self.data.shape[-2:])
         output_shape = detector if output_shape is None else tuple(output_shape)
-        dtype = self.data.dtype if dtype is None else dtype
-        result = map_frames(self.data, lambda frames: function(frames, **kwargs), output_shape,
-                            dtype)
+        dtype = self.data.dtype.newbyteorder("=") if dtype is None else dtype
+        # frames in native byte order (a copy per block only for big-endian files such as
+        # Merlin's), so numba and CuPy functions take them
+        result = map_frames(self.data, lambda frames: function(native_byte_order(frames), **kwargs),
+                            output_shape, dtype)
         if output_shape == detector and signal_type in (None, "diffraction_patterns"):
             return self._deepcopy_with_new_data(result)
         from hyperspy.signals import BaseSignal
