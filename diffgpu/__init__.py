@@ -13,6 +13,7 @@ from . import data, device, signals
 from .cluster import start_cluster
 from .device import DeviceUnavailableError, devices, gpu_available
 from .io import as_diffraction_patterns, load
+from .kernels.dtypes import UnsupportedDtypeError
 from .signals import *  # noqa: F401,F403  (the signal classes, to_device, to_host)
 from .templates import TemplateLibrary
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0.dev0"
 __all__ = list(signals.__all__) + [
     "TemplateLibrary",
     "DeviceUnavailableError",
+    "UnsupportedDtypeError",
     "gpu_available",
     "devices",
     "start_cluster",
