@@ -113,6 +113,10 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: '{path}'")
+    if "file_format" not in kwargs and "reader" not in kwargs:
+        reader = _reader_for(path)
+        if reader is not None:
+            kwargs["file_format"] = reader
     try:
         loaded = hs.load(path, lazy=lazy, **kwargs)
     except Exception as err:
@@ -122,7 +126,25 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     return _ours(loaded, signal_type, path)
 
 
+def _reader_for(path):
+    """The reader for ``path`` where HyperSpy's choice by extension would not do: one of
+    diffgpu's reader modules, a RosettaSciIO format name, or None (HyperSpy chooses)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".h5", ".hdf5", ".hdf", ".he5"):
+        from .readers import hdf5
+
+        return hdf5.sniff(path)
+    if ext == ".xml":
+        from .readers import empad
+
+        return empad if empad.is_empad(path) else None
+    return None
+
+
 def _ours(signal, signal_type, path):
+    if signal.axes_manager.navigation_dimension == 0 and signal.axes_manager.signal_dimension > 2:
+        # readers that do not say which axes navigate (Berkeley EMD, some NeXus): frames last
+        signal = signal.transpose(signal_axes=2)
     if signal_type is None:
         current = signal.metadata.get_item("Signal.signal_type", "")
         if current in _OURS:

@@ -1,0 +1,439 @@
+"""Lazy reader for plain HDF5 stacks of frames, including Dectris Arina / EIGER master files.
+
+Dectris detectors (Arina for 4D-STEM, EIGER) write a small *master* file ``<name>_master.h5``
+whose group ``entry/data`` holds ``data_000001``, ``data_000002``, ... as external links to
+data files ``<name>_data_000001.h5``, ... Each data file holds one dataset ``entry/data/data``
+of shape ``(frames, rows, columns)`` (uint8, uint16 or uint32), chunked one frame per chunk
+(or a few) and compressed with bitshuffle + LZ4 (HDF5 filter 32008), which h5py reads once
+:mod:`hdf5plugin` is imported. The master file also carries the detector's description
+(``entry/instrument/detector``: pixel size, detector distance, beam centre, bad-pixel mask;
+``entry/instrument/beam/incident_wavelength``), which becomes the signal's calibration.
+
+The same reader takes any HDF5 file with a stack of frames ``(frames, rows, columns)`` or a
+4D dataset ``(scan rows, scan columns, rows, columns)``: it picks the dataset (or takes
+``dataset=``), and hands over a dask array of whole frames whose chunks are whole multiples
+of the HDF5 chunks along the frames, so that no compressed chunk is read twice.
+
+Use it through :func:`diffgpu.load` (it is picked for ``.h5`` files other than HyperSpy's and
+EMD's) or through HyperSpy: ``hs.load(path, file_format=diffgpu.readers.hdf5, lazy=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4 and other filters with h5py before any read)
+import h5py
+import numpy as np
+
+__all__ = ["file_reader", "find_frames", "sniff", "CHUNK_BYTES"]
+
+#: Bytes of uncompressed frames per dask chunk the reader aims for (whole frames, whole HDF5
+#: chunks). Large enough that per-task overhead is small, small enough for bounded memory.
+CHUNK_BYTES = 32 * 2**20
+
+_DATA_LINK = re.compile(r"^data_\d{6}$")
+_DETECTOR = "entry/instrument/detector"
+
+
+class HDF5FormatError(OSError):
+    """An HDF5 file diffgpu cannot read as a stack of frames (names the file and the problem)."""
+
+
+def sniff(filename):
+    """Which reader an HDF5 file needs: RosettaSciIO's ``"HSPY"`` or ``"EMD"`` for files those
+    formats wrote, else this module (also for files that are not HDF5, so that the error
+    comes from here and names the problem).
+
+    Examples
+    --------
+    >>> import h5py, numpy as np, tempfile, os
+    >>> from diffgpu.readers import hdf5
+    >>> path = os.path.join(tempfile.mkdtemp(), "stack.h5")
+    >>> with h5py.File(path, "w") as f:
+    ...     _ = f.create_dataset("frames", data=np.zeros((6, 8, 8), "uint16"))
+    >>> hdf5.sniff(path) is hdf5
+    True
+    """
+    import sys
+
+    try:
+        f = h5py.File(filename, "r")
+    except OSError:
+        return sys.modules[__name__]
+    with f:
+        attrs = f.attrs
+        fmt = attrs.get("file_format", b"")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+        if fmt.lower() == "hyperspy":
+            return "HSPY"
+        if "version_major" in attrs and "version_minor" in attrs:  # Berkeley EMD
+            return "EMD"
+    return sys.modules[__name__]
+
+
+def find_frames(filename, dataset=None):
+    """Find the frames in an HDF5 file: a list of ``(file, dataset path, n_frames)`` parts.
+
+    Parameters
+    ----------
+    filename : str
+        A Dectris ``*_master.h5`` file, one of its data files, or any HDF5 file.
+    dataset : str, optional
+        Path of the dataset inside the file; by default ``entry/data/data_NNNNNN`` links of a
+        master file, else ``entry/data/data``, else the only dataset with 3 or 4 dimensions.
+
+    Returns
+    -------
+    parts : list of (str, str, int)
+        Data file, dataset path in it and its number of frames, in frame order.
+    shape : tuple of int
+        Shape of one part without its first axis (``(rows, columns)`` for a stack of frames,
+        ``(scan columns, rows, columns)`` for a 4D dataset).
+    dtype : numpy.dtype
+    hdf5_chunk : int
+        Frames per HDF5 chunk along the first axis (scan rows for a 4D dataset).
+
+    Raises
+    ------
+    OSError
+        Naming the file and what is wrong: not HDF5, no frames, a missing external data
+        file, data files that disagree in frame shape or dtype.
+
+    Examples
+    --------
+    >>> import h5py, numpy as np, tempfile, os
+    >>> from diffgpu.readers.hdf5 import find_frames
+    >>> path = os.path.join(tempfile.mkdtemp(), "stack.h5")
+    >>> with h5py.File(path, "w") as f:
+    ...     _ = f.create_dataset("frames", data=np.zeros((6, 8, 8), "uint16"), chunks=(2, 8, 8))
+    >>> parts, shape, dtype, chunk = find_frames(path)
+    >>> parts[0][1:], shape, dtype, chunk
+    (('frames', 6), (8, 8), dtype('uint16'), 2)
+    """
+    filename = os.fspath(filename)
+    try:
+        f = h5py.File(filename, "r")
+    except OSError as err:
+        raise HDF5FormatError(f"'{filename}' is not a readable HDF5 file: {err}") from err
+    with f:
+        if dataset is not None:
+            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                raise HDF5FormatError(f"'{filename}' has no dataset '{dataset}'")
+            paths = [dataset]
+        elif "entry/data" in f and isinstance(f["entry/data"], h5py.Group) and any(
+                _DATA_LINK.match(k) for k in f["entry/data"]):
+            paths = [f"entry/data/{k}" for k in sorted(f["entry/data"]) if _DATA_LINK.match(k)]
+        elif "entry/data/data" in f and isinstance(f["entry/data/data"], h5py.Dataset):
+            paths = ["entry/data/data"]
+        else:
+            found = []
+            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset)
+                         and obj.ndim in (3, 4) else None)
+            if len(found) != 1:
+                what = "no dataset" if not found else f"{len(found)} datasets ({', '.join(found)})"
+                raise HDF5FormatError(
+                    f"'{filename}' has {what} with 3 or 4 dimensions; pass dataset='path/in/file' "
+                    "to say which one holds the frames")
+            paths = found
+        parts = []
+        for path in paths:
+            parts.append(_resolve(f, path, filename))
+    shapes = {p[3] for p in parts}
+    dtypes = {p[4] for p in parts}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise HDF5FormatError(
+            f"the data files of '{filename}' disagree: frame shapes {sorted(shapes)}, "
+            f"dtypes {sorted(str(d) for d in dtypes)}")
+    shape, dtype = parts[0][3], parts[0][4]
+    if len(shape) not in (2, 3):
+        raise HDF5FormatError(f"'{filename}': dataset '{parts[0][1]}' has {len(shape) + 1} "
+                              "dimensions; frames need 3 (frames, rows, columns) or 4")
+    chunk = math.lcm(*[p[5] for p in parts])
+    return [p[:3] for p in parts], shape, dtype, chunk
+
+
+def _resolve(f, path, filename):
+    """(data file, dataset path, n, shape[1:], dtype, chunk frames) of one dataset or link."""
+    link = f.get(path, getlink=True)
+    target_file, target_path = filename, path
+    if isinstance(link, h5py.ExternalLink):
+        target_path = link.path
+        target_file = os.path.join(os.path.dirname(os.path.abspath(filename)), link.filename)
+        if not os.path.exists(target_file):
+            raise HDF5FormatError(
+                f"'{filename}': '{path}' links to the data file '{link.filename}', which is "
+                f"missing (looked for '{target_file}')")
+    try:
+        dset = f[path]
+    except (KeyError, OSError) as err:
+        raise HDF5FormatError(f"'{filename}': cannot open '{path}' (in '{target_file}'): {err}") \
+            from err
+    if not isinstance(dset, h5py.Dataset):
+        raise HDF5FormatError(f"'{filename}': '{path}' is not a dataset")
+    if dset.ndim < 3:
+        raise HDF5FormatError(f"'{filename}': dataset '{path}' has shape {dset.shape}; frames "
+                              "need 3 dimensions (frames, rows, columns) or 4")
+    if not (np.issubdtype(dset.dtype, np.number) or dset.dtype == bool):
+        raise HDF5FormatError(f"'{filename}': dataset '{path}' holds {dset.dtype}, not numbers")
+    chunk = dset.chunks[0] if dset.chunks else 1
+    return (target_file, target_path, int(dset.shape[0]), tuple(dset.shape[1:]), dset.dtype,
+            int(chunk))
+
+
+class _Frames:
+    """Array-like view of frames spread over HDF5 datasets (what dask's ``from_array`` needs).
+
+    Holds file names only, so it pickles to cluster workers; every read opens the file.
+    """
+
+    def __init__(self, parts, nav_shape, frame_shape, dtype):
+        self.parts = [(f, p, n) for f, p, n in parts]
+        self.starts = np.cumsum([0] + [n for _, _, n in parts])
+        self.nav_shape = tuple(nav_shape)
+        self.frame_shape = tuple(frame_shape)
+        self.shape = self.nav_shape + self.frame_shape
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def _read(self, start, stop):
+        """Frames ``start:stop`` (flat frame index) as one array."""
+        out = np.empty((stop - start,) + self.frame_shape, dtype=self.dtype)
+        for i, (fname, path, n) in enumerate(self.parts):
+            a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if a >= b:
+                continue
+            try:
+                with h5py.File(fname, "r") as f:
+                    dset = f[path]
+                    fa, fb = a - self.starts[i], b - self.starts[i]  # frames in this part
+                    if dset.ndim == 3:
+                        dset.read_direct(out, source_sel=np.s_[fa:fb],
+                                         dest_sel=np.s_[a - start:b - start])
+                    else:  # a 4D dataset: read whole scan rows, keep the frames asked for
+                        ncol = dset.shape[1]
+                        r0, r1 = fa // ncol, -(-fb // ncol)
+                        rows = dset[r0:r1].reshape((-1,) + self.frame_shape)
+                        out[a - start:b - start] = rows[fa - r0 * ncol:fb - r0 * ncol]
+            except OSError as err:
+                raise OSError(f"could not read frames {a}-{b - 1} from '{fname}' ('{path}'): "
+                              f"{err}") from err
+        return out
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        nav_key = key[:len(self.nav_shape)]
+        if len(nav_key) < len(self.nav_shape) or not all(isinstance(k, slice) for k in nav_key):
+            return self._read(0, int(np.prod(self.nav_shape))).reshape(self.shape)[key]
+        ranges = [k.indices(n) for k, n in zip(nav_key, self.nav_shape)]
+        if any(step != 1 for _, _, step in ranges):
+            return self[tuple(slice(None) for _ in ranges)][key]
+        flat = np.arange(int(np.prod(self.nav_shape))).reshape(self.nav_shape)
+        idx = flat[tuple(slice(a, b) for a, b, _ in ranges)]
+        if idx.size == 0:
+            frames = np.empty((0,) + self.frame_shape, self.dtype)
+        else:
+            frames = self._read(int(idx.min()), int(idx.max()) + 1)[idx.ravel() - idx.min()]
+        return frames.reshape(idx.shape + self.frame_shape)[(Ellipsis,) + key[len(nav_key):]]
+
+
+def _nav_chunks(nav_shape, frame_bytes, hdf5_chunk, target_bytes):
+    """Chunks of the navigation axes: whole frames, whole HDF5 chunks, about ``target_bytes``.
+
+    >>> _nav_chunks((64, 64), 2**17, 1, 2**25)   # 256 frames of 128 KiB: 4 scan rows
+    (4, 64)
+    >>> _nav_chunks((1000,), 2**17, 10, 2**25)   # a 1D stack: 250 frames, 25 HDF5 chunks
+    (250,)
+    """
+    per = max(1, int(target_bytes // max(frame_bytes, 1)))  # frames per chunk wanted
+    whole = max(hdf5_chunk, per // hdf5_chunk * hdf5_chunk)  # ... in whole HDF5 chunks
+    if len(nav_shape) == 1:
+        return (min(whole, nav_shape[0]),)
+    rest = int(np.prod(nav_shape[1:]))  # frames in one step of the first (slowest) axis
+    if per < rest and len(nav_shape) == 2:  # part of one scan row per chunk
+        return (1, min(whole, rest))
+    rows = max(1, per // rest)
+    unit = hdf5_chunk // math.gcd(hdf5_chunk, rest)  # rows that fill whole HDF5 chunks
+    if unit <= rows:
+        rows = rows // unit * unit
+    return (min(rows, nav_shape[0]),) + tuple(nav_shape[1:])
+
+
+def _read_calibration(filename):
+    """Calibration and original metadata from a Dectris master file (empty where absent)."""
+    cal, original = {}, {}
+    try:
+        f = h5py.File(filename, "r")
+    except OSError:
+        return cal, original
+    with f:
+        def scalar(path):
+            if path in f and isinstance(f[path], h5py.Dataset) and f[path].size == 1:
+                value = f[path][()]
+                value = value.item() if hasattr(value, "item") else value
+                return value.decode() if isinstance(value, bytes) else value
+            return None
+
+        det = f.get(_DETECTOR)
+        if isinstance(det, h5py.Group):
+            for group in (det, det.get("detectorSpecific")):
+                if isinstance(group, h5py.Group):
+                    for key, obj in group.items():
+                        if isinstance(obj, h5py.Dataset) and obj.size == 1:
+                            original[key] = scalar(obj.name)
+            mask = det.get("detectorSpecific/pixel_mask")
+            if isinstance(mask, h5py.Dataset) and mask.ndim == 2:
+                cal["mask"] = np.asarray(mask[()]) != 0
+        wavelength = scalar("entry/instrument/beam/incident_wavelength")  # Å
+        if wavelength is not None:
+            original["incident_wavelength"] = wavelength
+        pixel = scalar(f"{_DETECTOR}/x_pixel_size")  # m
+        distance = scalar(f"{_DETECTOR}/detector_distance")  # m
+        cx, cy = scalar(f"{_DETECTOR}/beam_center_x"), scalar(f"{_DETECTOR}/beam_center_y")
+        if _positive(wavelength):
+            from ..calibration import beam_energy_from_wavelength
+
+            cal["beam_energy"] = beam_energy_from_wavelength(float(wavelength))
+        if _positive(distance):
+            cal["camera_length"] = float(distance) * 1e3  # mm, HyperSpy's unit
+        if _positive(wavelength) and _positive(distance) and _positive(pixel):
+            # scattering angle per pixel / wavelength = reciprocal distance per pixel (small angles)
+            cal["scale"] = float(pixel) / float(distance) / float(wavelength)
+        if cx is not None and cy is not None and (cx, cy) != (0, 0):
+            cal["center"] = (float(cx), float(cy))
+        count_time = scalar(f"{_DETECTOR}/count_time")
+        if _positive(count_time):
+            cal["exposure"] = float(count_time)
+    return cal, original
+
+
+def _positive(value):
+    try:
+        return value is not None and float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks=None, **kwds):
+    """Read frames from an HDF5 file (a Dectris Arina / EIGER master file or any stack).
+
+    This is a RosettaSciIO-style reader: ``hs.load(path, file_format=diffgpu.readers.hdf5)``
+    and :func:`diffgpu.load` call it.
+
+    Parameters
+    ----------
+    filename : str
+        ``*_master.h5`` (its data files are found through the external links), a data file,
+        or any HDF5 file holding a stack of frames.
+    lazy : bool
+        The data is always a dask array read chunk by chunk; HyperSpy makes the signal lazy
+        or computes it.
+    navigation_shape : tuple of int, optional
+        Scan shape in HyperSpy's order ``(x, y)`` = (scan columns, scan rows); one number
+        for a 1D stack. By default a 4D dataset keeps its shape, a square number of frames
+        becomes a square scan, and anything else a 1D stack.
+    dataset : str, optional
+        Path of the dataset in the file (see :func:`find_frames`).
+    chunks : int, optional
+        Frames per dask chunk along the scan (rounded to whole HDF5 chunks); by default
+        chunks of about :data:`CHUNK_BYTES`.
+
+    Returns
+    -------
+    list of dict
+        One signal dictionary (``data``, ``axes``, ``metadata``, ``original_metadata``).
+
+    Raises
+    ------
+    OSError
+        Naming the file and what is wrong (see :func:`find_frames`); a navigation shape that
+        does not match the number of frames.
+
+    Examples
+    --------
+    >>> import h5py, hdf5plugin, numpy as np, tempfile, os, diffgpu
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.h5")
+    >>> with h5py.File(path, "w") as f:
+    ...     _ = f.create_dataset("entry/data/data", data=np.ones((12, 16, 16), "uint16"),
+    ...                          chunks=(1, 16, 16), **hdf5plugin.Bitshuffle(cname="lz4"))
+    >>> s = diffgpu.load(path, navigation_shape=(4, 3))
+    >>> s
+    <LazyDiffractionPatterns, title: scan, dimensions: (4, 3|16, 16)>
+    >>> int(s.data.sum().compute())
+    3072
+    """
+    import dask.array as da
+
+    filename = os.fspath(filename)
+    parts, shape, dtype, hdf5_chunk = find_frames(filename, dataset)
+    if len(shape) == 3:  # a 4D dataset: (scan rows, scan columns, rows, columns)
+        file_nav = (sum(n for _, _, n in parts), shape[0])
+        frame_shape = shape[1:]
+        parts = [(f, p, n * shape[0]) for f, p, n in parts]  # counted in frames from here on
+    else:
+        file_nav = None
+        frame_shape = shape
+    n_frames = sum(n for _, _, n in parts)
+    if navigation_shape is not None:
+        nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]  # array order
+        if int(np.prod(nav)) != n_frames:
+            raise HDF5FormatError(
+                f"'{filename}' holds {n_frames} frames; navigation_shape={tuple(navigation_shape)}"
+                f" needs {int(np.prod(nav))}")
+    elif file_nav is not None:
+        nav = file_nav
+    elif math.isqrt(n_frames) ** 2 == n_frames and n_frames > 1:
+        nav = (math.isqrt(n_frames),) * 2
+    else:
+        nav = (n_frames,)
+    if file_nav is not None:
+        hdf5_chunk = 1  # frames of a 4D dataset are read by whole scan rows anyway
+    frames = _Frames(parts, nav, frame_shape, dtype)
+    frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
+    target = CHUNK_BYTES if chunks is None else int(chunks) * frame_bytes
+    nav_chunks = _nav_chunks(nav, frame_bytes, hdf5_chunk, target)
+    data = da.from_array(frames, chunks=nav_chunks + tuple(frame_shape), asarray=False,
+                         lock=False, fancy=False, meta=np.empty((0,) * len(frames.shape), dtype),
+                         name=f"hdf5-frames-{_token(filename, parts)}")
+
+    cal, original = _read_calibration(filename)
+    scale = cal.get("scale", 1.0)
+    units = "1/Å" if "scale" in cal else "px"
+    center = cal.get("center", (0.0, 0.0))
+    axes = []
+    names = {1: ("frame",), 2: ("y", "x")}.get(len(nav), [f"scan{i}" for i in range(len(nav))])
+    for i, n in enumerate(nav):
+        axes.append({"name": names[i],
+                     "size": n, "scale": 1.0, "offset": 0.0, "units": None, "navigate": True,
+                     "index_in_array": i})
+    for j, (name, n, c) in enumerate(zip(("ky", "kx"), frame_shape, center[::-1])):
+        axes.append({"name": name, "size": n, "scale": scale, "offset": -c * scale,
+                     "units": units, "navigate": False, "index_in_array": len(nav) + j})
+    title = os.path.splitext(os.path.basename(filename))[0]
+    title = title[:-len("_master")] if title.endswith("_master") else title
+    md = {"General": {"title": title, "original_filename": os.path.basename(filename)},
+          "Signal": {"signal_type": "diffraction_patterns"}}
+    tem = {}
+    if "beam_energy" in cal:
+        tem["beam_energy"] = cal["beam_energy"]
+    if "camera_length" in cal:
+        tem["camera_length"] = cal["camera_length"]
+    if "exposure" in cal:
+        tem["Detector"] = {"Diffraction": {"exposure": cal["exposure"]}}
+    if tem:
+        md["Acquisition_instrument"] = {"TEM": tem}
+    if "mask" in cal and cal["mask"].shape == tuple(frame_shape) and cal["mask"].any():
+        md["Diffraction"] = {"mask": cal["mask"]}
+    original = {"hdf5": {"files": [p[0] for p in parts], "dataset": [p[1] for p in parts],
+                         "hdf5_chunk_frames": hdf5_chunk},
+                **({"detector": original} if original else {})}
+    return [{"data": data, "axes": axes, "metadata": md, "original_metadata": original}]
+
+
+def _token(filename, parts):
+    from dask.base import tokenize
+
+    stats = [(p[0], os.path.getmtime(p[0]), os.path.getsize(p[0])) for p in parts]
+    return tokenize(os.path.abspath(filename), stats, parts)
