@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from .readers.errors import DetectorFileError
+
 __all__ = ["load", "as_diffraction_patterns"]
 
 _SIGNAL_TYPES = {
@@ -119,6 +121,8 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             kwargs["file_format"] = reader
     try:
         loaded = hs.load(path, lazy=lazy, **kwargs)
+    except DetectorFileError:
+        raise  # already names the file and what is wrong with it
     except Exception as err:
         raise OSError(f"could not read '{path}': {type(err).__name__}: {err}") from err
     if isinstance(loaded, list):
@@ -134,6 +138,10 @@ def _reader_for(path):
         from .readers import hdf5
 
         return hdf5.sniff(path)
+    if ext in (".mib", ".hdr"):
+        from .readers import mib
+
+        return mib.PLUGIN
     if ext == ".xml":
         from .readers import empad
 

@@ -1,0 +1,154 @@
+"""How diffgpu cuts a stack of frames into dask chunks.
+
+Whatever chunks a file reader gives, diffgpu's frame-wise operations work on chunks of
+**whole frames** (the detector axes are never split) whose size it chooses itself:
+
+- about :data:`HOST_CHUNK_BYTES` (32 MiB) of stored data per chunk on the host: large
+  enough that dask's per-task overhead (~0.1-1 ms) is small next to the work on the chunk,
+  small enough that every worker thread holds a few chunks and their float32 copies at
+  once with memory bounded by ``threads x chunk x ~4``, whatever the file's size;
+- about :data:`DEVICE_CHUNK_BYTES` (256 MiB) per chunk for CuPy blocks, since a GPU needs
+  many frames per kernel call to be busy;
+- at least two chunks per worker thread where the data allow it (with at least
+  :data:`MIN_CHUNK_BYTES` per chunk), so that small data sets still keep every core busy;
+- each chunk a contiguous run of frames in scan order where possible: whole scan rows,
+  or a run of frames along one scan row when a row is larger than the target; a reader
+  then reads each chunk in one contiguous piece.
+
+:func:`frame_chunks` computes the chunks; :func:`whole_frame_chunks` applies them to an
+existing dask array (for example RosettaSciIO's, which can split the frames into tiles).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["frame_chunks", "whole_frame_chunks", "HOST_CHUNK_BYTES", "DEVICE_CHUNK_BYTES",
+           "MIN_CHUNK_BYTES"]
+
+HOST_CHUNK_BYTES = 32 * 2**20
+DEVICE_CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_BYTES = 4 * 2**20
+
+
+def _split(n, parts):
+    """``n`` cut into ``parts`` nearly equal pieces (larger ones first), as a tuple."""
+    parts = max(1, min(int(parts), n))
+    base, extra = divmod(n, parts)
+    return tuple(base + 1 if i < extra else base for i in range(parts))
+
+
+def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_bytes=None):
+    """Chunks of whole frames for a scan ``nav_shape`` of frames of ``frame_bytes`` each.
+
+    Parameters
+    ----------
+    nav_shape : tuple of int
+        Navigation (scan) shape in array order, e.g. ``(rows, columns)``.
+    frame_bytes : int
+        Bytes of one stored frame (detector rows x columns x itemsize).
+    workers : int, optional
+        Threads or workers that will process chunks (default: the CPUs this process
+        may use).
+    device : {"cpu", "gpu"}
+        Sets the default ``target_bytes``.
+    target_bytes : int, optional
+        Bytes per chunk to aim for (default :data:`HOST_CHUNK_BYTES` or
+        :data:`DEVICE_CHUNK_BYTES`).
+
+    Returns
+    -------
+    tuple of tuple of int
+        Dask chunks of the navigation axes (add ``((rows,), (columns,))`` for the
+        detector axes).
+
+    Examples
+    --------
+    A 480 x 480 scan of 256 x 256 uint16 frames (128 KiB each): 256 frames per chunk,
+    runs along each scan row.
+
+    >>> from diffgpu.chunking import frame_chunks
+    >>> chunks = frame_chunks((480, 480), 256 * 256 * 2, workers=2)
+    >>> chunks[0][:3], chunks[1]
+    ((1, 1, 1), (240, 240))
+    >>> frame_chunks((64, 64), 64 * 64 * 2, workers=2)   # 8 KiB frames: 16 rows a chunk
+    ((16, 16, 16, 16), (64,))
+    """
+    nav_shape = tuple(int(n) for n in nav_shape)
+    if not nav_shape:
+        return ()
+    if workers is None:
+        from .device import host_threads
+
+        workers = host_threads()
+    if target_bytes is None:
+        target_bytes = DEVICE_CHUNK_BYTES if device == "gpu" else HOST_CHUNK_BYTES
+    frame_bytes = max(int(frame_bytes), 1)
+    n_frames = math.prod(nav_shape)
+    if n_frames == 0:
+        return tuple((n,) for n in nav_shape)
+    per_chunk = max(1, int(target_bytes) // frame_bytes)
+    # enough chunks to keep every worker busy (two each), unless chunks would get tiny
+    min_frames = max(1, MIN_CHUNK_BYTES // frame_bytes)
+    busy = math.ceil(n_frames / (2 * max(1, int(workers))))
+    if n_frames / per_chunk < 2 * workers:
+        per_chunk = max(min(per_chunk, busy), min(min_frames, per_chunk))
+    per_chunk = min(per_chunk, n_frames)
+
+    # fill axes from the last (fastest in the file) to the first: whole trailing axes
+    # while they fit, then a split of the next axis
+    chunks = [None] * len(nav_shape)
+    inner = 1
+    axis = len(nav_shape) - 1
+    while axis >= 0 and inner * nav_shape[axis] <= per_chunk:
+        chunks[axis] = (nav_shape[axis],)
+        inner *= nav_shape[axis]
+        axis -= 1
+    if axis >= 0:
+        size = nav_shape[axis]
+        take = max(1, per_chunk // inner)
+        chunks[axis] = _split(size, math.ceil(size / take))
+        for a in range(axis - 1, -1, -1):
+            chunks[a] = (1,) * nav_shape[a]
+    return tuple(chunks)
+
+
+def whole_frame_chunks(data, device=None, workers=None, target_bytes=None):
+    """Rechunk a dask array ``(..., rows, columns)`` to diffgpu's chunks of whole frames.
+
+    Returns ``data`` itself when it already has exactly those chunks, so calling it
+    twice costs nothing.
+
+    Parameters
+    ----------
+    data : dask.array.Array
+        Navigation axes first, the detector's two axes last.
+    device : {"cpu", "gpu"}, optional
+        Default: "gpu" when the blocks are CuPy arrays.
+    workers, target_bytes
+        As in :func:`frame_chunks`.
+
+    Returns
+    -------
+    dask.array.Array
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from diffgpu.chunking import whole_frame_chunks
+    >>> x = da.zeros((8, 8, 256, 256), dtype="uint16", chunks=(8, 8, 128, 128))
+    >>> whole_frame_chunks(x, workers=2).chunks[2:]
+    ((256,), (256,))
+    """
+    if device is None:
+        meta = getattr(data, "_meta", None)
+        device = "gpu" if type(meta).__module__.startswith("cupy") else "cpu"
+    frame_bytes = int(np.prod(data.shape[-2:])) * data.dtype.itemsize
+    nav = frame_chunks(data.shape[:-2], frame_bytes, workers=workers, device=device,
+                       target_bytes=target_bytes)
+    chunks = nav + ((data.shape[-2],), (data.shape[-1],))
+    if tuple(data.chunks) == chunks:
+        return data
+    return data.rechunk(chunks)

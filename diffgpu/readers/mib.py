@@ -1,0 +1,772 @@
+"""Lazy reader for Quantum Detectors Merlin ``.mib`` files (Medipix3: single chip and quad).
+
+The format
+----------
+A ``.mib`` file is a run of frames, each an ASCII header followed by the pixels::
+
+    MQ1,000001,00384,01,0256,0256,U16,   1x1,01,2020-05-18 16:51:49.971626,0.000555,0,0,0,
+    1.200000E+2,5.110000E+2,0.0E+0,...(8 thresholds),3RX,175,511,...(DACs of each chip),
+    MQ1A,2020-05-18T14:51:49.971626178Z,555000ns,12,<NUL padding to the header size>
+
+Fields, comma separated: ``MQ1``, the frame's sequence number, the header size in bytes
+(``00384`` for one chip, ``00768`` for four), the number of chips, frame width and height in
+pixels, pixel depth (``U08``, ``U16``, ``U32`` big-endian unsigned integers, or ``R64`` for
+raw counter data), sensor layout (``1x1``, ``2x2``, ``2x2G`` with the gap between the chips
+included in the frame, ``Nx1``), chip select, time stamp, shutter time in seconds, counter,
+colour mode, gain mode, eight thresholds (keV), then for each chip ``3RX`` and its DAC
+values; software 0.70 and later add ``MQ1A``, a time stamp to the nanosecond, the exposure
+in ns and the counter depth in bits (1, 6, 12 or 24). Pixels follow, ``width x height`` of
+them, the bottom row of the detector first. An optional text file ``<name>.hdr`` written
+with the acquisition holds ``key:<TAB>value`` lines, among them the number of frames in the
+acquisition and the frames per trigger (the scan width for line-triggered scans).
+
+What diffgpu does with it
+-------------------------
+* **Orientation**: every frame is flipped up/down on reading, so that row 0 is the top row
+  of the detector as the Merlin software shows it. RosettaSciIO (``hs.load``) does the
+  same, so ``diffgpu.load`` and ``hs.load`` give the same arrays; pass ``flip_rows=False``
+  for the order stored in the file (LiberTEM's).
+* **Data**: one dask chunk is a contiguous run of whole frames (see
+  :mod:`diffgpu.chunking`). A task maps only the bytes of its frames (a memory map opened
+  and closed by the task, never the whole file), and decodes them in one pass into a native
+  byte order, C-contiguous array (``uint8``, ``uint16`` or ``uint32``: the big-endian
+  ``>u2``/``>u4`` of the file are byte-swapped on the way), flipped as above. Memory and
+  page mappings held at a time are those of the chunks in flight, whatever the file's size.
+* **Navigation shape**: from ``navigation_shape=`` (HyperSpy's order, ``(x, y)`` = (scan
+  columns, scan rows), as in ``hs.load``), else from the ``.hdr`` file (``ScanX``/``ScanY``,
+  or frames in the acquisition / frames per trigger), else a 1D stack of frames.
+* **Quad detectors**: a ``2x2G`` frame (e.g. 514 x 514) holds the gap between the four
+  chips as empty rows and columns in its middle; they are set in the calibration mask
+  (``s.calibration.mask``). A ``2x2`` frame (512 x 512) has no gap pixels.
+* **Bad files** raise :class:`~diffgpu.readers.errors.DetectorFileError` naming the file
+  and the problem: not a ``.mib`` file, a truncated last frame, a header that disagrees
+  with the file's size or with the next frames' headers, a navigation shape whose size is
+  not the number of frames.
+
+:func:`write_mib` writes such files (as the detector does) for tests, examples and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+
+from .errors import DetectorFileError
+
+__all__ = ["file_reader", "inspect", "MIBFile", "write_mib", "DEPTHS", "PLUGIN"]
+
+#: pixel depth in the header -> dtype of the stored pixels (big-endian)
+DEPTHS = {"U08": np.dtype(">u1"), "U16": np.dtype(">u2"), "U32": np.dtype(">u4")}
+_COUNTER_DEPTH = {"U08": 6, "U16": 12, "U32": 24}  # when the header does not say (pre-MQ1A)
+_CHIP = 256  # Medipix3 chips are 256 x 256 pixels
+
+
+# -- headers ---------------------------------------------------------------------------------
+
+def _fields(raw):
+    text = raw.decode("ascii", errors="replace")
+    parts = [p.strip(" \x00\r\n") for p in text.split(",")]
+    while parts and parts[-1] == "":
+        parts.pop()
+    return parts
+
+
+def _number(text, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def parse_frame_header(raw):
+    """Decode one frame header (bytes) into a dict of named fields.
+
+    Parameters
+    ----------
+    raw : bytes
+        The header, at least as long as its own size field says.
+
+    Returns
+    -------
+    dict
+        ``sequence``, ``header_bytes``, ``chips``, ``width``, ``height``, ``depth``
+        (``"U16"``, ...), ``layout``, ``chip_select``, ``timestamp``, ``shutter_s``,
+        ``counter``, ``colour_mode``, ``gain_mode``, ``thresholds_keV``, ``dacs`` (one list
+        per chip) and, where the header has them, ``timestamp_ns``, ``exposure_ns`` and
+        ``counter_depth``.
+
+    Raises
+    ------
+    ValueError
+        If ``raw`` is not a Merlin frame header.
+
+    Examples
+    --------
+    >>> from diffgpu.readers.mib import parse_frame_header
+    >>> h = parse_frame_header(b"MQ1,000001,00384,01,0256,0256,U16,   1x1,01,"
+    ...     b"2020-05-18 16:51:49.971626,0.000555,0,0,0,1.2E+2,5.11E+2,0,0,0,0,0,0,3RX,175,511,"
+    ...     b"MQ1A,2020-05-18T14:51:49.971626178Z,555000ns,12,\\x00\\x00")
+    >>> h["width"], h["depth"], h["exposure_ns"], h["counter_depth"], h["dacs"]
+    (256, 'U16', 555000, 12, [[175, 511]])
+    """
+    parts = _fields(raw)
+    if len(parts) < 9 or parts[0] != "MQ1":
+        start = raw[:12].decode("ascii", errors="replace")
+        raise ValueError(f"not a Merlin frame header (starts {start!r}, expected 'MQ1,')")
+    try:
+        head = {
+            "sequence": int(parts[1]),
+            "header_bytes": int(parts[2]),
+            "chips": int(parts[3]),
+            "width": int(parts[4]),
+            "height": int(parts[5]),
+        }
+    except ValueError as err:
+        raise ValueError(f"unreadable Merlin frame header fields {parts[1:6]}: {err}") from None
+    head.update(depth=parts[6], layout=parts[7], chip_select=parts[8])
+    rest = parts[9:]
+    if len(rest) >= 5:
+        head.update(timestamp=rest[0], shutter_s=_number(rest[1]), counter=_number(rest[2], int),
+                    colour_mode=_number(rest[3], int), gain_mode=_number(rest[4], int))
+        rest = rest[5:]
+    thresholds, dacs = [], []
+    i = 0
+    while i < len(rest) and rest[i] not in ("3RX", "MQ1A"):
+        value = _number(rest[i])
+        if value is not None:
+            thresholds.append(value)
+        i += 1
+    while i < len(rest) and rest[i] == "3RX":
+        j = i + 1
+        chip = []
+        while j < len(rest) and rest[j] not in ("3RX", "MQ1A"):
+            value = _number(rest[j], int)
+            if value is not None:
+                chip.append(value)
+            j += 1
+        dacs.append(chip)
+        i = j
+    head["thresholds_keV"] = thresholds
+    head["dacs"] = dacs
+    if i < len(rest) and rest[i] == "MQ1A":
+        ext = rest[i + 1:]
+        if len(ext) >= 1:
+            head["timestamp_ns"] = ext[0]
+        if len(ext) >= 2 and ext[1].endswith("ns"):
+            head["exposure_ns"] = _number(ext[1][:-2], int)
+        if len(ext) >= 3:
+            head["counter_depth"] = _number(ext[2], int)
+    return head
+
+
+def parse_hdr(path):
+    """Read a Merlin acquisition header (``.hdr``) file into a dict of strings.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from diffgpu.readers.mib import parse_hdr
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.hdr")
+    >>> _ = open(p, "w").write("HDR,\\t\\r\\nFrames in Acquisition (Number):\\t16\\r\\nEnd\\t\\r\\n")
+    >>> parse_hdr(p)
+    {'Frames in Acquisition (Number)': '16'}
+    """
+    out = {}
+    with open(path, "r", encoding="latin-1") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line or line.startswith("HDR") or line.startswith("End"):
+                continue
+            key, sep, value = line.partition("\t")
+            if not sep:
+                key, sep, value = line.partition(":")
+            out[key.strip().rstrip(":").strip()] = value.strip()
+    return out
+
+
+# -- the file ------------------------------------------------------------------------------
+
+def _paths(path):
+    """(the .mib file, its .hdr file or None) for a path to either."""
+    path = os.fspath(path)
+    stem, ext = os.path.splitext(path)
+    if ext.lower() == ".hdr":
+        for candidate in (stem + ".mib", stem + ".MIB"):
+            if os.path.exists(candidate):
+                return candidate, path
+        raise DetectorFileError(path, f"no .mib file beside this .hdr file (looked for '{stem}.mib')")
+    for candidate in (stem + ".hdr", stem + ".HDR"):
+        if os.path.exists(candidate):
+            return path, candidate
+    return path, None
+
+
+class MIBFile:
+    """What the headers of a ``.mib`` file say: frame size, dtype, number of frames, fields.
+
+    Reading it costs three small reads (the first header, and the headers of the second and
+    the last frame, to check that every frame has the size the first header says).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.mib`` file, or its ``.hdr`` file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    DetectorFileError
+        If it is not a ``.mib`` file, is truncated, or its headers disagree with its size.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> from diffgpu.readers.mib import MIBFile, write_mib
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.mib")
+    >>> write_mib(path, np.zeros((2, 3, 16, 16), "uint16"))
+    >>> f = MIBFile(path)
+    >>> f.n_frames, f.frame_shape, f.dtype, f.navigation_shape()
+    (6, (16, 16), dtype('>u2'), (2, 3))
+    """
+
+    def __init__(self, path):
+        self.path, self.hdr_path = _paths(path)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"no such file: '{self.path}'")
+        try:
+            with open(self.path, "rb") as f:
+                self.file_bytes = os.fstat(f.fileno()).st_size
+                first = f.read(1024)
+        except OSError as err:
+            raise DetectorFileError(self.path, f"cannot be read: {err.strerror or err}") from err
+        if self.file_bytes == 0:
+            raise DetectorFileError(self.path, "the file is empty")
+        try:
+            self.header = parse_frame_header(first)
+        except ValueError as err:
+            raise DetectorFileError(self.path, f"not a Merlin .mib file: {err}") from None
+        h = self.header
+        self.header_bytes = h["header_bytes"]
+        if self.header_bytes < 64 or self.header_bytes > 4096:
+            raise DetectorFileError(self.path, f"the header size field says {self.header_bytes} "
+                                               "bytes; Merlin headers are 384 or 768 bytes")
+        if len(first) >= self.header_bytes:
+            self.header = h = parse_frame_header(first[:self.header_bytes])
+        self.depth = h["depth"]
+        if self.depth == "R64":
+            raise DetectorFileError(
+                self.path, "holds raw counter data (pixel depth R64); diffgpu reads the "
+                "processed depths U08, U16 and U32: save the acquisition from the Merlin "
+                "software in a processed format (or read it with LiberTEM)")
+        if self.depth not in DEPTHS:
+            raise DetectorFileError(self.path, f"unknown pixel depth {self.depth!r} in the header "
+                                               f"(expected one of {sorted(DEPTHS)})")
+        self.dtype = DEPTHS[self.depth]
+        self.frame_shape = (h["height"], h["width"])
+        if min(self.frame_shape) < 1:
+            raise DetectorFileError(self.path, f"the header gives a frame of {self.frame_shape} pixels")
+        self.layout = h["layout"]
+        self.pixel_bytes = h["height"] * h["width"] * self.dtype.itemsize
+        self.frame_bytes = self.header_bytes + self.pixel_bytes  # header + pixels
+        self.n_frames, extra = divmod(self.file_bytes, self.frame_bytes)
+        what = (f"frames of {self.frame_bytes:,} bytes ({self.header_bytes}-byte header + "
+                f"{h['width']} x {h['height']} {self.depth} pixels, as the first header says)")
+        if self.n_frames == 0:
+            raise DetectorFileError(self.path, f"{self.file_bytes:,} bytes is less than one frame: "
+                                               f"{what}; the file is truncated")
+        if extra:
+            raise DetectorFileError(
+                self.path, f"{self.file_bytes:,} bytes is not a whole number of {what}: "
+                f"{self.n_frames:,} whole frames and {extra:,} bytes more. The file is truncated "
+                "(an interrupted acquisition or copy) or its header does not match its data")
+        self._check_headers()
+        self.hdr = parse_hdr(self.hdr_path) if self.hdr_path else None
+
+    def _check_headers(self):
+        """The 2nd and last frames must start with a header like the first one's."""
+        with open(self.path, "rb") as f:
+            for index in sorted({1, self.n_frames - 1} - {0}):
+                if index >= self.n_frames:
+                    continue
+                f.seek(index * self.frame_bytes)
+                raw = f.read(self.header_bytes)
+                try:
+                    other = parse_frame_header(raw)
+                except ValueError:
+                    raise DetectorFileError(
+                        self.path, f"no frame header where frame {index} should start (byte "
+                        f"{index * self.frame_bytes:,}, found {raw[:12]!r}): the first header's "
+                        f"frame size ({self.frame_bytes:,} bytes) does not match the data") from None
+                keys = ("header_bytes", "width", "height", "depth")
+                if any(other[k] != self.header[k] for k in keys):
+                    a = {k: self.header[k] for k in keys}
+                    b = {k: other[k] for k in keys}
+                    raise DetectorFileError(self.path, f"frame {index}'s header {b} disagrees with "
+                                                       f"the first frame's {a}")
+
+    @property
+    def quad(self):
+        """True for a 2 x 2 chip assembly (Merlin Quad)."""
+        return self.header["chips"] == 4 or self.layout.startswith("2x2")
+
+    def gap_mask(self):
+        """Detector mask (True = no pixel) of the gap between the chips of a ``2x2G`` frame,
+        else None.
+
+        The gap is the middle ``width - 512`` columns and ``height - 512`` rows.
+        """
+        if not self.quad:
+            return None
+        rows, cols = self.frame_shape
+        gy, gx = rows - 2 * _CHIP, cols - 2 * _CHIP
+        if gy <= 0 and gx <= 0:
+            return None
+        mask = np.zeros(self.frame_shape, dtype=bool)
+        if gy > 0:
+            mask[_CHIP:_CHIP + gy, :] = True
+        if gx > 0:
+            mask[:, _CHIP:_CHIP + gx] = True
+        return mask
+
+    def navigation_shape(self, navigation_shape=None):
+        """The scan shape in array order, ``(rows, columns)`` or ``(frames,)``.
+
+        Parameters
+        ----------
+        navigation_shape : tuple of int, optional
+            In HyperSpy's order, ``(x, y)`` = (scan columns, scan rows), as ``hs.load``
+            takes it. Default: from the ``.hdr`` file, else one axis of all frames.
+
+        Raises
+        ------
+        DetectorFileError
+            If the shape's size is not the number of frames in the file.
+        """
+        n = self.n_frames
+        if navigation_shape is not None:
+            try:
+                xy = tuple(int(v) for v in np.atleast_1d(navigation_shape))
+            except (TypeError, ValueError):
+                raise ValueError(f"navigation_shape must be a tuple of ints; got {navigation_shape!r}")
+            if not xy or min(xy) < 1:
+                raise ValueError(f"navigation_shape must be positive integers; got {navigation_shape!r}")
+            if math.prod(xy) != n:
+                raise DetectorFileError(
+                    self.path, f"navigation_shape {xy} (x, y) needs {math.prod(xy):,} frames but the "
+                    f"file holds {n:,} (a scan cut short? pass navigation_shape=({n},) to read the "
+                    "frames as a stack)")
+            return xy[::-1]
+        if self.hdr:
+            shape = self._hdr_shape()
+            if shape is not None:
+                return shape
+        return (n,)
+
+    def _hdr_shape(self):
+        hdr, n = self.hdr, self.n_frames
+        if "ScanX" in hdr and "ScanY" in hdr:
+            shape = (_number(hdr["ScanY"], int), _number(hdr["ScanX"], int))
+            if None in shape or math.prod(shape) != n:
+                raise DetectorFileError(
+                    self.path, f"the .hdr file gives a scan of ScanX x ScanY = {hdr['ScanX']} x "
+                    f"{hdr['ScanY']} but the file holds {n:,} frames; pass navigation_shape=")
+            return shape
+        frames = _number(hdr.get("Frames in Acquisition (Number)", ""), int)
+        per_trigger = _number(hdr.get("Frames per Trigger (Number)", ""), int)
+        if not frames:  # 0: continuous acquisition of no set length
+            return None
+        if frames != n:
+            raise DetectorFileError(
+                self.path, f"the .hdr file says {frames:,} frames in the acquisition but the "
+                f".mib file holds {n:,} whole frames (truncated file or interrupted scan? pass "
+                f"navigation_shape=({n},) to read the frames as a stack)")
+        if per_trigger and per_trigger > 1 and frames % per_trigger == 0:
+            return (frames // per_trigger, per_trigger)
+        return None
+
+    def fields(self):
+        """Header fields worth showing (``diffgpu info``), as a dict."""
+        h = self.header
+        out = {"pixel depth": f"{self.depth} (stored {self.dtype.str}: big-endian)",
+               "counter depth (bits)": h.get("counter_depth", f"{_COUNTER_DEPTH[self.depth]} (assumed)"),
+               "chips / layout": f"{h['chips']} / {self.layout}",
+               "header bytes": self.header_bytes,
+               "frames in file": self.n_frames,
+               "time stamp": h.get("timestamp_ns", h.get("timestamp")),
+               "exposure (ms)": (h["exposure_ns"] / 1e6 if h.get("exposure_ns") is not None
+                                 else (h.get("shutter_s") or 0) * 1e3),
+               "thresholds (keV)": ", ".join(f"{t:g}" for t in h.get("thresholds_keV", [])),
+               "hdr file": self.hdr_path or "none"}
+        if self.hdr:
+            for key in ("Frames in Acquisition (Number)", "Frames per Trigger (Number)",
+                        "Chip Mode  (SPM, CSM, CM, CSCM)", "Gain", "Software Version"):
+                if key in self.hdr:
+                    out[key] = self.hdr[key]
+        return out
+
+
+def inspect(path):
+    """The :class:`MIBFile` of ``path`` (a ``.mib`` or ``.hdr`` file)."""
+    return MIBFile(path)
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+@numba.njit(nogil=True, cache=True)
+def _decode_u8(src, out, skip, flip):
+    n, h, w = out.shape
+    for i in range(n):
+        for r in range(h):
+            s = src[i, skip + r * w: skip + (r + 1) * w]
+            o = out[i, h - 1 - r] if flip else out[i, r]
+            for c in range(w):
+                o[c] = s[c]
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_u16(src, out, skip, flip):
+    # src holds the file's big-endian words read as native ones: swap the two bytes
+    n, h, w = out.shape
+    for i in range(n):
+        for r in range(h):
+            s = src[i, skip + r * w: skip + (r + 1) * w]
+            o = out[i, h - 1 - r] if flip else out[i, r]
+            for c in range(w):
+                v = s[c]
+                o[c] = (v >> 8) | (v << 8)
+
+
+@numba.njit(nogil=True, cache=True)
+def _decode_u32(src, out, skip, flip):
+    n, h, w = out.shape
+    for i in range(n):
+        for r in range(h):
+            s = src[i, skip + r * w: skip + (r + 1) * w]
+            o = out[i, h - 1 - r] if flip else out[i, r]
+            for c in range(w):
+                v = s[c]
+                o[c] = ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | (v << 24)
+
+
+_DECODERS = {1: _decode_u8, 2: _decode_u16, 4: _decode_u32}
+_NATIVE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+
+
+def read_frames(path, start, count, frame_bytes, header_bytes, frame_shape, itemsize,
+                flip_rows=True, file_bytes=None):
+    """Frames ``start .. start + count`` of a ``.mib`` file, decoded: ``(count, rows, cols)``.
+
+    Maps just those frames' bytes (page aligned), decodes them in one pass into a new
+    native-endian array (flipped up/down when ``flip_rows``) and unmaps them.
+    """
+    out = np.empty((count,) + tuple(frame_shape), dtype=_NATIVE[itemsize])
+    if count == 0:
+        return out
+    begin = start * frame_bytes
+    end = begin + count * frame_bytes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if end > size or (file_bytes is not None and size != file_bytes):
+            raise DetectorFileError(path, f"changed since it was opened: now {size:,} bytes, "
+                                          f"frames {start}-{start + count - 1} need bytes up to {end:,}")
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ) as m:
+            raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
+            words = raw.view(_NATIVE[itemsize]).reshape(count, frame_bytes // itemsize)
+            _DECODERS[itemsize](words, out, header_bytes // itemsize, bool(flip_rows))
+            del raw, words  # no view of the map may outlive it
+    finally:
+        os.close(fd)
+    return out
+
+
+def _read_block(block_info=None, *, path, nav_shape, frame_bytes, header_bytes, frame_shape,
+                itemsize, flip_rows, file_bytes):
+    """One dask block: the frames of a (contiguous where the chunks allow) scan region."""
+    loc = block_info[None]["array-location"][:len(nav_shape)]
+    shape = tuple(b - a for a, b in loc)
+    if len(nav_shape) == 0:
+        return read_frames(path, 0, 1, frame_bytes, header_bytes, frame_shape, itemsize,
+                           flip_rows, file_bytes)[0]
+    # runs of frames contiguous in the file: along the last axis, for each index of the others
+    outer = [range(a, b) for a, b in loc[:-1]]
+    a_last, b_last = loc[-1]
+    runs = []
+    for index in np.ndindex(*[len(r) for r in outer]) if outer else [()]:
+        pos = tuple(r[i] for r, i in zip(outer, index))
+        flat = int(np.ravel_multi_index(pos + (a_last,), nav_shape))
+        runs.append(flat)
+    count_last = b_last - a_last
+    # merge runs that follow each other in the file (whole rows): one read
+    if all(runs[k + 1] == runs[k] + count_last for k in range(len(runs) - 1)):
+        block = read_frames(path, runs[0], count_last * len(runs), frame_bytes, header_bytes,
+                            frame_shape, itemsize, flip_rows, file_bytes)
+    else:
+        block = np.concatenate([read_frames(path, r, count_last, frame_bytes, header_bytes,
+                                            frame_shape, itemsize, flip_rows, file_bytes)
+                                for r in runs])
+    return block.reshape(shape + tuple(frame_shape))
+
+
+def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
+    """A dask array ``nav_shape + frame_shape`` of the frames of ``mib`` (a :class:`MIBFile`)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    from ..chunking import frame_chunks
+
+    itemsize = mib.dtype.itemsize
+    if chunks is None or chunks == "auto":
+        nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes)
+    else:
+        nav_chunks = da.core.normalize_chunks(
+            chunks if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) else
+            ((chunks,) + (-1,) * (len(nav_shape) - 1) if isinstance(chunks, int) else chunks),
+            shape=nav_shape, dtype=_NATIVE[itemsize])
+    full = tuple(nav_chunks) + tuple((n,) for n in mib.frame_shape)
+    stat = os.stat(mib.path)
+    name = "mib-" + tokenize(os.path.abspath(mib.path), stat.st_size, stat.st_mtime_ns,
+                             nav_shape, full, flip_rows)
+    reader = partial(_read_block, path=os.path.abspath(mib.path), nav_shape=tuple(nav_shape),
+                     frame_bytes=mib.frame_bytes, header_bytes=mib.header_bytes,
+                     frame_shape=mib.frame_shape, itemsize=itemsize, flip_rows=flip_rows,
+                     file_bytes=mib.file_bytes)
+    dtype = _NATIVE[itemsize]
+    return da.map_blocks(reader, chunks=full, dtype=dtype, name=name,
+                         meta=np.empty((0,) * len(full), dtype=dtype))
+
+
+# -- RosettaSciIO-style reader ----------------------------------------------------------------
+
+def _when(header):
+    stamp = header.get("timestamp_ns") or header.get("timestamp") or ""
+    match = re.match(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2}(?:\.\d+)?)(Z?)", stamp)
+    if not match:
+        return {}
+    out = {"date": match.group(1), "time": match.group(2)}
+    if match.group(3):
+        out["time_zone"] = "UTC"
+    return out
+
+
+def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_rows=True,
+                **kwargs):
+    """Read a Merlin ``.mib`` file (RosettaSciIO's reader interface).
+
+    Used by :func:`diffgpu.load` for ``.mib`` and ``.hdr`` paths; with HyperSpy:
+    ``hs.load(path, file_format=diffgpu.readers.mib, lazy=True)``.
+
+    Parameters
+    ----------
+    filename : str
+        The ``.mib`` file or its ``.hdr`` file.
+    lazy : bool
+        Return a dask array (default False: read everything into memory).
+    navigation_shape : tuple of int, optional
+        Scan shape in HyperSpy's order ``(x, y)``; default: from the ``.hdr`` file, else a
+        1D stack.
+    chunks : int, tuple or "auto", optional
+        Navigation chunks (frames along the first scan axis, or a dask chunks tuple of the
+        navigation axes); default: :func:`diffgpu.chunking.frame_chunks`.
+    flip_rows : bool
+        Flip every frame up/down so that row 0 is the top of the detector (default, as
+        RosettaSciIO); False keeps the order stored in the file.
+
+    Returns
+    -------
+    list of dict
+        One signal dictionary (``data``, ``axes``, ``metadata``, ``original_metadata``).
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile, diffgpu
+    >>> from diffgpu.readers.mib import write_mib
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.mib")
+    >>> frames = np.arange(4 * 3 * 8 * 8, dtype="uint16").reshape(4, 3, 8, 8)
+    >>> write_mib(path, frames)
+    >>> s = diffgpu.load(path)
+    >>> s
+    <LazyDiffractionPatterns, title: scan, dimensions: (3, 4|8, 8)>
+    >>> bool((s.data.compute() == frames).all()), s.data.dtype
+    (True, dtype('uint16'))
+    """
+    unknown = set(kwargs) - {"mmap_mode", "print_info", "first_frame", "last_frame"}
+    if unknown:
+        raise TypeError(f"unknown keyword arguments for the .mib reader: {sorted(unknown)}")
+    mib = MIBFile(filename)
+    nav_shape = mib.navigation_shape(navigation_shape)
+    data = lazy_frames(mib, nav_shape, chunks=chunks, flip_rows=flip_rows)
+    if not lazy:
+        data = data.compute()
+
+    nav_names = {1: ("frame",), 2: ("y", "x")}.get(len(nav_shape),
+                                                   tuple(f"scan{i}" for i in range(len(nav_shape))))
+    rows, cols = mib.frame_shape
+    axes = [{"size": n, "name": name, "scale": 1.0, "offset": 0.0, "units": "",
+             "navigate": True, "index_in_array": i}
+            for i, (n, name) in enumerate(zip(nav_shape, nav_names))]
+    # pixel units, centre of the detector at the origin until the beam is found
+    axes += [{"size": rows, "name": "ky", "scale": 1.0, "offset": -(rows - 1) / 2, "units": "px",
+              "navigate": False, "index_in_array": len(nav_shape)},
+             {"size": cols, "name": "kx", "scale": 1.0, "offset": -(cols - 1) / 2, "units": "px",
+              "navigate": False, "index_in_array": len(nav_shape) + 1}]
+    h = mib.header
+    exposure_s = (h["exposure_ns"] * 1e-9 if h.get("exposure_ns") is not None
+                  else h.get("shutter_s"))
+    detector = {"name": "Merlin" + (" Quad" if mib.quad else ""), "pixel_depth": mib.depth,
+                "counter_depth": h.get("counter_depth", _COUNTER_DEPTH[mib.depth]),
+                "chips": h["chips"], "layout": mib.layout, "flip_rows": bool(flip_rows)}
+    if exposure_s is not None:
+        detector["exposure_time"] = exposure_s
+    if h.get("thresholds_keV"):
+        detector["thresholds_keV"] = h["thresholds_keV"]
+    metadata = {
+        "General": {"title": os.path.splitext(os.path.basename(mib.path))[0],
+                    "original_filename": os.path.basename(mib.path), **_when(h)},
+        "Signal": {"signal_type": "diffraction_patterns", "quantity": "Counts"},
+        "Acquisition_instrument": {"Detector": detector},
+    }
+    if exposure_s is not None:
+        metadata["Acquisition_instrument"]["dwell_time"] = exposure_s
+    mask = mib.gap_mask()
+    if mask is not None:
+        metadata["Diffraction"] = {"mask": mask}
+    original = {"frame_header": {k: v for k, v in h.items()},
+                "file": {"frames": mib.n_frames, "frame_bytes": mib.frame_bytes,
+                         "file_bytes": mib.file_bytes}}
+    if mib.hdr:
+        original["hdr_file"] = dict(mib.hdr)
+    return [{"data": data, "axes": axes, "metadata": metadata, "original_metadata": original,
+             "mapping": {}}]
+
+
+# -- writing (tests, examples, benchmarks) -------------------------------------------------------
+
+def _header(seq, depth, shape, chips, layout, timestamp, exposure_ns, counter_depth, header_bytes):
+    rows, cols = shape
+    when = timestamp
+    dacs = ",".join(["3RX," + ",".join(["175", "511"] + ["000"] * 6 + ["100"] * 17 + ["511", "511"])]
+                    * chips)
+    text = (f"MQ1,{seq:06d},{header_bytes:05d},{chips:02d},{cols:04d},{rows:04d},{depth},"
+            f"{layout:>6},{'0F' if chips == 4 else '01'},"
+            f"{when.strftime('%Y-%m-%d %H:%M:%S.%f')},{exposure_ns / 1e9:.6f},0,0,0,"
+            + ",".join(["1.200000E+2", "5.110000E+2"] + ["0.000000E+0"] * 6)
+            + f",{dacs},MQ1A,{when.strftime('%Y-%m-%dT%H:%M:%S.%f')}000Z,{exposure_ns}ns,"
+            f"{counter_depth},")
+    raw = text.encode("ascii")
+    if len(raw) > header_bytes:
+        raise ValueError(f"header of {len(raw)} bytes does not fit in {header_bytes}")
+    return raw.ljust(header_bytes, b"\x00")
+
+
+def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns=1_000_000,
+              frames_per_write=256, start_time=None):
+    """Write frames as a Merlin ``.mib`` file, the way the detector does (and a ``.hdr``).
+
+    Parameters
+    ----------
+    path : str
+        The ``.mib`` file to write.
+    frames : array-like or dask array
+        ``(frames, rows, cols)`` or ``(scan rows, scan cols, rows, cols)``, in the
+        orientation :func:`file_reader` returns (row 0 at the top): they are stored bottom
+        row first, as the detector stores them. A dask array is written chunk by chunk.
+    depth : {"U08", "U16", "U32"}, optional
+        Pixel depth; default from the dtype (uint8 -> U08, uint32/64 -> U32, else U16).
+    quad : bool
+        Write 768-byte quad headers and four chips' fields (frames of 512 x 512, or
+        514 x 514 with ``gap=2``).
+    gap : int
+        Gap pixels between the chips included in the frame (layout ``2x2G``).
+    hdr : bool
+        Also write ``<name>.hdr`` with the number of frames and the frames per trigger
+        (the scan width of a 4D input).
+    exposure_ns : int
+        Exposure per frame, in ns (written in the headers; frames 1 us apart plus a longer
+        fly-back pause at the start of every scan row).
+    frames_per_write : int
+        Frames encoded and written at a time (bounds the memory this uses).
+    start_time : datetime, optional
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> from diffgpu.readers.mib import write_mib
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.mib")
+    >>> write_mib(path, np.ones((2, 2, 16, 16), "uint8"))
+    >>> os.path.getsize(path), os.path.exists(path[:-4] + ".hdr")
+    (2560, True)
+    """
+    shape = tuple(frames.shape)
+    if len(shape) < 3:
+        raise ValueError(f"frames must be (frames, rows, cols) or (scan..., rows, cols); got {shape}")
+    nav, sig = shape[:-2], shape[-2:]
+    n = math.prod(nav)
+    if depth is None:
+        kind = np.dtype(frames.dtype)
+        depth = {1: "U08"}.get(kind.itemsize, "U32" if kind.itemsize >= 4 else "U16")
+        if kind.kind == "b":
+            depth = "U08"
+    if depth not in DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(DEPTHS)}; got {depth!r}")
+    dtype = DEPTHS[depth]
+    chips = 4 if quad else 1
+    layout = ("2x2G" if gap else "2x2") if quad else "1x1"
+    header_bytes = 768 if quad else 384
+    counter_depth = _COUNTER_DEPTH[depth]
+    start_time = start_time or datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    per_row = nav[-1] if len(nav) >= 2 else n
+    record = np.dtype([("header", f"S{header_bytes}"), ("pixels", dtype, sig)])
+    is_dask = hasattr(frames, "dask")
+    flat = frames.reshape((n,) + sig)
+    with open(path, "wb") as f:
+        for start in range(0, n, frames_per_write):
+            stop = min(n, start + frames_per_write)
+            block = flat[start:stop]
+            block = np.asarray(block.compute() if is_dask else block)
+            out = np.empty(stop - start, dtype=record)
+            for k, i in enumerate(range(start, stop)):
+                # 1 us per frame, and a 100 us fly-back before every scan row
+                t = start_time + timedelta(microseconds=i + 100 * (i // per_row))
+                out["header"][k] = _header(i + 1, depth, sig, chips, layout, t, exposure_ns,
+                                           counter_depth, header_bytes)
+            out["pixels"] = block[:, ::-1, :]  # stored bottom row first
+            out.tofile(f)
+    if hdr:
+        stem = os.path.splitext(path)[0]
+        lines = ["HDR,\t",
+                 f"Time and Date Stamp (day, mnth, yr, hr, min, s):\t{start_time:%d/%m/%Y %H:%M:%S}",
+                 f"Chip ID:\t{'W000_A0,W000_B0,W000_C0,W000_D0' if quad else 'W000_A0,-,-,-'}",
+                 "Chip Type (Medipix 3.0, Medipix 3.1, Medipix 3RX):\tMedipix 3RX",
+                 f"Assembly Size (NX1, 2X2):\t{layout:>6}",
+                 "Chip Mode  (SPM, CSM, CM, CSCM):\tSPM",
+                 f"Counter Depth (number):\t{counter_depth}",
+                 "Gain:\tSLGM",
+                 "Active Counters:\tAlternating",
+                 "Thresholds (keV):\t1.200000E+2,5.110000E+2,0.000000E+0,0.000000E+0,"
+                 "0.000000E+0,0.000000E+0,0.000000E+0,0.000000E+0",
+                 "Acquisition Type (Normal, Th_scan, Config):\tNormal",
+                 f"Frames in Acquisition (Number):\t{n}",
+                 f"Frames per Trigger (Number):\t{per_row if len(nav) >= 2 else 1}",
+                 "Trigger Start (Positive, Negative, Internal):\tRising Edge",
+                 "Trigger Stop (Positive, Negative, Internal):\tRising Edge",
+                 f"Readout System:\t{'Merlin Quad' if quad else 'Merlin'}",
+                 "End\t"]
+        with open(stem + ".hdr", "w", newline="") as f:
+            f.write("\r\n".join(lines) + "\r\n")
+
+
+#: what :func:`diffgpu.load` hands ``hs.load(file_format=...)``: this reader, under its module's
+#: name (HyperSpy records the reader's module name in the signal's metadata)
+PLUGIN = SimpleNamespace(file_reader=file_reader, __loader__=SimpleNamespace(name=__name__))
