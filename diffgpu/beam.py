@@ -36,10 +36,13 @@ def _com_weights(shape, region):
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _com_from_sums(sums, xp):
+def _com_from_sums(sums, xp, center):
+    """Centres of mass from the three moments, as shifts from ``center`` (plain numbers, so
+    nothing is moved to a GPU for them)."""
     total = sums[:, 0]
     safe = xp.where(total > 0, total, xp.float32(1))
-    com = xp.stack([sums[:, 1] / safe, sums[:, 2] / safe], axis=1)
+    com = xp.stack([sums[:, 1] / safe - xp.float32(center[0]),
+                    sums[:, 2] / safe - xp.float32(center[1])], axis=1)
     return xp.where((total > 0)[:, None], com, xp.float32(np.nan))
 
 
@@ -73,7 +76,7 @@ def center_of_mass(signal, mask=None, threshold=None):
     def com(frames, w):
         xp = array_module(frames)
         sums = weighted_sums(frames.reshape(frames.shape[0], -1), w.get(xp), threshold)
-        return _com_from_sums(sums, xp) - xp.asarray([cx, cy], dtype=xp.float32)
+        return _com_from_sums(sums, xp, (cx, cy))
 
     data = map_frames(signal.data, com, (2,), np.float32, constants=(weights,))
     return _shifts_signal(signal, data, "Centre of mass", "center_of_mass")
@@ -124,14 +127,18 @@ def _blur_position(frames, sigma, window):
     return _windowed_com(f, px, py, window, xp)
 
 
-def _xcorr_position(frames, radius, window):
+def _disc_template(shape, radius):
+    """A disc at the origin, wrapped around the corners: the cross-correlation's template."""
+    ny, nx = shape
+    return sum(disc_weights(shape, corner, radius)
+               for corner in ((0.0, 0.0), (nx, 0.0), (0.0, ny), (nx, ny)))
+
+
+def _xcorr_position(frames, template, window):
+    """``template``: :func:`_disc_template`, on the frames' device."""
     xp = array_module(frames)
     f = frames.astype(xp.float32)
     n, ny, nx = f.shape
-    template = xp.asarray(disc_weights((ny, nx), (0.0, 0.0), radius))  # disc at the origin...
-    template = template + xp.asarray(disc_weights((ny, nx), (nx, 0.0), radius)) \
-        + xp.asarray(disc_weights((ny, nx), (0.0, ny), radius)) \
-        + xp.asarray(disc_weights((ny, nx), (nx, ny), radius))  # ...wrapped around the corners
     corr = xp.fft.irfft2(xp.fft.rfft2(f) * xp.conj(xp.fft.rfft2(template))[None], s=(ny, nx))
     peak = corr.reshape(n, -1).argmax(axis=1)
     py, px = (peak // nx).astype(xp.float32), (peak % nx).astype(xp.float32)
@@ -168,19 +175,26 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
         if window is None:
             window = radius
 
-        def find(frames):
-            px, py = _xcorr_position(frames, radius, window)
+        template = DeviceCache(_disc_template(signal.calibration.detector_shape, radius))
+
+        def find(frames, template=template):
             xp = array_module(frames)
+            px, py = _xcorr_position(frames, template.get(xp), window)
             return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
 
     data = map_frames(signal.data, find, (2,), np.float32)
     return _shifts_signal(signal, data, "Direct beam position", method)
 
 
+def _array_of(x):
+    """A signal's data, or ``x`` itself (a CuPy array's ``.data`` is a memory pointer)."""
+    return x.data if hasattr(x, "axes_manager") else x
+
+
 def _shift_array(signal, shifts):
     """Shifts as a host/device/dask array ``nav_shape + (2,)`` matching the signal."""
     nav_shape = tuple(signal.data.shape[:-2])
-    data = getattr(shifts, "data", shifts)
+    data = _array_of(shifts)
     if not hasattr(data, "shape"):
         data = np.asarray(data, dtype=np.float32)
     if tuple(data.shape) != nav_shape + (2,):
@@ -195,10 +209,8 @@ def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
     if shift_y is None:
         shifts = _shift_array(signal, shift_x)
     else:
-        sx = np.broadcast_to(np.asarray(to_host_array(getattr(shift_x, "data", shift_x)), float),
-                             nav_shape)
-        sy = np.broadcast_to(np.asarray(to_host_array(getattr(shift_y, "data", shift_y)), float),
-                             nav_shape)
+        sx = np.broadcast_to(np.asarray(to_host_array(_array_of(shift_x)), float), nav_shape)
+        sy = np.broadcast_to(np.asarray(to_host_array(_array_of(shift_y)), float), nav_shape)
         shifts = np.stack([sx, sy], axis=-1).astype(np.float32)
     if not signal._lazy:
         shifts = to_host_array(shifts)

@@ -389,9 +389,7 @@ class DeviceArray:
             return NotImplemented
         where = f"cupy.{name}" + ("" if method == "__call__" else f".{method}")
         ins = tuple(_unwrap(x, where) for x in inputs)
-        if "out" in kwargs:
-            kwargs["out"] = tuple(_unwrap(o, where) for o in kwargs["out"])
-        kwargs = {k: _unwrap(v, where) for k, v in kwargs.items()}
+        kwargs = {k: _unwrap(v, where) for k, v in kwargs.items()}  # out=(device array,) too
         result = getattr(ufunc, method)(*ins, **kwargs)
         return None if method == "at" else _wrap(result)
 
@@ -543,8 +541,10 @@ def _device_function(module, name, np_func):
             return DeviceArray(np.array(a, **{"copy": True, **rest}))
         return _wrap(np_func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
-    func.__name__ = name
-    func.__qualname__ = where
+    # pickled by reference (sys.modules[module] is the stand-in while it is installed), as
+    # dask's distributed scheduler does with the functions in a graph
+    func.__name__ = func.__qualname__ = name
+    func.__module__ = module
     return func
 
 
@@ -702,7 +702,8 @@ def _ndimage_function(name):
                             f"{type(args[0]).__name__ if args else None}")
         return _wrap(np_func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
-    func.__name__ = name
+    func.__name__ = func.__qualname__ = name
+    func.__module__ = "cupyx.scipy.ndimage"
     return func
 
 
