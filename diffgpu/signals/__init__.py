@@ -7,6 +7,8 @@ from .radial_profiles import LazyRadialProfiles, RadialProfiles
 from .virtual_images import LazyVirtualImages, VirtualImages
 from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
 from .orientation_matches import LazyOrientationMatches, OrientationMatches
+from .bragg_vectors import BraggVectors, LazyBraggVectors
+from .strain_map import LazyStrainMap, StrainMap
 
 __all__ = [
     "to_device",
@@ -23,4 +25,8 @@ __all__ = [
     "LazyDirectBeamShifts",
     "OrientationMatches",
     "LazyOrientationMatches",
+    "BraggVectors",
+    "LazyBraggVectors",
+    "StrainMap",
+    "LazyStrainMap",
 ]

@@ -379,6 +379,73 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
 
         return center_direct_beam(self, shifts=shifts, method=method, inplace=inplace, **kwargs)
 
+    # -- Bragg disks and strain -------------------------------------------------------
+    def find_bragg_disks(self, radius=None, template=None, threshold=0.0,
+                         relative_threshold=0.01, min_spacing=None, edge=None, mask=None,
+                         max_disks=128, correlation_power=1.0, sigma=1.0, refine_iterations=6):
+        """Bragg disks of every pattern by template cross-correlation -> :class:`BraggVectors`.
+
+        Each frame is cross-correlated with a probe template (FFTs on the frames' device),
+        local maxima above the thresholds become disks, and each is refined below the
+        pixel on the correlation (cubic-spline interpolation, Newton steps; see
+        :mod:`diffgpu.kernels.disks` for the measured bias). Lazy in, lazy out; CuPy blocks
+        are processed on the GPU.
+
+        Parameters
+        ----------
+        radius : float, optional
+            Disk radius in pixels: the template is an anti-aliased disk.
+        template : array or Signal2D, optional
+            A measured vacuum probe image instead of ``radius`` (any size; it is centred).
+        threshold : float
+            Minimum correlation (about the mean counts per pixel in a disk).
+        relative_threshold : float
+            Minimum as a fraction of each frame's strongest disk.
+        min_spacing : float, optional
+            A disk must be the maximum within this many pixels (square window); default
+            the radius.
+        edge : int, optional
+            Ignore disks centred within this many pixels of the border; default radius + 1.
+        mask : array, optional
+            Detector-shaped, True = no disk there; combined with ``calibration.mask``.
+        max_disks : int
+            Capacity per pattern (the strongest are kept).
+        correlation_power : float
+            1 cross-correlation, 0 phase correlation, between: hybrid (as py4DSTEM's
+            ``corrPower``).
+        sigma : float
+            Gaussian smoothing (pixels) of the correlation; 1 keeps the sub-pixel bias at
+            a few thousandths of a pixel on sharp disks.
+        refine_iterations : int
+            Newton steps of the sub-pixel refinement (0: whole pixels).
+
+        Returns
+        -------
+        BraggVectors or LazyBraggVectors
+            ``(..., max_disks, 3)`` of (x, y, intensity), NaN-padded.
+
+        Examples
+        --------
+        >>> from diffgpu.synthetic_nbed import synthetic_nbed
+        >>> s = synthetic_nbed(nav_shape=(2, 2), sig_shape=(96, 96))
+        >>> vectors = s.find_bragg_disks(radius=4.0)
+        >>> vectors
+        <BraggVectors, title: Bragg disks of Synthetic NBED, dimensions: (2, 2|3, 128)>
+        >>> int(vectors.n_disks()[0, 0]) > 10
+        True
+        """
+        from ..disks import find_bragg_disks
+        from .bragg_vectors import BraggVectors, LazyBraggVectors
+
+        data, axes, md = find_bragg_disks(
+            self, radius=radius, template=template, threshold=threshold,
+            relative_threshold=relative_threshold, min_spacing=min_spacing, edge=edge,
+            mask=mask, max_disks=max_disks, correlation_power=correlation_power, sigma=sigma,
+            refine_iterations=refine_iterations)
+        cls = LazyBraggVectors if self._lazy else BraggVectors
+        return cls(data, axes=axes, metadata=md,
+                   original_metadata=self.original_metadata.as_dictionary())
+
     # -- detector clean-up ------------------------------------------------------------
     def find_bad_pixels(self, threshold=5.0, set_mask=False):
         """Hot and dead pixels, from the mean pattern (one pass over the data).

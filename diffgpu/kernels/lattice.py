@@ -1,0 +1,239 @@
+"""Lattice fits to Bragg disk positions, vectorised over frames (NumPy or CuPy).
+
+Positions come as the fixed-capacity, NaN-padded arrays of
+:class:`~diffgpu.kernels.disks.DiskFinder`: ``(n, K, 2)`` positions and ``(n, K)`` weights.
+Every frame is fitted at once with 3 x 3 normal equations per frame; nothing loops over
+frames in Python.
+
+Model: disk ``(h, k)`` of a frame sits at ``o + h g1 + k g2``. Indices come from rounding
+each position in the current basis; the fit is weighted least squares (weights: disk
+intensities, which is the inverse of the shot-noise variance of a position up to a
+constant), then disks further than ``tolerance`` from their lattice site are rejected and
+the frame refitted (``iterations`` times, re-indexing with the frame's own fit each time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..device import array_module
+
+__all__ = ["fit_lattices", "find_basis", "reduce_basis", "LATTICE_FIELDS", "BasisError"]
+
+LATTICE_FIELDS = ("origin_x", "origin_y", "g1_x", "g1_y", "g2_x", "g2_y", "n_disks", "rms_residual")
+
+
+class BasisError(ValueError):
+    """No lattice basis could be found in the disk positions (the message says what to set)."""
+
+
+def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
+                 iterations=3):
+    """Fit ``o, g1, g2`` to the disks of every frame.
+
+    Parameters
+    ----------
+    positions : array ``(n, K, 2)``
+        Disk ``(x, y)``; NaN rows are empty slots.
+    weights : array ``(n, K)``
+        Non-negative weights (NaN or 0: unused).
+    basis : array ``(2, 2)``
+        Starting basis, columns ``g1``, ``g2``.
+    origin : array ``(2,)``
+        Starting origin (where ``h = k = 0``).
+    min_disks : int
+        Frames with fewer disks in the fit give NaN (as do frames whose disks all lie on
+        one lattice row, which cannot fix both vectors).
+    tolerance : float, optional
+        Largest distance of a kept disk from its lattice site, in the positions' units;
+        default a quarter of the shorter basis vector in the first pass, then
+        ``max(4 * rms, tolerance_floor)`` with a floor of 1/40 of it.
+    iterations : int
+        Fit - reject - re-index passes.
+
+    Returns
+    -------
+    array ``(n, 8)`` float64: ``LATTICE_FIELDS`` (origin, g1, g2, disks used, RMS residual).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.kernels.lattice import fit_lattices
+    >>> h, k = np.meshgrid(np.arange(-2, 3), np.arange(-2, 3))
+    >>> g = np.array([[10.0, 1.0], [-1.0, 9.0]]).T       # columns g1, g2
+    >>> pos = (np.stack([h.ravel(), k.ravel()], -1) @ g.T + [50, 40])[None]
+    >>> fit = fit_lattices(pos, np.ones(pos.shape[:2]), g * 1.01, np.array([50.5, 39.6]))
+    >>> fit[0, :6].round(6).tolist()
+    [50.0, 40.0, 10.0, -1.0, 1.0, 9.0]
+    """
+    xp = array_module(positions)
+    p = positions.astype(xp.float64)
+    w = xp.where(xp.isfinite(weights), xp.maximum(weights.astype(xp.float64), 0), 0)
+    present = xp.all(xp.isfinite(p), axis=-1) & (w > 0)
+    p = xp.where(present[..., None], p, 0.0)
+    n = p.shape[0]
+    b = xp.broadcast_to(xp.asarray(basis, dtype=xp.float64), (n, 2, 2))
+    o = xp.broadcast_to(xp.asarray(origin, dtype=xp.float64), (n, 2))
+    gmin = float(np.min(np.linalg.norm(np.asarray(_host(basis), float), axis=0)))
+    tol = xp.full((n,), 0.25 * gmin if tolerance is None else float(tolerance))
+    floor = gmin / 40 if tolerance is None else float(tolerance)
+    out = xp.full((n, 8), xp.nan)
+    for it in range(iterations + 1):
+        inv = _inv2(b, xp)
+        rel = p - o[:, None, :]
+        hk = xp.rint(xp.einsum("nij,nkj->nki", inv, rel))
+        pred = o[:, None, :] + xp.einsum("nij,nkj->nki", b, hk)
+        resid = xp.sqrt(((p - pred) ** 2).sum(-1))
+        use = present & (resid <= tol[:, None])
+        if it == iterations:
+            break
+        design = xp.concatenate([xp.ones(hk.shape[:-1] + (1,)), hk], axis=-1)  # (n, K, 3)
+        wu = w * use
+        m = xp.einsum("nk,nki,nkj->nij", wu, design, design)
+        rhs = xp.einsum("nk,nki,nkj->nij", wu, design, p)  # (n, 3, 2)
+        minv, ok = _inv3(m, xp)
+        sol = xp.einsum("nij,njk->nik", minv, rhs)  # rows: o, g1, g2
+        ok &= use.sum(-1) >= min_disks
+        new_o, new_b = sol[:, 0, :], xp.stack([sol[:, 1, :], sol[:, 2, :]], axis=-1)
+        fit_pred = new_o[:, None, :] + xp.einsum("nij,nkj->nki", new_b, hk)
+        r2 = ((p - fit_pred) ** 2).sum(-1)
+        wsum = xp.maximum(wu.sum(-1), 1e-300)
+        rms = xp.sqrt((wu * r2).sum(-1) / wsum)
+        o = xp.where(ok[:, None], new_o, o)
+        b = xp.where(ok[:, None, None], new_b, b)
+        if tolerance is None:
+            tol = xp.where(ok, xp.maximum(4 * rms, floor), tol)
+        out[:, 0:2] = xp.where(ok[:, None], new_o, xp.nan)
+        out[:, 2:4] = xp.where(ok[:, None], new_b[:, :, 0], xp.nan)
+        out[:, 4:6] = xp.where(ok[:, None], new_b[:, :, 1], xp.nan)
+        out[:, 6] = xp.where(ok, use.sum(-1), 0)
+        out[:, 7] = xp.where(ok, rms, xp.nan)
+    return out
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+def _inv2(m, xp):
+    det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
+    det = xp.where(det == 0, 1e-300, det)
+    inv = xp.empty_like(m)
+    inv[:, 0, 0], inv[:, 1, 1] = m[:, 1, 1] / det, m[:, 0, 0] / det
+    inv[:, 0, 1], inv[:, 1, 0] = -m[:, 0, 1] / det, -m[:, 1, 0] / det
+    return inv
+
+
+def _inv3(m, xp):
+    """Inverses of symmetric 3 x 3 matrices by cofactors, and whether each is well-conditioned."""
+    a, b, c = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    d, e, f = m[:, 1, 1], m[:, 1, 2], m[:, 2, 2]
+    c00, c01, c02 = d * f - e * e, c * e - b * f, b * e - c * d
+    c11, c12, c22 = a * f - c * c, b * c - a * e, a * d - b * b
+    det = a * c00 + b * c01 + c * c02
+    scale = xp.maximum(a * d * f, 1e-300)
+    ok = xp.abs(det) > 1e-9 * scale  # all disks on one row: h or k does not vary
+    det = xp.where(ok, det, 1.0)
+    inv = xp.stack([xp.stack([c00, c01, c02], -1), xp.stack([c01, c11, c12], -1),
+                    xp.stack([c02, c12, c22], -1)], -2) / det[:, None, None]
+    return inv, ok
+
+
+def reduce_basis(g1, g2):
+    """Lagrange-Gauss reduction: the shortest basis of the same 2D lattice, ``|g1| <= |g2|``,
+    angle between 60 and 120 degrees, right-handed (``g1 x g2 > 0`` in (x, y)).
+
+    Examples
+    --------
+    >>> from diffgpu.kernels.lattice import reduce_basis
+    >>> [v.tolist() for v in reduce_basis([10.0, 0.0], [13.0, 9.0])]
+    [[10.0, 0.0], [3.0, 9.0]]
+    """
+    a, b = np.asarray(g1, float), np.asarray(g2, float)
+    for _ in range(100):
+        if a @ a > b @ b:
+            a, b = b, a
+        mu = np.rint((a @ b) / (a @ a))
+        if mu == 0:
+            break
+        b = b - mu * a
+    if a @ a > b @ b:
+        a, b = b, a
+    if a[0] * b[1] - a[1] * b[0] < 0:
+        b = -b
+    return a, b
+
+
+def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
+    """Two short, non-collinear lattice vectors from disk positions of one or more frames.
+
+    Pairwise differences of the disks within each frame cluster at lattice vectors, the
+    short ones most often; ``g1`` is the shortest difference that occurs in at least
+    ``min_fraction`` of the disks (within ``tolerance``), ``g2`` the shortest such one not
+    parallel to it. The pair is then reduced (:func:`reduce_basis`).
+
+    Parameters
+    ----------
+    point_sets : list of arrays ``(m, 2)``
+        Disk positions of each frame (no NaN).
+    tolerance : float
+        Cluster radius, in the positions' units.
+
+    Raises
+    ------
+    BasisError
+        Too few disks, or no two frequent non-collinear differences.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.kernels.lattice import find_basis
+    >>> h, k = np.meshgrid(np.arange(-3, 4), np.arange(-3, 4))
+    >>> pts = np.stack([h.ravel(), k.ravel()], -1) @ np.array([[12.0, 1.0], [-2.0, 11.0]])
+    >>> [v.round(3).tolist() for v in find_basis([pts])]
+    [[12.0, 1.0], [-2.0, 11.0]]
+    """
+    diffs = []
+    total = 0
+    for pts in point_sets:
+        pts = np.asarray(pts, float)
+        pts = pts[np.all(np.isfinite(pts), axis=1)]
+        if len(pts) < 3:
+            continue
+        total += len(pts)
+        d = (pts[:, None, :] - pts[None, :, :]).reshape(-1, 2)
+        d = d[np.hypot(*d.T) > tolerance]
+        # one of each +/- pair: the half plane x > 0, or x == 0 and y > 0
+        d = np.where(((d[:, 0] < 0) | ((d[:, 0] == 0) & (d[:, 1] < 0)))[:, None], -d, d)
+        diffs.append(d)
+    if total < 6 or not diffs:
+        raise BasisError(f"only {total} disks to find a lattice basis from (need at least 6); "
+                         "lower the detection threshold, or pass basis=((g1x, g1y), (g2x, g2y)) "
+                         "in detector pixels")
+    d = np.concatenate(diffs)
+    length = np.hypot(*d.T)
+    order = np.argsort(length)
+    d, length = d[order], length[order]
+    need = max(3, min_fraction * total)
+    found = []
+    tried = 0
+    for i in range(len(d)):
+        c = d[i]
+        if any(np.hypot(*(c - f)) < 2 * tolerance or np.hypot(*(c + f)) < 2 * tolerance
+               for f in found):
+            continue
+        if found and abs(found[0][0] * c[1] - found[0][1] * c[0]) < 0.3 * length[i] * np.hypot(
+                *found[0]):
+            continue  # (nearly) parallel to g1
+        near = (np.hypot(*(d - c).T) < tolerance) | (np.hypot(*(d + c).T) < tolerance)
+        tried += 1
+        if near.sum() >= need:
+            members = np.where((np.hypot(*(d - c).T) < tolerance)[:, None], d, -d)[near]
+            found.append(members.mean(axis=0))
+            if len(found) == 2:
+                return reduce_basis(*found)
+        if tried > 400:
+            break
+    raise BasisError("could not find two frequent, non-collinear disk spacings (a lattice "
+                     "basis) in the reference disks; pass basis=((g1x, g1y), (g2x, g2y)) in "
+                     "detector pixels, or choose a reference region with more disks")

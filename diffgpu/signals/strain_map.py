@@ -1,0 +1,147 @@
+"""Strain maps: exx, eyy, exy and the lattice rotation at every scan position."""
+
+from __future__ import annotations
+
+import numpy as np
+from hyperspy._signals.lazy_signal1d import LazySignal1D
+from hyperspy._signals.signal1d import Signal1D
+
+from ..device import to_host_array
+from ._device import DeviceMixin, LazyDeviceMixin
+
+__all__ = ["StrainMap", "LazyStrainMap"]
+
+_FIELDS = ("exx", "eyy", "exy", "theta")
+
+
+class StrainMap(DeviceMixin, Signal1D):
+    """Strain at every scan position: data ``(..., 4)`` of exx, eyy, exy, theta.
+
+    ``exx, eyy, exy`` are the components of the symmetric real-space stretch ``V - I``
+    (``F = V R``) in the detector (x, y) frame, or in the frame set by :meth:`to_frame`;
+    ``exy`` is the tensor shear (half the engineering shear). Positive ``exx``: the lattice
+    is expanded along x. ``theta`` is the lattice rotation in degrees, positive from +x
+    towards +y, i.e. clockwise on screen (y points down). Positions where too few disks
+    were found are NaN; ``metadata.Strain`` records the reference, basis, calibration and
+    the number of such positions (``n_failed``).
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> m = diffgpu.StrainMap(np.zeros((3, 4, 4)))
+    >>> m.get_component("exx").data.shape
+    (3, 4)
+    """
+
+    _signal_type = "strain_map"
+
+    def _host(self):
+        data = self.data.compute() if self._lazy else self.data
+        return np.asarray(to_host_array(data), dtype=float)
+
+    @property
+    def n_failed(self):
+        """Scan positions with NaN strain (too few disks or a degenerate fit)."""
+        return int((~np.all(np.isfinite(self._host()), axis=-1)).sum())
+
+    def get_component(self, name):
+        """One map (``"exx"``, ``"eyy"``, ``"exy"`` or ``"theta"``) as a HyperSpy Signal2D
+        (or Signal1D for a line scan), e.g. to save as TIFF."""
+        if name not in _FIELDS:
+            raise ValueError(f"component must be one of {_FIELDS}; got {name!r}")
+        from hyperspy.signals import BaseSignal
+
+        img = self._host()[..., _FIELDS.index(name)]
+        axes = [dict(d, navigate=False) for d in self.axes_manager._get_navigation_axes_dicts()]
+        out = BaseSignal(img, axes=axes).transpose(signal_axes=len(axes)) if axes else \
+            BaseSignal(img)
+        out.metadata.General.title = f"{name} of {self.metadata.General.title}"
+        return out
+
+    def to_frame(self, angle):
+        """The same strain in axes turned by ``angle`` degrees (x' from +x towards +y).
+
+        ``angle`` may be ``"g1"`` to align x' with the reference's first lattice vector.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> m = diffgpu.StrainMap(np.array([[0.01, 0.0, 0.0, 0.0]]))
+        >>> m.to_frame(90).data.round(6).tolist()
+        [[0.0, 0.01, -0.0, 0.0]]
+        """
+        from ..strain import rotate_strain
+
+        if isinstance(angle, str):
+            if angle != "g1" or not self.metadata.has_item("Strain.reference_g1_px"):
+                raise ValueError("angle must be a number of degrees or 'g1' (needs the "
+                                 "reference in metadata.Strain)")
+            gx, gy = self.metadata.Strain.reference_g1_px
+            angle = float(np.degrees(np.arctan2(gy, gx)))
+        data = rotate_strain(self.data, float(angle))
+        out = self._deepcopy_with_new_data(data)
+        prev = out.metadata.get_item("Strain.frame_angle_deg", 0.0)
+        out.metadata.set_item("Strain.frame_angle_deg", float(prev) + float(angle))
+        return out
+
+    def plot(self, *args, limit=None, cmap="RdBu_r", theta_cmap="PiYG", **kwargs):
+        """Four maps: exx, eyy, exy on one shared, symmetric colour scale, and theta.
+
+        For a 2D scan this draws a matplotlib figure (returned); ``limit`` sets the strain
+        colour scale to ``[-limit, limit]`` (default: the 99th percentile of ``|strain|``).
+        Other signals fall back to HyperSpy's plot.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> fig = diffgpu.StrainMap(np.zeros((5, 6, 4))).plot()
+        >>> len(fig.axes)
+        6
+        """
+        if self.axes_manager.navigation_dimension != 2 or args or kwargs:
+            return super().plot(*args, **kwargs)
+        import matplotlib.pyplot as plt
+
+        data = self._host()
+        strains = data[..., :3]
+        finite = np.isfinite(strains)
+        if limit is None:
+            limit = float(np.percentile(np.abs(strains[finite]), 99)) if finite.any() else 1e-3
+            limit = limit or 1e-3
+        theta = data[..., 3]
+        tl = float(np.nanmax(np.abs(theta))) if np.isfinite(theta).any() else 0.1
+        tl = tl or 0.1
+        fig, axs = plt.subplots(1, 4, figsize=(14, 3.6), layout="constrained")
+        im = None
+        for i, name in enumerate(("exx", "eyy", "exy")):
+            im = axs[i].imshow(strains[..., i], cmap=cmap, vmin=-limit, vmax=limit)
+            axs[i].set_title(name)
+        fig.colorbar(im, ax=list(axs[:3]), shrink=0.8, label="strain")
+        im_t = axs[3].imshow(theta, cmap=theta_cmap, vmin=-tl, vmax=tl)
+        axs[3].set_title("theta (deg, clockwise on screen)")
+        fig.colorbar(im_t, ax=axs[3], shrink=0.8, label="deg")
+        for ax in axs:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(self.metadata.General.title)
+        return fig
+
+
+class LazyStrainMap(LazyDeviceMixin, LazySignal1D, StrainMap):
+    """Lazy (dask-backed) :class:`StrainMap`; :meth:`compute` counts and reports NaN positions."""
+
+    _lazy = True
+
+    def compute(self, *args, **kwargs):
+        """Compute as HyperSpy does, then count the positions without strain
+        (``metadata.Strain.n_failed``) and warn if there are any."""
+        from ..strain import warn_failed
+
+        super().compute(*args, **kwargs)
+        arr = np.asarray(to_host_array(self.data), dtype=float)
+        n_failed = int((~np.all(np.isfinite(arr), axis=-1)).sum())
+        self.metadata.set_item("Strain.n_failed", n_failed)
+        warn_failed(n_failed, int(np.prod(arr.shape[:-1])),
+                    self.metadata.get_item("Strain.min_disks", 0))
+
+    plot = StrainMap.plot

@@ -1,0 +1,351 @@
+"""Lattice fits and strain maps from Bragg vectors, eagerly or lazily, CPU or GPU.
+
+Geometry
+--------
+Disk positions ``p`` (detector pixels) are first corrected with the calibration:
+``q = L (p - c)`` with ``c`` the centre and ``L = diag(scale) @ affine`` divided by
+``sqrt(|det L|)``, so ``q`` stays in pixel-sized units while an anisotropic pixel scale or
+an elliptical (affine) distortion is undone. Strain is dimensionless, so the overall scale
+does not matter; its anisotropy does.
+
+Each frame's reciprocal lattice ``G = [g1 g2]`` (columns, in ``q``) is compared with the
+reference ``G0``. A real-space deformation ``F`` (``a = F a0`` for every real lattice
+vector) turns reciprocal vectors by ``F^-T``, so ``F = G^-T G0^T``. Its polar decomposition
+``F = V R`` gives
+
+* ``exx, eyy, exy``: the symmetric stretch ``V - I`` in the detector (x, y) frame, ``exy``
+  the tensor shear (half the engineering shear); positive ``exx`` means the lattice is
+  expanded along x (its disks closer together along x);
+* ``theta``: the lattice rotation in degrees, positive from +x towards +y, i.e.
+  **clockwise as shown on screen** (the y axis, rows, points down).
+
+For a rotation ``R`` alone, ``F^-T = R``: the diffraction pattern turns by the same angle.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from .device import _is_dask, array_module, to_host_array
+from .kernels.lattice import LATTICE_FIELDS, BasisError, find_basis, fit_lattices
+
+__all__ = ["correction_matrix", "lattice_fit", "strain_from_lattice", "get_strain_map",
+           "STRAIN_FIELDS", "BasisError"]
+
+STRAIN_FIELDS = ("exx", "eyy", "exy", "theta")
+
+
+def correction_matrix(calibration):
+    """``L``: pixel offsets from the centre -> corrected, pixel-sized coordinates.
+
+    Examples
+    --------
+    >>> from diffgpu.strain import correction_matrix
+    >>> correction_matrix({"scale": [1.0, 1.0], "affine": [[1.02, 0], [0, 1.0]]}).round(4).tolist()
+    [[1.01, 0.0], [0.0, 0.9901]]
+    """
+    scale = np.asarray(calibration.get("scale") or [1.0, 1.0], float)
+    aff = calibration.get("affine")
+    m = np.diag(scale) @ (np.eye(2) if aff is None else np.asarray(aff, float).reshape(2, 2))
+    det = abs(np.linalg.det(m))
+    if not det > 0:
+        raise ValueError(f"the calibration's scale and affine matrix are singular: {m.tolist()}")
+    return m / math.sqrt(det)
+
+
+def _corrected(vectors, center, lmat, xp):
+    p = vectors[..., :2].astype(xp.float64) - xp.asarray(center, dtype=xp.float64)
+    return p @ xp.asarray(lmat.T)
+
+
+def _region_index(reference, nav_shape):
+    """A navigation region as a tuple index or a bool mask -> flat frame numbers."""
+    flat = np.arange(int(np.prod(nav_shape))).reshape(nav_shape)
+    if isinstance(reference, np.ndarray) and reference.dtype == bool:
+        if reference.shape != tuple(nav_shape):
+            raise ValueError(f"reference mask shape {reference.shape} does not match the scan "
+                             f"{tuple(nav_shape)}")
+        return flat[reference]
+    idx = reference if isinstance(reference, tuple) else (reference,)
+    try:
+        return np.atleast_1d(flat[idx]).ravel()
+    except (IndexError, TypeError) as err:
+        raise ValueError(f"reference region {reference!r} is not a valid index of the scan "
+                         f"(shape {tuple(nav_shape)}, array order: rows first)") from err
+
+
+def _frames(data, flat_ids):
+    """Host float64 vectors of the given frames (computes only those of a lazy array)."""
+    nav_shape = data.shape[:-2]
+    flat = data.reshape((-1,) + data.shape[-2:]) if not _is_dask(data) else None
+    if flat is None:
+        idx = np.unravel_index(np.asarray(flat_ids), nav_shape)
+        sub = data.vindex[idx] if len(nav_shape) > 1 else data[np.asarray(flat_ids)]
+        return np.asarray(to_host_array(sub.compute()), float)
+    return np.asarray(to_host_array(flat[np.asarray(flat_ids)]), float)
+
+
+def _kind(reference):
+    if reference is None:
+        return "all"
+    if isinstance(reference, (tuple, slice, int, np.integer)) or (
+            isinstance(reference, np.ndarray) and reference.dtype == bool):
+        if isinstance(reference, tuple) and len(reference) == 2 and all(
+                isinstance(r, (list, tuple, np.ndarray)) for r in reference):
+            return "vectors"
+        return "region"
+    return "vectors"
+
+
+def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_disks=6,
+                tolerance=None, iterations=3, weighted=True, max_basis_frames=32):
+    """Per-frame lattice fits of Bragg vectors: ``(data, basis, origin)``.
+
+    Parameters
+    ----------
+    data : array ``navigation + (K, 3)``
+        Bragg vectors (x, y, intensity), NaN-padded (NumPy, CuPy or dask).
+    calibration : dict
+        ``center``, ``scale``, ``affine`` (as stored by :func:`diffgpu.disks.find_bragg_disks`).
+    basis : 2 x 2 array-like, optional
+        ``(g1, g2)`` in detector pixels (rows); default found from the reference frames.
+    origin : (float, float), optional
+        Detector pixel of the ``(0, 0)`` disk (the direct beam); default the median of the
+        reference frames' strongest disks. Frames whose beam is more than half a lattice
+        spacing away from it are indexed wrongly: centre the beam first.
+    reference : region or None
+        Frames to find the basis in (see :func:`get_strain_map`); None: the whole scan.
+    min_disks, tolerance, iterations : see :func:`~diffgpu.kernels.lattice.fit_lattices`
+        (``tolerance`` in detector pixels).
+    weighted : bool
+        Weight the fit by disk intensity (True) or equally.
+
+    Returns
+    -------
+    fits : array ``navigation + (8,)`` float64, lazy for lazy input: ``LATTICE_FIELDS``
+        in corrected coordinates (see the module docstring) relative to the centre.
+    basis, origin : numpy arrays (corrected coordinates) used to index the disks.
+    """
+    lmat = correction_matrix(calibration)
+    center = np.asarray(calibration.get("center") or [0.0, 0.0], float)
+    nav_shape = data.shape[:-2]
+    n_frames = int(np.prod(nav_shape))
+    if basis is None or origin is None:
+        kind = _kind(reference)
+        ids = (_region_index(reference, nav_shape) if kind == "region"
+               else np.arange(n_frames))
+        if len(ids) > max_basis_frames:  # evenly spread over the region
+            ids = ids[np.linspace(0, len(ids) - 1, max_basis_frames).round().astype(int)]
+        sample = _frames(data, ids)
+        q = _corrected(sample, center, lmat, np)
+        sets = [qi[np.all(np.isfinite(qi), axis=1)] for qi in q]
+        if basis is None:
+            b = find_basis(sets)
+            basis_q = np.stack(b, axis=1)
+        if origin is None:
+            strongest = [qi[np.nanargmax(si[:, 2])] for qi, si in zip(q, sample)
+                         if np.isfinite(si[:, 2]).any()]
+            if not strongest:
+                raise BasisError("no disks in the reference frames: lower the detection "
+                                 "threshold or choose another reference region")
+            origin_q = np.median(np.array(strongest), axis=0)
+    if basis is not None:
+        b = np.asarray(basis, float)
+        if b.shape != (2, 2) or not np.all(np.isfinite(b)):
+            raise ValueError(f"basis must be ((g1x, g1y), (g2x, g2y)) in pixels; got {basis!r}")
+        basis_q = lmat @ b.T
+        if abs(np.linalg.det(basis_q)) < 1e-9 * np.abs(basis_q).max() ** 2:
+            raise ValueError(f"basis vectors {b.tolist()} are parallel")
+    if origin is not None:
+        origin_q = lmat @ (np.asarray(origin, float).reshape(2) - center)
+    if tolerance is not None:
+        tolerance = float(tolerance) * math.sqrt(abs(np.linalg.det(lmat)))
+
+    def fit(block):
+        xp = array_module(block)
+        flat = block.reshape((-1,) + block.shape[-2:])
+        q = _corrected(flat, center, lmat, xp)
+        w = flat[..., 2] if weighted else xp.where(xp.isfinite(flat[..., 2]), 1.0, xp.nan)
+        out = fit_lattices(q, w, xp.asarray(basis_q), xp.asarray(origin_q), min_disks=min_disks,
+                           tolerance=tolerance, iterations=iterations)
+        return out.reshape(block.shape[:-2] + (len(LATTICE_FIELDS),))
+
+    return _map_last2(data, fit, len(LATTICE_FIELDS)), basis_q, origin_q
+
+
+def _map_last2(data, func, size):
+    """``func`` over blocks of an array ``(..., a, b)`` -> ``(..., size)`` float64, lazily."""
+    if not _is_dask(data):
+        return func(data)
+    import dask.array as da
+
+    nav = data.ndim - 2
+    if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
+        data = data.rechunk({nav: -1, nav + 1: -1})
+    meta = array_module(data).empty((0,) * (nav + 1), dtype=np.float64)
+    return da.map_blocks(func, data, dtype=np.float64, meta=meta, drop_axis=nav + 1,
+                         chunks=data.chunks[:nav] + ((size,),))
+
+
+def strain_from_lattice(fits, reference):
+    """Strain ``(exx, eyy, exy, theta_deg)`` of lattice fits relative to a reference basis.
+
+    Parameters
+    ----------
+    fits : array ``(..., 8)`` (``LATTICE_FIELDS``) or ``(..., >= 6)`` with g1, g2 at 2:6
+    reference : array ``(2, 2)``
+        Reference basis, columns ``g1``, ``g2`` (same coordinates as the fits).
+
+    Returns
+    -------
+    array ``(..., 4)`` float64; NaN where the fit is NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.strain import strain_from_lattice
+    >>> g0 = np.array([[10.0, 0.0], [0.0, 10.0]])
+    >>> fits = np.array([0, 0, 10 / 1.01, 0, 0, 10, 9, 0.1])     # expanded 1 % along x
+    >>> strain_from_lattice(fits, g0).round(6).tolist()
+    [0.01, 0.0, 0.0, 0.0]
+    """
+    xp = array_module(fits)
+    g = xp.stack([fits[..., 2:4], fits[..., 4:6]], axis=-1)  # (..., 2, 2), columns g1, g2
+    g0t = xp.asarray(np.asarray(reference, float).T)
+    det = g[..., 0, 0] * g[..., 1, 1] - g[..., 0, 1] * g[..., 1, 0]
+    # G^-T = (1/det) [[g11, -g10], [-g01, g00]]
+    ginvt = xp.stack([xp.stack([g[..., 1, 1], -g[..., 1, 0]], -1),
+                      xp.stack([-g[..., 0, 1], g[..., 0, 0]], -1)], -2) / det[..., None, None]
+    f = ginvt @ g0t
+    theta = xp.arctan2(f[..., 1, 0] - f[..., 0, 1], f[..., 0, 0] + f[..., 1, 1])
+    c, s = xp.cos(theta), xp.sin(theta)
+    # V = F R^T, R = [[c, -s], [s, c]]
+    v00 = f[..., 0, 0] * c - f[..., 0, 1] * s
+    v11 = f[..., 1, 0] * s + f[..., 1, 1] * c
+    v01 = f[..., 0, 0] * s + f[..., 0, 1] * c
+    v10 = f[..., 1, 0] * c - f[..., 1, 1] * s
+    return xp.stack([v00 - 1, v11 - 1, 0.5 * (v01 + v10), xp.rad2deg(theta)], axis=-1)
+
+
+def rotate_strain(strain, angle_deg):
+    """Strain expressed in axes turned by ``angle_deg`` (x' at that angle from x, towards y).
+
+    ``exx', eyy', exy'`` are the components of the same tensor in the new axes
+    (``e' = Q^T e Q``); theta is unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.strain import rotate_strain
+    >>> rotate_strain(np.array([0.01, 0.0, 0.0, 0.1]), 90).round(6).tolist()
+    [0.0, 0.01, -0.0, 0.1]
+    """
+    xp = array_module(strain)
+    a = math.radians(angle_deg)
+    c, s = math.cos(a), math.sin(a)
+    exx, eyy, exy = strain[..., 0], strain[..., 1], strain[..., 2]
+    nxx = c * c * exx + s * s * eyy + 2 * c * s * exy
+    nyy = s * s * exx + c * c * eyy - 2 * c * s * exy
+    nxy = (eyy - exx) * c * s + exy * (c * c - s * s)
+    return xp.stack([nxx, nyy, nxy, strain[..., 3]], axis=-1)
+
+
+def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=None,
+                   min_disks=6, tolerance=None, iterations=3, weighted=True):
+    """Shared implementation of :meth:`BraggVectors.get_strain_map` (see there).
+
+    Returns
+    -------
+    data : array ``navigation + (4,)`` float64 (lazy for lazy input)
+    axes : list of dict
+    metadata : dict
+    """
+    cal = dict(metadata.get("BraggDisks", {}).get("calibration") or {})
+    if not cal:
+        cal = {"center": [0.0, 0.0], "scale": [1.0, 1.0], "affine": None}
+    nav_shape = data.shape[:-2]
+    kind = _kind(reference)
+    ref_vectors = None
+    if kind == "vectors":
+        ref_vectors = np.asarray(reference, float)
+        if ref_vectors.shape != (2, 2) or not np.all(np.isfinite(ref_vectors)):
+            raise ValueError("reference must be a scan region (slices, or a bool mask of the "
+                             "scan), or lattice vectors ((g1x, g1y), (g2x, g2y)) in pixels; got "
+                             f"{reference!r}")
+        if basis is None:
+            basis = ref_vectors
+    fits, basis_q, origin_q = lattice_fit(
+        data, cal, basis=basis, origin=origin, reference=reference if kind == "region" else None,
+        min_disks=min_disks, tolerance=tolerance, iterations=iterations, weighted=weighted)
+    lmat = correction_matrix(cal)
+    if kind == "vectors":
+        ref_q = lmat @ ref_vectors.T
+        where = "given vectors"
+    else:
+        ids = (_region_index(reference, nav_shape) if kind == "region"
+               else np.arange(int(np.prod(nav_shape))))
+        flat_fits = fits.reshape((-1, fits.shape[-1]))
+        sub = flat_fits[np.asarray(ids)] if not _is_dask(fits) else flat_fits[np.asarray(ids)]
+        sub = np.asarray(to_host_array(sub.compute() if _is_dask(sub) else sub), float)
+        good = np.all(np.isfinite(sub[:, 2:6]), axis=1)
+        if not good.any():
+            raise ValueError(
+                f"the reference region ({len(ids)} positions) has no frame with a valid lattice "
+                f"fit (each needs at least min_disks={min_disks} indexed disks): choose another "
+                "region with reference=(slice(...), slice(...)), lower min_disks or the "
+                "detection threshold, or give reference=((g1x, g1y), (g2x, g2y)) in pixels")
+        ref = np.median(sub[good, 2:6], axis=0) if kind == "all" else sub[good, 2:6].mean(0)
+        ref_q = np.stack([ref[0:2], ref[2:4]], axis=1)
+        where = "whole scan (median)" if kind == "all" else f"region of {int(good.sum())} fits"
+
+    def to_strain(block):
+        return strain_from_lattice(block, ref_q)
+
+    if _is_dask(fits):
+        import dask.array as da
+
+        meta = array_module(fits).empty((0,) * fits.ndim, dtype=np.float64)
+        strain = da.map_blocks(to_strain, fits, dtype=np.float64, meta=meta,
+                               chunks=fits.chunks[:-1] + ((4,),))
+    else:
+        strain = to_strain(fits)
+    lmat_inv = np.linalg.inv(lmat)
+    md = {k: v for k, v in metadata.items() if k not in ("BraggDisks", "Signal")}
+    md["General"] = dict(md.get("General", {}))
+    title = md["General"].get("title", "")
+    md["General"]["title"] = ("Strain of " + title.replace("Bragg disks of ", "")).strip()
+    md["Signal"] = {"signal_type": "strain_map"}
+    md["Strain"] = {
+        "fields": list(STRAIN_FIELDS),
+        "convention": "F = V R (real space), e = V - I in the detector (x, y) frame; exy is the "
+                      "tensor shear; theta in degrees, positive from +x towards +y (clockwise "
+                      "on screen)",
+        "reference": where,
+        "reference_g1_px": (lmat_inv @ ref_q[:, 0]).tolist(),
+        "reference_g2_px": (lmat_inv @ ref_q[:, 1]).tolist(),
+        "basis_g1_px": (lmat_inv @ basis_q[:, 0]).tolist(),
+        "basis_g2_px": (lmat_inv @ basis_q[:, 1]).tolist(),
+        "origin_px": (lmat_inv @ origin_q + np.asarray(cal.get("center") or [0, 0])).tolist(),
+        "min_disks": int(min_disks), "weighted": bool(weighted),
+        "calibration": cal,
+        "frame_angle_deg": 0.0,
+    }
+    axes = list(nav_axes) + [{"name": "component", "size": 4, "navigate": False}]
+    return strain, axes, md
+
+
+def count_failed(strain_data):
+    """Positions whose strain is NaN (too few disks, or a degenerate fit)."""
+    arr = np.asarray(to_host_array(strain_data))
+    return int((~np.all(np.isfinite(arr), axis=-1)).sum())
+
+
+def warn_failed(n_failed, n_total, min_disks):
+    """Warn once about positions without strain, saying why and what to change."""
+    if n_failed:
+        warnings.warn(f"{n_failed} of {n_total} positions have NaN strain: fewer than "
+                      f"min_disks={min_disks} disks could be indexed there (or they all lie "
+                      "on one lattice row)", RuntimeWarning, stacklevel=3)
