@@ -145,7 +145,11 @@ def _reader_for(path):
     if ext == ".xml":
         from .readers import empad
 
-        return empad if empad.is_empad(path) else None
+        return empad.PLUGIN if empad.is_empad(path) else None
+    if ext in (".dm3", ".dm4"):
+        from .readers import dm
+
+        return dm.PLUGIN
     return None
 
 

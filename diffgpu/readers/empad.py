@@ -22,19 +22,19 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+from types import SimpleNamespace
+
 import numpy as np
 
-__all__ = ["file_reader", "is_empad", "read_xml", "FRAME_SHAPE", "RAW_FRAME_SHAPE"]
+from ._raw import RawFrames, lazy_raw
+from .errors import DetectorFileError
+
+__all__ = ["file_reader", "is_empad", "read_xml", "FRAME_SHAPE", "RAW_FRAME_SHAPE", "PLUGIN"]
 
 FRAME_SHAPE = (128, 128)
 #: each frame in the .raw file: 128 rows of pixels and 2 rows of per-frame metadata
 RAW_FRAME_SHAPE = (130, 128)
 _DTYPE = np.dtype("<f4")
-_CHUNK_BYTES = 32 * 2**20
-
-
-class EMPADFormatError(OSError):
-    """An EMPAD file pair diffgpu cannot read (names the file and the problem)."""
 
 
 def is_empad(filename):
@@ -91,10 +91,11 @@ def read_xml(filename):
     try:
         root = ET.parse(filename).getroot()
     except (ET.ParseError, OSError) as err:
-        raise EMPADFormatError(f"'{filename}' is not a readable EMPAD XML file: {err}") from err
+        raise DetectorFileError(filename, f"not a readable EMPAD XML file ({err})") from err
     raw = root.find("raw_file")
     if raw is None or not raw.get("filename"):
-        raise EMPADFormatError(f"'{filename}' does not name its raw file (<raw_file filename=...>)")
+        raise DetectorFileError(filename, "the XML does not name its raw file "
+                                          "(<raw_file filename=...>)")
     raw_name = raw.get("filename")
     # the software may record an absolute path; the raw file lives beside the XML
     info = {"raw": os.path.join(os.path.dirname(os.path.abspath(filename)),
@@ -123,8 +124,8 @@ def read_xml(filename):
         m = re.search(r"_x(\d+)_y(\d+)", os.path.basename(raw_name))
         nav = (int(m.group(2)), int(m.group(1))) if m else None
     if nav is None or min(nav) < 1:
-        raise EMPADFormatError(f"'{filename}' does not say the scan shape (scan_resolution_x/y, "
-                               "pix_x/pix_y or a series count); pass navigation_shape=")
+        raise DetectorFileError(filename, "the XML does not say the scan shape "
+                                          "(scan_resolution_x/y, pix_x/pix_y or a series count)")
     info["nav_shape"] = nav
 
     voltage = number("iom_measurements/high_voltage")
@@ -154,39 +155,7 @@ def read_xml(filename):
     return info
 
 
-class _RawFrames:
-    """Array-like view of the frames in an EMPAD raw file (footer rows dropped)."""
-
-    def __init__(self, path, nav_shape):
-        self.path = path
-        self.nav_shape = tuple(nav_shape)
-        self.shape = self.nav_shape + FRAME_SHAPE
-        self.dtype = _DTYPE
-        self.ndim = len(self.shape)
-
-    def _read(self, start, stop):
-        frame_bytes = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
-        count = (stop - start) * int(np.prod(RAW_FRAME_SHAPE))
-        with open(self.path, "rb") as f:
-            f.seek(start * frame_bytes)
-            raw = np.fromfile(f, dtype=_DTYPE, count=count)
-        if raw.size != count:
-            raise EMPADFormatError(f"'{self.path}' ended before frame {stop - 1} (truncated?)")
-        return raw.reshape((-1,) + RAW_FRAME_SHAPE)[:, :FRAME_SHAPE[0]]
-
-    def __getitem__(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        nav_key = key[:len(self.nav_shape)]
-        if len(nav_key) < len(self.nav_shape) or not all(isinstance(k, slice) for k in nav_key):
-            return self._read(0, int(np.prod(self.nav_shape))).reshape(self.shape)[key]
-        flat = np.arange(int(np.prod(self.nav_shape))).reshape(self.nav_shape)[nav_key]
-        if flat.size == 0:
-            return np.empty(flat.shape + FRAME_SHAPE, _DTYPE)[(Ellipsis,) + key[len(nav_key):]]
-        frames = self._read(int(flat.min()), int(flat.max()) + 1)[flat.ravel() - flat.min()]
-        return frames.reshape(flat.shape + FRAME_SHAPE)[(Ellipsis,) + key[len(nav_key):]]
-
-
-def file_reader(filename, lazy=True, navigation_shape=None, chunks=None, **kwds):
+def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds):
     """Read an EMPAD scan from its ``.xml`` file (the ``.raw`` file beside it holds the data).
 
     A RosettaSciIO-style reader: ``hs.load(path, file_format=diffgpu.readers.empad)`` and
@@ -197,13 +166,13 @@ def file_reader(filename, lazy=True, navigation_shape=None, chunks=None, **kwds)
     filename : str
         The ``.xml`` file.
     lazy : bool
-        The data is always a dask array; HyperSpy computes it unless ``lazy``.
+        A dask array read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
     navigation_shape : tuple of int, optional
         Scan shape in HyperSpy's order ``(x, y)`` (one number for a series), to override
         the XML's (e.g. to read the complete rows of a scan that was stopped early).
-    chunks : int, optional
-        Frames per dask chunk (whole scan rows where the scan row fits); default about
-        32 MiB.
+    chunks : int or tuple, optional
+        Frames per dask chunk, or navigation chunks; default
+        :func:`diffgpu.chunking.frame_chunks` (whole frames, whole scan rows where they fit).
 
     Returns
     -------
@@ -230,61 +199,72 @@ def file_reader(filename, lazy=True, navigation_shape=None, chunks=None, **kwds)
     >>> float(s.data.sum().compute())
     98304.0
     """
-    import dask.array as da
-
+    unknown = set(kwds) - {"mmap_mode", "print_info"}
+    if unknown:
+        raise TypeError(f"unknown keyword arguments for the EMPAD reader: {sorted(unknown)}")
     filename = os.fspath(filename)
-    info = read_xml(filename)
+    info = read_xml(filename) if navigation_shape is None else _read_xml_lenient(filename)
     raw = info["raw"]
     if not os.path.exists(raw):
-        raise EMPADFormatError(f"'{filename}': its raw file '{os.path.basename(raw)}' is missing "
-                               f"(looked for '{raw}')")
-    nav = info["nav_shape"]
+        raise DetectorFileError(filename, f"its raw file '{os.path.basename(raw)}' is missing "
+                                          f"(looked for '{raw}')")
+    nav = info.get("nav_shape")
     if navigation_shape is not None:
         nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]
     n = int(np.prod(nav))
-    frame_bytes = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
+    stride = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
     size = os.path.getsize(raw)
-    if size < n * frame_bytes or (navigation_shape is None and size != n * frame_bytes):
-        held = f"{size // frame_bytes} frames" + (f" and {size % frame_bytes} bytes"
-                                                 if size % frame_bytes else "")
-        raise EMPADFormatError(
-            f"'{raw}' holds {size} bytes ({held} of 130 x 128 float32); the scan "
-            f"{tuple(nav[::-1])} needs {n} frames = {n * frame_bytes} bytes"
-            + (" (truncated?)" if size < n * frame_bytes else ""))
-
-    per = max(1, int((_CHUNK_BYTES if chunks is None else int(chunks) * frame_bytes)
-                     // frame_bytes))
-    if len(nav) == 2:
-        nav_chunks = (max(1, min(nav[0], per // nav[1])), nav[1]) if per >= nav[1] \
-            else (1, per)
-    else:
-        nav_chunks = (min(per, nav[0]),)
-    from dask.base import tokenize
-
-    frames = _RawFrames(raw, nav)
-    data = da.from_array(frames, chunks=nav_chunks + FRAME_SHAPE, asarray=False, lock=False,
-                         fancy=False, meta=np.empty((0,) * frames.ndim, _DTYPE),
-                         name="empad-" + tokenize(raw, os.path.getmtime(raw), size, nav))
+    if size < n * stride or (navigation_shape is None and size != n * stride):
+        held = f"{size // stride} frames" + (f" and {size % stride} bytes" if size % stride else "")
+        raise DetectorFileError(
+            raw, f"holds {size} bytes ({held} of 130 x 128 float32); the scan "
+                 f"{tuple(nav[::-1])} (x, y) needs {n} frames = {n * stride} bytes"
+                 + (" (truncated?)" if size < n * stride else "; pass navigation_shape= to "
+                    "read the first frames only"))
+    data = lazy_raw(RawFrames(raw, 0, nav, FRAME_SHAPE, _DTYPE, stride=stride), "empad", chunks)
+    if not lazy:
+        data = data.compute()
 
     scan_step = info.get("scan_step")
     names = ("y", "x") if len(nav) == 2 else ("frame",)
     axes = [{"name": name, "size": k, "scale": scan_step or 1.0, "offset": 0.0,
              "units": "nm" if scan_step else None, "navigate": True, "index_in_array": i}
             for i, (name, k) in enumerate(zip(names, nav))]
-    q = info.get("q_scale")
+    q = info.get("q_scale") or 1.0
     for j, name in enumerate(("ky", "kx")):
-        axes.append({"name": name, "size": FRAME_SHAPE[j], "scale": q or 1.0, "offset": 0.0,
-                     "units": "1/nm" if q else "px", "navigate": False,
+        # the origin at the middle of the detector until the beam is found
+        axes.append({"name": name, "size": FRAME_SHAPE[j], "scale": q,
+                     "offset": -(FRAME_SHAPE[j] - 1) / 2 * q,
+                     "units": "1/nm" if "q_scale" in info else "px", "navigate": False,
                      "index_in_array": len(nav) + j})
     title = os.path.splitext(os.path.basename(filename))[0]
     md = {"General": {"title": title, "original_filename": os.path.basename(filename)},
-          "Signal": {"signal_type": "diffraction_patterns"}}
+          "Signal": {"signal_type": "diffraction_patterns"},
+          "Acquisition_instrument": {"Detector": {"name": "EMPAD"}}}
     for key in ("date", "time"):
         if key in info:
             md["General"][key] = info[key]
     tem = {k: info[k] for k in ("beam_energy", "camera_length") if k in info}
     if tem:
-        md["Acquisition_instrument"] = {"TEM": tem}
+        md["Acquisition_instrument"]["TEM"] = tem
     original = {"empad": {k: v for k, v in info.items()
                           if isinstance(v, (str, float, int, tuple))}}
     return [{"data": data, "axes": axes, "metadata": md, "original_metadata": original}]
+
+
+def _read_xml_lenient(filename):
+    """read_xml, where the scan shape may be missing (the caller gives it)."""
+    try:
+        return read_xml(filename)
+    except DetectorFileError as err:
+        if "scan shape" not in err.problem:
+            raise
+    root = ET.parse(filename).getroot()
+    name = root.find("raw_file").get("filename")
+    return {"raw": os.path.join(os.path.dirname(os.path.abspath(filename)),
+                                os.path.basename(name.replace("\\", "/")))}
+
+
+#: what :func:`diffgpu.load` hands ``hs.load(file_format=...)``: this reader under its module's
+#: name (HyperSpy records the reader's module name in the signal's metadata)
+PLUGIN = SimpleNamespace(file_reader=file_reader, __loader__=SimpleNamespace(name=__name__))

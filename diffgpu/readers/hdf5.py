@@ -24,27 +24,23 @@ import math
 import os
 import re
 
+from types import SimpleNamespace
+
 import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4 and other filters with h5py before any read)
 import h5py
 import numpy as np
 
-__all__ = ["file_reader", "find_frames", "sniff", "CHUNK_BYTES"]
+from .errors import DetectorFileError
 
-#: Bytes of uncompressed frames per dask chunk the reader aims for (whole frames, whole HDF5
-#: chunks). Large enough that per-task overhead is small, small enough for bounded memory.
-CHUNK_BYTES = 32 * 2**20
+__all__ = ["file_reader", "find_frames", "sniff", "PLUGIN"]
 
 _DATA_LINK = re.compile(r"^data_\d{6}$")
 _DETECTOR = "entry/instrument/detector"
 
 
-class HDF5FormatError(OSError):
-    """An HDF5 file diffgpu cannot read as a stack of frames (names the file and the problem)."""
-
-
 def sniff(filename):
     """Which reader an HDF5 file needs: RosettaSciIO's ``"HSPY"`` or ``"EMD"`` for files those
-    formats wrote, else this module (also for files that are not HDF5, so that the error
+    formats wrote, else this module's :data:`PLUGIN` (also for files that are not HDF5, so that the error
     comes from here and names the problem).
 
     Examples
@@ -54,15 +50,13 @@ def sniff(filename):
     >>> path = os.path.join(tempfile.mkdtemp(), "stack.h5")
     >>> with h5py.File(path, "w") as f:
     ...     _ = f.create_dataset("frames", data=np.zeros((6, 8, 8), "uint16"))
-    >>> hdf5.sniff(path) is hdf5
+    >>> hdf5.sniff(path) is hdf5.PLUGIN
     True
     """
-    import sys
-
     try:
         f = h5py.File(filename, "r")
     except OSError:
-        return sys.modules[__name__]
+        return PLUGIN
     with f:
         attrs = f.attrs
         fmt = attrs.get("file_format", b"")
@@ -71,7 +65,7 @@ def sniff(filename):
             return "HSPY"
         if "version_major" in attrs and "version_minor" in attrs:  # Berkeley EMD
             return "EMD"
-    return sys.modules[__name__]
+    return PLUGIN
 
 
 def find_frames(filename, dataset=None):
@@ -117,11 +111,11 @@ def find_frames(filename, dataset=None):
     try:
         f = h5py.File(filename, "r")
     except OSError as err:
-        raise HDF5FormatError(f"'{filename}' is not a readable HDF5 file: {err}") from err
+        raise DetectorFileError(filename, f"not a readable HDF5 file ({err})") from err
     with f:
         if dataset is not None:
             if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-                raise HDF5FormatError(f"'{filename}' has no dataset '{dataset}'")
+                raise DetectorFileError(filename, f"no dataset '{dataset}' in the file")
             paths = [dataset]
         elif "entry/data" in f and isinstance(f["entry/data"], h5py.Group) and any(
                 _DATA_LINK.match(k) for k in f["entry/data"]):
@@ -134,9 +128,9 @@ def find_frames(filename, dataset=None):
                          and obj.ndim in (3, 4) else None)
             if len(found) != 1:
                 what = "no dataset" if not found else f"{len(found)} datasets ({', '.join(found)})"
-                raise HDF5FormatError(
-                    f"'{filename}' has {what} with 3 or 4 dimensions; pass dataset='path/in/file' "
-                    "to say which one holds the frames")
+                raise DetectorFileError(
+                    filename, f"{what} with 3 or 4 dimensions; pass dataset='path/in/file' "
+                              "to say which one holds the frames")
             paths = found
         parts = []
         for path in paths:
@@ -144,13 +138,13 @@ def find_frames(filename, dataset=None):
     shapes = {p[3] for p in parts}
     dtypes = {p[4] for p in parts}
     if len(shapes) > 1 or len(dtypes) > 1:
-        raise HDF5FormatError(
-            f"the data files of '{filename}' disagree: frame shapes {sorted(shapes)}, "
-            f"dtypes {sorted(str(d) for d in dtypes)}")
+        raise DetectorFileError(
+            filename, f"its data files disagree: frame shapes {sorted(shapes)}, "
+                      f"dtypes {sorted(str(d) for d in dtypes)}")
     shape, dtype = parts[0][3], parts[0][4]
     if len(shape) not in (2, 3):
-        raise HDF5FormatError(f"'{filename}': dataset '{parts[0][1]}' has {len(shape) + 1} "
-                              "dimensions; frames need 3 (frames, rows, columns) or 4")
+        raise DetectorFileError(filename, f"dataset '{parts[0][1]}' has {len(shape) + 1} "
+                                          "dimensions; frames need 3 (frames, rows, columns) or 4")
     chunk = math.lcm(*[p[5] for p in parts])
     return [p[:3] for p in parts], shape, dtype, chunk
 
@@ -163,21 +157,21 @@ def _resolve(f, path, filename):
         target_path = link.path
         target_file = os.path.join(os.path.dirname(os.path.abspath(filename)), link.filename)
         if not os.path.exists(target_file):
-            raise HDF5FormatError(
-                f"'{filename}': '{path}' links to the data file '{link.filename}', which is "
-                f"missing (looked for '{target_file}')")
+            raise DetectorFileError(
+                filename, f"'{path}' links to the data file '{link.filename}', which is "
+                          f"missing (looked for '{target_file}')")
     try:
         dset = f[path]
     except (KeyError, OSError) as err:
-        raise HDF5FormatError(f"'{filename}': cannot open '{path}' (in '{target_file}'): {err}") \
+        raise DetectorFileError(filename, f"cannot open '{path}' (in '{target_file}'): {err}") \
             from err
     if not isinstance(dset, h5py.Dataset):
-        raise HDF5FormatError(f"'{filename}': '{path}' is not a dataset")
+        raise DetectorFileError(filename, f"'{path}' is not a dataset")
     if dset.ndim < 3:
-        raise HDF5FormatError(f"'{filename}': dataset '{path}' has shape {dset.shape}; frames "
-                              "need 3 dimensions (frames, rows, columns) or 4")
+        raise DetectorFileError(filename, f"dataset '{path}' has shape {dset.shape}; frames "
+                                          "need 3 dimensions (frames, rows, columns) or 4")
     if not (np.issubdtype(dset.dtype, np.number) or dset.dtype == bool):
-        raise HDF5FormatError(f"'{filename}': dataset '{path}' holds {dset.dtype}, not numbers")
+        raise DetectorFileError(filename, f"dataset '{path}' holds {dset.dtype}, not numbers")
     chunk = dset.chunks[0] if dset.chunks else 1
     return (target_file, target_path, int(dset.shape[0]), tuple(dset.shape[1:]), dset.dtype,
             int(chunk))
@@ -218,8 +212,8 @@ class _Frames:
                         rows = dset[r0:r1].reshape((-1,) + self.frame_shape)
                         out[a - start:b - start] = rows[fa - r0 * ncol:fb - r0 * ncol]
             except OSError as err:
-                raise OSError(f"could not read frames {a}-{b - 1} from '{fname}' ('{path}'): "
-                              f"{err}") from err
+                raise DetectorFileError(fname, f"could not read frames {a}-{b - 1} of "
+                                               f"'{path}': {err}") from err
         return out
 
     def __getitem__(self, key):
@@ -316,7 +310,7 @@ def _positive(value):
         return False
 
 
-def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks=None, **kwds):
+def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunks=None, **kwds):
     """Read frames from an HDF5 file (a Dectris Arina / EIGER master file or any stack).
 
     This is a RosettaSciIO-style reader: ``hs.load(path, file_format=diffgpu.readers.hdf5)``
@@ -328,8 +322,7 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
         ``*_master.h5`` (its data files are found through the external links), a data file,
         or any HDF5 file holding a stack of frames.
     lazy : bool
-        The data is always a dask array read chunk by chunk; HyperSpy makes the signal lazy
-        or computes it.
+        A dask array read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
     navigation_shape : tuple of int, optional
         Scan shape in HyperSpy's order ``(x, y)`` = (scan columns, scan rows); one number
         for a 1D stack. By default a 4D dataset keeps its shape, a square number of frames
@@ -338,7 +331,7 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
         Path of the dataset in the file (see :func:`find_frames`).
     chunks : int, optional
         Frames per dask chunk along the scan (rounded to whole HDF5 chunks); by default
-        chunks of about :data:`CHUNK_BYTES`.
+        :func:`diffgpu.chunking.frame_chunks`'s choice, rounded to whole HDF5 chunks.
 
     Returns
     -------
@@ -366,6 +359,11 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
     """
     import dask.array as da
 
+    from ..chunking import frame_chunks
+
+    unknown = set(kwds) - {"mmap_mode", "print_info"}
+    if unknown:
+        raise TypeError(f"unknown keyword arguments for the HDF5 reader: {sorted(unknown)}")
     filename = os.fspath(filename)
     parts, shape, dtype, hdf5_chunk = find_frames(filename, dataset)
     if len(shape) == 3:  # a 4D dataset: (scan rows, scan columns, rows, columns)
@@ -379,9 +377,9 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
     if navigation_shape is not None:
         nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]  # array order
         if int(np.prod(nav)) != n_frames:
-            raise HDF5FormatError(
-                f"'{filename}' holds {n_frames} frames; navigation_shape={tuple(navigation_shape)}"
-                f" needs {int(np.prod(nav))}")
+            raise DetectorFileError(
+                filename, f"the file holds {n_frames} frames; navigation_shape="
+                          f"{tuple(np.atleast_1d(navigation_shape))} needs {int(np.prod(nav))}")
     elif file_nav is not None:
         nav = file_nav
     elif math.isqrt(n_frames) ** 2 == n_frames and n_frames > 1:
@@ -392,21 +390,28 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
         hdf5_chunk = 1  # frames of a 4D dataset are read by whole scan rows anyway
     frames = _Frames(parts, nav, frame_shape, dtype)
     frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
-    target = CHUNK_BYTES if chunks is None else int(chunks) * frame_bytes
-    nav_chunks = _nav_chunks(nav, frame_bytes, hdf5_chunk, target)
-    data = da.from_array(frames, chunks=nav_chunks + tuple(frame_shape), asarray=False,
+    if chunks is None and hdf5_chunk == 1:
+        nav_chunks = frame_chunks(nav, frame_bytes)
+    else:  # whole HDF5 chunks, about as many frames as diffgpu's choice (or the caller's)
+        per = (int(chunks) if chunks is not None
+               else math.prod(c[0] for c in frame_chunks(nav, frame_bytes)))
+        nav_chunks = _nav_chunks(nav, frame_bytes, hdf5_chunk, per * frame_bytes)
+    data = da.from_array(frames, chunks=tuple(nav_chunks) + tuple(frame_shape), asarray=False,
                          lock=False, fancy=False, meta=np.empty((0,) * len(frames.shape), dtype),
                          name=f"hdf5-frames-{_token(filename, parts)}")
+    if not lazy:
+        data = data.compute()
 
     cal, original = _read_calibration(filename)
     scale = cal.get("scale", 1.0)
     units = "1/Å" if "scale" in cal else "px"
-    center = cal.get("center", (0.0, 0.0))
+    # the beam centre the detector recorded, else the middle of the detector
+    center = cal.get("center", ((frame_shape[1] - 1) / 2, (frame_shape[0] - 1) / 2))
     axes = []
     names = {1: ("frame",), 2: ("y", "x")}.get(len(nav), [f"scan{i}" for i in range(len(nav))])
     for i, n in enumerate(nav):
         axes.append({"name": names[i],
-                     "size": n, "scale": 1.0, "offset": 0.0, "units": None, "navigate": True,
+                     "size": n, "scale": 1.0, "offset": 0.0, "units": "", "navigate": True,
                      "index_in_array": i})
     for j, (name, n, c) in enumerate(zip(("ky", "kx"), frame_shape, center[::-1])):
         axes.append({"name": name, "size": n, "scale": scale, "offset": -c * scale,
@@ -414,16 +419,17 @@ def file_reader(filename, lazy=True, navigation_shape=None, dataset=None, chunks
     title = os.path.splitext(os.path.basename(filename))[0]
     title = title[:-len("_master")] if title.endswith("_master") else title
     md = {"General": {"title": title, "original_filename": os.path.basename(filename)},
-          "Signal": {"signal_type": "diffraction_patterns"}}
+          "Signal": {"signal_type": "diffraction_patterns"},
+          "Acquisition_instrument": {"Detector": {"name": "Dectris (HDF5)"}}}
     tem = {}
     if "beam_energy" in cal:
         tem["beam_energy"] = cal["beam_energy"]
     if "camera_length" in cal:
         tem["camera_length"] = cal["camera_length"]
     if "exposure" in cal:
-        tem["Detector"] = {"Diffraction": {"exposure": cal["exposure"]}}
+        md["Acquisition_instrument"]["Detector"]["exposure_time"] = cal["exposure"]
     if tem:
-        md["Acquisition_instrument"] = {"TEM": tem}
+        md["Acquisition_instrument"]["TEM"] = tem
     if "mask" in cal and cal["mask"].shape == tuple(frame_shape) and cal["mask"].any():
         md["Diffraction"] = {"mask": cal["mask"]}
     original = {"hdf5": {"files": [p[0] for p in parts], "dataset": [p[1] for p in parts],
@@ -437,3 +443,8 @@ def _token(filename, parts):
 
     stats = [(p[0], os.path.getmtime(p[0]), os.path.getsize(p[0])) for p in parts]
     return tokenize(os.path.abspath(filename), stats, parts)
+
+
+#: what :func:`diffgpu.load` hands ``hs.load(file_format=...)``: this reader under its module's
+#: name (HyperSpy records the reader's module name in the signal's metadata)
+PLUGIN = SimpleNamespace(file_reader=file_reader, __loader__=SimpleNamespace(name=__name__))

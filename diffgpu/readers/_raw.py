@@ -1,0 +1,96 @@
+"""Frames stored one after another at a fixed stride in a file (EMPAD, DigitalMicrograph),
+read chunk by chunk for dask."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import DetectorFileError
+
+
+class RawFrames:
+    """Array-like view ``nav_shape + frame_shape`` of frames in a file, for ``da.from_array``.
+
+    Frame ``i`` (in scan order) starts at byte ``offset + i * stride``; its first
+    ``frame_shape`` pixels of ``dtype`` are the frame (a longer stride skips per-frame
+    metadata after the pixels, as EMPAD writes). Holds only the file name, so it pickles to
+    cluster workers; every read opens the file and reads one contiguous run of frames.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from diffgpu.readers._raw import RawFrames
+    >>> path = os.path.join(tempfile.mkdtemp(), "frames.raw")
+    >>> np.arange(2 * 3 * 5 * 4, dtype="<u2").tofile(path)   # 6 frames of 5 x 4, last row extra
+    >>> frames = RawFrames(path, 0, (2, 3), (4, 4), "<u2", stride=5 * 4 * 2)
+    >>> frames[1:2, 0:2].shape, int(frames[1:2, 0:2][0, 1, 0, 0])
+    ((1, 2, 4, 4), 80)
+    """
+
+    def __init__(self, path, offset, nav_shape, frame_shape, dtype, stride=None):
+        self.path = os.fspath(path)
+        self.offset = int(offset)
+        self.nav_shape = tuple(int(n) for n in nav_shape)
+        self.frame_shape = tuple(int(n) for n in frame_shape)
+        self.dtype = np.dtype(dtype)
+        self.frame_bytes = int(np.prod(self.frame_shape)) * self.dtype.itemsize
+        self.stride = self.frame_bytes if stride is None else int(stride)
+        self.shape = self.nav_shape + self.frame_shape
+        self.ndim = len(self.shape)
+
+    def read(self, start, stop):
+        """Frames ``start:stop`` (flat scan index)."""
+        n = stop - start
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.stride)
+            buf = f.read(n * self.stride - (self.stride - self.frame_bytes))
+        if len(buf) < n * self.stride - (self.stride - self.frame_bytes):
+            raise DetectorFileError(self.path, f"the file ended before frame {stop - 1} "
+                                               "(truncated after it was opened?)")
+        if self.stride == self.frame_bytes:
+            out = np.frombuffer(buf, self.dtype, count=n * int(np.prod(self.frame_shape)))
+        else:
+            pad = np.frombuffer(buf + b"\0" * (self.stride - self.frame_bytes), np.uint8)
+            out = pad.reshape(n, self.stride)[:, :self.frame_bytes].copy().view(self.dtype)
+        return out.reshape((n,) + self.frame_shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        nav = len(self.nav_shape)
+        nav_key = key[:nav]
+        rest = (Ellipsis,) + key[nav:]
+        if len(nav_key) < nav or not all(isinstance(k, slice) for k in nav_key):
+            return self.read(0, int(np.prod(self.nav_shape))).reshape(self.shape)[key]
+        flat = np.arange(int(np.prod(self.nav_shape))).reshape(self.nav_shape)[nav_key]
+        if flat.size == 0:
+            return np.empty(flat.shape + self.frame_shape, self.dtype)[rest]
+        frames = self.read(int(flat.min()), int(flat.max()) + 1)
+        return frames[flat.ravel() - flat.min()].reshape(flat.shape + self.frame_shape)[rest]
+
+
+def lazy_raw(frames, name, chunks=None):
+    """A dask array of ``frames`` (a :class:`RawFrames`) in chunks of whole frames.
+
+    ``chunks``: frames per chunk along the scan (an int) or navigation chunks; default
+    :func:`diffgpu.chunking.frame_chunks`.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    from ..chunking import frame_chunks
+
+    if chunks is None or chunks == "auto":
+        nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes)
+    elif isinstance(chunks, int):
+        nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes,
+                                  target_bytes=chunks * frames.frame_bytes, workers=1)
+    else:
+        nav_chunks = tuple(chunks)[:len(frames.nav_shape)]
+    stat = os.stat(frames.path)
+    token = tokenize(frames.path, stat.st_mtime, stat.st_size, frames.offset, frames.shape,
+                     frames.stride, str(frames.dtype), nav_chunks)
+    return da.from_array(frames, chunks=tuple(nav_chunks) + frames.frame_shape, asarray=False,
+                         lock=False, fancy=False, meta=np.empty((0,) * frames.ndim, frames.dtype),
+                         name=f"{name}-{token}")
