@@ -10,7 +10,7 @@ from .device import DeviceCache, array_module, host_threads, one_blas_thread, to
 from .kernels.matching import (match_patterns, pack_templates, prepare_templates, spectral_norms,
                                template_major)
 from .mapping import map_frames
-from .templates import TemplateLibrary
+from .templates import TemplateLibrary, library_for
 
 __all__ = ["get_orientation", "refine_orientations"]
 
@@ -69,7 +69,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
 
     if not isinstance(library, TemplateLibrary):
         if hasattr(library, "rotations") and hasattr(library, "coordinates"):
-            library = TemplateLibrary.from_simulation(library)  # a diffsims Simulation2D
+            library = library_for(library)  # a diffsims Simulation2D: prepared once
         else:
             raise TypeError(f"library must be a TemplateLibrary or a diffsims Simulation2D; got "
                             f"{type(library).__name__}")
@@ -91,7 +91,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     sigma = template_sigma if template_sigma is not None else 1.0 * rad.scale * to_a
     K = int(max_frequency or min(n_azim // 2 + 1, 64))
     key = (tuple(np.round(radii, 9)), n_azim, float(sigma), float(gamma), bool(normalize_templates), K)
-    cache = library._cache
+    cache = library._render_cache
     if key not in cache:
         cache.clear()  # one rendering per library at a time: they can be large
         real = np.empty((K, radii.size, n_t), np.float32)

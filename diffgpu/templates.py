@@ -20,10 +20,80 @@ spots at azimuth ``theta_i + gamma``; mirrored, at ``-theta_i + gamma``.
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 
 import numpy as np
 
-__all__ = ["TemplateLibrary"]
+from .kernels.render import render_spots
+
+__all__ = ["TemplateLibrary", "library_for"]
+
+# Libraries made from diffsims simulations passed to get_orientation, by id of the simulation:
+# (content digest, library). An entry goes when its simulation is garbage-collected, and is
+# replaced when the simulation's content no longer matches the digest.
+_FROM_SIMULATION: dict = {}
+_FROM_SIMULATION_LOCK = threading.Lock()
+
+
+def _simulation_parts(simulation):
+    phases = simulation.phases
+    if isinstance(phases, (np.ndarray, list, tuple)):
+        return list(phases), list(simulation.rotations), list(simulation.coordinates)
+    return [phases], [simulation.rotations], [simulation.coordinates]
+
+
+def _simulation_digest(simulation):
+    """A digest of everything :meth:`TemplateLibrary.from_simulation` reads (a few ms for
+    1,081 templates: the spot arrays are hashed where they lie, not copied)."""
+    h = hashlib.blake2b(digest_size=16)
+    for phase, rot, coords in zip(*_simulation_parts(simulation)):
+        group = getattr(getattr(phase, "point_group", None), "name", None)
+        h.update(f"{getattr(phase, 'name', '')}|{group}|".encode())
+        h.update(np.ascontiguousarray(rot.data))
+        coords = [coords] if not isinstance(coords, (np.ndarray, list, tuple)) else coords
+        h.update(len(coords).to_bytes(8, "little"))
+        for vec in coords:
+            h.update(np.ascontiguousarray(vec.data))
+            h.update(np.ascontiguousarray(vec.intensity, dtype=float))
+    h.update(repr(getattr(simulation, "reciporical_radius", None)).encode())
+    return h.digest()
+
+
+def library_for(simulation):
+    """The :class:`TemplateLibrary` of a diffsims ``Simulation2D``, made once per simulation.
+
+    Passing the same simulation to ``get_orientation`` again reuses the library and the
+    templates it prepared for matching (pyxem's way of calling, without the cost of
+    preparing the library on every call). The cache lives as long as the simulation
+    object, and a simulation whose rotations, spots or phases changed gets a new library.
+
+    Examples
+    --------
+    >>> from orix.sampling import get_sample_reduced_fundamental
+    >>> from diffsims.generators.simulation_generator import SimulationGenerator
+    >>> from diffgpu.templates import TemplateLibrary, library_for
+    >>> si = TemplateLibrary.silicon()
+    >>> rots = get_sample_reduced_fundamental(resolution=10, point_group=si.point_group)
+    >>> sim = SimulationGenerator(200).calculate_diffraction2d(si, rotation=rots,
+    ...                                                        with_direct_beam=False)
+    >>> library_for(sim) is library_for(sim)
+    True
+    """
+    digest = _simulation_digest(simulation)
+    key = id(simulation)
+    with _FROM_SIMULATION_LOCK:
+        entry = _FROM_SIMULATION.get(key)
+        if entry is not None and entry[0] == digest:
+            return entry[1]
+    library = TemplateLibrary.from_simulation(simulation)
+    try:  # forget it with the simulation, so that a new object with the same id starts afresh
+        weakref.finalize(simulation, _FROM_SIMULATION.pop, key, None)
+    except TypeError:  # cannot be weakly referenced: no way to know its lifetime, so no cache
+        return library
+    with _FROM_SIMULATION_LOCK:
+        _FROM_SIMULATION[key] = (digest, library)
+    return library
 
 
 class TemplateLibrary:
@@ -64,7 +134,8 @@ class TemplateLibrary:
             if p.point_group is None:
                 raise ValueError(f"phase {p.name!r} has no symmetry (space or point group); "
                                  "orientations need it")
-        self._cache = {}
+        self._cache = {}  # flat spot arrays, kinematic models
+        self._render_cache = {}  # matching's prepared template spectra (one geometry at a time)
         # simulation parameters, for refinement (from_phase sets them; diffsims defaults)
         self.accelerating_voltage = 200.0
         self.max_excitation_error = 0.05
@@ -96,13 +167,7 @@ class TemplateLibrary:
         """
         from orix.quaternion import Rotation
 
-        phases = simulation.phases
-        multi = isinstance(phases, np.ndarray) or isinstance(phases, (list, tuple))
-        if not multi:
-            phases, rotations, coordinates = [phases], [simulation.rotations], [simulation.coordinates]
-        else:
-            phases, rotations, coordinates = list(phases), list(simulation.rotations), \
-                list(simulation.coordinates)
+        phases, rotations, coordinates = _simulation_parts(simulation)
         spots, quats, index = [], [], []
         for i, (phase, rot, coords) in enumerate(zip(phases, rotations, coordinates)):
             coords = [coords] if not isinstance(coords, (np.ndarray, list, tuple)) else list(coords)
@@ -227,6 +292,17 @@ class TemplateLibrary:
             h.update(np.ascontiguousarray(s).tobytes())
         return h.hexdigest()
 
+    def _flat_spots(self):
+        """All templates' spots as flat arrays ``(offsets, r, theta, intensity)``, made once."""
+        flat = self._cache.get("flat_spots")
+        if flat is None:
+            counts = [s.shape[1] for s in self.spots]
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            cat = np.concatenate([np.asarray(s, dtype=np.float64).reshape(3, -1) for s in self.spots],
+                                 axis=1)
+            flat = self._cache["flat_spots"] = (offsets, cat[0], cat[1], cat[2])
+        return flat
+
     def render_polar(self, radii, n_azim, spot_sigma, gamma=0.5, normalize=True, templates=None):
         """Templates drawn on a polar grid: ``(n_templates, n_radii, n_azim)`` float32.
 
@@ -236,31 +312,8 @@ class TemplateLibrary:
         (radius, azimuth), scaled by ``intensity ** gamma``; with ``normalize`` every
         template has unit L2 norm, so that large and small templates compete fairly.
         """
-        radii = np.asarray(radii, dtype=float)
-        dr = radii[1] - radii[0] if radii.size > 1 else 1.0
-        theta = (np.arange(n_azim) + 0.5) * 360.0 / n_azim - 180.0
-        dth = 360.0 / n_azim
         chosen = np.arange(len(self))[templates] if templates is not None else np.arange(len(self))
-        out = np.zeros((chosen.size, radii.size, n_azim), dtype=np.float32)
-        reach = 3.0 * spot_sigma
-        for i, (r, t, inten) in enumerate(self.spots[j] for j in chosen):
-            if r.size == 0:
-                continue
-            w = np.power(np.maximum(inten, 0), gamma)
-            j0 = np.clip(np.floor((r - reach - radii[0]) / dr).astype(int), 0, radii.size)
-            j1 = np.clip(np.ceil((r + reach - radii[0]) / dr).astype(int) + 1, 0, radii.size)
-            for s in range(r.size):
-                if j1[s] <= j0[s]:
-                    continue
-                rr = radii[j0[s]:j1[s], None]
-                half = np.rad2deg(reach / max(r[s], 1e-6)) + dth
-                k = np.arange(int(np.floor((t[s] - half + 180) / dth)),
-                              int(np.ceil((t[s] + half + 180) / dth)) + 1)
-                k = np.unique(k % n_azim) if k.size < n_azim else np.arange(n_azim)
-                dt = np.deg2rad((theta[k][None, :] - t[s] + 180) % 360 - 180)
-                d2 = rr**2 + r[s] ** 2 - 2 * rr * r[s] * np.cos(dt)
-                out[i][j0[s]:j1[s], k] += w[s] * np.exp(-0.5 * d2 / spot_sigma**2)
-        if normalize:
-            norms = np.sqrt((out.astype(np.float64) ** 2).sum(axis=(1, 2)))
-            out /= np.where(norms > 0, norms, 1)[:, None, None].astype(np.float32)
-        return out
+        offsets, r, t, inten = self._flat_spots()
+        w = np.power(np.maximum(inten, 0), gamma)
+        return render_spots(offsets, r, t, w, chosen, np.asarray(radii, dtype=float), n_azim,
+                            spot_sigma, normalize)

@@ -38,10 +38,10 @@ PREFILTER_FREQUENCIES = 16
 
 def prepare_templates(rendered, max_frequency):
     """Rendered templates ``(n_t, R, N)`` -> ``(real, imag)`` spectra, each ``(K, R, n_t)`` float32."""
-    spec = np.fft.rfft(rendered.astype(np.float32), axis=-1)[..., :max_frequency]
-    spec = np.ascontiguousarray(np.moveaxis(spec, -1, 0))  # (K, n_t, R)
-    real = np.ascontiguousarray(spec.real.transpose(0, 2, 1), dtype=np.float32)
-    imag = np.ascontiguousarray(spec.imag.transpose(0, 2, 1), dtype=np.float32)
+    # SciPy's FFT: ~3x NumPy's on float32 here, and threaded
+    spec = _fft(np)[0](rendered.astype(np.float32, copy=False), axis=-1)[..., :max_frequency]
+    real = np.ascontiguousarray(spec.real.transpose(2, 1, 0), dtype=np.float32)  # (K, R, n_t)
+    imag = np.ascontiguousarray(spec.imag.transpose(2, 1, 0), dtype=np.float32)
     return real, imag
 
 
