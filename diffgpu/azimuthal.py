@@ -23,6 +23,7 @@ from .device import host_threads, is_device_array
 from .geometry import PolarGeometry, integration_matrix, mask_digest
 from .kernels.integration import IntegrationEngine
 from .mapping import map_frames
+from .results import OperationResult
 
 __all__ = ["azimuthal_integral", "get_engine"]
 
@@ -109,6 +110,8 @@ def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, 
             raise ValueError("radial_unit 2theta and curved_ewald need the beam energy: set "
                              "s.calibration.beam_energy (keV)")
         wavelength = cal.wavelength / _ANGSTROM_PER_UNIT[units]  # in the detector's length unit
+    if affine is None:
+        affine = cal.affine  # e.g. from a ring-standard calibration
     if affine is not None:
         affine = np.asarray(affine, dtype=float)
         if affine.shape != (2, 2) or not np.all(np.isfinite(affine)) or np.linalg.det(affine) == 0:
@@ -163,11 +166,13 @@ def _out_axes(signal, geom, units, azimuth_unit):
 
 
 def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_range=None,
-                       mask=None, mean=False, inplace=False, radial_unit=None,
-                       azimuth_unit="deg", curved_ewald=False, affine=None, dtype="float32"):
-    """Shared implementation of the 1D (``npt_azim=None``) and 2D integrals; see the methods."""
-    from .signals import LazyPolarPatterns, LazyRadialProfiles, PolarPatterns, RadialProfiles
+                       mask=None, mean=False, radial_unit=None, azimuth_unit="deg",
+                       curved_ewald=False, affine=None, dtype="float32"):
+    """Shared implementation of the 1D (``npt_azim=None``) and 2D integrals; see the methods.
 
+    Returns an :class:`~diffgpu.results.OperationResult` (``radial_profiles`` or
+    ``polar_patterns``) that the signal method makes into a signal.
+    """
     if signal.axes_manager.signal_dimension != 2:
         raise ValueError("azimuthal integration needs 2D diffraction patterns; this signal has "
                          f"{signal.axes_manager.signal_dimension} signal dimension(s)")
@@ -196,11 +201,9 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
 
     nav_axes, radial, azimuth = _out_axes(signal, geom, units, azimuth_unit)
     if one_d:
-        cls, axes, stype = (LazyRadialProfiles if signal._lazy else RadialProfiles,
-                            nav_axes + [radial], "radial_profiles")
+        axes, stype = nav_axes + [radial], "radial_profiles"
     else:
-        cls, axes, stype = (LazyPolarPatterns if signal._lazy else PolarPatterns,
-                            nav_axes + [radial, azimuth], "polar_patterns")
+        axes, stype = nav_axes + [radial, azimuth], "polar_patterns"
     metadata = signal.metadata.as_dictionary()
     metadata.get("Diffraction", {}).pop("mask", None)
     metadata.setdefault("Signal", {})["signal_type"] = stype
@@ -214,10 +217,5 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
         "affine": None if affine is None else list(geom.affine),
         "masked_pixels": 0 if combined_mask is None else int(combined_mask.sum()),
     }
-    out = cls(result, axes=axes, metadata=metadata,
-              original_metadata=signal.original_metadata.as_dictionary())
-    if inplace:
-        signal.__class__ = out.__class__
-        signal.__dict__ = out.__dict__
-        return None
-    return out
+    return OperationResult(result, axes, metadata, stype, lazy=signal._lazy,
+                           original_metadata=signal.original_metadata.as_dictionary())

@@ -89,6 +89,11 @@ class Calibration:
     wavelength : float or None
         Relativistic electron wavelength in Å, derived from ``beam_energy``;
         setting it sets ``beam_energy``.
+    affine : 2x2 numpy.ndarray or None
+        Distortion correction applied to ``(x - cx, y - cy)`` before the scale (e.g. an
+        elliptical pattern made circular), used by azimuthal integration (when no
+        ``affine`` is passed) and by the strain map; set by
+        :func:`diffgpu.ring_calibration.calibrate_from_rings` (``metadata.Diffraction.affine``).
 
     Examples
     --------
@@ -156,7 +161,26 @@ class Calibration:
         for ax in self._axes:
             ax.units = str(value)
 
-    # -- mask and beam, kept in metadata -------------------------------------------
+    # -- distortion, mask and beam, kept in metadata ------------------------------
+    @property
+    def affine(self):
+        md = self._signal.metadata
+        if not md.has_item("Diffraction.affine"):
+            return None
+        return np.asarray(md.get_item("Diffraction.affine"), dtype=float).reshape(2, 2)
+
+    @affine.setter
+    def affine(self, value):
+        md = self._signal.metadata
+        if value is None:
+            if md.has_item("Diffraction.affine"):
+                del md.Diffraction.affine
+            return
+        m = np.asarray(value, dtype=float)
+        if m.shape != (2, 2) or not np.all(np.isfinite(m)) or np.linalg.det(m) == 0:
+            raise ValueError(f"affine must be an invertible 2x2 matrix; got {value!r}")
+        md.set_item("Diffraction.affine", m.tolist())
+
     @property
     def mask(self):
         md = self._signal.metadata
