@@ -10,22 +10,21 @@ from .device import DeviceCache, array_module, to_host_array
 from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
 from .mapping import map_frames, with_new_data
+from .results import OperationResult
 
 __all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
 
 
-def _shifts_signal(signal, data, title, method):
-    from .signals import DirectBeamShifts, LazyDirectBeamShifts
-
+def _shifts_result(signal, data, title, method):
+    """The shifts with their axes and metadata (a ``direct_beam_shifts`` result)."""
     axes = signal.axes_manager._get_navigation_axes_dicts() + [
         {"name": "shift", "size": 2, "scale": 1.0, "offset": 0.0, "units": "px", "navigate": False}
     ]
-    cls = LazyDirectBeamShifts if signal._lazy else DirectBeamShifts
     md = {"General": {"title": f"{title} of {signal.metadata.General.title}".strip()},
           "Signal": {"signal_type": "direct_beam_shifts"},
           "BeamShifts": {"method": method, "center": list(signal.calibration.center),
                          "components": ["x", "y"]}}
-    return cls(data, axes=axes, metadata=md)
+    return OperationResult(data, axes, md, "direct_beam_shifts", lazy=signal._lazy)
 
 
 def _com_weights(shape, region):
@@ -79,7 +78,7 @@ def center_of_mass(signal, mask=None, threshold=None):
         return _com_from_sums(sums, xp, (cx, cy))
 
     data = map_frames(signal.data, com, (2,), np.float32, constants=(weights,))
-    return _shifts_signal(signal, data, "Centre of mass", "center_of_mass")
+    return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
 
 
 def _ndimage(xp):
@@ -183,12 +182,13 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
             return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
 
     data = map_frames(signal.data, find, (2,), np.float32)
-    return _shifts_signal(signal, data, "Direct beam position", method)
+    return _shifts_result(signal, data, "Direct beam position", method)
 
 
 def _array_of(x):
-    """A signal's data, or ``x`` itself (a CuPy array's ``.data`` is a memory pointer)."""
-    return x.data if hasattr(x, "axes_manager") else x
+    """The data of a signal or an operation's result, or ``x`` itself (a CuPy array's
+    ``.data`` is a memory pointer)."""
+    return x.data if hasattr(x, "axes_manager") or isinstance(x, OperationResult) else x
 
 
 def _shift_array(signal, shifts):

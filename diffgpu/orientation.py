@@ -10,6 +10,7 @@ from .device import DeviceCache, array_module, host_threads, one_blas_thread, to
 from .kernels.matching import (match_patterns, pack_templates, prepare_templates, spectral_norms,
                                template_major)
 from .mapping import map_frames
+from .results import OperationResult
 from .templates import TemplateLibrary, library_for
 
 __all__ = ["get_orientation", "refine_orientations"]
@@ -64,9 +65,8 @@ def _in_host_blocks(run, n, block=64):
 
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
                     template_sigma=None, max_frequency=None):
-    """Shared implementation of :meth:`PolarPatterns.get_orientation`."""
-    from .signals import LazyOrientationMatches, OrientationMatches
-
+    """Shared implementation of :meth:`PolarPatterns.get_orientation`: an
+    ``orientation_matches`` :class:`~diffgpu.results.OperationResult`."""
     if not isinstance(library, TemplateLibrary):
         if hasattr(library, "rotations") and hasattr(library, "coordinates"):
             library = library_for(library)  # a diffsims Simulation2D: prepared once
@@ -146,17 +146,22 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
                     "point_groups": [p.point_group.name for p in library.phases],
                     "reciprocal_radius": library.reciprocal_radius},
     }
-    cls = LazyOrientationMatches if polar._lazy else OrientationMatches
-    return cls(data, axes=axes, metadata=metadata)
+    return OperationResult(data, axes, metadata, "orientation_matches", lazy=polar._lazy)
 
 
 def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None):
-    """Shared implementation of :meth:`OrientationMatches.refine`."""
+    """Shared implementation of :meth:`OrientationMatches.refine`: an in-memory
+    ``orientation_matches`` :class:`~diffgpu.results.OperationResult` on the host.
+
+    Host-only (numba): device-resident patterns are moved to the host explicitly, one block
+    at a time (:func:`~diffgpu.device.to_host_array` inside the mapped function); each
+    block's result goes back to the patterns' device, so lazy graphs keep their CuPy meta,
+    and the joined result is moved to the host once at the end.
+    """
     from orix.quaternion import Rotation
 
     from .kernels.refine import prepare_patterns, refine_rotations
-    from .signals import OrientationMatches
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -205,12 +210,12 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     if hasattr(data, "compute"):
         data = data.compute()
     data = np.asarray(to_host_array(data))
-    out = OrientationMatches(m.astype(np.float32),
-                             axes=[ax.get_axis_dictionary() for ax in matches.axes_manager._axes],
-                             metadata=matches.metadata.as_dictionary())
-    out.metadata.set_item("Refined.rotations", data[..., :4])
-    out.metadata.set_item("Refined.score", data[..., 4])
-    out.metadata.set_item("Refined.parameters", {"gamma": gamma, "smooth": smooth, "step": step,
-                                                 "min_step": min_step})
-    out.metadata.General.title = f"Refined {matches.metadata.General.title}".strip()
-    return out
+    metadata = matches.metadata.as_dictionary()
+    metadata["Refined"] = {"rotations": data[..., :4], "score": data[..., 4],
+                           "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
+                                          "min_step": min_step}}
+    metadata.setdefault("General", {})["title"] = \
+        f"Refined {matches.metadata.General.title}".strip()
+    return OperationResult(m.astype(np.float32), [ax.get_axis_dictionary()
+                                                  for ax in matches.axes_manager._axes],
+                           metadata, "orientation_matches")

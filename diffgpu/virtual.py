@@ -8,6 +8,7 @@ from .detectors import detector_weights
 from .device import DeviceCache, array_module
 from .kernels.reduce import weighted_sums
 from .mapping import map_frames
+from .results import OperationResult
 
 __all__ = ["virtual_images"]
 
@@ -19,9 +20,9 @@ def _describe(detector):
 
 
 def virtual_images(signal, detectors, normalize=False):
-    """Shared implementation of :meth:`DiffractionPatterns.get_virtual_image`."""
-    from .signals import LazyVirtualImages, VirtualImages
-
+    """Shared implementation of :meth:`DiffractionPatterns.get_virtual_image`: a
+    ``virtual_images`` :class:`~diffgpu.results.OperationResult` (generic for scans that are
+    not 2D)."""
     single = not isinstance(detectors, (list, tuple))
     if single:
         detectors = [detectors]
@@ -58,10 +59,5 @@ def virtual_images(signal, detectors, normalize=False):
         "VirtualDetectors": {"detectors": [_describe(d) for d in detectors],
                              "normalized": bool(normalize)},
     }
-    if len(scan_axes) == 2:
-        cls = LazyVirtualImages if signal._lazy else VirtualImages
-        return cls(result, axes=axes, metadata=metadata)
-    from hyperspy.signals import BaseSignal
-
-    out = BaseSignal(result, axes=axes, metadata=metadata)
-    return out.as_lazy() if signal._lazy and not out._lazy else out
+    return OperationResult(result, axes, metadata, metadata["Signal"]["signal_type"],
+                           lazy=signal._lazy)

@@ -7,6 +7,7 @@ from hyperspy._signals.signal2d import Signal2D
 
 from ..calibration import Calibration
 from ._device import DeviceMixin, LazyDeviceMixin
+from ._wrap import as_signal
 
 __all__ = ["DiffractionPatterns", "LazyDiffractionPatterns"]
 
@@ -104,11 +105,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..azimuthal import azimuthal_integral
 
-        return azimuthal_integral(self, npt, npt_azim, radial_range=radial_range,
-                                  azimuth_range=azimuth_range, mask=mask, mean=mean,
-                                  inplace=inplace, radial_unit=radial_unit,
-                                  azimuth_unit=azimuth_unit, curved_ewald=curved_ewald,
-                                  affine=affine, dtype=dtype)
+        result = azimuthal_integral(self, npt, npt_azim, radial_range=radial_range,
+                                    azimuth_range=azimuth_range, mask=mask, mean=mean,
+                                    radial_unit=radial_unit, azimuth_unit=azimuth_unit,
+                                    curved_ewald=curved_ewald, affine=affine, dtype=dtype)
+        return as_signal(result, replace=self if inplace else None)
 
     def get_azimuthal_integral1d(self, npt, radial_range=None, azimuth_range=None, mask=None,
                                  mean=False, inplace=False, radial_unit=None, azimuth_unit="deg",
@@ -131,11 +132,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..azimuthal import azimuthal_integral
 
-        return azimuthal_integral(self, npt, None, radial_range=radial_range,
-                                  azimuth_range=azimuth_range, mask=mask, mean=mean,
-                                  inplace=inplace, radial_unit=radial_unit,
-                                  azimuth_unit=azimuth_unit, curved_ewald=curved_ewald,
-                                  affine=affine, dtype=dtype)
+        result = azimuthal_integral(self, npt, None, radial_range=radial_range,
+                                    azimuth_range=azimuth_range, mask=mask, mean=mean,
+                                    radial_unit=radial_unit, azimuth_unit=azimuth_unit,
+                                    curved_ewald=curved_ewald, affine=affine, dtype=dtype)
+        return as_signal(result, replace=self if inplace else None)
 
     # -- generic operations ----------------------------------------------------------
     def map_frames(self, function, output_shape=None, dtype=None, signal_type=None, **kwargs):
@@ -239,7 +240,7 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..virtual import virtual_images
 
-        return virtual_images(self, rois, normalize=normalize)
+        return as_signal(virtual_images(self, rois, normalize=normalize))
 
     def get_integrated_intensity(self, roi):
         """The virtual image of one detector (an ROI or a mask): see :meth:`get_virtual_image`.
@@ -285,7 +286,7 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..beam import center_of_mass
 
-        return center_of_mass(self, mask=mask, threshold=threshold)
+        return as_signal(center_of_mass(self, mask=mask, threshold=threshold))
 
     def get_direct_beam_position(self, method="center_of_mass", mask=None, threshold=None,
                                  sigma=2.0, radius=None, window=None):
@@ -323,8 +324,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..beam import direct_beam_position
 
-        return direct_beam_position(self, method=method, mask=mask, threshold=threshold,
-                                    sigma=sigma, radius=radius, window=window)
+        return as_signal(direct_beam_position(self, method=method, mask=mask, threshold=threshold,
+                                              sigma=sigma, radius=radius, window=window))
 
     def shift_diffraction(self, shift_x, shift_y=None, inplace=False):
         """Move every pattern by its own sub-pixel shift (bilinear, intensity-preserving).

@@ -8,6 +8,7 @@ from hyperspy._signals.signal2d import Signal2D
 
 from ..device import to_host_array
 from ._device import DeviceMixin, LazyDeviceMixin
+from ._wrap import as_signal
 
 __all__ = ["OrientationMatches", "LazyOrientationMatches"]
 
@@ -149,7 +150,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         ----------
         polar : PolarPatterns or LazyPolarPatterns
             The patterns that were matched (same scan and calibration). Lazy patterns are
-            read chunk by chunk; device-resident ones are refined on the host.
+            read chunk by chunk. Refinement is host-only (numba): device-resident patterns
+            are moved to the host explicitly, a block at a time, and the result is in host
+            memory.
         library : TemplateLibrary
             The library the matches come from (its phases give the spot model).
         gamma : float, optional
@@ -188,8 +191,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """
         from ..orientation import refine_orientations
 
-        return refine_orientations(self, polar, library, gamma, smooth, step, min_step,
-                                   accelerating_voltage, max_excitation_error)
+        return as_signal(refine_orientations(self, polar, library, gamma, smooth, step, min_step,
+                                             accelerating_voltage, max_excitation_error))
 
     def get_reliability(self, min_misorientation=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map.

@@ -6,6 +6,7 @@ from hyperspy._signals.lazy_signal2d import LazySignal2D
 from hyperspy._signals.signal2d import Signal2D
 
 from ._device import DeviceMixin, LazyDeviceMixin
+from ._wrap import as_signal
 
 __all__ = ["PolarPatterns", "LazyPolarPatterns"]
 
@@ -93,9 +94,10 @@ class PolarPatterns(DeviceMixin, Signal2D):
         """
         from ..orientation import get_orientation
 
-        return get_orientation(self, library, n_best=n_best, frac_keep=frac_keep,
-                               normalize_templates=normalize_templates, gamma=gamma,
-                               template_sigma=template_sigma, max_frequency=max_frequency)
+        return as_signal(get_orientation(self, library, n_best=n_best, frac_keep=frac_keep,
+                                         normalize_templates=normalize_templates, gamma=gamma,
+                                         template_sigma=template_sigma,
+                                         max_frequency=max_frequency))
 
 
 class LazyPolarPatterns(LazyDeviceMixin, LazySignal2D, PolarPatterns):

@@ -1,0 +1,53 @@
+"""Operation results (:class:`~diffgpu.results.OperationResult`) made into signals."""
+
+from __future__ import annotations
+
+
+def _classes():
+    from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
+    from .orientation_matches import LazyOrientationMatches, OrientationMatches
+    from .polar_patterns import LazyPolarPatterns, PolarPatterns
+    from .radial_profiles import LazyRadialProfiles, RadialProfiles
+    from .virtual_images import LazyVirtualImages, VirtualImages
+
+    return {"polar_patterns": (PolarPatterns, LazyPolarPatterns),
+            "radial_profiles": (RadialProfiles, LazyRadialProfiles),
+            "virtual_images": (VirtualImages, LazyVirtualImages),
+            "direct_beam_shifts": (DirectBeamShifts, LazyDirectBeamShifts),
+            "orientation_matches": (OrientationMatches, LazyOrientationMatches)}
+
+
+def as_signal(result, replace=None):
+    """The signal of ``result``: diffgpu's class for its signal type (lazy or not), or
+    HyperSpy's generic signal for ``signal_type=""``.
+
+    With ``replace=signal``, that signal becomes the result in place (HyperSpy's
+    ``inplace=True``) and None is returned.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.results import OperationResult
+    >>> from diffgpu.signals._wrap import as_signal
+    >>> r = OperationResult(np.zeros((3, 8), "float32"), axes=[{"size": 3, "navigate": True},
+    ...                     {"size": 8, "navigate": False}], metadata={}, signal_type="radial_profiles")
+    >>> as_signal(r)
+    <RadialProfiles, title: , dimensions: (3|8)>
+    """
+    kwargs = {"axes": result.axes, "metadata": result.metadata}
+    if result.original_metadata is not None:
+        kwargs["original_metadata"] = result.original_metadata
+    pair = _classes().get(result.signal_type)
+    if pair is not None:
+        out = pair[1 if result.lazy else 0](result.data, **kwargs)
+    else:
+        from hyperspy.signals import BaseSignal
+
+        out = BaseSignal(result.data, **kwargs)
+        if result.lazy and not out._lazy:
+            out = out.as_lazy()
+    if replace is not None:
+        replace.__class__ = out.__class__
+        replace.__dict__ = out.__dict__
+        return None
+    return out
