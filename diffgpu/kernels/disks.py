@@ -81,7 +81,8 @@ def probe_image(probe):
     summing to one; also returns its radius (from the area above half maximum).
 
     The probe's centre of mass (of the part above 10 % of its maximum) is moved onto pixel
-    ``size // 2`` with a sub-pixel Fourier shift.
+    ``size // 2`` with a sub-pixel Fourier shift. The radius is ``sqrt(area / pi)`` with the
+    area the probe's total over the median of its bright part (exact for a flat disk).
 
     Returns
     -------
@@ -105,7 +106,9 @@ def probe_image(probe):
     if not top > 0:
         raise ValueError("template (vacuum probe) has no intensity above its border's level")
     p = np.where(p > 0.1 * top, p, 0.0)
-    radius = math.sqrt((p > 0.5 * top).sum() / math.pi)
+    # the area of a flat-topped disk is its total over its plateau (edge pixels count in part)
+    plateau = np.median(p[p > 0.5 * top])
+    radius = math.sqrt(p.sum() / plateau / math.pi)
     y, x = np.indices(p.shape)
     cy, cx = (p * y).sum() / p.sum(), (p * x).sum() / p.sum()
     size = 2 * int(math.ceil(radius * 1.5)) + 5
@@ -156,7 +159,7 @@ class DiskFinder:
     >>> import numpy as np
     >>> from diffgpu.kernels.disks import DiskFinder, disk_image
     >>> frame = np.zeros((1, 64, 64), "float32")
-    >>> frame[0, 20:31, 30:41] = disk_image(4.0) * 1000        # a disk centred at (35, 25)
+    >>> frame[0, 20:31, 30:41] = disk_image(4.0, size=11) * 1000   # a disk centred at (35, 25)
     >>> found = DiskFinder((64, 64), disk_image(4.0))(frame)
     >>> found.shape, found[0, 0, :2].round(2).tolist()
     ((1, 64, 3), [35.0, 25.0])
@@ -202,7 +205,7 @@ class DiskFinder:
         if self.max_disks < 1 or self.min_spacing < 1:
             raise ValueError("max_disks and min_spacing must be at least 1")
         self.refine_iterations = int(refine_iterations)
-        self._dev = DeviceCache((self.template_conj, allowed))
+        self._dev = DeviceCache((self.template_conj, allowed), _tuple_to_device)
 
     # -- correlation ------------------------------------------------------------------
     def correlate(self, frames):
@@ -253,7 +256,10 @@ class DiskFinder:
         out[..., 0] = xp.where(found, qx + d[..., 0], xp.nan)
         out[..., 1] = xp.where(found, qy + d[..., 1], xp.nan)
         out[..., 2] = xp.where(found, val, xp.nan)
-        return out
+        # strongest first by the refined intensity (peaks were ranked on the pixel grid)
+        key = xp.where(found, -val, xp.float32(np.inf))
+        order = xp.argsort(key, axis=1, kind="stable")
+        return xp.take_along_axis(out, order[:, :, None], axis=1)
 
     def _device_peaks(self, corr, xp):
         """Vectorised local maxima (any array module): (n, max_disks) flat index and value."""
@@ -284,6 +290,10 @@ class DiskFinder:
         idx[fi[keep], rank[keep]] = flat[keep]
         val[fi[keep], rank[keep]] = vals[keep]
         return idx, val
+
+
+def _tuple_to_device(cp, values):
+    return tuple(cp.asarray(v) for v in values)
 
 
 # -- cubic B-spline interpolation: kernel value, first and second derivative ----------------
