@@ -43,6 +43,8 @@ def _common(p):
     p.add_argument("--scale", type=float, help="detector pixel size in --units")
     p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
     p.add_argument("--mask", help=".npy file: detector-shaped bool mask, True = excluded")
+    p.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
+                   help="scan shape (x, y) for files that do not say (.mib without .hdr)")
     p.add_argument("--chunks", type=int, metavar="FRAMES",
                    help="frames per chunk along the first scan axis (default: the file's)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -56,7 +58,11 @@ def _common(p):
 def build_parser():
     parser = argparse.ArgumentParser(prog="diffgpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, CUDA devices, dask-cuda")
+    info = sub.add_parser("info", help="versions, CUDA devices, dask-cuda; or how a FILE is read")
+    info.add_argument("file", nargs="?", help="a data file: format, dtype and byte order, shape, "
+                      "the reader's chunks and diffgpu's, header fields")
+    info.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
+                      help="scan shape (x, y) for files that do not say (.mib without .hdr)")
     demo = sub.add_parser("demo", help="the main job on built-in synthetic data (PNG figure)")
     demo.add_argument("-o", "--output", default="demo-output")
     demo.add_argument("--nav", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
@@ -96,6 +102,17 @@ def build_parser():
 
 
 def cmd_info(args):
+    if args.file:
+        from .fileinfo import describe
+
+        try:
+            rows = describe(args.file, navigation_shape=args.navigation_shape)
+        except (OSError, ValueError) as err:
+            raise InputError(str(err)) from err
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+        return EXIT_OK
     import dask
     import hyperspy
     import importlib.util
@@ -131,7 +148,8 @@ def _load(args):
     import diffgpu
 
     try:
-        s = diffgpu.load(args.input, lazy=True)
+        nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
+        s = diffgpu.load(args.input, lazy=True, **nav)
     except FileNotFoundError as err:
         raise InputError(str(err)) from err
     except (OSError, ValueError) as err:

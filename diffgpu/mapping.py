@@ -74,7 +74,9 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     import dask.array as da
 
     if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
-        data = data.rechunk({data.ndim - 2: -1, data.ndim - 1: -1})
+        from .chunking import whole_frame_chunks
+
+        data = whole_frame_chunks(data)  # frames split by a reader: diffgpu's chunks of whole frames
     nav = len(nav_shape)
     aligned = []  # nav + (1, m): their blocks line up with the blocks of frames
     for r in per_frame:

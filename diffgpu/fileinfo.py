@@ -1,0 +1,128 @@
+"""What ``diffgpu info FILE`` prints: how diffgpu reads a detector file, and in what chunks."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+__all__ = ["describe"]
+
+
+def _chunks_line(chunks, itemsize):
+    counts = [len(c) for c in chunks]
+    largest = tuple(max(c) for c in chunks)
+    mib = math.prod(largest) * itemsize / 2**20
+    return f"{largest} x {math.prod(counts)} chunks (largest {mib:.1f} MiB)"
+
+
+def _byte_order(dtype):
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 1 or dtype.byteorder == "|":
+        return f"{dtype.name} (single bytes)"
+    order = "big-endian" if dtype.str[0] == ">" else "little-endian"
+    native = ", native" if dtype.isnative else ", non-native"
+    return f"{dtype.name} ({dtype.str}: {order}{native})"
+
+
+def describe(path, navigation_shape=None):
+    """Rows ``(what, value)`` describing how diffgpu reads ``path``.
+
+    Format, stored dtype and byte order, the dtype diffgpu's blocks have, the shape
+    (navigation | signal, HyperSpy order), the reader's chunks, the chunks diffgpu's
+    frame-wise operations use (see :mod:`diffgpu.chunking`), and the file's header fields.
+
+    Parameters
+    ----------
+    path : str
+        Any file :func:`diffgpu.load` reads.
+    navigation_shape : tuple of int, optional
+        As for :func:`diffgpu.load` (``.mib`` files without a ``.hdr`` file).
+
+    Returns
+    -------
+    list of (str, str)
+
+    Raises
+    ------
+    FileNotFoundError, OSError, ValueError
+        As :func:`diffgpu.load` (a bad file's error names the file and the problem).
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> from diffgpu.fileinfo import describe
+    >>> from diffgpu.readers.mib import write_mib
+    >>> path = os.path.join(tempfile.mkdtemp(), "scan.mib")
+    >>> write_mib(path, np.zeros((4, 6, 32, 32), "uint16"))
+    >>> rows = dict(describe(path))
+    >>> rows["format"], rows["stored dtype"], rows["shape"]
+    ('Merlin .mib (Quantum Detectors), diffgpu.readers.mib', 'uint16 (>u2: big-endian, non-native)', '(6, 4|32, 32)')
+    """
+    from . import load
+    from .chunking import whole_frame_chunks
+
+    path = os.fspath(path)
+    kwargs = {} if navigation_shape is None else {"navigation_shape": tuple(navigation_shape)}
+    s = load(path, lazy=True, **kwargs)
+    signals = s if isinstance(s, list) else [s]
+    rows = []
+    ext = os.path.splitext(path)[1].lower()
+    mib = None
+    if ext in (".mib", ".hdr"):
+        from .readers.mib import MIBFile
+
+        mib = MIBFile(path)
+        rows.append(("format", "Merlin .mib (Quantum Detectors), diffgpu.readers.mib"))
+    else:
+        plugin = signals[0].metadata.get_item("General.FileIO.0.io_plugin", "")
+        rows.append(("format", f"{ext or '(no extension)'} read by {plugin or 'HyperSpy/RosettaSciIO'}"))
+    rows.append(("file", f"{path} ({os.path.getsize(path) / 1e9:.3g} GB)" if os.path.isfile(path)
+                 else path))
+    for k, sig in enumerate(signals):
+        tag = "" if len(signals) == 1 else f" [{k}]"
+        data = sig.data
+        stored = mib.dtype if mib is not None else data.dtype
+        rows.append(("signal" + tag, f"{type(sig).__name__}: {sig.metadata.General.title}"))
+        rows.append(("stored dtype" + tag, _byte_order(stored)))
+        if np.dtype(stored) != data.dtype:
+            rows.append(("blocks dtype" + tag, _byte_order(data.dtype) +
+                         " (decoded from the file in one pass per chunk)"))
+        am = sig.axes_manager
+        nav = ", ".join(str(n) for n in am.navigation_shape)
+        rows.append(("shape" + tag, f"({nav}|{', '.join(str(n) for n in am.signal_shape)})"))
+        rows.append(("array shape" + tag, f"{tuple(data.shape)} (navigation rows first, then "
+                                          "detector rows, columns)"))
+        rows.append(("size" + tag, f"{data.nbytes / 1e9:.3g} GB in memory as {data.dtype.name}"))
+        if hasattr(data, "chunks"):
+            rows.append(("reader's chunks" + tag, _chunks_line(data.chunks, data.dtype.itemsize)))
+            if am.signal_dimension == 2:
+                split = len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1
+                used = whole_frame_chunks(data) if split else data
+                note = ("frames split by the reader: rechunked to whole frames" if split
+                        else "whole frames: used as they are")
+                rows.append(("diffgpu's chunks" + tag,
+                             f"{_chunks_line(used.chunks, data.dtype.itemsize)}; {note}"))
+        mask = sig.metadata.get_item("Diffraction.mask", None)
+        if mask is not None:
+            rows.append(("detector mask" + tag, f"{int(np.sum(mask))} pixels masked (gap between chips)"
+                         if mib is not None else f"{int(np.sum(mask))} pixels masked"))
+    if mib is not None:
+        rows.append(("navigation from", "navigation_shape=" if navigation_shape is not None else
+                     (".hdr file" if mib.hdr and len(signals[0].data.shape) > 3 else
+                      "none given: a stack of frames (pass navigation_shape=)")))
+        rows += [(f"header: {k}", str(v)) for k, v in mib.fields().items()]
+    else:
+        om = signals[0].original_metadata.as_dictionary()
+        shown = 0
+        for key, value in om.items():
+            if shown >= 12:
+                break
+            if isinstance(value, dict):
+                rows.append((f"original metadata: {key}", f"{len(value)} entries"))
+            else:
+                text = str(value)
+                rows.append((f"original metadata: {key}", text[:80] + ("..." if len(text) > 80 else "")))
+            shown += 1
+    return rows
