@@ -119,6 +119,8 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         reader = _reader_for(path)
         if reader is not None:
             kwargs["file_format"] = reader
+    if os.path.splitext(path)[1].lower() == ".nxs":
+        kwargs.setdefault("nxdata_only", True)  # the NXdata signals, not every axis dataset
     try:
         loaded = hs.load(path, lazy=lazy, **kwargs)
     except DetectorFileError:
@@ -126,8 +128,19 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     except Exception as err:
         raise OSError(f"could not read '{path}': {type(err).__name__}: {err}") from err
     if isinstance(loaded, list):
+        # several signals (DM images, NeXus NXdata groups): the ones diffgpu can take
+        usable = [s for s in loaded if _signal_dimension(s) in _SIGNAL_TYPES]
+        if usable and len(usable) < len(loaded):
+            loaded = usable[0] if len(usable) == 1 else usable
+    if isinstance(loaded, list):
         return [_ours(s, signal_type, path) for s in loaded]
     return _ours(loaded, signal_type, path)
+
+
+def _signal_dimension(signal):
+    """Signal dimension once frames are put last where a reader left every axis a signal axis."""
+    am = signal.axes_manager
+    return 2 if am.navigation_dimension == 0 and am.signal_dimension > 2 else am.signal_dimension
 
 
 def _reader_for(path):
@@ -150,6 +163,10 @@ def _reader_for(path):
         from .readers import dm
 
         return dm.PLUGIN
+    if ext == ".blo":
+        from .readers import blockfile
+
+        return blockfile.PLUGIN
     return None
 
 

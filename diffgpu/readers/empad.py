@@ -217,7 +217,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
     if size < n * stride or (navigation_shape is None and size != n * stride):
         held = f"{size // stride} frames" + (f" and {size % stride} bytes" if size % stride else "")
         raise DetectorFileError(
-            raw, f"holds {size} bytes ({held} of 130 x 128 float32); the scan "
+            raw, f"(the raw file of '{os.path.basename(filename)}') holds {size} bytes "
+                 f"({held} of 130 x 128 float32); the scan "
                  f"{tuple(nav[::-1])} (x, y) needs {n} frames = {n * stride} bytes"
                  + (" (truncated?)" if size < n * stride else "; pass navigation_shape= to "
                     "read the first frames only"))

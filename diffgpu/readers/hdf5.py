@@ -183,7 +183,8 @@ class _Frames:
     Holds file names only, so it pickles to cluster workers; every read opens the file.
     """
 
-    def __init__(self, parts, nav_shape, frame_shape, dtype):
+    def __init__(self, parts, nav_shape, frame_shape, dtype, source=None):
+        self.source = source  # the file the user opened (a master file links to the parts)
         self.parts = [(f, p, n) for f, p, n in parts]
         self.starts = np.cumsum([0] + [n for _, _, n in parts])
         self.nav_shape = tuple(nav_shape)
@@ -212,8 +213,11 @@ class _Frames:
                         rows = dset[r0:r1].reshape((-1,) + self.frame_shape)
                         out[a - start:b - start] = rows[fa - r0 * ncol:fb - r0 * ncol]
             except OSError as err:
+                via = (f" (linked from '{os.path.basename(self.source)}')"
+                       if self.source and os.path.abspath(self.source) != os.path.abspath(fname)
+                       else "")
                 raise DetectorFileError(fname, f"could not read frames {a}-{b - 1} of "
-                                               f"'{path}': {err}") from err
+                                               f"'{path}'{via}: {err}") from err
         return out
 
     def __getitem__(self, key):
@@ -388,7 +392,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         nav = (n_frames,)
     if file_nav is not None:
         hdf5_chunk = 1  # frames of a 4D dataset are read by whole scan rows anyway
-    frames = _Frames(parts, nav, frame_shape, dtype)
+    frames = _Frames(parts, nav, frame_shape, dtype, source=filename)
     frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
     if chunks is None and hdf5_chunk == 1:
         nav_chunks = frame_chunks(nav, frame_bytes)

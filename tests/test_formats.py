@@ -1,0 +1,400 @@
+"""Detector and software file formats, read lazily and run through the main job.
+
+Each test writes a small file of one format -- with the format's own writer where one exists
+(RosettaSciIO for HyperSpy's .hspy/.zspy, blockfile, Berkeley EMD and NeXus; h5py with
+hdf5plugin's bitshuffle/LZ4 for the Dectris Arina/EIGER layout), otherwise by its documented
+byte layout as the detector software writes it (DM4: tests/_dm4.py; EMPAD .xml + .raw) --
+loads it with ``diffgpu.load(path, lazy=True)`` and checks that beam finding, centring,
+virtual images and 1D and 2D integration give the same numbers as on the same counts in
+memory. Bad files (truncated, corrupt, companions missing, wrong scan shapes) must raise an
+error that names the file and the problem.
+"""
+
+import os
+import shutil
+
+import h5py
+import hdf5plugin
+import hyperspy.api as hs
+import numpy as np
+import pytest
+from _dm4 import write_dm4
+
+import diffgpu
+from diffgpu.readers import dm as dm_reader
+from diffgpu.readers import empad as empad_reader
+from diffgpu.readers import hdf5 as hdf5_reader
+from diffgpu.readers.errors import DetectorFileError
+
+NAV = (3, 4)  # scan rows, scan columns
+
+
+def _counts(nav, sig, dtype, seed=0):
+    """Frames with a direct beam that wanders by up to a pixel, a ring and Poisson noise."""
+    rng = np.random.default_rng(seed)
+    ny, nx = sig
+    y, x = np.mgrid[:ny, :nx]
+    frames = np.empty(nav + sig)
+    for idx in np.ndindex(nav):
+        cx = (nx - 1) / 2 + 0.7 * np.sin(idx[-1] + 0.5 * idx[0])
+        cy = (ny - 1) / 2 + 0.6 * np.cos(0.5 * idx[-1] + idx[0])
+        r = np.hypot(x - cx, y - cy)
+        lam = 150 * (r < 0.12 * nx) + 12 * (np.abs(r - 0.3 * nx) < 1.5) + 1.0
+        frames[idx] = rng.poisson(lam)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        frames = np.minimum(frames, np.iinfo(dtype).max)
+    return frames.astype(dtype)
+
+
+def _main_job(s):
+    """Beam finding, centring, virtual images, 1D and 2D integration; computed results."""
+    import dask
+
+    scale = s.axes_manager.signal_axes[0].scale
+    n = s.axes_manager.signal_axes[0].size
+    shifts = s.get_direct_beam_position(method="blur", sigma=1.0, window=0.25 * n)
+    shifts.compute(show_progressbar=False) if shifts._lazy else None
+    centred = s.center_direct_beam(shifts=shifts)
+    r_max = 0.45 * n * scale
+    polar = centred.get_azimuthal_integral2d(npt=8, npt_azim=12, radial_range=(0, r_max))
+    profile = centred.get_azimuthal_integral1d(npt=10, radial_range=(0, r_max))
+    images = centred.get_virtual_image([hs.roi.CircleROI(cx=0, cy=0, r=0.15 * n * scale),
+                                        hs.roi.CircleROI(cx=0, cy=0, r=r_max,
+                                                         r_inner=0.2 * n * scale)])
+    results = [shifts.data, polar.data, profile.data, images.data]
+    if s._lazy:
+        results = list(dask.compute(*results))
+    return [np.asarray(r, dtype=float) for r in results]
+
+
+def _in_memory_like(loaded, counts):
+    """An eager signal of ``counts`` with the loaded signal's axes calibration."""
+    ref = diffgpu.DiffractionPatterns(np.asarray(counts))
+    for a, b in zip(loaded.axes_manager._axes, ref.axes_manager._axes):
+        b.scale, b.offset, b.units = a.scale, a.offset, a.units
+    return ref
+
+
+def check_main_job(path, counts, **load_kwargs):
+    """Load ``path`` lazily: same counts, chunks of whole frames, same main-job numbers."""
+    s = diffgpu.load(path, lazy=True, **load_kwargs)
+    assert type(s).__name__ == "LazyDiffractionPatterns"
+    assert s.data.chunks[-2:] == ((counts.shape[-2],), (counts.shape[-1],)), "frames split"
+    data = s.data.compute()
+    np.testing.assert_array_equal(data, counts)
+    assert data.dtype.newbyteorder("=") == counts.dtype.newbyteorder("=")
+    lazy = _main_job(s)
+    eager = _main_job(_in_memory_like(s, counts))
+    for a, b in zip(lazy, eager):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    return s
+
+
+def check_hyperspy_load(path, counts, **kwargs):
+    s = hs.load(path, lazy=True, signal_type="diffraction_patterns", **kwargs)
+    assert type(s).__name__ == "LazyDiffractionPatterns"
+    np.testing.assert_array_equal(s.data.compute(), counts)
+
+
+def _signal(counts, scale=0.05, units="1/nm"):
+    s = hs.signals.Signal2D(counts)
+    for ax, name in zip(s.axes_manager.navigation_axes, ("x", "y")):
+        ax.name, ax.scale, ax.units = name, 2.0, "nm"
+    for ax, name in zip(s.axes_manager.signal_axes, ("kx", "ky")):
+        ax.name, ax.scale, ax.units = name, scale, units
+        ax.offset = -(ax.size - 1) / 2 * scale
+    s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", 200.0)
+    s.metadata.set_item("Acquisition_instrument.TEM.camera_length", 120.0)
+    return s
+
+
+# -- formats with their own writer ---------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["hspy", "zspy"])
+@pytest.mark.parametrize("dtype", ["uint8", ">u2", "uint32", "<f4", ">f4"])
+def test_hyperspy_formats(tmp_path, ext, dtype):
+    counts = _counts(NAV, (24, 24), dtype)
+    path = tmp_path / f"scan.{ext}"
+    _signal(counts).save(path, show_progressbar=False)
+    s = check_main_job(path, counts)
+    assert s.calibration.scale == (0.05, 0.05) and s.calibration.units == "1/nm"
+    assert s.calibration.center == (11.5, 11.5)
+    assert s.calibration.beam_energy == 200.0
+    check_hyperspy_load(path, counts)
+
+
+def test_blockfile(tmp_path):
+    counts = _counts(NAV, (32, 32), "uint8")  # the format stores uint8 frames
+    path = tmp_path / "scan.blo"
+    sig = _signal(counts, scale=0.1, units="cm")
+    sig.save(path, intensity_scaling=None, show_progressbar=False)
+    s = check_main_job(path, counts)
+    assert s.calibration.scale == pytest.approx((0.1, 0.1)) and s.calibration.units == "cm"
+    assert s.axes_manager.navigation_axes[0].scale == pytest.approx(2.0)
+    check_hyperspy_load(path, counts)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", ">u4", "float32"])
+def test_berkeley_emd(tmp_path, dtype):
+    counts = _counts(NAV, (24, 20), dtype)
+    path = tmp_path / "scan.emd"
+    _signal(counts).save(path)
+    s = check_main_job(path, counts)  # every axis comes back as a signal axis: frames last
+    assert s.axes_manager.signal_shape == (20, 24)
+    assert s.calibration.scale == pytest.approx((0.05, 0.05))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "<i4", ">f4"])
+def test_nexus(tmp_path, dtype):
+    counts = _counts(NAV, (24, 24), dtype)
+    path = tmp_path / "scan.nxs"
+    _signal(counts).save(path)
+    s = check_main_job(path, counts)
+    assert s.calibration.scale == pytest.approx((0.05, 0.05))
+    assert s.calibration.center == pytest.approx((11.5, 11.5))
+    check_hyperspy_load(path, counts, nxdata_only=True)
+
+
+# -- Dectris Arina / EIGER HDF5 --------------------------------------------------------------
+
+def write_dectris(folder, counts, frames_per_file=5, chunk=1, name="scan", wavelength=0.025079,
+                  distance=0.2, pixel=75e-6, center=None, mask=None):
+    """A Dectris master file and its data files, as the detector writes them."""
+    flat = counts.reshape((-1,) + counts.shape[-2:])
+    master = os.path.join(folder, f"{name}_master.h5")
+    with h5py.File(master, "w") as m:
+        m.attrs["NX_class"] = "NXroot"
+        entry = m.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        data = entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        for k, start in enumerate(range(0, len(flat), frames_per_file)):
+            fname = f"{name}_data_{k + 1:06d}.h5"
+            with h5py.File(os.path.join(folder, fname), "w") as f:
+                f.create_dataset("entry/data/data", data=flat[start:start + frames_per_file],
+                                 chunks=(chunk,) + flat.shape[1:],
+                                 **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+            data[f"data_{k + 1:06d}"] = h5py.ExternalLink(fname, "entry/data/data")
+        det = entry.create_group("instrument/detector")
+        det["x_pixel_size"], det["y_pixel_size"] = pixel, pixel
+        det["detector_distance"] = distance
+        det["count_time"] = 0.001
+        det["bit_depth_image"] = 8 * counts.dtype.itemsize
+        if center is not None:
+            det["beam_center_x"], det["beam_center_y"] = center
+        spec = det.create_group("detectorSpecific")
+        spec["nimages"] = len(flat)
+        spec["pixel_mask"] = (np.zeros(counts.shape[-2:], "uint32") if mask is None
+                              else mask.astype("uint32"))
+        entry["instrument/beam/incident_wavelength"] = wavelength
+    return master
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", ">u2", "float32"])
+def test_dectris_hdf5(tmp_path, dtype):
+    counts = _counts(NAV, (20, 24), dtype)
+    master = write_dectris(tmp_path, counts, frames_per_file=5, center=(11.2, 9.6))
+    s = check_main_job(master, counts, navigation_shape=NAV[::-1])
+    # calibration from the master file: pixel / distance / wavelength, energy from wavelength
+    assert s.calibration.scale == pytest.approx((75e-6 / 0.2 / 0.025079,) * 2)
+    assert s.calibration.units == "1/Å"
+    assert s.calibration.center == pytest.approx((11.2, 9.6))
+    assert s.calibration.beam_energy == pytest.approx(200.0, abs=0.01)
+    assert s.metadata.Acquisition_instrument.TEM.camera_length == pytest.approx(200.0)
+    check_hyperspy_load(master, counts, file_format=hdf5_reader, navigation_shape=NAV[::-1])
+
+
+def test_dectris_chunks_follow_hdf5_chunks(tmp_path):
+    """HDF5 chunks of 4 frames, 12 frames per data file: dask chunks are whole HDF5 chunks."""
+    counts = _counts((6, 8), (16, 16), "uint16")
+    master = write_dectris(tmp_path, counts, frames_per_file=12, chunk=4)
+    s = diffgpu.load(master, navigation_shape=(8, 6), chunks=10)
+    rows = s.data.chunks[0]
+    assert s.data.chunks[1] == (8,) and all(r * 8 % 4 == 0 for r in rows[:-1])
+    np.testing.assert_array_equal(s.data.compute(), counts)
+    # a square number of frames is a square scan without being told
+    sq = _counts((4, 4), (16, 16), "uint16")
+    s = diffgpu.load(write_dectris(tmp_path, sq, name="square"))
+    assert s.axes_manager.navigation_shape == (4, 4)
+    np.testing.assert_array_equal(s.inav[1:3, 2].data.compute(), sq[2, 1:3])
+
+
+def test_dectris_pixel_mask(tmp_path):
+    counts = _counts(NAV, (16, 16), "uint16")
+    bad = np.zeros((16, 16), bool)
+    bad[3, 5] = bad[10, 2] = True
+    s = diffgpu.load(write_dectris(tmp_path, counts, mask=bad), navigation_shape=(4, 3))
+    np.testing.assert_array_equal(s.calibration.mask, bad)
+
+
+def test_plain_hdf5_stack_and_4d(tmp_path):
+    counts = _counts(NAV, (16, 16), "uint16")
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("exp/frames", data=counts.reshape(-1, 16, 16), chunks=(2, 16, 16),
+                         **hdf5plugin.Bitshuffle(cname="lz4"))
+        f.create_dataset("exp/dark", data=np.zeros((16, 16)))
+    check_main_job(path, counts, navigation_shape=(4, 3))
+    path4 = tmp_path / "four.h5"
+    with h5py.File(path4, "w") as f:
+        f.create_dataset("data", data=counts, chunks=(1, 2, 16, 16),
+                         **hdf5plugin.Bitshuffle(cname="lz4"))
+    s = check_main_job(path4, counts)
+    assert s.axes_manager.navigation_shape == (4, 3)
+
+
+# -- formats written by their documented byte layout --------------------------------------
+
+@pytest.mark.parametrize("dtype,endian", [("uint8", "<"), ("uint16", "<"), ("uint32", "<"),
+                                          ("int16", "<"), ("float32", "<"), ("uint16", ">"),
+                                          ("float32", ">")])
+def test_dm4(tmp_path, dtype, endian):
+    counts = _counts(NAV, (24, 20), dtype)
+    path = tmp_path / "scan.dm4"
+    write_dm4(path, counts, signal_scale=0.02, signal_units="1/nm", signal_origin=(9.5, 11.5),
+              nav_scale=1.5, nav_units="nm", voltage=300e3, camera_length=80.0, endian=endian)
+    s = check_main_job(path, counts)
+    assert s.calibration.scale == pytest.approx((0.02, 0.02)) and s.calibration.units == "1/nm"
+    assert s.calibration.center == pytest.approx((9.5, 11.5))
+    assert s.calibration.beam_energy == pytest.approx(300.0)
+    assert s.metadata.Acquisition_instrument.TEM.camera_length == pytest.approx(80.0)
+    assert s.axes_manager.navigation_axes[0].scale == pytest.approx(1.5)
+    check_hyperspy_load(path, counts, file_format=dm_reader)
+    if endian == "<":  # HyperSpy's own choice by extension reads these too
+        check_hyperspy_load(path, counts)
+
+
+EMPAD_XML = """<root name="{name}"><timestamp timestamp="1774471672.586728" \
+isoformat="2026-03-25T16:47:52.586728"/><software_version>1.2.2  (2021-08-20)</software_version>\
+<raw_file filename="{raw}"/><exposure_time>1</exposure_time>\
+<scan_parameters mode="search"><scan_size>0.8</scan_size><scan_resolution_y>64</scan_resolution_y>\
+<scan_resolution_x>64</scan_resolution_x></scan_parameters><scan_parameters mode="acquire">\
+<scan_size>0.6</scan_size><scan_center_x>0.5</scan_center_x><scan_resolution_y>{ny}\
+</scan_resolution_y><scan_resolution_x>{nx}</scan_resolution_x><scan_center_y>0.5</scan_center_y>\
+</scan_parameters><iom_measurements><scan_rotation>0.0</scan_rotation>\
+<full_scan_field_of_view><scale_factor>0.72</scale_factor><x>1.44e-07</x><y>1.44e-07</y>\
+</full_scan_field_of_view><nominal_camera_length>0.369</nominal_camera_length>\
+<high_voltage>300000.0</high_voltage></iom_measurements></root>"""
+
+
+def write_empad(folder, counts, name="scan"):
+    """An EMPAD .xml + .raw pair: float32 little-endian frames, two metadata rows each."""
+    ny, nx = counts.shape[:2]
+    raw = f"scan_x{nx}_y{ny}.raw"
+    frames = np.zeros((ny * nx, 130, 128), "<f4")
+    frames[:, :128] = counts.reshape(-1, 128, 128)
+    frames[:, 128:] = np.arange(2 * 128)[None].reshape(1, 2, 128)  # per-frame metadata rows
+    frames.tofile(os.path.join(folder, raw))
+    xml = os.path.join(folder, f"{name}.xml")
+    with open(xml, "w") as f:
+        f.write(EMPAD_XML.format(name=name, raw=raw, nx=nx, ny=ny))
+    return xml
+
+
+def test_empad(tmp_path):
+    counts = _counts((2, 3), (128, 128), "<f4")
+    xml = write_empad(tmp_path, counts)
+    s = check_main_job(xml, counts)
+    assert s.axes_manager.navigation_shape == (3, 2)
+    assert s.calibration.beam_energy == 300.0
+    assert s.metadata.Acquisition_instrument.TEM.camera_length == pytest.approx(369.0)
+    assert s.axes_manager.navigation_axes[0].scale == pytest.approx(1.44e-7 / 0.72 / 3 * 1e9)
+    check_hyperspy_load(xml, counts, file_format=empad_reader)
+    # a series (type/count) and an XML naming the raw file by an absolute path elsewhere
+    series = tmp_path / "series.xml"
+    series.write_text('<root><type>series</type><count>6</count><raw_file '
+                      'filename="C:\\data\\scan_x3_y2.raw"/></root>')
+    s = diffgpu.load(series)
+    assert s.axes_manager.navigation_shape == (6,)
+    np.testing.assert_array_equal(s.data.compute(), counts.reshape(6, 128, 128))
+
+
+# -- bad files -------------------------------------------------------------------------------
+
+def _raises(path, *words, **kwargs):
+    with pytest.raises((DetectorFileError, OSError)) as info:
+        s = diffgpu.load(path, **kwargs)
+        s.data.compute()
+    message = str(info.value)
+    assert os.path.basename(str(path)) in message, message
+    for w in words:
+        assert w in message, message
+    return message
+
+
+def test_bad_dm4(tmp_path):
+    counts = _counts(NAV, (16, 16), "uint16")
+    path = tmp_path / "scan.dm4"
+    write_dm4(path, counts)
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.dm4"
+    cut.write_bytes(whole[:len(whole) - 700])  # the pixels reach past the end
+    _raises(cut, "truncated")
+    cut.write_bytes(whole[:200])  # the tag tree ends early
+    _raises(cut, "truncated or corrupt")
+    junk = tmp_path / "junk.dm4"
+    junk.write_bytes(b"\x00\x00\x00\x07" + whole[4:])
+    _raises(junk, "not a DigitalMicrograph file")
+
+
+def test_bad_empad(tmp_path):
+    counts = _counts((2, 3), (128, 128), "<f4")
+    xml = write_empad(tmp_path, counts)
+    raw = tmp_path / "scan_x3_y2.raw"
+    whole = raw.read_bytes()
+    raw.write_bytes(whole[:-1000])
+    _raises(xml, "truncated")
+    raw.write_bytes(whole + whole[:130 * 128 * 4])  # one frame more than the scan
+    _raises(xml, "needs 6 frames")
+    s = diffgpu.load(xml, navigation_shape=(3, 2))  # ... readable when the scan is given
+    np.testing.assert_array_equal(s.data.compute(), counts)
+    raw.unlink()
+    _raises(xml, "scan_x3_y2.raw", "missing")
+    bad = tmp_path / "bad.xml"
+    bad.write_text('<root><raw_file filename="x.raw"/><unclosed></root>')
+    _raises(bad, "not a readable EMPAD XML file")
+
+
+def test_bad_dectris(tmp_path):
+    counts = _counts(NAV, (16, 16), "uint16")
+    master = write_dectris(tmp_path, counts, frames_per_file=5)
+    _raises(master, "holds 12 frames", "needs 10", navigation_shape=(5, 2))
+    data2 = tmp_path / "scan_data_000002.h5"
+    saved = data2.read_bytes()
+    # a damaged compressed chunk: the error names the data file and the frames
+    with h5py.File(data2, "r") as f:
+        offset = f["entry/data/data"].id.get_chunk_info(2).byte_offset
+    broken = bytearray(saved)
+    broken[offset + 12:offset + 40] = b"\xff" * 28
+    data2.write_bytes(bytes(broken))
+    _raises(master, "scan_data_000002.h5", navigation_shape=(4, 3))
+    data2.write_bytes(saved[:len(saved) // 2])  # truncated data file
+    _raises(master, navigation_shape=(4, 3))
+    data2.unlink()  # missing external data file
+    _raises(master, "scan_data_000002.h5", "missing", navigation_shape=(4, 3))
+    notes = tmp_path / "notes.h5"
+    with h5py.File(notes, "w") as f:
+        f["a"], f["b"] = np.zeros((2, 3, 4)), np.zeros((2, 3, 4))
+    _raises(notes, "2 datasets", "dataset=")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an HDF5 file at all" * 10)
+    _raises(garbage, "not a readable HDF5 file")
+
+
+def test_bad_software_formats(tmp_path):
+    counts = _counts(NAV, (16, 16), "uint16")
+    hspy = tmp_path / "scan.hspy"
+    _signal(counts).save(hspy, show_progressbar=False)
+    cut = tmp_path / "cut.hspy"
+    cut.write_bytes(hspy.read_bytes()[:3000])
+    _raises(cut)
+    blo = tmp_path / "scan.blo"
+    _signal(counts.astype("uint8"), units="cm").save(blo, intensity_scaling=None,
+                                                      show_progressbar=False)
+    cut = tmp_path / "cut.blo"
+    cut.write_bytes(blo.read_bytes()[:2000])
+    _raises(cut)
+    unknown = tmp_path / "scan.xyz"
+    shutil.copy(hspy, unknown)
+    _raises(unknown)
