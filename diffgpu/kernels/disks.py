@@ -92,7 +92,7 @@ def probe_image(probe):
     --------
     >>> from diffgpu.kernels.disks import disk_image, probe_image
     >>> import numpy as np
-    >>> probe = np.zeros((40, 40)); probe[10:21, 15:26] = disk_image(4.0) * 100
+    >>> probe = np.zeros((40, 40)); probe[10:23, 15:28] = disk_image(4.0) * 100
     >>> img, r = probe_image(probe)
     >>> round(r, 1)
     4.0

@@ -64,7 +64,7 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     >>> pos = (np.stack([h.ravel(), k.ravel()], -1) @ g.T + [50, 40])[None]
     >>> fit = fit_lattices(pos, np.ones(pos.shape[:2]), g * 1.01, np.array([50.5, 39.6]))
     >>> fit[0, :6].round(6).tolist()
-    [50.0, 40.0, 10.0, -1.0, 1.0, 9.0]
+    [50.0, 40.0, 10.0, 1.0, -1.0, 9.0]
     """
     xp = array_module(positions)
     p = positions.astype(xp.float64)
@@ -147,7 +147,7 @@ def reduce_basis(g1, g2):
     --------
     >>> from diffgpu.kernels.lattice import reduce_basis
     >>> [v.tolist() for v in reduce_basis([10.0, 0.0], [13.0, 9.0])]
-    [[10.0, 0.0], [3.0, 9.0]]
+    [[3.0, 9.0], [-10.0, 0.0]]
     """
     a, b = np.asarray(g1, float), np.asarray(g2, float)
     for _ in range(100):
@@ -161,7 +161,7 @@ def reduce_basis(g1, g2):
         a, b = b, a
     if a[0] * b[1] - a[1] * b[0] < 0:
         b = -b
-    return a, b
+    return a + 0.0, b + 0.0  # + 0.0: no negative zeros
 
 
 def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
@@ -190,17 +190,17 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
     >>> from diffgpu.kernels.lattice import find_basis
     >>> h, k = np.meshgrid(np.arange(-3, 4), np.arange(-3, 4))
     >>> pts = np.stack([h.ravel(), k.ravel()], -1) @ np.array([[12.0, 1.0], [-2.0, 11.0]])
-    >>> [v.round(3).tolist() for v in find_basis([pts])]
-    [[12.0, 1.0], [-2.0, 11.0]]
+    >>> [v.round(3).tolist() for v in find_basis([pts])]    # reduced: shortest first
+    [[2.0, -11.0], [12.0, 1.0]]
     """
     diffs = []
     total = 0
     for pts in point_sets:
         pts = np.asarray(pts, float)
         pts = pts[np.all(np.isfinite(pts), axis=1)]
+        total += len(pts)
         if len(pts) < 3:
             continue
-        total += len(pts)
         d = (pts[:, None, :] - pts[None, :, :]).reshape(-1, 2)
         d = d[np.hypot(*d.T) > tolerance]
         # one of each +/- pair: the half plane x > 0, or x == 0 and y > 0

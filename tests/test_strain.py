@@ -1,0 +1,274 @@
+"""Lattice fits and strain maps: accuracy on simulated data, conventions, bad input, lazy,
+device path; and the calibration from a ring standard."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import diffgpu
+from diffgpu.kernels.lattice import BasisError, find_basis, fit_lattices, reduce_basis
+from diffgpu.strain import rotate_strain, strain_from_lattice
+from diffgpu.synthetic_nbed import deformation_gradient, ring_pattern, synthetic_nbed
+
+REF = (slice(0, 2), slice(0, 2))  # unstrained corner of strain_field
+
+
+def _truth(s):
+    md = s.metadata.Synthetic
+    return np.stack([md.exx, md.eyy, md.exy, md.theta], axis=-1)
+
+
+def _rms(err):
+    return np.sqrt(np.nanmean(err.reshape(-1, 4) ** 2, axis=0))
+
+
+@pytest.fixture(scope="module")
+def strained():
+    return synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), disk_radius=4.0, dose=3e6,
+                          seed=1)
+
+
+@pytest.fixture(scope="module")
+def strained_vectors(strained):
+    return strained.find_bragg_disks(radius=4.0)
+
+
+def test_strain_accuracy(strained, strained_vectors):
+    strain = strained_vectors.get_strain_map(reference=REF)
+    assert isinstance(strain, diffgpu.StrainMap)
+    truth = _truth(strained)
+    assert np.abs(truth[..., :3]).max() > 0.008 and np.abs(truth[..., 3]).max() > 0.29
+    rms = _rms(strain.data - truth)
+    assert np.all(rms[:3] <= 3e-4), rms
+    assert rms[3] <= 0.015, rms
+    assert strain.metadata.Strain.n_failed == 0
+
+
+def test_strain_with_elliptical_distortion():
+    d = np.array([[1.015, 0.004], [0.004, 0.99]])
+    s = synthetic_nbed(nav_shape=(6, 6), sig_shape=(128, 128), dose=3e6, distortion=d, seed=2)
+    s.calibration.affine = np.linalg.inv(d)
+    strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    rms = _rms(strain.data - _truth(s))
+    assert np.all(rms[:3] <= 3e-4), rms
+    assert rms[3] <= 0.015, rms
+    # without the correction the distortion would show as strain relative to given vectors
+    g0 = np.array([s.metadata.Synthetic.g1, s.metadata.Synthetic.g2])
+    s.calibration.affine = None
+    raw = s.find_bragg_disks(radius=4.0).get_strain_map(reference=g0)
+    assert np.nanmax(np.abs(raw.data[0, 0, :3])) > 5e-3
+
+
+def test_sign_conventions_on_simulated_patterns():
+    # lattice expanded 1 % along x and turned by +0.3 deg (from +x towards +y)
+    nav = (1, 2)
+    exx = np.array([[0.0, 0.01]])
+    theta = np.array([[0.0, 0.3]])
+    s = synthetic_nbed(nav_shape=nav, sig_shape=(128, 128), dose=None,
+                       strain=(exx, 0 * exx, 0 * exx, theta))
+    strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(0, 0))
+    exx_f, eyy_f, exy_f, th_f = strain.data[0, 1]
+    assert exx_f == pytest.approx(0.01, abs=2e-4)
+    assert th_f == pytest.approx(0.3, abs=0.01)
+    assert abs(eyy_f) < 2e-4 and abs(exy_f) < 2e-4
+    # the disks moved: closer together along x, and turned the same way as the lattice
+    p0 = s.metadata.Synthetic.positions[0, 0]
+    p1 = s.metadata.Synthetic.positions[0, 1]
+    c = np.array(s.calibration.center)
+    far = np.nanargmax(np.abs(p0[:, 0] - c[0]))
+    assert abs(p1[far, 0] - c[0]) < abs(p0[far, 0] - c[0])
+
+
+def test_strain_from_lattice_round_trip():
+    rng = np.random.default_rng(5)
+    g0 = np.array([[12.0, -3.0], [1.0, 11.0]])  # columns g1, g2
+    e = rng.uniform(-0.01, 0.01, (20, 3))
+    th = rng.uniform(-0.5, 0.5, 20)
+    f = deformation_gradient(e[:, 0], e[:, 1], e[:, 2], th)
+    g = np.linalg.inv(np.swapaxes(f, -1, -2)) @ g0
+    fits = np.concatenate([np.zeros((20, 2)), g[:, :, 0], g[:, :, 1], np.zeros((20, 2))], 1)
+    out = strain_from_lattice(fits, g0)
+    np.testing.assert_allclose(out[:, :3], e, atol=1e-12)
+    np.testing.assert_allclose(out[:, 3], th, atol=1e-10)
+
+
+def test_lazy_equals_eager(strained, strained_vectors):
+    eager = strained_vectors.get_strain_map(reference=REF)
+    lazy_s = strained.as_lazy()
+    lazy_s.rechunk(nav_chunks=(3, 4))
+    lazy = lazy_s.find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    assert isinstance(lazy, diffgpu.LazyStrainMap)
+    lazy.compute()
+    np.testing.assert_allclose(lazy.data, eager.data, rtol=0, atol=1e-12)
+    assert lazy.metadata.Strain.n_failed == 0
+
+
+def test_too_few_disks_gives_nan_counted_and_reported(strained):
+    s = strained.deepcopy()
+    s.data[2, 3] = 0  # nothing there
+    s.data[5, 1] = 0
+    v = s.find_bragg_disks(radius=4.0)
+    with pytest.warns(RuntimeWarning, match="2 of 64 positions have NaN strain"):
+        strain = v.get_strain_map(reference=REF)
+    assert np.isnan(strain.data[2, 3]).all() and np.isnan(strain.data[5, 1]).all()
+    assert strain.metadata.Strain.n_failed == 2 == strain.n_failed
+    assert np.isfinite(strain.data[0, 0]).all()
+    lazy = s.as_lazy().find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    with pytest.warns(RuntimeWarning, match="2 of 64"):
+        lazy.compute()
+    assert lazy.metadata.Strain.n_failed == 2
+
+
+def test_reference_region_without_fits_raises(strained):
+    s = strained.deepcopy()
+    s.data[:2, :2] = 0
+    v = s.find_bragg_disks(radius=4.0)
+    with pytest.raises(ValueError, match="reference region .* no frame with a valid lattice"):
+        v.get_strain_map(reference=REF, basis=(strained.metadata.Synthetic.g1,
+                                               strained.metadata.Synthetic.g2),
+                         origin=s.calibration.center)
+    with pytest.raises(ValueError, match="basis="):
+        v.get_strain_map(reference=REF)  # no disks there to find a basis in either
+
+
+def test_unfindable_basis_raises():
+    rng = np.random.default_rng(0)
+    with pytest.raises(BasisError, match="basis=\\(\\(g1x, g1y\\), \\(g2x, g2y\\)\\)"):
+        find_basis([rng.uniform(0, 100, (12, 2))])
+    with pytest.raises(BasisError, match="only 2 disks"):
+        find_basis([np.array([[0.0, 0.0], [5.0, 5.0]])])
+    # disks on one line: no second lattice vector
+    line = np.stack([np.arange(10) * 12.0, np.arange(10) * 1.0], 1)
+    with pytest.raises(BasisError):
+        find_basis([line])
+
+
+def test_given_basis_and_reference_vectors(strained, strained_vectors):
+    md = strained.metadata.Synthetic
+    by_region = strained_vectors.get_strain_map(reference=REF)
+    given = strained_vectors.get_strain_map(reference=(md.g1, md.g2))
+    assert given.metadata.Strain.reference == "given vectors"
+    np.testing.assert_allclose(given.data[..., :3], by_region.data[..., :3], atol=3e-4)
+    np.testing.assert_allclose(given.data[..., 3], by_region.data[..., 3], atol=0.015)
+    with_basis = strained_vectors.get_strain_map(reference=REF, basis=(md.g1, md.g2),
+                                                 origin=strained.calibration.center)
+    np.testing.assert_allclose(with_basis.data, by_region.data, atol=1e-9)
+    whole = strained_vectors.get_strain_map()  # median of the whole scan
+    assert whole.metadata.Strain.reference == "whole scan (median)"
+    with pytest.raises(ValueError, match="parallel"):
+        strained_vectors.get_strain_map(basis=((10, 0), (20, 0)))
+
+
+def test_fit_lattices_rejects_outliers_and_needs_two_rows():
+    h, k = np.meshgrid(np.arange(-3, 4), np.arange(-3, 4))
+    hk = np.stack([h.ravel(), k.ravel()], -1).astype(float)
+    g = np.array([[11.0, -2.0], [1.5, 12.0]])  # columns g1, g2
+    pos = hk @ g.T + [60.0, 58.0]
+    pos[5] += [3.0, -2.0]  # one spurious disk
+    fit = fit_lattices(pos[None], np.ones((1, len(pos))), g, np.array([60.0, 58.0]))
+    np.testing.assert_allclose(fit[0, :6], [60, 58, 11, 1.5, -2, 12], atol=1e-9)
+    assert fit[0, 6] == len(pos) - 1
+    row = pos[(hk[:, 1] == 0)]  # one lattice row only
+    fit = fit_lattices(row[None], np.ones((1, len(row))), g, np.array([60.0, 58.0]))
+    assert np.isnan(fit[0, :6]).all()
+
+
+def test_reduce_basis_right_handed_and_short():
+    a, b = reduce_basis([0.0, 10.0], [10.0, 31.0])
+    assert np.hypot(*a) <= np.hypot(*b) and a[0] * b[1] - a[1] * b[0] > 0
+    assert sorted([np.hypot(*a), np.hypot(*b)]) == pytest.approx([10.0, np.hypot(10, 1)])
+
+
+def test_rotation_to_another_frame(strained_vectors):
+    strain = strained_vectors.get_strain_map(reference=REF)
+    turned = strain.to_frame(30.0)
+    back = rotate_strain(turned.data, -30.0)
+    np.testing.assert_allclose(back, strain.data, atol=1e-12)
+    trace = strain.data[..., 0] + strain.data[..., 1]
+    np.testing.assert_allclose(turned.data[..., 0] + turned.data[..., 1], trace, atol=1e-12)
+    assert turned.metadata.Strain.frame_angle_deg == 30.0
+    assert strain.to_frame("g1").data.shape == strain.data.shape
+
+
+def test_plot_shares_one_colour_scale(strained_vectors):
+    fig = strained_vectors.get_strain_map(reference=REF).plot()
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 4
+    assert len({im.get_clim() for im in images[:3]}) == 1
+    assert images[0].get_clim()[0] == -images[0].get_clim()[1]
+
+
+def test_components_and_save(strained_vectors, tmp_path):
+    strain = strained_vectors.get_strain_map(reference=REF)
+    exx = strain.get_component("exx")
+    assert exx.data.shape == (8, 8) and exx.axes_manager.signal_dimension == 2
+    strain.save(tmp_path / "strain.zspy")
+    back = diffgpu.load(tmp_path / "strain.zspy", lazy=False)
+    assert isinstance(back, diffgpu.StrainMap)
+    np.testing.assert_array_equal(back.data, strain.data)
+
+
+def test_device_path_matches_host(strained, strained_vectors, standin_gpu):
+    host = strained_vectors.get_strain_map(reference=REF)
+    s = strained.deepcopy()
+    s.to_device()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN frames, no warnings
+        dev = s.find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    assert dev.device == "gpu"
+    dev.to_host()
+    np.testing.assert_allclose(dev.data, host.data, atol=2e-5)
+
+
+# -- calibration from a ring standard ---------------------------------------------------
+GOLD = [4.0782 / np.sqrt(n) for n in (3, 4, 8, 11, 12)]
+
+
+@pytest.mark.parametrize("distortion", [((1.0, 0.0), (0.0, 1.0)), ((1.02, 0.0), (0.0, 0.98)),
+                                        ((1.01, 0.008), (0.008, 0.995))])
+def test_ring_calibration_scale_and_ellipticity(distortion):
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    d = np.array(distortion)
+    img = ring_pattern((256, 256), center=(130.3, 124.8), scale=0.0105, distortion=d,
+                       d_spacings=GOLD, dose=5e7)
+    cal = calibrate_from_rings(img, d_spacings=GOLD)
+    m_true = 0.0105 * np.linalg.inv(d)
+    ev = np.linalg.eigvalsh(m_true)
+    assert cal.scale == pytest.approx(np.sqrt(ev[0] * ev[1]), rel=1e-3)
+    assert abs(cal.ellipticity - (ev[1] / ev[0] - 1)) < 1e-3
+    np.testing.assert_allclose(cal.center, (130.3, 124.8), atol=0.02)
+    np.testing.assert_allclose(cal.scale * cal.affine, m_true, atol=1e-3 * 0.0105)
+
+
+def test_ring_calibration_from_a_phase_feeds_integration_and_strain():
+    from diffgpu.ring_calibration import calibrate_from_rings, ring_d_spacings
+
+    si = diffgpu.TemplateLibrary.silicon()
+    d = np.array([[1.02, 0.0], [0.0, 0.98]])
+    spacings = ring_d_spacings(si, 1.2)
+    img = ring_pattern((200, 200), center=(99.0, 101.5), scale=0.011, distortion=d,
+                       d_spacings=spacings, dose=5e7)
+    cal = calibrate_from_rings(img, phase=si, min_dspacing=1.2)
+    s = diffgpu.DiffractionPatterns(img[None].copy())
+    cal.apply(s)
+    assert s.calibration.units == "1/Å"
+    assert s.calibration.affine is not None
+    np.testing.assert_allclose(s.calibration.scale, (cal.scale, cal.scale))
+    # integration now uses the affine correction: the first ring is sharp in radius
+    polar = s.get_azimuthal_integral2d(npt=160, npt_azim=36, radial_range=(0.2, 0.5), mean=True)
+    r = polar.axes_manager.signal_axes[1].axis
+    peaks = r[np.argmax(polar.data[0], axis=0)]
+    assert np.ptp(peaks) < 0.004  # 1/Å; uncorrected the ring spans ~4 % of 1/3.136
+    assert np.mean(peaks) == pytest.approx(1 / spacings[0], rel=3e-3)
+
+
+def test_ring_calibration_bad_input():
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    img = ring_pattern((128, 128), center=(64, 64), scale=0.02, d_spacings=GOLD)
+    with pytest.raises(ValueError, match="either d_spacings"):
+        calibrate_from_rings(img)
+    with pytest.raises(ValueError, match="2D"):
+        calibrate_from_rings(np.zeros(5), d_spacings=GOLD)
