@@ -321,12 +321,13 @@ def _brute_force(patterns, rendered, gamma, K):
                      np.fft.irfft(mirrored, n_fine, axis=-1).max(-1)], axis=1) * n_fine / n_azim
 
 
-def test_pruned_search_equals_brute_force():
+@pytest.mark.parametrize("R", [12, 13])  # radial blocks of the bound: whole, and a short last one
+def test_pruned_search_equals_brute_force(R):
     from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
                                           spectral_norms, template_major)
 
     rng = np.random.default_rng(7)
-    R, N, n_t, K = 12, 360, 70, 91  # more templates than the two-stage search takes first
+    N, n_t, K = 360, 70, 91  # more templates than the two-stage search takes first
     theta = np.arange(N)
     rendered = np.zeros((n_t, R, N), np.float32)
     for t in range(n_t):  # a few Gaussian spots per template
@@ -403,3 +404,34 @@ def test_array_module_path_equals_host_kernels(standin_gpu):
         assert isinstance(dev, standin_gpu.ndarray)  # it stayed on the "device"
         np.testing.assert_array_equal(dev.get()[..., [0, 3]], host[..., [0, 3]])
         np.testing.assert_allclose(dev.get()[..., 1:3], host[..., 1:3], rtol=1e-4, atol=1e-4)
+
+
+def test_two_stage_search_is_exact_where_high_frequencies_dominate():
+    """Sharp spots put most of the energy above the exactly computed low frequencies, where
+    only the Cauchy-Schwarz bound guards the search: it must still miss nothing."""
+    from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
+                                          spectral_norms, template_major)
+
+    rng = np.random.default_rng(11)
+    R, N, n_t, K = 20, 360, 300, 120
+    theta = np.arange(N)
+
+    def sharp(n, spots):
+        out = np.zeros((n, R, N), np.float32)
+        for i in range(n):
+            for _ in range(spots):
+                d = (theta - rng.uniform(0, 360) + 180) % 360 - 180
+                out[i, rng.integers(R)] += np.exp(-0.5 * (d / 0.8) ** 2) * rng.uniform(0.2, 1)
+        return out
+
+    rendered = sharp(n_t, 6)
+    rendered /= np.linalg.norm(rendered.reshape(n_t, -1), axis=1)[:, None, None]
+    patterns = sharp(40, 12) + rng.uniform(0, 0.05, (40, R, N)).astype(np.float32)
+    packed, n_t = pack_templates(*prepare_templates(rendered, K), max_tile=64)
+    major = template_major(packed, n_t)
+    full = match_patterns(patterns, (packed, n_t), n_best=5, gamma=1.0)
+    two = match_patterns(patterns, (packed, n_t, major, spectral_norms(major)), n_best=5,
+                         gamma=1.0)
+    np.testing.assert_array_equal(two[..., 0], full[..., 0])
+    np.testing.assert_array_equal(two[..., 3], full[..., 3])
+    np.testing.assert_allclose(two[..., 1], full[..., 1], atol=1e-5)
