@@ -140,7 +140,7 @@ class DiskFinder:
         Absolute minimum of the correlation (template normalised to sum one, so the
         correlation is the template-weighted mean counts per pixel of the disk).
     relative_threshold : float
-        Minimum as a fraction of the frame's strongest correlation peak.
+        Minimum as a fraction of the frame's highest correlation (where peaks are allowed).
     min_spacing : int
         Half-width of the square window a peak must dominate (pixels).
     edge : int
@@ -463,7 +463,14 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
                 v = frame[i, j]
                 if not (v > thr) or not allowed[i, j]:
                     continue
+                # the 8 neighbours first: most pixels fail there, quickly
                 ok = True
+                for a in range(max(0, i - 1), min(ny, i + 2)):
+                    for b in range(max(0, j - 1), min(nx, j + 2)):
+                        if frame[a, b] > v:
+                            ok = False
+                if not ok:
+                    continue
                 for a in range(max(0, i - m), min(ny, i + m + 1)):
                     for b in range(max(0, j - m), min(nx, j + m + 1)):
                         if frame[a, b] > v:
