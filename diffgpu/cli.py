@@ -8,6 +8,9 @@
     diffgpu virtual INPUT -o OUTPUT.zspy --disc R [--annulus R_IN R_OUT] ...
     diffgpu orientation INPUT -o OUTPUT.zspy --phase Si|FILE.cif [--resolution 1] [--ipf MAP.png]
                         [--n-best 5 --reliability MAP.png] [--refine]
+    diffgpu strain INPUT -o OUTPUT.zspy --radius R | --template PROBE.npy
+                   [--reference ROW0 ROW1 COL0 COL1 | --reference-vectors G1X G1Y G2X G2Y]
+                   [--basis G1X G1Y G2X G2Y] [--min-disks 6] [--png MAP.png]
 
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
@@ -98,6 +101,26 @@ def build_parser():
                      "--n-best >= 2): near 0 where two different orientations fit as well")
     ori.add_argument("--refine", action="store_true",
                      help="refine the best matches below the library's grid (reads the data twice)")
+    st = sub.add_parser("strain", help="strain maps from Bragg disks (nanobeam diffraction)")
+    _common(st)
+    probe = st.add_mutually_exclusive_group(required=True)
+    probe.add_argument("--radius", type=float, help="disk radius in pixels (disk template)")
+    probe.add_argument("--template", help=".npy file: a measured vacuum probe image")
+    ref = st.add_mutually_exclusive_group()
+    ref.add_argument("--reference", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
+                     help="unstrained scan region rows ROW0:ROW1, columns COL0:COL1 (default: "
+                          "the median lattice of the whole scan)")
+    ref.add_argument("--reference-vectors", type=float, nargs=4,
+                     metavar=("G1X", "G1Y", "G2X", "G2Y"),
+                     help="reference lattice vectors in detector pixels")
+    st.add_argument("--basis", type=float, nargs=4, metavar=("G1X", "G1Y", "G2X", "G2Y"),
+                    help="lattice vectors (pixels) to index the disks (default: found)")
+    st.add_argument("--min-disks", type=int, default=6,
+                    help="positions with fewer indexed disks get NaN strain")
+    st.add_argument("--relative-threshold", type=float, default=0.01,
+                    help="weakest disk, as a fraction of each pattern's strongest")
+    st.add_argument("--max-disks", type=int, default=128, help="disks kept per pattern")
+    st.add_argument("--png", help="also write the four strain maps to this PNG")
     return parser
 
 
@@ -335,8 +358,57 @@ def _run(args, result, what):
     return EXIT_OK
 
 
+def cmd_strain(args):
+    import numpy as np
+
+    s = _load(args)
+    template = None
+    if args.template:
+        try:
+            template = np.load(args.template)
+        except (OSError, ValueError) as err:
+            raise InputError(f"template '{args.template}': {err}") from err
+    vectors = s.find_bragg_disks(radius=args.radius, template=template,
+                                 relative_threshold=args.relative_threshold,
+                                 max_disks=args.max_disks)
+    reference = None
+    if args.reference:
+        r0, r1, c0, c1 = args.reference
+        reference = (slice(r0, r1), slice(c0, c1))
+    elif args.reference_vectors:
+        reference = np.reshape(args.reference_vectors, (2, 2))
+    basis = None if args.basis is None else np.reshape(args.basis, (2, 2))
+
+    def strain_map():
+        return vectors.get_strain_map(reference=reference, basis=basis, min_disks=args.min_disks)
+
+    n = s.axes_manager.navigation_size
+    code = _run(args, strain_map, f"strain of {n} patterns")
+    if code == 0:
+        from . import load
+
+        done = load(args.output, lazy=False)
+        failed = done.n_failed
+        if failed:
+            print(f"{failed} of {n} positions have NaN strain (fewer than --min-disks "
+                  f"{args.min_disks} indexed disks)")
+        if args.png and done.axes_manager.navigation_dimension != 2:
+            print("--png: the strain maps need a 2D scan; no figure written")
+        elif args.png:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig = done.plot()
+            fig.savefig(args.png, dpi=100)
+            plt.close(fig)
+            print(f"strain maps -> {args.png}")
+    return code
+
+
 COMMANDS = {"info": cmd_info, "demo": cmd_demo, "integrate": cmd_integrate,
-            "virtual": cmd_virtual, "orientation": cmd_orientation}
+            "virtual": cmd_virtual, "orientation": cmd_orientation, "strain": cmd_strain}
 
 
 def _terminate(signum, frame):  # turn SIGTERM into an exception so clean-up runs

@@ -272,3 +272,31 @@ def test_ring_calibration_bad_input():
         calibrate_from_rings(img)
     with pytest.raises(ValueError, match="2D"):
         calibrate_from_rings(np.zeros(5), d_spacings=GOLD)
+
+
+# -- command line ------------------------------------------------------------------------
+def test_cli_strain(tmp_path, capsys):
+    from diffgpu.cli import main
+
+    s = synthetic_nbed(nav_shape=(4, 5), sig_shape=(96, 96), dose=3e6, seed=4)
+    s.data[3, 4] = 0  # a position without disks
+    src = tmp_path / "nbed.zspy"
+    s.save(src)
+    out = tmp_path / "strain.zspy"
+    png = tmp_path / "strain.png"
+    code = main(["strain", str(src), "-o", str(out), "--radius", "4", "--reference", "0", "2",
+                 "0", "2", "--png", str(png), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "1 of 20 positions have NaN strain" in text and png.exists()
+    done = diffgpu.load(out, lazy=False)
+    assert isinstance(done, diffgpu.StrainMap) and done.data.shape == (4, 5, 4)
+    truth = _truth(s)
+    ok = np.isfinite(done.data[..., 0])
+    assert np.abs(done.data[ok][:, :3] - truth[ok][:, :3]).max() < 1e-3
+    # a reference region with no disks: a clear error, exit code 3, no output left behind
+    bad = tmp_path / "bad.zspy"
+    code = main(["strain", str(src), "-o", str(bad), "--radius", "4", "--reference", "3", "4",
+                 "4", "5", "--basis", "17", "1.5", "-4", "15", "--no-progress"])
+    assert code == 3 and not bad.exists()
+    assert "reference region" in capsys.readouterr().err
