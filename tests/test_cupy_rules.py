@@ -474,6 +474,11 @@ def test_save_and_plot_device_resident(standin_gpu, tmp_path, lazy):
     TRANSFERS.reset()
     dev.plot()
     assert dev.device == "gpu" and dev._host_for_plot.device == "cpu"
+    # eager: one copy to the host; lazy: every chunk once for HyperSpy's navigator (it sums
+    # whole frames of the host copy), then the chunk of the frame shown
+    assert TRANSFERS.to_host == (N_CHUNKS + 1 if lazy else 1), TRANSFERS.log
+    assert all(shape == (CHUNK if lazy else NAV + SIG) for _, shape, _ in TRANSFERS.log
+               if shape is not None)
     plt.close("all")
 
 
