@@ -14,7 +14,6 @@ import os
 import shutil
 
 import h5py
-import hdf5plugin
 import hyperspy.api as hs
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from _dm4 import write_dm4
 import diffgpu
 from diffgpu.readers import dm as dm_reader
 from diffgpu.readers import empad as empad_reader
-from diffgpu.readers import hdf5 as hdf5_reader
 from diffgpu.readers.errors import DetectorFileError
 
 NAV = (3, 4)  # scan rows, scan columns
@@ -161,6 +159,7 @@ def test_nexus(tmp_path, dtype):
 def write_dectris(folder, counts, frames_per_file=5, chunk=1, name="scan", wavelength=0.025079,
                   distance=0.2, pixel=75e-6, center=None, mask=None):
     """A Dectris master file and its data files, as the detector writes them."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
     flat = counts.reshape((-1,) + counts.shape[-2:])
     master = os.path.join(folder, f"{name}_master.h5")
     with h5py.File(master, "w") as m:
@@ -202,6 +201,8 @@ def test_dectris_hdf5(tmp_path, dtype):
     assert s.calibration.center == pytest.approx((11.2, 9.6))
     assert s.calibration.beam_energy == pytest.approx(200.0, abs=0.01)
     assert s.metadata.Acquisition_instrument.TEM.camera_length == pytest.approx(200.0)
+    from diffgpu.readers import hdf5 as hdf5_reader
+
     check_hyperspy_load(master, counts, file_format=hdf5_reader, navigation_shape=NAV[::-1])
 
 
@@ -229,6 +230,7 @@ def test_dectris_pixel_mask(tmp_path):
 
 
 def test_plain_hdf5_stack_and_4d(tmp_path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
     counts = _counts(NAV, (16, 16), "uint16")
     path = tmp_path / "stack.h5"
     with h5py.File(path, "w") as f:

@@ -26,8 +26,12 @@ import re
 
 from types import SimpleNamespace
 
-import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4 and other filters with h5py before any read)
 import h5py
+
+try:  # registers bitshuffle/LZ4 and other filters with h5py: imported before any read
+    import hdf5plugin  # noqa: F401
+except ImportError:  # a declared dependency; without it only compressed reads fail, saying why
+    hdf5plugin = None
 import numpy as np
 
 from .errors import DetectorFileError
@@ -216,8 +220,10 @@ class _Frames:
                 via = (f" (linked from '{os.path.basename(self.source)}')"
                        if self.source and os.path.abspath(self.source) != os.path.abspath(fname)
                        else "")
+                hint = (" (the data are compressed with an HDF5 filter; install hdf5plugin)"
+                        if hdf5plugin is None and "filter" in str(err).lower() else "")
                 raise DetectorFileError(fname, f"could not read frames {a}-{b - 1} of "
-                                               f"'{path}'{via}: {err}") from err
+                                               f"'{path}'{via}: {err}{hint}") from err
         return out
 
     def __getitem__(self, key):
