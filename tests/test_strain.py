@@ -300,3 +300,18 @@ def test_cli_strain(tmp_path, capsys):
                  "4", "5", "--basis", "17", "1.5", "-4", "15", "--no-progress"])
     assert code == 3 and not bad.exists()
     assert "reference region" in capsys.readouterr().err
+
+
+def test_example_script(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "strain_mapping.py"
+    monkeypatch.setattr(sys, "argv", [script.name, "--output", str(tmp_path), "--nav", "5", "6"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "strain_mapping.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "ellipticity 2.0" in out
+    exx_rms = float(out.split("RMS error against the truth: exx ")[1].split(",")[0])
+    assert exx_rms < 3e-4
