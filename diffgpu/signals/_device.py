@@ -134,4 +134,13 @@ def _via_host(signal, name, parent_method, args, kwargs):
         return parent_method(*args, **kwargs)
     if name == "plot":
         signal._host_for_plot = host  # keep it alive as long as the figure may need it
+        if (signal._lazy and not args and kwargs.get("navigator", "auto") == "auto"
+                and getattr(signal, "navigator", None) is None
+                and 1 <= signal.axes_manager.navigation_dimension <= 2):
+            # HyperSpy would sum the host copy's frames for its navigator, moving every frame
+            # off the device: sum them where they are and move only the sums
+            nav = signal.sum(axis=signal.axes_manager.signal_axes)
+            to_host(nav)  # a HyperSpy signal: its own to_host() refuses lazy data
+            nav.compute()
+            kwargs["navigator"] = nav.T
     return getattr(host, name)(*args, **kwargs)
