@@ -260,6 +260,10 @@ class DeviceArray:
             array = array._a
         if not isinstance(array, np.ndarray):
             raise TypeError("DeviceArray wraps a NumPy array; use cupy.asarray for host data")
+        dt = array.dtype
+        if dt.kind in "OUSVMm" or (dt.kind == "f" and dt.itemsize > 8) or \
+                (dt.kind == "c" and dt.itemsize > 16):
+            raise ValueError(f"Unsupported dtype {dt}")  # as CuPy: no object, text, longdouble
         self._a = array
 
     # -- what CuPy refuses -----------------------------------------------------------
@@ -538,7 +542,10 @@ def _device_function(module, name, np_func):
             if _contains_device(a):
                 raise TypeError(f"{where}: a sequence of device arrays; use cupy.stack")
             TRANSFERS.record("to_device", a if isinstance(a, np.ndarray) else None)
-            return DeviceArray(np.array(a, **{"copy": True, **rest}))
+            out = np.array(a, **{"copy": True, **rest})
+            if not out.dtype.isnative:  # CuPy swaps big-endian data to the GPU's byte order
+                out = out.astype(out.dtype.newbyteorder("="))
+            return DeviceArray(out)
         return _wrap(np_func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
     # pickled by reference (sys.modules[module] is the stand-in while it is installed), as

@@ -110,6 +110,10 @@ def test_standin_arrays_obey_cupys_rules(standin_gpu):
     assert TRANSFERS.to_host == 2
     assert bool(x.sum() > 0) and TRANSFERS.scalar == 1
     assert not hasattr(x.data, "shape")  # cupy.ndarray.data is a memory pointer, not an array
+    big = cp.asarray(np.arange(3, dtype=">u2"))
+    assert big.dtype == np.dtype("uint16") and big.dtype.isnative  # swapped, as CuPy does
+    with pytest.raises(ValueError, match="Unsupported dtype"):
+        x.astype(object)
 
 
 def test_standin_arrays_pickle_and_go_in_dask_graphs(standin_gpu):
