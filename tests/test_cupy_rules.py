@@ -263,6 +263,8 @@ def test_azimuthal_integration(standin_gpu, lazy, two_d):
     out_shape = ((10, 36) if two_d else (12,))
     # constants: the sparse matrix and the coverage, once per device
     assert_moved(lazy, out_shape=(NAV_CHUNKS if lazy else NAV) + out_shape, constants=2)
+    # and one scalar read per block: whether any pixel is non-finite
+    assert TRANSFERS.scalar == (N_CHUNKS if lazy else 1)
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -271,10 +273,14 @@ def test_integration_of_frames_with_nan(standin_gpu, lazy):
     s.data = s.data.astype("float32")
     s.data[1, 2, 5, 7] = np.nan
     s = s.as_lazy() if lazy else s
+    if lazy:
+        s.data = s.data.rechunk(NAV_CHUNKS + (-1, -1))
     ref = host_data(s.get_azimuthal_integral1d(npt=12, mean=True))
     got = back_to_host(on_device(s).get_azimuthal_integral1d(npt=12, mean=True), standin_gpu,
                        lazy)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    assert np.isfinite(got[1, 2]).any()  # the frame with a NaN pixel is renormalised, not lost
+    assert_moved(lazy, out_shape=(NAV_CHUNKS if lazy else NAV) + (12,), constants=2)
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -349,6 +355,11 @@ def test_shifts(standin_gpu, lazy, how):
     dev = on_device(s)
     got = back_to_host(op(dev, device=True), standin_gpu, lazy)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    # device-resident shifts are read on the host once, where the graph is built
+    on_dev = how == "device signal"
+    assert_moved(lazy, out_shape=CHUNK if lazy else NAV + SIG, constants=int(on_dev),
+                 extra_to_host=int(on_dev))
+    assert TRANSFERS.count("to_host", NAV + (2,)) == int(on_dev)
 
 
 # -- clean-up and flat field -------------------------------------------------------------------
