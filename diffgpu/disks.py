@@ -97,9 +97,11 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
             return f(frames)
         from concurrent.futures import ThreadPoolExecutor
 
-        parts = np.array_split(np.arange(frames.shape[0]), threads)
+        # many small pieces handed out as threads free up: an even load on a shared machine
+        step = max(16, min(256, frames.shape[0] // (4 * threads)))
+        starts = range(0, frames.shape[0], step)
         with ThreadPoolExecutor(threads) as pool:
-            outs = list(pool.map(lambda ix: f(frames[ix[0]:ix[-1] + 1]), parts))
+            outs = list(pool.map(lambda i: f(frames[i:i + step]), starts))
         return np.concatenate(outs)
 
     data = map_frames(signal.data, run, (max_disks, 3), np.float32, eager_func=run_eager,

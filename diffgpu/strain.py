@@ -36,6 +36,7 @@ __all__ = ["correction_matrix", "lattice_fit", "strain_from_lattice", "get_strai
            "STRAIN_FIELDS", "BasisError"]
 
 STRAIN_FIELDS = ("exx", "eyy", "exy", "theta")
+_FIT_FRAMES = 4096  # frames fitted at a time (keeps the temporaries to tens of MB)
 
 
 def correction_matrix(calibration):
@@ -167,10 +168,15 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     def fit(block):
         xp = array_module(block)
         flat = block.reshape((-1,) + block.shape[-2:])
-        q = _corrected(flat, center, lmat, xp)
-        w = flat[..., 2] if weighted else xp.where(xp.isfinite(flat[..., 2]), 1.0, xp.nan)
-        out = fit_lattices(q, w, xp.asarray(basis_q), xp.asarray(origin_q), min_disks=min_disks,
-                           tolerance=tolerance, iterations=iterations)
+        b_dev, o_dev = xp.asarray(basis_q), xp.asarray(origin_q)
+        outs = []
+        for i in range(0, max(flat.shape[0], 1), _FIT_FRAMES):  # bounded temporaries
+            part = flat[i:i + _FIT_FRAMES]
+            q = _corrected(part, center, lmat, xp)
+            w = part[..., 2] if weighted else xp.where(xp.isfinite(part[..., 2]), 1.0, xp.nan)
+            outs.append(fit_lattices(q, w, b_dev, o_dev, min_disks=min_disks,
+                                     tolerance=tolerance, iterations=iterations))
+        out = outs[0] if len(outs) == 1 else xp.concatenate(outs)
         return out.reshape(block.shape[:-2] + (len(LATTICE_FIELDS),))
 
     return _map_last2(data, fit, len(LATTICE_FIELDS)), basis_q, origin_q
