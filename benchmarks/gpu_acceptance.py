@@ -79,7 +79,8 @@ STAGES = [
     ("pytest", "pytest -m gpu: diffgpu's tests on real CuPy", 180),
     ("integration", "integration 256x256 uint16 -> 100x360 and 1D: device-resident, and the "
                     "lazy host->device->host pipeline against host->device bandwidth", 90),
-    ("virtual", "virtual images (3 detectors) and centre of mass, device-resident", 60),
+    ("virtual", "virtual images (3 detectors), centre of mass and the blur beam finder, "
+                "device-resident", 60),
     ("matching", "template matching, device-resident polar patterns, Si libraries of 1,081 "
                  "and 25,651 templates", 210),
     ("cluster", "one dask-cuda worker per GPU (only with several GPUs and dask-cuda): lazy "
@@ -128,6 +129,14 @@ def stage_integration(out):
     host = frames.get()
     out["host->device, pageable uint16 (GB/s)"] = host.nbytes / median_time(
         lambda: cp.asarray(host), 5, sync=sync) / 1e9
+    pinned = np.frombuffer(cp.cuda.alloc_pinned_memory(host.nbytes), host.dtype,
+                           host.size).reshape(host.shape)  # as bench_device.py
+    pinned[...] = host
+    out["host->device, pinned uint16 (GB/s)"] = host.nbytes / median_time(
+        lambda: cp.asarray(pinned), 5, sync=sync) / 1e9
+    del pinned
+    out["device->host uint16 (GB/s)"] = host.nbytes / median_time(
+        lambda: frames.get(), 5, sync=sync) / 1e9
     lazy = diffgpu.DiffractionPatterns(host).as_lazy()
     lazy.data = lazy.data.rechunk((min(1024, n), -1, -1))
     lazy.calibration.center = CENTER
@@ -162,6 +171,8 @@ def stage_virtual(out):
         lambda: s.get_virtual_image(rois), 5, sync=sync)
     out["centre of mass, device-resident (frames/s)"] = n / median_time(
         lambda: s.center_of_mass(), 5, sync=sync)
+    out["blur beam finder, device-resident (frames/s)"] = n / median_time(
+        lambda: s.get_direct_beam_position(method="blur", sigma=2, window=10), 3, sync=sync)
 
 
 def _match_rate(polar, lib, sync, repeat):
@@ -202,6 +213,10 @@ def stage_matching(out):
         angle = Orientation(truth, symmetry=si.point_group).angle_with(found.to_orientations(),
                                                                         degrees=True)
         out[f"matching {label}: within 2 deg ({N_PATTERNS} random)"] = float(np.mean(angle < 2))
+        if resolution < 1.0:  # the prefilter, for large libraries (as bench_orientation.py)
+            polar.get_orientation(lib, frac_keep=0.1)  # builds the template-major copy once
+            out[f"matching {label}, frac_keep=0.1 (patterns/s)"] = polar.data.shape[0] / \
+                median_time(lambda: polar.get_orientation(lib, frac_keep=0.1), repeat, sync=sync)
 
 
 def stage_cluster(out):

@@ -616,7 +616,8 @@ _runtime = _module(
     deviceSynchronize=lambda: None,
 )
 _cuda = _module("cupy.cuda", runtime=_runtime, Device=Device, Stream=Stream,
-                get_current_stream=lambda device=None: Stream.null)
+                get_current_stream=lambda device=None: Stream.null,
+                alloc_pinned_memory=lambda size: bytearray(size))  # page-locked host memory
 
 
 # -- cupyx.scipy.sparse ------------------------------------------------------------------------
