@@ -136,7 +136,10 @@ def test_vector_map_and_counts(nbed):
     assert bvm.data.sum() == v.n_disks().sum()
 
 
-def test_device_path_matches_host(nbed, standin_gpu):
+def test_device_path_matches_host(nbed, standin_gpu, monkeypatch):
+    import diffgpu.kernels.disks as kd
+
+    monkeypatch.setattr(kd, "_DEVICE_BATCH", 4)  # 9 frames: three device batches
     host = nbed.find_bragg_disks(radius=4.0, max_disks=80)
     dev = nbed.deepcopy()
     dev.to_device()

@@ -42,6 +42,7 @@ _SUB = 8  # sub-samples per pixel and axis when drawing a template disk
 _HALF = 2  # cubic B-spline: coefficients within 2 pixels of a peak matter
 _NB = 2 * _HALF + 1
 _HOST_BATCH = 16  # frames correlated at a time on the host (16 x 192 x 192 float32: 2.4 MB)
+_DEVICE_BATCH = 2048  # frames at a time on a GPU (spectra of 2048 x 256 x 256: 0.5 GB)
 
 
 def disk_image(radius, size=None):
@@ -249,6 +250,9 @@ class DiskFinder:
                     corr, self.allowed, self.threshold, self.relative_threshold,
                     self.min_spacing, self.max_disks, self.refine_iterations)
             return out
+        if n > _DEVICE_BATCH:  # bounded device memory for large in-memory stacks
+            return xp.concatenate([self(frames[i:i + _DEVICE_BATCH])
+                                   for i in range(0, n, _DEVICE_BATCH)])
         corr = self.correlate(frames)
         idx, val = self._device_peaks(corr, xp)
         d, val = _device_refine(corr, idx, self.refine_iterations, xp)
