@@ -157,7 +157,7 @@ def test_nexus(tmp_path, dtype):
 # -- Dectris Arina / EIGER HDF5 --------------------------------------------------------------
 
 def write_dectris(folder, counts, frames_per_file=5, chunk=1, name="scan", wavelength=0.025079,
-                  distance=0.2, pixel=75e-6, center=None, mask=None):
+                  distance=0.2, pixel=75e-6, center=None, mask=None, triggers=None):
     """A Dectris master file and its data files, as the detector writes them."""
     hdf5plugin = pytest.importorskip("hdf5plugin")
     flat = counts.reshape((-1,) + counts.shape[-2:])
@@ -183,7 +183,8 @@ def write_dectris(folder, counts, frames_per_file=5, chunk=1, name="scan", wavel
         if center is not None:
             det["beam_center_x"], det["beam_center_y"] = center
         spec = det.create_group("detectorSpecific")
-        spec["nimages"] = len(flat)
+        spec["nimages"] = len(flat) if triggers is None else len(flat) // triggers
+        spec["ntrigger"] = 1 if triggers is None else triggers
         spec["pixel_mask"] = (np.zeros(counts.shape[-2:], "uint32") if mask is None
                               else mask.astype("uint32"))
         entry["instrument/beam/incident_wavelength"] = wavelength
@@ -219,6 +220,10 @@ def test_dectris_chunks_follow_hdf5_chunks(tmp_path):
     s = diffgpu.load(write_dectris(tmp_path, sq, name="square"))
     assert s.axes_manager.navigation_shape == (4, 4)
     np.testing.assert_array_equal(s.inav[1:3, 2].data.compute(), sq[2, 1:3])
+    # one trigger per scan row: the scan shape from the master file
+    s = diffgpu.load(write_dectris(tmp_path, counts, name="lines", triggers=6))
+    assert s.axes_manager.navigation_shape == (8, 6)
+    np.testing.assert_array_equal(s.data.compute(), counts)
 
 
 def test_dectris_pixel_mask(tmp_path):

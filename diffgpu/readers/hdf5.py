@@ -265,6 +265,20 @@ def _nav_chunks(nav_shape, frame_bytes, hdf5_chunk, target_bytes):
     return (min(rows, nav_shape[0]),) + tuple(nav_shape[1:])
 
 
+def _triggers(filename, n_frames):
+    """``(ntrigger, nimages)`` from a Dectris master file when they are several triggers (scan
+    rows) of ``nimages`` frames (scan columns) that make up all ``n_frames``; else None."""
+    try:
+        with h5py.File(filename, "r") as f:
+            spec = f.get(f"{_DETECTOR}/detectorSpecific")
+            if not isinstance(spec, h5py.Group) or "ntrigger" not in spec or "nimages" not in spec:
+                return None
+            rows, cols = int(spec["ntrigger"][()]), int(spec["nimages"][()])
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+    return (rows, cols) if rows > 1 and cols > 1 and rows * cols == n_frames else None
+
+
 def _read_calibration(filename):
     """Calibration and original metadata from a Dectris master file (empty where absent)."""
     cal, original = {}, {}
@@ -335,7 +349,9 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         A dask array read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
     navigation_shape : tuple of int, optional
         Scan shape in HyperSpy's order ``(x, y)`` = (scan columns, scan rows); one number
-        for a 1D stack. By default a 4D dataset keeps its shape, a square number of frames
+        for a 1D stack. By default a 4D dataset keeps its shape; a Dectris master file whose
+        ``detectorSpecific/ntrigger`` triggers of ``nimages`` frames each make up all the
+        frames is a scan of ``ntrigger`` rows of ``nimages``; else a square number of frames
         becomes a square scan, and anything else a 1D stack.
     dataset : str, optional
         Path of the dataset in the file (see :func:`find_frames`).
@@ -392,6 +408,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
                           f"{tuple(np.atleast_1d(navigation_shape))} needs {int(np.prod(nav))}")
     elif file_nav is not None:
         nav = file_nav
+    elif _triggers(filename, n_frames) is not None:
+        nav = _triggers(filename, n_frames)  # (triggers, frames per trigger): scan rows, columns
     elif math.isqrt(n_frames) ** 2 == n_frames and n_frames > 1:
         nav = (math.isqrt(n_frames),) * 2
     else:
