@@ -332,7 +332,9 @@ class DeviceCache:
         """The value for computing with array module ``xp`` (numpy or cupy)."""
         if xp is np:
             return self.host
-        key = xp.cuda.runtime.getDevice()
+        # per device, and per array module: copies made by one CuPy (e.g. the tests' CPU
+        # stand-in) are never handed to another
+        key = (id(xp), xp.cuda.runtime.getDevice())
         with self._lock:
             if key not in self._copies:
                 self._copies[key] = self._to_device(xp, self.host)

@@ -186,6 +186,21 @@ def test_keywords_are_checked_against_real_cupy(standin_gpu):
         standin_gpu.zeros((2, 2), like=None)  # NumPy's keyword; CuPy's zeros has none
 
 
+def test_device_copies_are_kept_per_array_module(standin_gpu):
+    """A constant moved by one CuPy (this stand-in) is never handed to another (the real one,
+    in a session that also has a GPU), and is moved once per device."""
+    import types
+
+    from diffgpu.device import DeviceCache
+
+    other = types.SimpleNamespace(cuda=standin_gpu.cuda, asarray=lambda v: ("other", v))
+    c = DeviceCache(np.ones(3))
+    mine = c.get(standin_gpu)
+    assert c.get(other)[0] == "other"
+    assert isinstance(mine, standin_gpu.ndarray) and c.get(standin_gpu) is mine
+    assert TRANSFERS.to_device == 1
+
+
 # -- the suite fails when a device path leaves CuPy's rules -----------------------------------
 
 def test_device_path_calling_scipy_fails(standin_gpu, monkeypatch):
