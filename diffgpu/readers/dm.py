@@ -97,10 +97,10 @@ def file_reader(filename, lazy=False, chunks=None, **kwds):
                     filename, f"the image data ({n_bytes} bytes from byte {offset}) reach past "
                               f"the end of the file ({size} bytes): truncated?")
             stored = dtype.newbyteorder(endian)
-            if data.ndim >= 3:
+            if data.ndim >= 3 and kwds.get("order") in (None, "C"):
                 frames = RawFrames(filename, offset, data.shape[:-2], data.shape[-2:], stored)
                 d["data"] = lazy_raw(frames, "dm", chunks)
-            elif stored != dtype:
+            elif stored != dtype:  # RosettaSciIO read the pixels in the machine's byte order
                 d["data"] = data.view(stored)
         if not lazy:
             d["data"] = np.asarray(d["data"].compute() if hasattr(d["data"], "compute")
