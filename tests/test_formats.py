@@ -405,3 +405,23 @@ def test_bad_software_formats(tmp_path):
     unknown = tmp_path / "scan.xyz"
     shutil.copy(hspy, unknown)
     _raises(unknown)
+
+
+def test_eager_load_of_own_readers(tmp_path):
+    """lazy=False reads the same counts into memory (a DiffractionPatterns, not lazy)."""
+    counts = _counts((2, 3), (128, 128), "<f4")
+    paths = [(write_empad(tmp_path, counts), counts, {})]
+    dm = tmp_path / "scan.dm4"
+    write_dm4(dm, counts.astype("uint16"), endian=">")
+    paths.append((dm, counts.astype("uint16"), {}))
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:  # the Dectris layout needs its compression filter
+        pass
+    else:
+        paths.append((write_dectris(tmp_path, counts.astype("uint32")), counts.astype("uint32"),
+                      {"navigation_shape": (3, 2)}))
+    for path, expected, kwargs in paths:
+        s = diffgpu.load(path, lazy=False, **kwargs)
+        assert type(s).__name__ == "DiffractionPatterns", path
+        np.testing.assert_array_equal(s.data, expected)
