@@ -533,3 +533,38 @@ def test_graph_on_a_distributed_cluster(standin_gpu):
     finally:
         client.close()
         client.cluster.close()
+
+
+# -- command line and demo ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "scan.zspy"
+    scan(lazy=True).save(path, show_progressbar=False)
+    return path
+
+
+@pytest.mark.parametrize("command", [["integrate", "--npt", "12", "--npt-azim", "16", "--mean"],
+                                     ["integrate", "--npt", "12", "--1d"],
+                                     ["virtual", "--disc", "3", "--annulus", "6", "14"]])
+def test_command_line_on_the_device(standin_gpu, scan_file, tmp_path, command):
+    from diffgpu.cli import main
+
+    name, *options = command
+    host, dev = tmp_path / "host.zspy", tmp_path / "dev.zspy"
+    assert main([name, str(scan_file), "-o", str(host), "--device", "cpu", "--no-progress"]
+                + options) == 0
+    assert TRANSFERS.to_device == TRANSFERS.to_host == 0
+    assert main([name, str(scan_file), "-o", str(dev), "--device", "gpu", "--no-progress"]
+                + options) == 0
+    assert TRANSFERS.count("to_device", CHUNK) == N_CHUNKS  # each chunk read, moved once
+    np.testing.assert_allclose(diffgpu.load(dev, lazy=False).data,
+                               diffgpu.load(host, lazy=False).data, rtol=1e-5, atol=1e-4)
+
+
+def test_demo_main_job_on_the_device(standin_gpu, tmp_path):
+    import diffgpu.demo
+
+    path = diffgpu.demo.main_job(str(tmp_path), (4, 4), (48, 48), "gpu", verbose=False)
+    assert Path(path).exists() and (tmp_path / "orientation_map.png").exists()
+    assert TRANSFERS.to_device > 0
