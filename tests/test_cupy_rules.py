@@ -19,6 +19,8 @@ import pytest
 import diffgpu
 from conftest import TRANSFERS, _strict_cupy
 
+pytestmark = pytest.mark.cupy_rules  # the namespace checks too, which need no fixture
+
 NAV, SIG, NAV_CHUNKS = (4, 6), (32, 32), (2, 3)
 N_CHUNKS = 4
 CHUNK = NAV_CHUNKS + SIG
