@@ -115,8 +115,8 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
         ``(g1, g2)`` in detector pixels (rows); default found from the reference frames.
     origin : (float, float), optional
         Detector pixel of the ``(0, 0)`` disk (the direct beam); default the median of the
-        reference frames' strongest disks. Frames whose beam is more than half a lattice
-        spacing away from it are indexed wrongly: centre the beam first.
+        reference frames' strongest disks. Each frame's own translation is found first, so
+        beam shifts do not disturb the indexing.
     reference : region or None
         Frames to find the basis in (see :func:`get_strain_map`); None: the whole scan.
     min_disks, tolerance, iterations : see :func:`~diffgpu.kernels.lattice.fit_lattices`

@@ -5,7 +5,10 @@ Positions come as the fixed-capacity, NaN-padded arrays of
 Every frame is fitted at once with 3 x 3 normal equations per frame; nothing loops over
 frames in Python.
 
-Model: disk ``(h, k)`` of a frame sits at ``o + h g1 + k g2``. Indices come from rounding
+Model: disk ``(h, k)`` of a frame sits at ``o + h g1 + k g2``. Each frame's translation is
+found first (the intensity-weighted circular mean of its disks' fractional lattice
+coordinates), so beam shifts of any size are absorbed (the origin may then sit on another
+disk of the lattice, which changes neither ``g1`` nor ``g2``). Indices come from rounding
 each position in the current basis; the fit is weighted least squares (weights: disk
 intensities, which is the inverse of the shot-noise variance of a position up to a
 constant), then disks further than ``tolerance`` from their lattice site are rejected and
@@ -79,6 +82,17 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     floor = gmin / 40 if tolerance is None else float(tolerance)
     out = xp.full((n, 8), xp.nan)
     px, py = p[..., 0], p[..., 1]
+    # each frame's translation first (beam shifts, descan): the weighted circular mean of the
+    # disks' fractional lattice coordinates moves the origin onto the frame's own lattice
+    det0 = b[:, 0, 0] * b[:, 1, 1] - b[:, 0, 1] * b[:, 1, 0]
+    rx0, ry0 = px - o[:, 0:1], py - o[:, 1:2]
+    fh = (b[:, 1, 1:2] * rx0 - b[:, 0, 1:2] * ry0) / det0[:, None]
+    fk = (-b[:, 1, 0:1] * rx0 + b[:, 0, 0:1] * ry0) / det0[:, None]
+    wp = w * present
+    dh = xp.arctan2((wp * xp.sin(2 * np.pi * fh)).sum(-1), (wp * xp.cos(2 * np.pi * fh)).sum(-1))
+    dk = xp.arctan2((wp * xp.sin(2 * np.pi * fk)).sum(-1), (wp * xp.cos(2 * np.pi * fk)).sum(-1))
+    dh, dk = dh / (2 * np.pi), dk / (2 * np.pi)
+    o = o + xp.stack([b[:, 0, 0] * dh + b[:, 0, 1] * dk, b[:, 1, 0] * dh + b[:, 1, 1] * dk], -1)
     for it in range(iterations + 1):
         # explicit 2 x 2 and 3 x 3 algebra: einsum on these tiny axes was 10x slower
         det = b[:, 0, 0] * b[:, 1, 1] - b[:, 0, 1] * b[:, 1, 0]

@@ -149,8 +149,8 @@ class BraggVectors(DeviceMixin, Signal2D):
             reference region's disks (two short, non-collinear, frequent spacings).
         origin : (x, y), optional
             Detector pixel of the direct beam (the (0, 0) disk); default the median of the
-            reference frames' strongest disks. Beam shifts beyond half a lattice spacing
-            need :meth:`DiffractionPatterns.center_direct_beam` first.
+            reference frames' strongest disks. Each pattern's own shift (descan) is found
+            and absorbed, whatever its size.
         min_disks : int
             Positions with fewer indexed disks get NaN strain (counted and reported).
         tolerance : float, optional
