@@ -60,7 +60,7 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
         raise ValueError("give either radius= (disk radius in pixels) or template= (a measured "
                          "vacuum probe image), not both and not neither")
     if template is not None:
-        img = getattr(template, "data", template)
+        img = template.data if hasattr(template, "axes_manager") else template  # a signal
         img = np.asarray(to_host_array(img.compute() if hasattr(img, "compute") else img))
         tmpl, r = probe_image(img)
         source = "probe"
@@ -79,7 +79,7 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
         raise ValueError(f"edge must be between 0 and half the detector; got {edge}")
     combined = cal.mask
     if mask is not None:
-        m = check_mask(getattr(mask, "data", mask), shape)
+        m = check_mask(mask.data if hasattr(mask, "axes_manager") else mask, shape)
         combined = m if combined is None else (combined | m)
     finder = DiskFinder(shape, tmpl, threshold=threshold, relative_threshold=relative_threshold,
                         min_spacing=min_spacing, edge=edge, mask=combined, max_disks=max_disks,

@@ -217,7 +217,7 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     """
     from scipy.optimize import least_squares
 
-    img = getattr(pattern, "data", pattern)
+    img = pattern.data if hasattr(pattern, "axes_manager") else pattern  # a signal
     if hasattr(img, "compute"):
         img = img.compute()
     from .device import to_host_array

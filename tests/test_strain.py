@@ -326,3 +326,16 @@ def test_large_descan_is_absorbed():
     rms = _rms(strain.data - _truth(s))
     assert np.all(rms[:3] <= 3e-4), rms
     assert rms[3] <= 0.015
+
+
+def test_calibrate_from_rings_method_on_a_lazy_scan():
+    d = np.array([[1.015, 0.0], [0.0, 0.985]])
+    img = ring_pattern((192, 192), center=(95.2, 97.9), scale=0.015, distortion=d,
+                       d_spacings=GOLD, dose=2e7)
+    s = diffgpu.DiffractionPatterns(np.stack([img, img, img])).as_lazy()
+    result = s.calibrate_from_rings(d_spacings=GOLD, units="1/nm")
+    assert s.calibration.units == "1/nm"
+    assert s.calibration.scale[0] == pytest.approx(10 * result.scale)
+    np.testing.assert_allclose(s.calibration.center, (95.2, 97.9), atol=0.03)
+    np.testing.assert_allclose(s.calibration.affine, result.affine)
+    assert result.ellipticity == pytest.approx(1.015 / 0.985 - 1, abs=1e-3)

@@ -447,6 +447,39 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         return cls(data, axes=axes, metadata=md,
                    original_metadata=self.original_metadata.as_dictionary())
 
+    def calibrate_from_rings(self, d_spacings=None, phase=None, units="1/Å", **kwargs):
+        """Centre, scale and elliptical distortion from a ring standard, stored in
+        :attr:`calibration` (``center``, ``scale``, ``units``, ``affine``).
+
+        These patterns (their mean, for a scan) must show the rings of a polycrystalline
+        standard with known ``d_spacings`` (Å) or an orix ``phase``; see
+        :func:`diffgpu.ring_calibration.calibrate_from_rings` for the method and the other
+        keywords. Azimuthal integration and strain maps then use the result.
+
+        Returns
+        -------
+        RingCalibration
+
+        Examples
+        --------
+        >>> import diffgpu
+        >>> from diffgpu.synthetic_nbed import ring_pattern
+        >>> img = ring_pattern((192, 192), center=(97.0, 95.0), scale=0.016)
+        >>> s = diffgpu.DiffractionPatterns(img)
+        >>> result = s.calibrate_from_rings(d_spacings=[2.3546, 2.0391, 1.4419, 1.2296, 1.1773])
+        >>> round(s.calibration.scale[0], 4), s.calibration.units
+        (0.016, '1/Å')
+        """
+        from ..ring_calibration import calibrate_from_rings
+
+        data = self.data
+        if self.axes_manager.navigation_dimension:
+            data = data.reshape((-1,) + data.shape[-2:]).mean(axis=0)
+        result = calibrate_from_rings(data, d_spacings=d_spacings, phase=phase,
+                                      mask=self.calibration.mask, **kwargs)
+        result.apply(self, units=units)
+        return result
+
     # -- detector clean-up ------------------------------------------------------------
     def find_bad_pixels(self, threshold=5.0, set_mask=False):
         """Hot and dead pixels, from the mean pattern (one pass over the data).
