@@ -187,9 +187,12 @@ class _Frames:
     Holds file names only, so it pickles to cluster workers; every read opens the file.
     """
 
-    def __init__(self, parts, nav_shape, frame_shape, dtype, source=None):
+    def __init__(self, parts, nav_shape, frame_shape, dtype, source=None, direct=None):
         self.source = source  # the file the user opened (a master file links to the parts)
         self.parts = [(f, p, n) for f, p, n in parts]
+        # per part: the stored chunks' (offsets, sizes, frames per chunk) for direct reading
+        # of bitshuffle/LZ4 data (see _direct_index), or None to read through h5py
+        self.direct = list(direct) if direct is not None else [None] * len(self.parts)
         self.starts = np.cumsum([0] + [n for _, _, n in parts])
         self.nav_shape = tuple(nav_shape)
         self.frame_shape = tuple(frame_shape)
@@ -204,10 +207,13 @@ class _Frames:
             a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if a >= b:
                 continue
+            fa, fb = a - self.starts[i], b - self.starts[i]  # frames in this part
             try:
+                if self.direct[i] is not None:
+                    _read_direct(fname, self.direct[i], fa, fb, out[a - start:b - start])
+                    continue
                 with h5py.File(fname, "r") as f:
                     dset = f[path]
-                    fa, fb = a - self.starts[i], b - self.starts[i]  # frames in this part
                     if dset.ndim == 3:
                         dset.read_direct(out, source_sel=np.s_[fa:fb],
                                          dest_sel=np.s_[a - start:b - start])
@@ -241,6 +247,124 @@ class _Frames:
         else:
             frames = self._read(int(idx.min()), int(idx.max()) + 1)[idx.ravel() - idx.min()]
         return frames.reshape(idx.shape + self.frame_shape)[(Ellipsis,) + key[len(nav_key):]]
+
+
+# -- direct reading of bitshuffle/LZ4 chunks ---------------------------------------------------
+# Through h5py every chunk is decoded in HDF5's filter pipeline under h5py's global lock, so
+# one thread decodes at a time whatever the number of dask threads. For the Dectris layout
+# (one filter, bitshuffle with LZ4) the reader instead reads the stored chunk bytes itself
+# (their offsets come from the HDF5 chunk index, read once at load) and decodes them with the
+# bitshuffle library hdf5plugin ships (the same compiled code the filter runs), called through
+# ctypes, which releases the GIL: every dask thread decodes at once.
+
+_BSHUF = []  # [function or None], looked up once per process
+
+
+def _bshuf_decompress_lz4():
+    """hdf5plugin's ``bshuf_decompress_lz4`` as a ctypes function, or None where unavailable."""
+    if not _BSHUF:
+        fn = None
+        if hdf5plugin is not None:
+            import ctypes
+            import glob
+
+            for lib in sorted(glob.glob(os.path.join(os.path.dirname(hdf5plugin.__file__),
+                                                     "plugins", "*h5bshuf*"))):
+                try:
+                    fn = ctypes.CDLL(lib).bshuf_decompress_lz4
+                except (OSError, AttributeError):
+                    continue
+                # int64_t bshuf_decompress_lz4(const void* in, void* out, size_t size,
+                #                              size_t elem_size, size_t block_size)
+                fn.restype = ctypes.c_int64
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                               ctypes.c_size_t, ctypes.c_size_t]
+                break
+        _BSHUF.append(fn)
+    return _BSHUF[0]
+
+
+def _direct_index(fname, path):
+    """``(offsets, sizes, frames per chunk)`` of the stored chunks of a 3D bitshuffle/LZ4
+    dataset whose chunks are whole frames, or None (then h5py reads it)."""
+    if _bshuf_decompress_lz4() is None:
+        return None
+    try:
+        with h5py.File(fname, "r") as f:
+            d = f[path]
+            if d.ndim != 3 or d.chunks is None or tuple(d.chunks[1:]) != tuple(d.shape[1:]):
+                return None
+            plist = d.id.get_create_plist()
+            if plist.get_nfilters() != 1:
+                return None
+            fid, _, cd, _ = plist.get_filter(0)
+            # cd_values: (major, minor, element size, block size, compression: 2 = LZ4)
+            if fid != 32008 or len(cd) < 5 or cd[4] != 2 or cd[2] != d.dtype.itemsize:
+                return None
+            k = int(d.chunks[0])
+            n = -(-d.shape[0] // k)
+            offsets = np.full(n, -1, np.int64)
+            sizes = np.zeros(n, np.int64)
+            skipped = []
+
+            def note(info):
+                c = info.chunk_offset[0] // k
+                offsets[c], sizes[c] = info.byte_offset, info.size
+                if info.filter_mask:
+                    skipped.append(c)
+
+            d.id.chunk_iter(note)
+    except (OSError, KeyError, AttributeError, TypeError, ValueError):
+        return None  # no chunk index in this HDF5 version, or anything unusual: h5py reads it
+    if skipped or (offsets < 0).any():
+        return None  # chunks never written (fill value) or stored unfiltered
+    return offsets, sizes, k
+
+
+def _read_direct(fname, index, fa, fb, out):
+    """Frames ``fa:fb`` of a dataset indexed by :func:`_direct_index` into ``out``."""
+    offsets, sizes, k = index
+    decode = _bshuf_decompress_lz4()
+    frame_bytes = out[0].nbytes if len(out) else 0
+    elem = out.dtype.itemsize
+    ca, cb = fa // k, -(-fb // k)
+    lo = int(offsets[ca:cb].min())
+    hi = int((offsets[ca:cb] + sizes[ca:cb]).max())
+    with open(fname, "rb") as f:
+        if hi - lo <= 2 * int(sizes[ca:cb].sum()) + 65536:  # stored one after another: one read
+            f.seek(lo)
+            raw = np.frombuffer(f.read(hi - lo) + bytes(64), np.uint8)
+            where = offsets[ca:cb] - lo
+        else:
+            pieces = []
+            for c in range(ca, cb):
+                f.seek(int(offsets[c]))
+                pieces.append(f.read(int(sizes[c])))
+            where = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+            raw = np.frombuffer(b"".join(pieces) + bytes(64), np.uint8)
+    if len(raw) - 64 < int((where + sizes[ca:cb]).max()):
+        raise OSError(f"the file ends inside the stored chunks of frames {fa}-{fb - 1}")
+    whole = out if k == 1 else None
+    for j, c in enumerate(range(ca, cb)):
+        s0, size = int(where[j]), int(sizes[c])
+        total = int.from_bytes(raw[s0:s0 + 8].tobytes(), "big")
+        block = int.from_bytes(raw[s0 + 8:s0 + 12].tobytes(), "big")
+        if size < 12 or total != k * frame_bytes or block <= 0 or block % elem:
+            raise OSError(f"chunk {c} is not bitshuffle/LZ4 data of {k} frames "
+                          f"(its header says {total} bytes, blocks of {block})")
+        f0, f1 = c * k, c * k + k  # frames in this chunk
+        if whole is not None:
+            dest = out[f0 - fa:f1 - fa]
+        else:
+            dest = np.empty((k,) + out.shape[1:], out.dtype)
+        used = decode(raw.ctypes.data + s0 + 12, dest.ctypes.data, total // elem, elem,
+                      block // elem)
+        if used != size - 12:
+            raise OSError(f"chunk {c} (frames {f0}-{f1 - 1}) cannot be decoded "
+                          f"(bitshuffle/LZ4 error {used})")
+        if whole is None:
+            a, b = max(f0, fa), min(f1, fb)
+            out[a - fa:b - fa] = dest[a - f0:b - f0]
 
 
 def _nav_chunks(nav_shape, frame_bytes, hdf5_chunk, target_bytes):
@@ -416,7 +540,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         nav = (n_frames,)
     if file_nav is not None:
         hdf5_chunk = 1  # frames of a 4D dataset are read by whole scan rows anyway
-    frames = _Frames(parts, nav, frame_shape, dtype, source=filename)
+    direct = [_direct_index(f, p) for f, p, _ in parts] if file_nav is None else None
+    frames = _Frames(parts, nav, frame_shape, dtype, source=filename, direct=direct)
     frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
     if chunks is None and hdf5_chunk == 1:
         nav_chunks = frame_chunks(nav, frame_bytes)
