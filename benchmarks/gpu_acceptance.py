@@ -32,7 +32,7 @@ orix, pytest-timeout (``pip install -e ".[test]"`` online; add ``dask-cuda`` for
 several-GPU stage). The project's GPU machines have Python 3.12, CuPy (CUDA 13), NumPy,
 SciPy, numba, h5py and pytest but no network: gather the rest as wheels here, from the
 project root (``.whl/`` is git-ignored), and leave out hdf5plugin: its wheel alone is 46 MB
-and the device tool carries 64 MiB at most (82 MB -> 38 MB without it; measured 2026-12-01).
+and the device tool carries 64 MiB at most (95 MB -> 51 MB without it; measured 2026-12-01).
 Without it, only the HDF5 (Dectris) reader and ``tests/test_formats.py`` cannot run there;
 the pytest stage reports that file's collection error and runs the rest::
 
