@@ -43,6 +43,14 @@ def _simulation_parts(simulation):
     return [phases], [simulation.rotations], [simulation.coordinates]
 
 
+def _hash_array(h, a):
+    try:  # the array's own buffer when it is contiguous (no copy, no conversion)
+        h.update(a)
+    except (BufferError, TypeError, ValueError):
+        h.update(np.ascontiguousarray(a))
+    h.update(str(getattr(a, "dtype", "")).encode())
+
+
 def _simulation_digest(simulation):
     """A digest of everything :meth:`TemplateLibrary.from_simulation` reads (a few ms for
     1,081 templates: the spot arrays are hashed where they lie, not copied)."""
@@ -50,12 +58,18 @@ def _simulation_digest(simulation):
     for phase, rot, coords in zip(*_simulation_parts(simulation)):
         group = getattr(getattr(phase, "point_group", None), "name", None)
         h.update(f"{getattr(phase, 'name', '')}|{group}|".encode())
-        h.update(np.ascontiguousarray(rot.data))
+        _hash_array(h, rot.data)
         coords = [coords] if not isinstance(coords, (np.ndarray, list, tuple)) else coords
         h.update(len(coords).to_bytes(8, "little"))
-        for vec in coords:
-            h.update(np.ascontiguousarray(vec.data))
-            h.update(np.ascontiguousarray(vec.intensity, dtype=float))
+        update = h.update
+        for vec in coords:  # ~8 ms for 1,081 templates: attribute access and hashing only
+            data, inten = vec.data, vec.intensity
+            try:
+                update(data)
+                update(inten)
+            except (BufferError, TypeError, ValueError):  # not contiguous: hash a copy
+                _hash_array(h, data)
+                _hash_array(h, inten)
     h.update(repr(getattr(simulation, "reciporical_radius", None)).encode())
     return h.digest()
 

@@ -1,0 +1,203 @@
+"""Template matching over the parameters users choose: diffgpu against pyxem, same data, same run.
+
+    python benchmarks/bench_matching_matrix.py [--patterns 256] [--pyxem-patterns 128] [--large]
+
+Data: Si spot patterns at random orientations (``bench_orientation.make_data``: 256 x 256
+pixels, 0.01 1/Å per pixel, Poisson noise). Matrix: radial bins 32, 64, 96, 128, 200, 256
+(360 azimuthal bins); patterns as they are or ``** 0.5``; ``n_best`` 1 and 5. Library: the
+1-degree Si simulation (1,081 templates), passed to ``get_orientation`` as a diffsims
+simulation, the call pyxem users make (``get_orientation(simulation, n_best=...)``); diffgpu
+prepares it on the first call and reuses it (the first call's extra cost is reported). Each
+tool runs in its own process. Lazy rows: the same patterns in dask chunks of 64 on the
+threaded scheduler (``compute()``), and on a 2-worker distributed ``LocalCluster``.
+``--large`` adds the 0.2-degree library (25,651 templates) at 64 bins for diffgpu.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, median_time, print_table, ratio, run_tool, tool_process  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+RADIAL_BINS = (32, 64, 96, 128, 200, 256)
+SCALES = ("as is", "** 0.5")
+N_BEST = (1, 5)
+R_MAX = 1.28
+RECIPROCAL_RADIUS = 1.2
+
+
+def _simulation(resolution):
+    import diffgpu
+    from diffsims.generators.simulation_generator import SimulationGenerator
+    from orix.sampling import get_sample_reduced_fundamental
+
+    si = diffgpu.TemplateLibrary.silicon()
+    rots = get_sample_reduced_fundamental(resolution=resolution, point_group=si.point_group)
+    return SimulationGenerator(200, minimum_intensity=1e-10).calculate_diffraction2d(
+        si, rotation=rots, reciprocal_radius=RECIPROCAL_RADIUS, max_excitation_error=0.05,
+        with_direct_beam=False)
+
+
+def _polar(frames, npt, scale):
+    import diffgpu
+
+    s = diffgpu.DiffractionPatterns(frames)
+    s.calibration.center = ((frames.shape[-1] - 1) / 2, (frames.shape[-2] - 1) / 2)
+    s.calibration.scale = 0.01
+    s.calibration.units = "1/Å"
+    polar = s.get_azimuthal_integral2d(npt=npt, npt_azim=360, radial_range=(0, R_MAX), mean=True)
+    if scale == "** 0.5":
+        polar.data = np.sqrt(np.maximum(np.nan_to_num(polar.data), 0))
+    return polar
+
+
+def tool_diffgpu(path, n, large, out):
+    from bench_orientation import _accuracy
+
+    frames = np.load(f"{path}_random.npy")[:n]
+    true_q = np.load(f"{path}_random_rot.npy")[:n]
+    sim = _simulation(1.0)
+    for npt in RADIAL_BINS:
+        for scale in SCALES:
+            polar = _polar(frames, npt, scale)
+            t0 = time.perf_counter()
+            polar.get_orientation(sim, n_best=1)  # prepares the templates for this geometry
+            first = time.perf_counter() - t0
+            for n_best in N_BEST:
+                key = f"{npt}|{scale}|{n_best}"
+                t = median_time(lambda: polar.get_orientation(sim, n_best=n_best), 3, warmup=1)
+                m = polar.get_orientation(sim, n_best=n_best)
+                acc, _ = _accuracy(m.to_orientations(), true_q)
+                row = {"eager": n / t, "within 2 deg": acc}
+                if n_best == 1:
+                    row["first call extra (s)"] = first - t
+                    one = polar.inav[:1]  # fixed cost of a call: one pattern
+                    row["fixed overhead (ms)"] = 1e3 * median_time(
+                        lambda: one.get_orientation(sim, n_best=1), 5, warmup=1)
+                    lazy = polar.as_lazy()
+                    lazy.data = lazy.data.rechunk((64,) + lazy.data.shape[1:])
+
+                    def run_lazy():
+                        lazy.get_orientation(sim, n_best=n_best).compute(show_progressbar=False)
+
+                    row["lazy"] = n / median_time(run_lazy, 3, warmup=1)
+                out[key] = row
+    out["cluster"] = _cluster_rows(frames, sim, n)
+    if large:
+        big = _simulation(0.2)
+        polar = _polar(frames[:128], 64, "as is")
+        t0 = time.perf_counter()
+        polar.get_orientation(big)
+        first = time.perf_counter() - t0
+        t = median_time(lambda: polar.get_orientation(big), 3, warmup=0)
+        out["large"] = {"templates": int(big.rotations.size), "eager": 128 / t,
+                        "first call (s)": first}
+
+
+def _cluster_rows(frames, sim, n):
+    """Lazy matching on a 2-worker LocalCluster at 64 and 128 radial bins."""
+    from distributed import Client, LocalCluster
+
+    rows = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
+            as cluster, Client(cluster):
+        for npt in (64, 128):
+            lazy = _polar(frames, npt, "as is").as_lazy()
+            lazy.data = lazy.data.rechunk((64,) + lazy.data.shape[1:])
+            rows[npt] = n / median_time(
+                lambda: lazy.get_orientation(sim, n_best=1).compute(show_progressbar=False),
+                3, warmup=1)
+    return rows
+
+
+def tool_pyxem(path, n, out):
+    import hyperspy.api as hs
+    import pyxem
+
+    out["version"] = pyxem.__version__
+    frames = np.load(f"{path}_random.npy")[:n]
+    sim = _simulation(1.0)
+    for npt in RADIAL_BINS:
+        s = hs.signals.Signal2D(frames[None])  # pyxem matches 2D scans only
+        s.set_signal_type("electron_diffraction")
+        s.calibration.scale = 0.01
+        for ax in s.axes_manager.signal_axes:
+            ax.units = "k_A^-1"
+        s.calibration.center = [(frames.shape[-1] - 1) / 2, (frames.shape[-2] - 1) / 2]
+        polar = s.get_azimuthal_integral2d(npt=npt, npt_azim=360, radial_range=(0, R_MAX),
+                                           mean=True, show_progressbar=False)
+        for scale in SCALES:
+            p = polar ** 0.5 if scale == "** 0.5" else polar
+            for n_best in N_BEST:
+                def run():
+                    m = p.get_orientation(sim, n_best=n_best, frac_keep=1.0,
+                                          show_progressbar=False)
+                    if getattr(m, "_lazy", False):
+                        m.compute(show_progressbar=False)
+
+                out[f"{npt}|{scale}|{n_best}"] = n / median_time(run, 1, warmup=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patterns", type=int, default=256)
+    ap.add_argument("--pyxem-patterns", type=int, default=128)
+    ap.add_argument("--large", action="store_true")
+    ap.add_argument("--tool")
+    ap.add_argument("--data")
+    args = ap.parse_args()
+    if args.tool == "diffgpu":
+        return tool_process(lambda o: tool_diffgpu(args.data, args.patterns, args.large, o))
+    if args.tool == "pyxem":
+        return tool_process(lambda o: tool_pyxem(args.data, args.pyxem_patterns, o))
+
+    from bench_orientation import make_data
+
+    print(f"# Template matching matrix, {time.strftime('%Y-%m-%d')}, {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "si")
+        make_data(path, max(args.patterns, args.pyxem_patterns), 1)
+        common = ["--data", path, "--patterns", args.patterns, "--pyxem-patterns",
+                  args.pyxem_patterns] + (["--large"] if args.large else [])
+        ours = run_tool(__file__, "diffgpu", common)
+        peer = run_tool(__file__, "pyxem", common)
+    if "error" in ours:
+        print("diffgpu failed:", ours["error"])
+        return 1
+    rows = []
+    for npt in RADIAL_BINS:
+        for scale in SCALES:
+            for n_best in N_BEST:
+                key = f"{npt}|{scale}|{n_best}"
+                d = ours[key]
+                p = peer.get(key)
+                rows.append([npt, scale, n_best, d["eager"], p if p is not None else "n/a",
+                             ratio(d["eager"], p), d.get("lazy", ""),
+                             f"{d['lazy'] / d['eager']:.0%}" if "lazy" in d else "",
+                             f"{d['within 2 deg']:.0%}", d.get("first call extra (s)", ""),
+                             d.get("fixed overhead (ms)", "")])
+    print_table("Matching, 1,081 templates (Si, 1 degree), 360 azimuthal bins; patterns/s",
+                ["radial bins", "patterns", "n_best", "diffgpu", f"pyxem {peer.get('version', '')}",
+                 "ratio", "diffgpu lazy", "lazy/eager", "within 2 deg",
+                 "first call extra (s)", "fixed overhead per call (ms)"], rows)
+    if "error" in peer:
+        print("pyxem:", peer["error"])
+    print_table("Lazy matching on a 2-worker LocalCluster (chunks of 64); patterns/s",
+                ["radial bins", "patterns/s", "of eager"],
+                [[int(k), v, f"{v / ours[f'{k}|as is|1']['eager']:.0%}"]
+                 for k, v in ours["cluster"].items()])
+    if "large" in ours:
+        big = ours["large"]
+        print_table(f"Large library ({big['templates']:,} templates), 64 radial bins",
+                    ["patterns/s", "first call (s)"], [[big["eager"], big["first call (s)"]]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
