@@ -28,13 +28,14 @@ What a bare GPU machine needs
 Python >= 3.11 and an NVIDIA driver; CuPy for its CUDA (``cupy-cuda12x`` or ``cupy-cuda13x``),
 NumPy, SciPy, numba, h5py and pytest; and diffgpu's other dependencies with the test extra:
 dask[array], distributed, hyperspy, zarr < 3, matplotlib, tqdm, threadpoolctl, diffsims,
-orix, pytest-timeout (``pip install -e ".[test]"`` online; add ``dask-cuda`` for the
+orix, hdf5plugin, pytest-timeout, nbclient, ipykernel (``pip install -e ".[test]"`` online; add ``dask-cuda`` for the
 several-GPU stage). The project's GPU machines have Python 3.12, CuPy (CUDA 13), NumPy,
 SciPy, numba, h5py and pytest but no network: gather the rest as wheels here, from the
 project root (``.whl/`` is git-ignored), and leave out hdf5plugin: its wheel alone is 46 MB
 and the device tool carries 64 MiB at most (95 MB -> 51 MB without it; measured 2026-12-01).
-Without it, only the HDF5 (Dectris) reader and ``tests/test_formats.py`` cannot run there;
-the pytest stage reports that file's collection error and runs the rest::
+Without it only compressed Dectris (bitshuffle/LZ4) files cannot be read there (their tests
+skip); a test file whose imports are missing would be reported by the pytest stage, which
+runs the rest::
 
     ../shared/tools/offline-wheels.sh .whl test && rm .whl/hdf5plugin-*.whl
 
