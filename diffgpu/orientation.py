@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
-from .kernels.matching import (match_patterns, pack_templates, prepare_templates, spectral_norms,
-                               template_major)
+from .kernels.matching import (match_patterns, pack_into, packed_shape, prepare_templates,
+                               template_major, template_major_and_norms)
 from .mapping import map_frames
 from .results import OperationResult
 from .templates import TemplateLibrary, library_for
@@ -31,8 +31,7 @@ def _host_spectra(templates):
     never holds them and a cluster does not ship them."""
     extra = getattr(templates, "_host_extra", None)
     if extra is None:  # two threads may both build it at first: same result, no harm
-        major = template_major(*templates.host)
-        extra = templates._host_extra = (major, spectral_norms(major))
+        extra = templates._host_extra = template_major_and_norms(*templates.host)
     return templates.host + extra
 
 
@@ -94,14 +93,16 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     cache = library._render_cache
     if key not in cache:
         cache.clear()  # one rendering per library at a time: they can be large
-        real = np.empty((K, radii.size, n_t), np.float32)
-        imag = np.empty((K, radii.size, n_t), np.float32)
-        for t0 in range(0, n_t, 2048):  # render in slices: the full polar stack can be GBs
+        packed = np.zeros(packed_shape(n_t, K, radii.size), np.float32)
+        # render in slices of ~16 MB: the whole polar stack is 0.1-0.4 GB for 1,081 templates
+        # (GBs for large libraries), and fresh memory is slow to touch on first use
+        step = max(16, 2**24 // (4 * radii.size * n_azim))
+        for t0 in range(0, n_t, step):
             part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
-                                        templates=slice(t0, t0 + 2048))
-            real[..., t0:t0 + 2048], imag[..., t0:t0 + 2048] = prepare_templates(part, K)
-        cache[key] = DeviceCache(pack_templates(real, imag), _templates_to_device)
-        del real, imag
+                                        templates=slice(t0, t0 + step))
+            pack_into(packed, t0, *prepare_templates(part, K))
+        cache[key] = DeviceCache((packed, n_t), _templates_to_device)
+        del packed
     constants = [cache[key], DeviceCache(library.phase_index.astype(np.float32))]
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
     if keep is not None and keep < n_t and polar.device == "gpu":

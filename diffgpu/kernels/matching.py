@@ -27,7 +27,8 @@ import numpy as np
 from ..device import array_module, host_threads
 from .dtypes import kernel_ready
 
-__all__ = ["prepare_templates", "pack_templates", "template_major", "spectral_norms",
+__all__ = ["prepare_templates", "pack_templates", "packed_shape", "pack_into", "template_major",
+           "spectral_norms", "template_major_and_norms",
            "match_patterns"]
 
 MAX_TILE = 2048  # templates per product: bounds the (K, 2n, 2t) intermediate of a block
@@ -44,12 +45,37 @@ RADIAL_BLOCK = 2
 
 
 def prepare_templates(rendered, max_frequency):
-    """Rendered templates ``(n_t, R, N)`` -> ``(real, imag)`` spectra, each ``(K, R, n_t)`` float32."""
+    """Rendered templates ``(n_t, R, N)`` -> ``(real, imag)`` spectra, each ``(K, R, n_t)``
+    float32 (views of one complex array: :func:`pack_templates` gathers them into place)."""
     # SciPy's FFT: ~3x NumPy's on float32 here, and threaded
     spec = _fft(np)[0](rendered.astype(np.float32, copy=False), axis=-1)[..., :max_frequency]
-    real = np.ascontiguousarray(spec.real.transpose(2, 1, 0), dtype=np.float32)  # (K, R, n_t)
-    imag = np.ascontiguousarray(spec.imag.transpose(2, 1, 0), dtype=np.float32)
-    return real, imag
+    return spec.real.transpose(2, 1, 0), spec.imag.transpose(2, 1, 0)
+
+
+def packed_shape(n_t, K, R, max_tile=MAX_TILE):
+    """Shape ``(n_tiles, K, R, 2 tile)`` of :func:`pack_templates`'s output for ``n_t`` templates.
+
+    Examples
+    --------
+    >>> packed_shape(5, 3, 4, max_tile=2)
+    (3, 3, 4, 4)
+    """
+    n_tiles = max(1, math.ceil(n_t / max_tile))
+    return n_tiles, K, R, 2 * math.ceil(n_t / n_tiles)
+
+
+def pack_into(packed, t0, real, imag):
+    """Write the spectra ``(K, R, m)`` of templates ``t0 .. t0 + m`` into their tiles, so a
+    large library is packed a slice at a time without a whole-library intermediate."""
+    tile = packed.shape[-1] // 2
+    m = real.shape[-1]
+    t = t0
+    while t < t0 + m:
+        i, j = divmod(t, tile)
+        n = min(tile - j, t0 + m - t)
+        packed[i, :, :, j:j + n] = real[..., t - t0:t - t0 + n]
+        packed[i, :, :, tile + j:tile + j + n] = imag[..., t - t0:t - t0 + n]
+        t += n
 
 
 def pack_templates(real, imag, max_tile=MAX_TILE):
@@ -68,13 +94,8 @@ def pack_templates(real, imag, max_tile=MAX_TILE):
     ((3, 3, 4, 4), 5)
     """
     K, R, n_t = real.shape
-    n_tiles = max(1, math.ceil(n_t / max_tile))
-    tile = math.ceil(n_t / n_tiles)
-    out = np.zeros((n_tiles, K, R, 2 * tile), dtype=np.float32)
-    for i in range(n_tiles):
-        t0, t1 = i * tile, min((i + 1) * tile, n_t)
-        out[i, :, :, :t1 - t0] = real[..., t0:t1]
-        out[i, :, :, tile:tile + t1 - t0] = imag[..., t0:t1]
+    out = np.zeros(packed_shape(n_t, K, R, max_tile), dtype=np.float32)
+    pack_into(out, 0, real, imag)
     return out, n_t
 
 
@@ -95,6 +116,49 @@ def template_major(packed, n_t):
     return np.ascontiguousarray(x.reshape(-1, K, 2, R)[:n_t])
 
 
+@numba.njit(nogil=True, cache=True)
+def _major_and_norms(packed, n_t, block, major, sq):
+    n_tiles, K, R, tile2 = packed.shape
+    tile = tile2 // 2
+    for i in range(n_tiles):
+        # 16 templates at a time share one cache line of each packed row: at one frequency
+        # their 2 R lines stay in L1 while each template's radii are written contiguously
+        for j0 in range(0, tile, 16):
+            j1 = min(j0 + 16, tile, n_t - i * tile)
+            for k in range(K):
+                for j in range(j0, j1):
+                    t = i * tile + j
+                    for r in range(R):
+                        re = packed[i, k, r, j]
+                        im = packed[i, k, r, tile + j]
+                        major[t, k, 0, r] = re
+                        major[t, k, 1, r] = im
+                        sq[k, r // block, t] += np.float64(re) * re + np.float64(im) * im
+
+
+def template_major_and_norms(packed, n_t):
+    """:func:`template_major` and :func:`spectral_norms` in one compiled pass over the packed
+    tiles: the NumPy transposition of a 256-bin library (0.14 GB) and its temporaries cost
+    seconds on first use, most of a new library's preparation.
+
+    Examples
+    --------
+    >>> real = np.arange(60, dtype=np.float32).reshape(2, 5, 6)
+    >>> packed, n_t = pack_templates(real, -real, max_tile=4)
+    >>> major, norms = template_major_and_norms(packed, n_t)
+    >>> bool(np.array_equal(major, template_major(packed, n_t)))
+    True
+    >>> bool(np.allclose(norms, spectral_norms(major)))
+    True
+    """
+    n_tiles, K, R, _ = packed.shape
+    major = np.empty((n_t, K, 2, R), np.float32)
+    sq = np.zeros((K, len(_radial_blocks(R)), n_t), np.float64)
+    if n_t:
+        _major_and_norms(packed, n_t, RADIAL_BLOCK, major, sq)
+    return major, np.sqrt(sq).astype(np.float32)
+
+
 def _radial_blocks(R):
     """Start of every radial block of ``RADIAL_BLOCK`` bins (the last may be shorter)."""
     return np.arange(0, R, RADIAL_BLOCK)
@@ -111,7 +175,7 @@ def spectral_norms(major):
     >>> spectral_norms(major).shape  # 10 radial bins in blocks of RADIAL_BLOCK = 2: 5 blocks
     (2, 5, 3)
     """
-    sq = (major.astype(np.float32) ** 2).sum(axis=2)  # (n_t, K, R)
+    sq = np.square(major[:, :, 0]) + np.square(major[:, :, 1])  # (n_t, K, R), no float copy
     blocks = np.add.reduceat(sq, _radial_blocks(sq.shape[-1]), axis=-1)  # (n_t, K, B)
     return np.ascontiguousarray(np.sqrt(blocks).transpose(1, 2, 0))
 
