@@ -151,7 +151,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
 
 
 def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
-                        accelerating_voltage=None, max_excitation_error=None):
+                        accelerating_voltage=None, max_excitation_error=None, candidates=3,
+                        margin=0.1):
     """Shared implementation of :meth:`OrientationMatches.refine`: an in-memory
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult` on the host.
 
@@ -177,44 +178,76 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     gamma = float(matches.metadata.Matching.gamma if gamma is None else gamma)
     m = matches._host_matches()  # computed once; to_rotations() reuses it
     nav = m.shape[:-2]
-    start = matches.to_rotations().data.reshape(nav + (-1, 4))[..., 0, :]
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
+            or candidates < 1:
+        raise ValueError(f"candidates must be a positive integer; got {candidates!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1); got {margin!r}")
+    c = min(int(candidates), m.shape[-2])
+    start = matches.to_rotations().data.reshape(nav + (-1, 4))[..., :c, :]
     # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
-    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9,))
-    phases = m[..., 0, 1].reshape(nav + (1,))
+    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9 * c,))
+    phases = m[..., :c, 1].reshape(nav + (c,))
+    # the other candidates are refined only where their correlation comes within `margin`
+    # of the best's: near-twins and close phases, decided by the full spot model
+    contender = m[..., :c, 2] >= (1 - margin) * m[..., :1, 2]
+    contender[..., 0] = True
     models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
-              for p in np.unique(phases)}
+              for p in np.unique(phases[contender])}
 
-    def refine(frames, mat, phase, models):
+    def refine(frames, mat, phase, todo, models):
         xp = array_module(frames)  # the result goes back where the frames were
         frames, mat, phase = to_host_array(frames), to_host_array(mat), to_host_array(phase)
+        todo = to_host_array(todo).astype(bool)
         p = prepare_patterns(frames, gamma, smooth)
-        out = np.zeros((frames.shape[0], 5))
-        for ph, model in models.items():
-            sel = np.flatnonzero(phase[:, 0] == ph)
-            if not sel.size:
-                continue
-            found, score = refine_rotations(p[sel], mat[sel].reshape(-1, 3, 3), model, gamma,
-                                            radial, azimuthal, step, min_step)
-            out[sel, :4] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
-            out[sel, 4] = score
+        n = frames.shape[0]
+        quats = np.zeros((n, c, 4))
+        scores = np.full((n, c), -np.inf)
+        mat = mat.reshape(n, c, 3, 3)
+        for rank in range(c):
+            for ph, model in models.items():
+                sel = np.flatnonzero((phase[:, rank] == ph) & todo[:, rank])
+                if not sel.size:
+                    continue
+                found, score = refine_rotations(p[sel], mat[sel, rank], model, gamma, radial,
+                                                azimuthal, step, min_step)
+                quats[sel, rank] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
+                scores[sel, rank] = score
+        chosen = scores.argmax(axis=1)
+        rows = np.arange(n)
+        out = np.concatenate([quats[rows, chosen], scores[rows, chosen, None], chosen[:, None]],
+                             axis=1)
         return xp.asarray(out)
 
-    def refine_eager(frames, mat, phase, models):
+    def refine_eager(frames, mat, phase, todo, models):
         """In memory: blocks of patterns on all cores."""
         if frames.shape[0] <= 64:
-            return refine(frames, mat, phase, models)
-        return _in_host_blocks(lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], models),
-                               frames.shape[0])
+            return refine(frames, mat, phase, todo, models)
+        return _in_host_blocks(
+            lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
+            frames.shape[0])
 
-    data = map_frames(polar.data, refine, (5,), np.float64, constants=(models,),
-                      per_frame=(mats, phases), eager_func=refine_eager)
+    data = map_frames(polar.data, refine, (6,), np.float64, constants=(models,),
+                      per_frame=(mats, phases, contender.astype(np.float64)),
+                      eager_func=refine_eager)
     if hasattr(data, "compute"):
         data = data.compute()
     data = np.asarray(to_host_array(data))
+    chosen = data[..., 5].astype(np.int64)
+    data = data[..., :5]
+    if c > 1 and (chosen > 0).any():  # the refined winner becomes the best match
+        m = m.copy()
+        idx = np.indices(nav)
+        winner = m[(*idx, chosen)].copy()
+        first = m[..., 0, :].copy()
+        m[(*idx, chosen)] = first
+        m[..., 0, :] = winner
     metadata = matches.metadata.as_dictionary()
     metadata["Refined"] = {"rotations": data[..., :4], "score": data[..., 4],
+                           "changed_match": chosen > 0,
                            "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
-                                          "min_step": min_step}}
+                                          "min_step": min_step, "candidates": c,
+                                          "margin": margin}}
     metadata.setdefault("General", {})["title"] = \
         f"Refined {matches.metadata.General.title}".strip()
     return OperationResult(m.astype(np.float32), [ax.get_axis_dictionary()

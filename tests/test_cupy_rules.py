@@ -482,8 +482,8 @@ def test_refinement_moves_the_patterns_to_the_host_explicitly(standin_gpu, polar
     # each block of patterns goes to the host once (to_host_array), its result back to the
     # patterns' device, and the joined result to the host once
     assert TRANSFERS.count("to_host", (2, 48, 360) if lazy else (8, 48, 360)) == n, TRANSFERS.log
-    assert TRANSFERS.count("to_device", (2, 5) if lazy else (8, 5)) == n, TRANSFERS.log
-    assert TRANSFERS.count("to_host", (2, 4, 5)) == 1, TRANSFERS.log
+    assert TRANSFERS.count("to_device", (2, 6) if lazy else (8, 6)) == n, TRANSFERS.log
+    assert TRANSFERS.count("to_host", (2, 4, 6)) == 1, TRANSFERS.log
     assert TRANSFERS.to_host == n + 1, TRANSFERS.log
 
 

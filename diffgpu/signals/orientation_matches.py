@@ -135,16 +135,22 @@ class OrientationMatches(DeviceMixin, Signal2D):
                           prop=props, scan_unit=unit, **coords)
 
     def refine(self, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
-               accelerating_voltage=None, max_excitation_error=None):
-        """Refine every best match below the library's angular grid.
+               accelerating_voltage=None, max_excitation_error=None, candidates=3, margin=0.1):
+        """Refine every best match below the library's angular grid, and settle close calls.
 
         From each pattern's best match the crystal is turned in steps of ``step`` degrees
         about the laboratory x, y and z axes, keeping turns that raise the score and halving
         the step when none does, down to ``min_step``. The score compares the pattern with
         diffsims' kinematic spot model at the trial orientation (see
         :mod:`diffgpu.kernels.refine`). On simulated Si with a 1-degree library the median
-        error fell from 1.0 to about 0.2 degrees (benchmarks/RESULTS.md). It cannot undo a
-        wrong match (see :meth:`get_reliability`).
+        error fell from 1.0 to about 0.2 degrees (benchmarks/RESULTS.md).
+
+        Where another of the first ``candidates`` matches scored within ``margin`` of the
+        best (a near-twin, another phase with similar rings), it is refined too, and the
+        candidate whose refined spot model fits the pattern better becomes the best match:
+        positions, intensities and excitation errors of the full pattern decide, not the
+        template's coarse grid. ``metadata.Refined.changed_match`` marks where that changed
+        the best match.
 
         Parameters
         ----------
@@ -163,6 +169,11 @@ class OrientationMatches(DeviceMixin, Signal2D):
             First and last step of the search, degrees.
         accelerating_voltage, max_excitation_error : float, optional
             Override the library's simulation parameters (kV, 1/Å).
+        candidates : int
+            Matches (of the ``n_best`` found) that may be refined; 1 refines only the best.
+        margin : float
+            A candidate is refined where its correlation is at least ``1 - margin`` times
+            the best's.
 
         Returns
         -------
@@ -192,7 +203,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         from ..orientation import refine_orientations
 
         return as_signal(refine_orientations(self, polar, library, gamma, smooth, step, min_step,
-                                             accelerating_voltage, max_excitation_error))
+                                             accelerating_voltage, max_excitation_error,
+                                             candidates, margin))
 
     def get_reliability(self, min_misorientation=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map.
@@ -264,21 +276,93 @@ class OrientationMatches(DeviceMixin, Signal2D):
         out.metadata.General.title = f"Reliability of {self.metadata.General.title}".strip()
         return out
 
-    def plot_ipf_map(self, direction="z", ax=None):
-        """Plot the best orientations coloured by the inverse pole figure of ``direction``.
+    def get_phase_map(self):
+        """The phase of the best match at every position, as an image of phase indices.
+
+        The phase names are in ``metadata.Phases.names`` (index ``i`` is
+        ``names[i]``), the fraction of positions of each in ``metadata.Phases.fractions``.
+
+        Returns
+        -------
+        hyperspy.signals.Signal2D (a 2D scan) or Signal1D (a line scan)
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> from orix.quaternion import Rotation
+        >>> si = diffgpu.TemplateLibrary.silicon()
+        >>> ge = diffgpu.TemplateLibrary.silicon(5.658)
+        >>> ge.name = "Ge"
+        >>> lib = diffgpu.TemplateLibrary.from_phase([si, ge], resolution=5.0, reciprocal_radius=1.0)
+        >>> s = diffgpu.data.orientation_patterns(ge, Rotation.random(4), sig_shape=(128, 128),
+        ...                                       calibration=0.02, reciprocal_radius=1.0)
+        >>> polar = s.get_azimuthal_integral2d(npt=48, npt_azim=180, radial_range=(0, 1.1),
+        ...                                    mean=True)
+        >>> phases = polar.get_orientation(lib).get_phase_map()
+        >>> phases.metadata.Phases.names, phases.data.tolist()
+        (['Si', 'Ge'], [1, 1, 1, 1])
+        """
+        import hyperspy.api as hs
+
+        phases, _ = self._phases()
+        index = self._host_matches()[..., 0, 1].astype(np.int64)
+        axes = [dict(ax.get_axis_dictionary(), navigate=False)
+                for ax in self.axes_manager.navigation_axes[::-1]]
+        cls = hs.signals.Signal2D if index.ndim == 2 else hs.signals.Signal1D
+        out = cls(index, axes=axes) if axes else cls(index.reshape(1))
+        names = [p.name for p in phases]
+        out.metadata.General.title = f"Phases of {self.metadata.General.title}".strip()
+        out.metadata.set_item("Phases.names", names)
+        out.metadata.set_item("Phases.fractions",
+                              [float(np.mean(index == i)) for i in range(len(names))])
+        return out
+
+    def plot_phase_map(self, ax=None):
+        """Plot the phase of the best match at every position, one colour per phase.
 
         Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+
+        phase_map = self.get_phase_map()
+        names = list(phase_map.metadata.Phases.names)
+        index = np.atleast_2d(phase_map.data)
+        colours = plt.get_cmap("tab10").colors[:max(len(names), 1)]
+        if ax is None:
+            _, ax = plt.subplots()
+        ax.imshow(index, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5,
+                  interpolation="nearest")
+        fractions = phase_map.metadata.Phases.fractions
+        ax.legend(handles=[Patch(color=c, label=f"{n} ({f:.0%})")
+                           for c, n, f in zip(colours, names, fractions)],
+                  loc="upper right", fontsize="small")
+        ax.set_title("Phase map")
+        return ax
+
+    def plot_ipf_map(self, direction="z", ax=None):
+        """Plot the best orientations coloured by the inverse pole figure of ``direction``.
+
+        With several phases, each position is coloured with the key of its own phase's
+        Laue group. Returns the matplotlib axes.
+        """
+        import matplotlib.pyplot as plt
         from orix.plot import IPFColorKeyTSL
+        from orix.quaternion import Orientation
         from orix.vector import Vector3d
 
-        from orix.quaternion import Orientation
-
-        ori = self.to_orientations()
+        phases, _ = self._phases()
+        index = self._host_matches()[..., 0, 1].astype(np.int64).ravel()
+        rot = self.to_rotations().data[..., 0, :].reshape(-1, 4)  # row-major, unlike flatten()
         vec = {"x": Vector3d.xvector(), "y": Vector3d.yvector(), "z": Vector3d.zvector()}[direction]
-        flat = Orientation(ori.data.reshape(-1, 4), symmetry=ori.symmetry)  # row-major, unlike flatten()
-        rgb = IPFColorKeyTSL(ori.symmetry.laue, direction=vec).orientation2color(flat)
+        rgb = np.zeros((index.size, 3))
+        for i, phase in enumerate(phases):
+            own = index == i
+            if own.any():
+                ori = Orientation(rot[own], symmetry=phase.point_group)
+                rgb[own] = IPFColorKeyTSL(phase.point_group.laue,
+                                          direction=vec).orientation2color(ori)
         nav = self.axes_manager.navigation_shape[::-1]
         if ax is None:
             _, ax = plt.subplots()
