@@ -139,8 +139,15 @@ def load(path, lazy=True, signal_type=None, **kwargs):
 
 def _signal_dimension(signal):
     """Signal dimension once frames are put last where a reader left every axis a signal axis."""
+    return 2 if _frames_last(signal) else signal.axes_manager.signal_dimension
+
+
+def _frames_last(signal):
+    """True for a signal whose reader does not say which axes navigate (RosettaSciIO's Berkeley
+    EMD reader makes every axis a signal axis): its last two array axes are the detector's."""
     am = signal.axes_manager
-    return 2 if am.navigation_dimension == 0 and am.signal_dimension > 2 else am.signal_dimension
+    plugin = str(signal.metadata.get_item("General.FileIO.0.io_plugin", ""))
+    return am.navigation_dimension == 0 and am.signal_dimension > 2 and plugin == "rsciio.emd"
 
 
 def _reader_for(path):
@@ -171,8 +178,7 @@ def _reader_for(path):
 
 
 def _ours(signal, signal_type, path):
-    if signal.axes_manager.navigation_dimension == 0 and signal.axes_manager.signal_dimension > 2:
-        # readers that do not say which axes navigate (Berkeley EMD, some NeXus): frames last
+    if _frames_last(signal):
         signal = signal.transpose(signal_axes=2)
     if signal_type is None:
         current = signal.metadata.get_item("Signal.signal_type", "")
