@@ -71,13 +71,18 @@ def as_diffraction_patterns(signal, copy=False):
 
 
 def load(path, lazy=True, signal_type=None, **kwargs):
-    """Load a file RosettaSciIO can read as a diffgpu signal (lazily by default).
+    """Load a detector or software file as a diffgpu signal (lazily by default).
+
+    diffgpu's own readers (:mod:`diffgpu.readers`) take Merlin ``.mib``, Dectris Arina /
+    EIGER and other HDF5 stacks (``.h5``), EMPAD ``.xml`` + ``.raw``, DigitalMicrograph
+    ``.dm3``/``.dm4`` and blockfiles ``.blo``, in chunks of whole frames; RosettaSciIO reads
+    every other format (``.hspy``, ``.zspy``, EMD, NeXus ``.nxs``, ...). See the
+    "Reading detector and software files" page of the documentation.
 
     Parameters
     ----------
     path : str or pathlib.Path
-        Any format RosettaSciIO reads (``.mib``, ``.hspy``, ``.zspy``, ``.blo``,
-        ``.hdf5`` from many detectors, ...).
+        The file (for EMPAD the ``.xml`` file; for Dectris the ``*_master.h5`` file).
     lazy : bool
         Keep the data on disk and read it chunk by chunk as needed (default).
     signal_type : str, optional
@@ -85,7 +90,8 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         diffgpu keeps its type and any other 2D signal becomes
         ``"diffraction_patterns"``.
     **kwargs
-        Passed to :func:`hyperspy.api.load` (``reader=``, ``chunks=``, ...).
+        Passed to :func:`hyperspy.api.load` and the reader (``navigation_shape=(x, y)``,
+        ``chunks=``, ``dataset=`` for HDF5, ``file_format=`` to choose the reader, ...).
 
     Returns
     -------
