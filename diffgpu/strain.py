@@ -102,7 +102,8 @@ def _kind(reference):
 
 
 def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_disks=6,
-                tolerance=None, iterations=3, weighted=True, max_basis_frames=32):
+                tolerance=None, iterations=3, weighted=True, max_basis_frames=32,
+                region_vectors=None, return_fitter=False):
     """Per-frame lattice fits of Bragg vectors: ``(data, basis, origin)``.
 
     Parameters
@@ -129,6 +130,9 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     fits : array ``navigation + (8,)`` float64, lazy for lazy input: ``LATTICE_FIELDS``
         in corrected coordinates (see the module docstring) relative to the centre.
     basis, origin : numpy arrays (corrected coordinates) used to index the disks.
+    fitter : callable, with ``return_fitter=True``: the same fit for any vectors array
+        (e.g. the reference region's, already in memory: ``region_vectors``, host vectors
+        of the reference frames, saves computing them again for the basis).
     """
     lmat = correction_matrix(calibration)
     center = np.asarray(calibration.get("center") or [0.0, 0.0], float)
@@ -136,11 +140,16 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     n_frames = int(np.prod(nav_shape))
     if basis is None or origin is None:
         kind = _kind(reference)
+        # no region: the first frames (one chunk of a lazy array, not one frame per chunk)
         ids = (_region_index(reference, nav_shape) if kind == "region"
-               else np.arange(n_frames))
+               else np.arange(min(n_frames, max_basis_frames)))
+        pick = np.arange(len(ids))
         if len(ids) > max_basis_frames:  # evenly spread over the region
-            ids = ids[np.linspace(0, len(ids) - 1, max_basis_frames).round().astype(int)]
-        sample = _frames(data, ids)
+            pick = np.linspace(0, len(ids) - 1, max_basis_frames).round().astype(int)
+        if region_vectors is not None and kind == "region":
+            sample = np.asarray(region_vectors, float)[pick]
+        else:
+            sample = _frames(data, ids[pick])
         q = _corrected(sample, center, lmat, np)
         sets = [qi[np.all(np.isfinite(qi), axis=1)] for qi in q]
         if basis is None:
@@ -179,7 +188,10 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
         out = outs[0] if len(outs) == 1 else xp.concatenate(outs)
         return out.reshape(block.shape[:-2] + (len(LATTICE_FIELDS),))
 
-    return _map_last2(data, fit, len(LATTICE_FIELDS)), basis_q, origin_q
+    fits = _map_last2(data, fit, len(LATTICE_FIELDS))
+    if return_fitter:
+        return fits, basis_q, origin_q, fit
+    return fits, basis_q, origin_q
 
 
 def _map_last2(data, func, size):
@@ -283,9 +295,13 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
                              f"{reference!r}")
         if basis is None:
             basis = ref_vectors
-    fits, basis_q, origin_q = lattice_fit(
+    region_vectors = None
+    if kind == "region":  # computed once, for the basis and the reference fits
+        region_vectors = _frames(data, _region_index(reference, nav_shape))
+    fits, basis_q, origin_q, fitter = lattice_fit(
         data, cal, basis=basis, origin=origin, reference=reference if kind == "region" else None,
-        min_disks=min_disks, tolerance=tolerance, iterations=iterations, weighted=weighted)
+        min_disks=min_disks, tolerance=tolerance, iterations=iterations, weighted=weighted,
+        region_vectors=region_vectors, return_fitter=True)
     lmat = correction_matrix(cal)
     if kind == "vectors":
         ref_q = lmat @ ref_vectors.T
@@ -293,9 +309,12 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     else:
         ids = (_region_index(reference, nav_shape) if kind == "region"
                else np.arange(int(np.prod(nav_shape))))
-        flat_fits = fits.reshape((-1, fits.shape[-1]))
-        sub = flat_fits[np.asarray(ids)] if not _is_dask(fits) else flat_fits[np.asarray(ids)]
-        sub = np.asarray(to_host_array(sub.compute() if _is_dask(sub) else sub), float)
+        if region_vectors is not None:
+            sub = np.asarray(fitter(region_vectors), float)
+        else:  # the whole scan: a full pass over the fits
+            flat_fits = fits.reshape((-1, fits.shape[-1]))[np.asarray(ids)]
+            sub = np.asarray(to_host_array(flat_fits.compute() if _is_dask(flat_fits)
+                                           else flat_fits), float)
         good = np.all(np.isfinite(sub[:, 2:6]), axis=1)
         if not good.any():
             raise ValueError(
