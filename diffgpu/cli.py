@@ -100,7 +100,9 @@ def build_parser():
     ori.add_argument("--reliability", help="also write a reliability map to this PNG (needs "
                      "--n-best >= 2): near 0 where two different orientations fit as well")
     ori.add_argument("--refine", action="store_true",
-                     help="refine the best matches below the library's grid (reads the data twice)")
+                     help="refine the best matches below the library's grid (reads the data twice); "
+                     "with --n-best >= 2, close calls among the first 3 matches (near-twins, "
+                     "similar phases) are refined too and the better fit kept")
     st = sub.add_parser("strain", help="strain maps from Bragg disks (nanobeam diffraction)")
     _common(st)
     probe = st.add_mutually_exclusive_group(required=True)
