@@ -29,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from .device import _is_dask, array_module, to_host_array
+from .device import DeviceCache, _is_dask, array_module, to_host_array
 from .kernels.lattice import LATTICE_FIELDS, BasisError, find_basis, fit_lattices
 
 __all__ = ["correction_matrix", "lattice_fit", "strain_from_lattice", "get_strain_map",
@@ -57,9 +57,13 @@ def correction_matrix(calibration):
     return m / math.sqrt(det)
 
 
-def _corrected(vectors, center, lmat, xp):
-    p = vectors[..., :2].astype(xp.float64) - xp.asarray(center, dtype=xp.float64)
-    return p @ xp.asarray(lmat.T)
+def _corrected(vectors, center, lmat_t, xp):
+    """``(p - c) @ L^T`` with ``center`` and ``lmat_t`` already arrays of module ``xp``."""
+    return (vectors[..., :2].astype(xp.float64) - center) @ lmat_t
+
+
+def _consts_to_device(cp, values):
+    return tuple(cp.asarray(v) for v in values)
 
 
 def _region_index(reference, nav_shape):
@@ -150,7 +154,7 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
             sample = np.asarray(region_vectors, float)[pick]
         else:
             sample = _frames(data, ids[pick])
-        q = _corrected(sample, center, lmat, np)
+        q = _corrected(sample, center, lmat.T, np)
         sets = [qi[np.all(np.isfinite(qi), axis=1)] for qi in q]
         if basis is None:
             b = find_basis(sets)
@@ -174,14 +178,18 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     if tolerance is not None:
         tolerance = float(tolerance) * math.sqrt(abs(np.linalg.det(lmat)))
 
+    # the small constants: moved to a GPU once per device, not with every block
+    consts = DeviceCache((center, np.ascontiguousarray(lmat.T), basis_q, origin_q),
+                         _consts_to_device)
+
     def fit(block):
         xp = array_module(block)
         flat = block.reshape((-1,) + block.shape[-2:])
-        b_dev, o_dev = xp.asarray(basis_q), xp.asarray(origin_q)
+        c_dev, lt_dev, b_dev, o_dev = consts.get(xp)
         outs = []
         for i in range(0, max(flat.shape[0], 1), _FIT_FRAMES):  # bounded temporaries
             part = flat[i:i + _FIT_FRAMES]
-            q = _corrected(part, center, lmat, xp)
+            q = _corrected(part, c_dev, lt_dev, xp)
             w = part[..., 2] if weighted else xp.where(xp.isfinite(part[..., 2]), 1.0, xp.nan)
             outs.append(fit_lattices(q, w, b_dev, o_dev, min_disks=min_disks,
                                      tolerance=tolerance, iterations=iterations))
@@ -232,7 +240,10 @@ def strain_from_lattice(fits, reference):
     """
     xp = array_module(fits)
     g = xp.stack([fits[..., 2:4], fits[..., 4:6]], axis=-1)  # (..., 2, 2), columns g1, g2
-    g0t = xp.asarray(np.asarray(reference, float).T)
+    if array_module(reference) is xp:
+        g0t = reference.astype(xp.float64).T
+    else:
+        g0t = xp.asarray(np.asarray(reference, float).T)
     det = g[..., 0, 0] * g[..., 1, 1] - g[..., 0, 1] * g[..., 1, 0]
     # G^-T = (1/det) [[g11, -g10], [-g01, g00]]
     ginvt = xp.stack([xp.stack([g[..., 1, 1], -g[..., 1, 0]], -1),
@@ -326,8 +337,10 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
         ref_q = np.stack([ref[0:2], ref[2:4]], axis=1)
         where = "whole scan (median)" if kind == "all" else f"region of {int(good.sum())} fits"
 
+    ref_const = DeviceCache(ref_q)
+
     def to_strain(block):
-        return strain_from_lattice(block, ref_q)
+        return strain_from_lattice(block, ref_const.get(array_module(block)))
 
     if _is_dask(fits):
         import dask.array as da

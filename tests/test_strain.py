@@ -339,3 +339,19 @@ def test_calibrate_from_rings_method_on_a_lazy_scan():
     np.testing.assert_allclose(s.calibration.center, (95.2, 97.9), atol=0.03)
     np.testing.assert_allclose(s.calibration.affine, result.affine)
     assert result.ellipticity == pytest.approx(1.015 / 0.985 - 1, abs=1e-3)
+
+
+def test_device_transfers_one_per_chunk(strained, standin_gpu):
+    """Lazy strain on device blocks: each chunk of frames moves to the device once, and the
+    constants (template, calibration, basis, reference) once per device, not per block."""
+    counts = {}
+    for rows in (4, 2):  # 2 and 4 chunks of frames
+        standin_gpu.TRANSFERS.reset()
+        s = strained.as_lazy()
+        s.rechunk(nav_chunks=(rows, 8))
+        s.to_device()
+        strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+        strain.to_host()
+        strain.compute()
+        counts[8 // rows] = standin_gpu.TRANSFERS.to_device
+    assert counts[4] - counts[2] == 2, counts  # the two extra chunks' frames, nothing else

@@ -75,11 +75,16 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     present = xp.all(xp.isfinite(p), axis=-1) & (w > 0)
     p = xp.where(present[..., None], p, 0.0)
     n = p.shape[0]
-    b = xp.broadcast_to(xp.asarray(basis, dtype=xp.float64), (n, 2, 2))
-    o = xp.broadcast_to(xp.asarray(origin, dtype=xp.float64), (n, 2))
-    gmin = float(np.min(np.linalg.norm(np.asarray(_host(basis), float), axis=0)))
-    tol = xp.full((n,), 0.25 * gmin if tolerance is None else float(tolerance))
-    floor = gmin / 40 if tolerance is None else float(tolerance)
+    b0 = _on(basis, xp)
+    b = xp.broadcast_to(b0, (n, 2, 2))
+    o = xp.broadcast_to(_on(origin, xp), (n, 2))
+    if tolerance is None:  # from the basis, on its device (no transfer)
+        gmin = xp.sqrt((b0 * b0).sum(axis=0)).min()
+        tol = 0.25 * gmin * xp.ones((n,))
+        floor = gmin / 40
+    else:
+        tol = xp.full((n,), float(tolerance))
+        floor = float(tolerance)
     out = xp.full((n, 8), xp.nan)
     px, py = p[..., 0], p[..., 1]
     # each frame's translation first (beam shifts, descan): the weighted circular mean of the
@@ -137,8 +142,11 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     return out
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else a
+def _on(a, xp):
+    """``a`` as a float64 array of module ``xp``: host values are moved, device ones kept."""
+    if array_module(a) is xp:
+        return a.astype(xp.float64, copy=False)
+    return xp.asarray(np.asarray(a, dtype=np.float64))
 
 
 def _inv3(m, xp):
