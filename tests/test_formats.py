@@ -130,7 +130,17 @@ def test_blockfile(tmp_path):
     s = check_main_job(path, counts)
     assert s.calibration.scale == pytest.approx((0.1, 0.1)) and s.calibration.units == "cm"
     assert s.axes_manager.navigation_axes[0].scale == pytest.approx(2.0)
+    assert s.calibration.beam_energy is None  # not recorded (0 in the header)
+    assert "beam=unknown" in repr(s.calibration)
     check_hyperspy_load(path, counts)
+    # ASTAR records the beam energy in V (RosettaSciIO's writer leaves it 0): set it in the header
+    from rsciio.blockfile._api import get_header_dtype_list
+
+    header = np.fromfile(path, dtype=get_header_dtype_list("<"), count=1)
+    header["Beam_energy"] = 200000
+    with open(path, "r+b") as f:
+        f.write(header.tobytes())
+    assert diffgpu.load(path).calibration.beam_energy == pytest.approx(200.0)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", ">u4", "float32"])

@@ -73,6 +73,13 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
         chunks = frame_chunks((ny, nx), _FRAME_MARKER + dp * dp) + ((dp,), (dp,))
     dicts = read_blo(filename, lazy=lazy, chunks=chunks if lazy else "auto",
                      endianness=endianness, **kwds)
+    for d in dicts:
+        # a header field left at 0 means "not recorded": no beam energy of 0 keV (which has
+        # no wavelength) nor a camera length of 0 in the metadata
+        header = d.get("original_metadata", {}).get("blockfile_header", {})
+        d["mapping"] = {key: rule for key, rule in d.get("mapping", {}).items()
+                        if key.split(".", 1)[-1] not in ("Beam_energy", "Camera_length")
+                        or float(header.get(key.split(".", 1)[-1], 0) or 0) > 0}
     return dicts
 
 
