@@ -115,9 +115,10 @@ def timed(func, repeat, cold_path=None, warmup=None):
 
 def sink(x):
     """Compute a lazy result keeping one number per chunk: the work is done, the (large)
-    output is not gathered into memory (2D integration of 230,400 frames would be 33 GB)."""
+    output is not gathered into memory (2D integration of 230,400 frames would be 33 GB). The
+    number is copied: a view would keep its whole block alive."""
     keep = tuple((1,) * len(c) for c in x.chunks)
-    return x.map_blocks(lambda b: b.reshape(-1)[:1].reshape((1,) * b.ndim), chunks=keep,
+    return x.map_blocks(lambda b: b.reshape(-1)[:1].reshape((1,) * b.ndim).copy(), chunks=keep,
                         dtype=x.dtype).compute()
 
 
@@ -352,6 +353,51 @@ def tool_cluster(args):
     return body
 
 
+def cli_runs(mib, folder, interrupt_after=8.0):
+    """``diffgpu virtual`` on the file: a full run, a run interrupted after ``interrupt_after``
+    seconds (SIGINT) and its restart; peak RSS of each, no output left by the interrupted
+    run, identical results."""
+    import resource
+    import signal
+    import subprocess
+
+    import diffgpu
+
+    exe = [sys.executable, "-m", "diffgpu", "virtual", mib, "--disc", str(DISC),
+           "--annulus", str(ANNULUS[0]), str(ANNULUS[1]), "--center", *map(str, CENTER),
+           "--no-progress", "--overwrite"]
+    rows = []
+
+    def run(out, stop_after=None):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(exe + ["-o", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if stop_after:
+            try:
+                proc.wait(stop_after)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate()
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        return proc.returncode, time.perf_counter() - t0, peak / 2**20 if peak > before else None, err
+
+    out1 = os.path.join(folder, "vi_full.zspy")
+    out2 = os.path.join(folder, "vi_restarted.zspy")
+    code, t, peak, err = run(out1)
+    rows.append(["full run", code, f"{t:.0f} s", f"{peak:.2f}" if peak else "(below an earlier run)"])
+    code, t, _, err = run(out2, interrupt_after)
+    left = [p for p in os.listdir(folder) if p.startswith(".vi_restarted") or p == "vi_restarted.zspy"]
+    rows.append([f"interrupted after {interrupt_after:.0f} s (SIGINT)", code, f"{t:.0f} s",
+                 f"output left: {left or 'none'}"])
+    code, t, peak, err = run(out2)
+    same = (code == 0 and np.array_equal(diffgpu.load(out1, lazy=False).data,
+                                         diffgpu.load(out2, lazy=False).data))
+    rows.append(["started again", code, f"{t:.0f} s", f"identical to the full run: {same}"])
+    print_table("diffgpu virtual on the file (batch command, atomic output)",
+                ["run", "exit code", "time", "peak RSS (GiB) / check"], rows)
+
+
 TOOLS = {"read": tool_read, "diffgpu": tool_diffgpu, "diffgpu-memory": tool_diffgpu_memory,
          "libertem": tool_libertem, "diffgpu-cluster": tool_cluster}
 
@@ -371,6 +417,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=None, help="timed runs (default 3; 1 with --large)")
     ap.add_argument("--tools", default="read,diffgpu,diffgpu-memory,libertem")
     ap.add_argument("--skip", default="", help="diffgpu jobs to skip, comma separated")
+    ap.add_argument("--cli", action="store_true", help="also run `diffgpu virtual` on the file: "
+                                                       "full, interrupted, restarted")
     ap.add_argument("--mib")
     ap.add_argument("--h5")
     args = ap.parse_args()
@@ -415,6 +463,8 @@ def main():
             print(f"  {tool}: {time.perf_counter() - t0:.0f} s {results[tool].get('error', '')}")
             sys.stdout.flush()
         report(results, n, size, nav)
+        if args.cli:
+            cli_runs(mib, folder)
     finally:
         if not args.keep and not args.mib:
             shutil.rmtree(folder, ignore_errors=True)
