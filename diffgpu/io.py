@@ -156,6 +156,13 @@ def _frames_last(signal):
     return am.navigation_dimension == 0 and am.signal_dimension > 2 and plugin == "rsciio.emd"
 
 
+def _positive(value):
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _reader_for(path):
     """The reader for ``path`` where HyperSpy's choice by extension would not do: one of
     diffgpu's reader modules, a RosettaSciIO format name, or None (HyperSpy chooses)."""
@@ -186,6 +193,11 @@ def _reader_for(path):
 def _ours(signal, signal_type, path):
     if _frames_last(signal):
         signal = signal.transpose(signal_axes=2)
+    tem = signal.metadata.get_item("Acquisition_instrument.TEM", None)
+    for key in ("beam_energy", "camera_length"):
+        # readers copy a header's 0 ("not recorded"); 0 keV has no wavelength
+        if tem is not None and tem.has_item(key) and not _positive(tem.get_item(key)):
+            tem.__delattr__(key)
     if signal_type is None:
         current = signal.metadata.get_item("Signal.signal_type", "")
         if current in _OURS:

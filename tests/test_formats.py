@@ -462,3 +462,13 @@ def test_dectris_direct_chunk_reading(tmp_path):
         f.create_dataset("a", data=frames, chunks=(1, 9, 13), compression="gzip")
         f.create_dataset("b", data=frames)
     assert _direct_index(plain, "a") is None and _direct_index(plain, "b") is None
+
+
+def test_unrecorded_beam_energy_and_camera_length(tmp_path):
+    """Files that write 0 for 'not recorded' load with no beam energy, not 0 keV."""
+    path = tmp_path / "scan.dm4"
+    write_dm4(path, _counts((2, 3), (16, 16), "uint16"), voltage=0.0, camera_length=0.0)
+    s = diffgpu.load(path)
+    assert s.calibration.beam_energy is None and s.calibration.wavelength is None
+    assert not s.metadata.has_item("Acquisition_instrument.TEM.camera_length")
+    assert "beam=unknown" in repr(s.calibration)
