@@ -472,3 +472,35 @@ def test_unrecorded_beam_energy_and_camera_length(tmp_path):
     assert s.calibration.beam_energy is None and s.calibration.wavelength is None
     assert not s.metadata.has_item("Acquisition_instrument.TEM.camera_length")
     assert "beam=unknown" in repr(s.calibration)
+
+
+@pytest.mark.parametrize("fmt", ["dm4", "dectris"])
+def test_file_backed_big_endian_frames_on_device(tmp_path, standin_gpu, fmt):
+    """Frames read from a file (big-endian here) go to the device chunk by chunk: the main job
+    there gives the host's numbers (CuPy stand-in: device rules, no GPU needed)."""
+    counts = _counts(NAV, (24, 24), ">u2")
+    if fmt == "dm4":
+        path = tmp_path / "scan.dm4"
+        write_dm4(path, counts, endian=">")
+        kwargs = {}
+    else:
+        path = write_dectris(tmp_path, counts)
+        kwargs = {"navigation_shape": NAV[::-1]}
+    host = diffgpu.load(path, **kwargs)
+    device = diffgpu.load(path, **kwargs)
+    device.to_device()
+    assert device.device == "gpu" and isinstance(device.data._meta, standin_gpu.ndarray)
+    r = 8.0
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=4.0), hs.roi.CircleROI(cx=0, cy=0, r=r, r_inner=5.0)]
+    for s in (host, device):  # pixel units for the detectors below
+        s.calibration.scale = 1.0
+        s.calibration.center = None
+    results = []
+    for s in (host, device):
+        images = s.get_virtual_image(rois)
+        profile = s.get_azimuthal_integral1d(npt=8, radial_range=(0, r))
+        for out in (images, profile):
+            out.to_host()
+        results.append([np.asarray(images.data.compute()), np.asarray(profile.data.compute())])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
