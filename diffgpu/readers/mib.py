@@ -547,6 +547,8 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
     from ..chunking import frame_chunks
 
     itemsize = mib.dtype.itemsize
+    if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) + 2:
+        chunks = chunks[:-2]  # chunks given for all axes: the frames stay whole
     if chunks is None or chunks == "auto":
         nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes)
     else:
@@ -621,9 +623,9 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
     >>> bool((s.data.compute() == frames).all()), s.data.dtype
     (True, dtype('uint16'))
     """
-    unknown = set(kwargs) - {"mmap_mode", "print_info", "first_frame", "last_frame"}
-    if unknown:
-        raise TypeError(f"unknown keyword arguments for the .mib reader: {sorted(unknown)}")
+    if kwargs:
+        raise TypeError(f"unknown keyword arguments for the .mib reader: {sorted(kwargs)} (it takes "
+                        "navigation_shape, chunks and flip_rows)")
     mib = MIBFile(filename)
     nav_shape = mib.navigation_shape(navigation_shape)
     data = lazy_frames(mib, nav_shape, chunks=chunks, flip_rows=flip_rows)
