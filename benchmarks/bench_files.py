@@ -98,19 +98,39 @@ def evict(path):
         os.close(fd)
 
 
+class Seconds(float):
+    """Wall seconds, with the process's CPU seconds of the same runs in ``.cpu``."""
+
+
 def timed(func, repeat, cold_path=None, warmup=None):
     """Median seconds of ``func()`` over ``repeat`` runs after a warm-up run (of ``warmup``,
-    e.g. the same work on a few frames, where given)."""
+    e.g. the same work on a few frames, where given); ``.cpu``: median CPU seconds of this
+    process (all its threads). On a shared machine the CPU time says how much work a tool
+    did whatever share of the cores it got."""
     (warmup or func)()
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
         if cold_path:
             for p in np.atleast_1d(cold_path):
                 evict(str(p))
+        c0 = time.process_time()
         t0 = time.perf_counter()
         func()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        cpu.append(time.process_time() - c0)
+    out = Seconds(np.median(times))
+    out.cpu = float(np.median(cpu))
+    return out
+
+
+def with_cpu(body):
+    """The tool's results plus ``<key>_cpu`` for every timing that has CPU seconds."""
+    def wrapped(out):
+        body(out)
+        for key, value in list(out.items()):
+            if isinstance(value, Seconds):
+                out[key + "_cpu"] = value.cpu
+    return wrapped
 
 
 def sink(x):
@@ -428,7 +448,7 @@ def main():
     if args.repeat is None:
         args.repeat = 1 if args.large else 3
     if args.tool:
-        tool_process(TOOLS[args.tool](args), gib=1)
+        tool_process(with_cpu(TOOLS[args.tool](args)), gib=1)
         return
 
     folder = args.dir or tempfile.mkdtemp(prefix="bench_files_")
@@ -483,15 +503,18 @@ def report(r, n, size, nav):
 
     read = rate("read", "seconds")
     rows = []
-    for label, key in [("virtual imaging, 2 detectors", "virtual"), ("centre of mass", "com")]:
+    keys = [("virtual imaging, 2 detectors, .mib", "virtual"), ("centre of mass, .mib", "com"),
+            ("virtual imaging, 2 detectors, HDF5 bitshuffle-LZ4", "h5_virtual"),
+            ("centre of mass, HDF5 bitshuffle-LZ4", "h5_com")]
+    for label, key in keys:
         d, lt = rate("diffgpu", key), rate("libertem", key)
-        rows.append([f"{label}, .mib", fmt(d), fmt(lt), ratio(d, lt)])
-    for label, key in [("virtual imaging, 2 detectors", "h5_virtual"), ("centre of mass", "h5_com")]:
-        d, lt = rate("diffgpu", key), rate("libertem", key)
+        dc, lc = rate("diffgpu", key + "_cpu"), rate("libertem", key + "_cpu")
         if d or lt:
-            rows.append([f"{label}, HDF5 bitshuffle-LZ4", fmt(d), fmt(lt), ratio(d, lt)])
+            rows.append([label, fmt(d), fmt(lt), ratio(d, lt), f"{fmt(dc)} / {fmt(lc)}", ratio(dc, lc)])
     print_table(f"From files: diffgpu vs LiberTEM 0.16 ({nav[0]} x {nav[1]} frames, {size / 1e9:.2f} GB; "
-                "frames/s)", ["", "diffgpu", "LiberTEM (threads, 2 CPUs)", "diffgpu / LiberTEM"], rows)
+                "frames/s)", ["", "diffgpu", "LiberTEM (threads, 2 CPUs)", "diffgpu / LiberTEM",
+                              "frames per CPU-second, diffgpu / LiberTEM", "ratio per CPU-second"],
+                rows)
 
     rows = [["plain sequential read of the .mib", fmt(read),
              f"{r['read']['gbps']:.2f} GB/s" if "gbps" in r.get("read", {}) else "n/a", ""]]
