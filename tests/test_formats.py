@@ -81,6 +81,7 @@ def check_main_job(path, counts, **load_kwargs):
     assert s.data.chunks[-2:] == ((counts.shape[-2],), (counts.shape[-1],)), "frames split"
     data = s.data.compute()
     np.testing.assert_array_equal(data, counts)
+    assert data.flags.writeable  # users may change what they computed
     assert data.dtype.newbyteorder("=") == counts.dtype.newbyteorder("=")
     lazy = _main_job(s)
     eager = _main_job(_in_memory_like(s, counts))

@@ -43,17 +43,18 @@ class RawFrames:
     def read(self, start, stop):
         """Frames ``start:stop`` (flat scan index)."""
         n = stop - start
+        want = n * self.stride - (self.stride - self.frame_bytes)  # no metadata after the last
+        buf = np.empty(n * self.stride, np.uint8)  # writable, read into without a copy
         with open(self.path, "rb") as f:
             f.seek(self.offset + start * self.stride)
-            buf = f.read(n * self.stride - (self.stride - self.frame_bytes))
-        if len(buf) < n * self.stride - (self.stride - self.frame_bytes):
+            got = f.readinto(memoryview(buf)[:want])
+        if got < want:
             raise DetectorFileError(self.path, f"the file ended before frame {stop - 1} "
                                                "(truncated after it was opened?)")
         if self.stride == self.frame_bytes:
-            out = np.frombuffer(buf, self.dtype, count=n * int(np.prod(self.frame_shape)))
-        else:
-            pad = np.frombuffer(buf + b"\0" * (self.stride - self.frame_bytes), np.uint8)
-            out = pad.reshape(n, self.stride)[:, :self.frame_bytes].copy().view(self.dtype)
+            out = buf.view(self.dtype)
+        else:  # drop each frame's trailing metadata
+            out = buf.reshape(n, self.stride)[:, :self.frame_bytes].copy().view(self.dtype)
         return out.reshape((n,) + self.frame_shape)
 
     def __getitem__(self, key):
