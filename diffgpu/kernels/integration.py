@@ -41,7 +41,6 @@ __all__ = ["IntegrationEngine"]
 TILE = 8  # frames per tile: one AVX2 vector of float32 (measured best of 4-32: benchmarks/NOTES.md)
 CHUNK = 8  # bins per chunk (= TILE: the block is transposed in registers)
 BAND_BYTES = 1 << 20  # transposed pixels per band: 1 MiB (TILE floats each), about one L2
-_PIX_BLOCK = 256  # pixels per step of the transposition: 256 x TILE floats stay in L1
 
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
@@ -140,6 +139,71 @@ def _chunk_sums(typingctx, xt, indices, weights, start, width, p0, blk, resume):
     return sig, codegen
 
 
+@intrinsic
+def _load_tile(typingctx, frames, f0, m, q, xt, r):
+    """``xt[r + i, t] = float32(frames[f0 + t, q + i])`` for ``i, t < TILE`` (0 for ``t >= m``).
+
+    Loads a TILE x TILE block (frames x pixels), converts it as ``np.float32()`` does and
+    transposes it in registers. Returns a bit mask of the frames ``t`` with a NaN or inf
+    among these pixels (always 0 for integers).
+    """
+    sig = types.int64(frames, f0, m, q, xt, r)
+    src_ty = frames.dtype
+
+    def codegen(context, builder, signature, args):
+        fr_v, f0_v, m_v, q_v, xt_v, r_v = args
+        fr = context.make_array(signature.args[0])(context, builder, fr_v)
+        xa = context.make_array(signature.args[4])(context, builder, xt_v)
+        i64, i8 = ir.IntType(64), ir.IntType(8)
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, TILE)
+        el = context.get_data_type(src_ty)
+        vsrc = ir.VectorType(el, TILE)
+        f0_ = context.cast(builder, f0_v, signature.args[1], types.int64)
+        m_ = context.cast(builder, m_v, signature.args[2], types.int64)
+        q_ = context.cast(builder, q_v, signature.args[3], types.int64)
+        r_ = context.cast(builder, r_v, signature.args[5], types.int64)
+        stride0 = builder.extract_value(fr.strides, 0)
+        base = builder.bitcast(fr.data, i8.as_pointer())
+        size = ir.Constant(i64, context.get_abi_sizeof(el))
+        rows = []
+        for t in range(TILE):
+            slot = cgutils.alloca_once_value(builder, ir.Constant(vf, None))
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, t), m_)):
+                off = builder.add(builder.mul(builder.add(f0_, ir.Constant(i64, t)), stride0),
+                                  builder.mul(q_, size))
+                ptr = builder.bitcast(builder.gep(base, [off]), vsrc.as_pointer())
+                v = builder.load(ptr, align=1)
+                if isinstance(src_ty, types.Float):
+                    v = builder.fptrunc(v, vf) if src_ty.bitwidth > 32 else v
+                elif src_ty.signed:
+                    v = builder.sitofp(v, vf)
+                else:
+                    v = builder.uitofp(v, vf)
+                builder.store(v, slot)
+            rows.append(builder.load(slot))
+        bad = ir.Constant(i64, 0)
+        if isinstance(src_ty, types.Float):
+            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]),
+                                                  f"llvm.fabs.v{TILE}f32")
+            limit = ir.Constant(vf, [float(_FLOAT32_MAX)] * TILE)
+            reduce_or = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(1), [ir.VectorType(ir.IntType(1), TILE)]),
+                f"llvm.vector.reduce.or.v{TILE}i1")
+            for t in range(TILE):
+                notfinite = builder.fcmp_unordered(">", builder.call(fabs, [rows[t]]), limit)
+                anybad = builder.zext(builder.call(reduce_or, [notfinite]), i64)
+                bad = builder.or_(bad, builder.shl(anybad, ir.Constant(i64, t)))
+        cols = _block_transpose(builder, rows)
+        xbase = builder.mul(r_, ir.Constant(i64, TILE))
+        for i in range(TILE):
+            p = builder.gep(xa.data, [builder.add(xbase, ir.Constant(i64, i * TILE))])
+            builder.store(cols[i], builder.bitcast(p, vf.as_pointer()), align=4)
+        return bad
+
+    return sig, codegen
+
+
 @numba.njit(nogil=True, cache=True)
 def _load_block(row, q0, q1, xt, t, base):
     """xt[q - base, t] = row[q] for q0 <= q < q1, as float32; False if any is NaN or inf.
@@ -167,17 +231,26 @@ def _integrate_tiles(frames, band_pix, band_ptr, chunk_bin, chunk_ptr, chunk_wid
         for k in range(len(band_ptr) - 1):
             p0 = k * band_pix
             p1 = min(p0 + band_pix, n_pix)
-            for q0 in range(p0, p1, _PIX_BLOCK):  # transpose the band, a block of pixels at a time
-                q1 = min(q0 + _PIX_BLOCK, p1)
-                for t in range(TILE):
-                    if t >= m:  # a short last tile: pad with zeros
-                        for q in range(q0, q1):
+            # transpose the band, TILE x TILE blocks in registers
+            q1 = p0 + (p1 - p0) // TILE * TILE
+            for q0 in range(p0, q1, TILE):
+                flags = _load_tile(frames, f0, m, q0, xt, q0 - p0)
+                if flags:  # rare: zero the non-finite pixels, remember the frame
+                    for t in range(m):
+                        if (flags >> t) & 1:
+                            bad[f0 + t] = True
+                            for q in range(q0, q0 + TILE):
+                                if not np.isfinite(xt[q - p0, t]):
+                                    xt[q - p0, t] = 0.0
+            for t in range(TILE):  # the band's last few pixels
+                if t >= m:  # a short last tile: pad with zeros
+                    for q in range(q1, p1):
+                        xt[q - p0, t] = 0.0
+                elif not _load_block(frames[f0 + t], q1, p1, xt, t, p0):
+                    bad[f0 + t] = True
+                    for q in range(q1, p1):
+                        if not np.isfinite(xt[q - p0, t]):
                             xt[q - p0, t] = 0.0
-                    elif not _load_block(frames[f0 + t], q0, q1, xt, t, p0):
-                        bad[f0 + t] = True  # rare: zero the non-finite pixels, remember the frame
-                        for q in range(q0, q1):
-                            if not np.isfinite(xt[q - p0, t]):
-                                xt[q - p0, t] = 0.0
             for c in range(band_ptr[k], band_ptr[k + 1]):
                 b0 = chunk_bin[c]
                 nb = min(CHUNK, n_bins - b0)
