@@ -80,7 +80,7 @@ def _encode_group(group, endian, root=False):
     return struct.pack(">BBq", 1 if root else 0, 0, len(group.items)) + body
 
 
-def _image(data, scales, origins, units, name, endian):
+def _image(data, scales, origins, units, endian):
     """The ImageList entry of one image; scales/origins/units in array (C) order."""
     data = np.asarray(data)
     dtype = data.dtype.newbyteorder("=")
@@ -134,7 +134,7 @@ def write_dm4(path, data, signal_scale=1.0, signal_units="", signal_origin=(0.0,
                          ("Session Info", _Group([("Operator", "test")]))])
     images = _Group([
         ("", _Group([("ImageData", thumb_data), ("ImageTags", _Group()), ("Name", "")])),
-        ("", _Group([("ImageData", _image(data, scales, origins, units, "scan", endian)),
+        ("", _Group([("ImageData", _image(data, scales, origins, units, endian)),
                      ("ImageTags", image_tags), ("Name", "4D scan"),
                      ("UniqueID", _Group([("", ("I", 1)), ("", ("I", 2)), ("", ("I", 3)),
                                           ("", ("I", 4))]))])),

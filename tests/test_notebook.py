@@ -1,6 +1,5 @@
 """The getting-started notebook runs from top to bottom, headless, without errors."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -41,4 +40,3 @@ def test_getting_started_notebook(tmp_path, monkeypatch):
     assert "same images on the cluster: True" in text
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     assert images >= 5, f"{images} figures"
-    assert os.path.exists(tmp_path)

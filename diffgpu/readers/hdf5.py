@@ -12,7 +12,10 @@ of shape ``(frames, rows, columns)`` (uint8, uint16 or uint32), chunked one fram
 The same reader takes any HDF5 file with a stack of frames ``(frames, rows, columns)`` or a
 4D dataset ``(scan rows, scan columns, rows, columns)``: it picks the dataset (or takes
 ``dataset=``), and hands over a dask array of whole frames whose chunks are whole multiples
-of the HDF5 chunks along the frames, so that no compressed chunk is read twice.
+of the HDF5 chunks along the frames where the scan shape allows, so that no compressed chunk
+is decoded twice. Bitshuffle/LZ4 chunks of whole frames are read from the file directly and
+decoded by hdf5plugin's bitshuffle library with the GIL released (see :func:`_read_direct`);
+h5py reads everything else.
 
 Use it through :func:`diffgpu.load` (it is picked for ``.h5`` files other than HyperSpy's and
 EMD's) or through HyperSpy: ``hs.load(path, file_format=diffgpu.readers.hdf5, lazy=True)``.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import re
-
 from types import SimpleNamespace
 
 import h5py
@@ -44,8 +46,8 @@ _DETECTOR = "entry/instrument/detector"
 
 def sniff(filename):
     """Which reader an HDF5 file needs: RosettaSciIO's ``"HSPY"`` or ``"EMD"`` for files those
-    formats wrote, else this module's :data:`PLUGIN` (also for files that are not HDF5, so that the error
-    comes from here and names the problem).
+    formats wrote, else this module's :data:`PLUGIN` (also for files that are not HDF5, so
+    that the error comes from here and names the problem).
 
     Examples
     --------
