@@ -35,6 +35,8 @@ __all__ = ["frame_chunks", "whole_frame_chunks", "HOST_CHUNK_BYTES", "DEVICE_CHU
 HOST_CHUNK_BYTES = 8 * 2**20
 DEVICE_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 4 * 2**20
+MIN_CHUNK_FRAMES = 8  # the host integration kernel's tile
+MAX_CHUNK_BYTES = 64 * 2**20
 
 
 def _split(n, parts):
@@ -99,6 +101,9 @@ def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_byte
     busy = math.ceil(n_frames / (2 * max(1, int(workers))))
     if n_frames / per_chunk < 2 * workers:
         per_chunk = max(min(per_chunk, busy), min(min_frames, per_chunk))
+    # at least one integration tile (8 frames) per chunk while that stays below 64 MiB:
+    # 1024 x 1024 float32 chunks of 2 frames left 3/4 of each 8-frame tile empty
+    per_chunk = max(per_chunk, min(MIN_CHUNK_FRAMES, MAX_CHUNK_BYTES // frame_bytes))
     per_chunk = min(per_chunk, n_frames)
 
     # fill axes from the last (fastest in the file) to the first: whole trailing axes

@@ -99,3 +99,11 @@ def test_geometry_built_in_blocks_is_the_same_matrix(monkeypatch):
     np.testing.assert_array_equal(whole.indptr, blocks.indptr)
     np.testing.assert_array_equal(whole.indices, blocks.indices)
     np.testing.assert_array_equal(whole.data, blocks.data)
+
+
+def test_host_chunks_hold_a_whole_tile_of_large_frames():
+    from diffgpu.chunking import frame_chunks
+
+    # 1024 x 1024 float32 (4 MiB): 8 frames per chunk, not 2 (a tile 3/4 empty)
+    assert set(frame_chunks((256,), 1024 * 1024 * 4, workers=2)[0]) == {integration.TILE}
+    assert frame_chunks((10,), 2**30, workers=4) == ((1,) * 10,)  # but not 8 GiB chunks
