@@ -505,3 +505,26 @@ def test_file_backed_big_endian_frames_on_device(tmp_path, standin_gpu, fmt):
         results.append([np.asarray(images.data.compute()), np.asarray(profile.data.compute())])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ext", ["h5", "emd"])
+def test_py4dstem_emd1(tmp_path, ext):
+    """A py4DSTEM DataCube file (EMD 1.0, written by emdfile) with its calibrated dims."""
+    counts = _counts(NAV, (24, 20), "uint16")
+    path = tmp_path / f"datacube.{ext}"
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"authoring_program": "emdfile", "emd_group_type": "file",
+                        "version_major": 1, "version_minor": 0})
+        root = f.create_group("datacube_root")
+        root.attrs.update({"emd_group_type": "root", "python_class": "Root"})
+        cube = root.create_group("datacube")
+        cube.attrs.update({"emd_group_type": "array", "python_class": "DataCube"})
+        cube["data"] = counts
+        cube["data"].attrs["units"] = "pixel intensity"
+        for k, (name, step, units) in enumerate((("Rx", 1.5, "nm"), ("Ry", 1.5, "nm"),
+                                                 ("Qx", 0.02, "A^-1"), ("Qy", 0.02, "A^-1"))):
+            cube[f"dim{k}"] = np.array([0.0, step])  # py4DSTEM: first value and step
+            cube[f"dim{k}"].attrs.update({"name": name, "units": units})
+    s = check_main_job(path, counts)
+    assert s.calibration.scale == pytest.approx((0.02, 0.02))
+    assert s.axes_manager.navigation_axes[0].scale == pytest.approx(1.5)
