@@ -211,6 +211,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
     nav = info.get("nav_shape")
     if navigation_shape is not None:
         nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]
+        if not nav or min(nav) < 1:
+            raise ValueError(f"navigation_shape must be positive numbers; got {navigation_shape!r}")
     n = int(np.prod(nav))
     stride = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
     size = os.path.getsize(raw)
