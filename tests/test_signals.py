@@ -23,6 +23,10 @@ OURS = {
     "LazyDirectBeamShifts": ("direct_beam_shifts", 1, True),
     "OrientationMatches": ("orientation_matches", 2, False),
     "LazyOrientationMatches": ("orientation_matches", 2, True),
+    "BraggVectors": ("bragg_vectors", 2, False),
+    "LazyBraggVectors": ("bragg_vectors", 2, True),
+    "StrainMap": ("strain_map", 1, False),
+    "LazyStrainMap": ("strain_map", 1, True),
 }
 # Names pyxem registers: ours must never be among them.
 PYXEM_NAMES = {"Diffraction2D", "LazyDiffraction2D", "PolarDiffraction2D", "LazyPolarDiffraction2D",
