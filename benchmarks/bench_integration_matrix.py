@@ -343,7 +343,7 @@ def main():
               f"{'; '.join(str(d['error']) for d in (ours, fai, clus) if 'error' in d)}", flush=True)
 
     def num(v, fmt="{:,.0f}"):
-        return fmt.format(v) if isinstance(v, (int, float)) else str(v)
+        return fmt.format(v) if isinstance(v, (int, float)) else "n/a" if v is None else str(v)
 
     rows = []
     for r in results:

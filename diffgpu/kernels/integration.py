@@ -40,7 +40,9 @@ __all__ = ["IntegrationEngine"]
 
 TILE = 8  # frames per tile: one AVX2 vector of float32 (measured best of 4-32: benchmarks/NOTES.md)
 CHUNK = 8  # bins per chunk (= TILE: the block is transposed in registers)
-BAND_BYTES = 1 << 20  # transposed pixels per band: 1 MiB (TILE floats each), about one L2
+# transposed pixels per band: 2 MiB (65,536 pixels; L2 is 1 MiB a core here, L3 32 MiB):
+# 1 and 4 MiB were 5-25% slower at 1024^2 (more bins cut at band borders, or out of cache)
+BAND_BYTES = 2 << 20
 
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
