@@ -355,3 +355,25 @@ def test_device_transfers_one_per_chunk(strained, standin_gpu):
         strain.compute()
         counts[8 // rows] = standin_gpu.TRANSFERS.to_device
     assert counts[4] - counts[2] == 2, counts  # the two extra chunks' frames, nothing else
+
+
+@pytest.mark.gpu
+def test_real_gpu_matches_host(strained, strained_vectors, cupy):
+    host = strained_vectors.get_strain_map(reference=REF)
+    s = strained.deepcopy()
+    s.to_device()
+    v = s.find_bragg_disks(radius=4.0)
+    assert v.device == "gpu"
+    vh = v.deepcopy()
+    vh.to_host()
+    np.testing.assert_allclose(vh.data, strained_vectors.data, atol=2e-3, rtol=2e-4)
+    dev = v.get_strain_map(reference=REF)
+    dev.to_host()
+    np.testing.assert_allclose(dev.data, host.data, atol=2e-5)
+    lazy = strained.as_lazy()
+    lazy.rechunk(nav_chunks=(2, 8))
+    lazy.to_device()
+    ls = lazy.find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    ls.to_host()
+    ls.compute()
+    np.testing.assert_allclose(ls.data, host.data, atol=2e-5)
