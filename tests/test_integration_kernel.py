@@ -107,3 +107,11 @@ def test_host_chunks_hold_a_whole_tile_of_large_frames():
     # 1024 x 1024 float32 (4 MiB): 8 frames per chunk, not 2 (a tile 3/4 empty)
     assert set(frame_chunks((256,), 1024 * 1024 * 4, workers=2)[0]) == {integration.TILE}
     assert frame_chunks((10,), 2**30, workers=4) == ((1,) * 10,)  # but not 8 GiB chunks
+
+
+def test_every_pixel_masked_gives_zeros():
+    g = PolarGeometry((16, 16), (7.5, 7.5), (1.0, 1.0), 4, 3, (0.0, 8.0), (-180.0, 180.0))
+    m = integration_matrix(g, np.ones((16, 16), bool))
+    assert m.nnz == 0
+    out = IntegrationEngine(m).apply(np.ones((9, 256), np.float32))
+    assert out.shape == (9, 12) and not out.any()

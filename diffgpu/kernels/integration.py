@@ -311,10 +311,15 @@ def _banded_chunks(matrix, band_pix):
     weights = np.zeros(c_ptr[-1], np.float32)
     indices[pos] = matrix.indices[order]
     weights[pos] = matrix.data[order]
+    # a chunk's first band stores, later bands add (chunks are in band order); sorting is
+    # cheaper than np.unique's hashing here (0.7 s at 1024^2 -> 1000 x 1440)
+    by_bin = np.argsort(c_bin, kind="stable")
     first = np.zeros(c_start.size, np.bool_)
-    first[np.unique(c_bin, return_index=True)[1]] = True  # chunks are in band order
+    first[by_bin[np.r_[True, c_bin[by_bin][1:] != c_bin[by_bin][:-1]][:by_bin.size]]] = True
     band_ptr = np.searchsorted(c_band, np.arange(n_bands + 1)).astype(np.int64)
-    empty = np.setdiff1d(np.arange(0, n_bins, CHUNK), c_bin).astype(np.int64)
+    reached = np.zeros(-(-n_bins // CHUNK), np.bool_)
+    reached[c_bin // CHUNK] = True
+    empty = (np.flatnonzero(~reached) * CHUNK).astype(np.int64)
     return (band_ptr, c_bin.astype(np.int64), c_ptr[:-1].astype(np.int64), width.astype(np.int64),
             first, indices, weights, empty)
 
