@@ -255,13 +255,13 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     ny, nx = img.shape
     rmax = min(c[0], c[1], nx - 1 - c[0], ny - 1 - c[1])
     use = [g for g in 1.0 / d if 4 < g * f < rmax - 4]
-    if ring_width is None:  # half width at half maximum of the strongest matched ring
-        k = int(np.argmax(prom))
-        top = prof[peaks[k]]
-        lo = peaks[k]
-        while lo > 0 and prof[lo] > top / 2 + prof.min() / 2:
-            lo -= 1
-        ring_width = max(1.0, (peaks[k] - lo) * step / 1.18)
+    if ring_width is None:  # the peaks' median width at half their prominence (so a diffuse
+        # background under the rings does not count; the median: not a merged pair), as sigma
+        from scipy.ndimage import gaussian_filter1d
+        from scipy.signal import peak_widths
+
+        fwhm = np.median(peak_widths(gaussian_filter1d(prof, 1.0), peaks, rel_height=0.5)[0])
+        ring_width = max(1.0, fwhm * step / 2.355)
     # a ring within four widths of another reflection is biased by it: use such rings only
     # when fewer than two resolved ones are left, with a narrower window (never nearer than
     # two widths: those cannot be separated)

@@ -377,3 +377,21 @@ def test_real_gpu_matches_host(strained, strained_vectors, cupy):
     ls.to_host()
     ls.compute()
     np.testing.assert_allclose(ls.data, host.data, atol=2e-5)
+
+
+def test_ring_calibration_with_direct_beam_diffuse_background_and_beam_stop():
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    d = np.array([[1.01, 0.005], [0.005, 0.99]])
+    img = ring_pattern((256, 256), center=(130.3, 124.8), scale=0.0105, distortion=d,
+                       d_spacings=GOLD, dose=5e7, background=0.05)
+    y, x = np.indices(img.shape)
+    r = np.hypot(x - 130.3, y - 124.8)
+    img = img + 2000 * np.exp(-(r**2) / 32) + 50 * np.exp(-r / 30)  # beam and diffuse halo
+    stop = (np.abs(y - 124.8) < 4) & (x > 130)  # a beam-stop arm
+    img[stop] = 0
+    cal = calibrate_from_rings(img, d_spacings=GOLD, mask=stop)
+    ev = np.linalg.eigvalsh(0.0105 * np.linalg.inv(d))
+    assert cal.scale == pytest.approx(np.sqrt(ev[0] * ev[1]), rel=1e-3)
+    assert abs(cal.ellipticity - (ev[1] / ev[0] - 1)) < 1e-3
+    np.testing.assert_allclose(cal.center, (130.3, 124.8), atol=0.03)
