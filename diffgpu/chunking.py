@@ -13,6 +13,10 @@ Whatever chunks a file reader gives, diffgpu's frame-wise operations work on chu
   is expensive);
 - about :data:`DEVICE_CHUNK_BYTES` (256 MiB) per chunk for CuPy blocks, since a GPU needs
   many frames per kernel call to be busy;
+- about :data:`CLUSTER_CHUNK_BYTES` (30 MiB) when a dask.distributed client is active where
+  the chunks are chosen (``diffgpu.start_cluster()`` before ``diffgpu.load``): a distributed
+  task costs a millisecond or more of scheduling, so chunks carry more work (and stay below
+  glibc's threshold);
 - at least two chunks per worker thread where the data allow it (with at least
   :data:`MIN_CHUNK_BYTES` per chunk), so that small data sets still keep every core busy;
 - each chunk a contiguous run of frames in scan order where possible: whole scan rows,
@@ -30,9 +34,10 @@ import math
 import numpy as np
 
 __all__ = ["frame_chunks", "whole_frame_chunks", "HOST_CHUNK_BYTES", "DEVICE_CHUNK_BYTES",
-           "MIN_CHUNK_BYTES"]
+           "CLUSTER_CHUNK_BYTES", "MIN_CHUNK_BYTES"]
 
 HOST_CHUNK_BYTES = 8 * 2**20
+CLUSTER_CHUNK_BYTES = 30 * 2**20
 DEVICE_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 4 * 2**20
 MIN_CHUNK_FRAMES = 8  # the host integration kernel's tile
@@ -44,6 +49,21 @@ def _split(n, parts):
     parts = max(1, min(int(parts), n))
     base, extra = divmod(n, parts)
     return tuple(base + 1 if i < extra else base for i in range(parts))
+
+
+def _distributed_client():
+    """True when a dask.distributed client is the default scheduler here."""
+    import sys
+
+    if "distributed" not in sys.modules:  # never imported: no client
+        return False
+    try:
+        from distributed import default_client
+
+        default_client()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_bytes=None):
@@ -61,8 +81,8 @@ def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_byte
     device : {"cpu", "gpu"}
         Sets the default ``target_bytes``.
     target_bytes : int, optional
-        Bytes per chunk to aim for (default :data:`HOST_CHUNK_BYTES` or
-        :data:`DEVICE_CHUNK_BYTES`).
+        Bytes per chunk to aim for (default :data:`HOST_CHUNK_BYTES`,
+        :data:`CLUSTER_CHUNK_BYTES` with a distributed client, or :data:`DEVICE_CHUNK_BYTES`).
 
     Returns
     -------
@@ -90,7 +110,8 @@ def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_byte
 
         workers = host_threads()
     if target_bytes is None:
-        target_bytes = DEVICE_CHUNK_BYTES if device == "gpu" else HOST_CHUNK_BYTES
+        target_bytes = (DEVICE_CHUNK_BYTES if device == "gpu" else
+                        CLUSTER_CHUNK_BYTES if _distributed_client() else HOST_CHUNK_BYTES)
     frame_bytes = max(int(frame_bytes), 1)
     n_frames = math.prod(nav_shape)
     if n_frames == 0:

@@ -192,6 +192,13 @@ def test_frame_chunks_rules():
     assert frame_chunks((10,), 2**30, workers=4) == ((1,) * 10,)
     # GPU chunks are larger
     assert len(frame_chunks((4096,), 131072, device="gpu")[0]) < len(frame_chunks((4096,), 131072)[0])
+    # a distributed client: larger chunks (a task costs more to schedule)
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        assert frame_chunks((128, 128), 131072, workers=2) == ((1,) * 128, (128,))
+    assert frame_chunks((128, 128), 131072, workers=2) == ((1,) * 128, (64, 64))
     # every chunk of the .mib reader is a contiguous run of frames
     for nav in [(7, 300), (300, 7), (33,), (4, 5, 6)]:
         c = frame_chunks(nav, 131072, workers=2, target_bytes=131072 * 64)
