@@ -11,6 +11,7 @@
     diffgpu strain INPUT -o OUTPUT.zspy --radius R | --template PROBE.npy
                    [--reference ROW0 ROW1 COL0 COL1 | --reference-vectors G1X G1Y G2X G2Y]
                    [--basis G1X G1Y G2X G2Y] [--min-disks 6] [--png MAP.png]
+                   [--rings RINGS.npy --d-spacings D ... | --ring-phase Si|FILE.cif]
 
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
@@ -123,6 +124,13 @@ def build_parser():
                     help="weakest disk, as a fraction of each pattern's strongest")
     st.add_argument("--max-disks", type=int, default=128, help="disks kept per pattern")
     st.add_argument("--png", help="also write the four strain maps to this PNG")
+    st.add_argument("--rings", metavar="FILE",
+                    help="a ring pattern of a polycrystalline standard on the same detector (.npy "
+                         "or any file diffgpu reads): calibrates scale and ellipticity first")
+    rings = st.add_mutually_exclusive_group()
+    rings.add_argument("--d-spacings", type=float, nargs="+", metavar="D",
+                       help="the standard's ring spacings in Å (with --rings)")
+    rings.add_argument("--ring-phase", help="the standard as 'Si' or a CIF file (with --rings)")
     return parser
 
 
@@ -360,10 +368,34 @@ def _run(args, result, what):
     return EXIT_OK
 
 
+def _calibrate_from_rings(s, args):
+    """Scale, units and affine (ellipticity) from a ring standard; the centre stays the scan's."""
+    import numpy as np
+
+    from . import load
+    from .ring_calibration import calibrate_from_rings
+
+    if not (args.d_spacings or args.ring_phase):
+        raise InputError("--rings needs the standard: --d-spacings D ... (Å) or --ring-phase")
+    try:
+        img = np.load(args.rings) if args.rings.endswith(".npy") else load(args.rings, lazy=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"rings '{args.rings}': {err}") from err
+    phase = _phase(args.ring_phase) if args.ring_phase else None
+    result = calibrate_from_rings(img, d_spacings=args.d_spacings, phase=phase)
+    center = s.calibration.center
+    result.apply(s)
+    s.calibration.center = center
+    print(f"ring standard: scale {result.scale:.5g} 1/Å per pixel, ellipticity "
+          f"{100 * result.ellipticity:.2f} %, rings {', '.join(f'{d:.3f}' for d in result.rings)} Å")
+
+
 def cmd_strain(args):
     import numpy as np
 
     s = _load(args)
+    if args.rings:
+        _calibrate_from_rings(s, args)
     template = None
     if args.template:
         try:

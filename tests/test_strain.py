@@ -395,3 +395,26 @@ def test_ring_calibration_with_direct_beam_diffuse_background_and_beam_stop():
     assert cal.scale == pytest.approx(np.sqrt(ev[0] * ev[1]), rel=1e-3)
     assert abs(cal.ellipticity - (ev[1] / ev[0] - 1)) < 1e-3
     np.testing.assert_allclose(cal.center, (130.3, 124.8), atol=0.03)
+
+
+def test_cli_strain_with_a_ring_standard(tmp_path, capsys):
+    from diffgpu.cli import main
+
+    d = np.array([[1.012, 0.0], [0.0, 0.988]])
+    s = synthetic_nbed(nav_shape=(4, 4), sig_shape=(128, 128), dose=3e6, distortion=d, seed=8)
+    s.save(tmp_path / "nbed.zspy")
+    np.save(tmp_path / "gold.npy", ring_pattern((128, 128), center=(64.7, 62.9), scale=0.0105,
+                                                distortion=d, d_spacings=GOLD))
+    out = tmp_path / "strain.zspy"
+    args = ["strain", str(tmp_path / "nbed.zspy"), "-o", str(out), "--radius", "4",
+            "--reference", "0", "1", "0", "1", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--rings", str(tmp_path / "gold.npy")]) == 3  # no spacings given
+    assert "--d-spacings" in capsys.readouterr().err
+    assert main(args + ["--rings", str(tmp_path / "gold.npy"), "--d-spacings"]
+                + [str(x) for x in GOLD]) == 0
+    assert "ellipticity 2.4" in capsys.readouterr().out
+    done = diffgpu.load(out, lazy=False)
+    assert np.allclose(done.metadata.Strain.calibration.affine, np.linalg.inv(d)
+                       / np.sqrt(np.linalg.det(np.linalg.inv(d))), atol=1e-3)
+    rms = _rms(done.data - _truth(s))
+    assert np.all(rms[:3] < 3e-4), rms
