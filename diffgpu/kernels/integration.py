@@ -85,6 +85,7 @@ def _chunk_sums(typingctx, xt, indices, weights, start, width, p0, blk, resume):
     With ``resume``, the sums continue from the values in ``blk``.
     """
     acc_ty = blk.dtype
+    index_signed = indices.dtype.signed
     sig = types.void(xt, indices, weights, start, width, p0, blk, resume)
 
     def codegen(context, builder, signature, args):
@@ -122,7 +123,9 @@ def _chunk_sums(typingctx, xt, indices, weights, start, width, p0, blk, resume):
             base = builder.add(start_, builder.mul(loop.index, ir.Constant(i64, CHUNK)))
             for i in range(CHUNK):
                 j = builder.add(base, ir.Constant(i64, i))
-                idx = builder.sub(builder.sext(builder.load(builder.gep(ind_a.data, [j])), i64), p0_)
+                raw = builder.load(builder.gep(ind_a.data, [j]))
+                raw = builder.zext(raw, i64) if not index_signed else builder.sext(raw, i64)
+                idx = builder.sub(raw, p0_)
                 x_ptr = builder.bitcast(builder.gep(xt_a.data, [builder.mul(idx, ir.Constant(i64, TILE))]),
                                         x_ty)
                 x = builder.load(x_ptr, align=4)
@@ -261,7 +264,7 @@ def _integrate_tiles(frames, band_pix, band_ptr, chunk_bin, chunk_ptr, chunk_wid
                     for t in range(m):
                         for i in range(nb):
                             blk[t, i] = out[f0 + t, b0 + i]
-                _chunk_sums(xt, indices, weights, chunk_ptr[c], chunk_width[c], p0, blk, resume)
+                _chunk_sums(xt, indices, weights, chunk_ptr[c], chunk_width[c], 0, blk, resume)
                 if m == TILE and nb == CHUNK:  # constant trip counts: vector stores
                     for t in range(TILE):
                         for i in range(CHUNK):
@@ -281,8 +284,9 @@ def _banded_chunks(matrix, band_pix):
 
     Returns ``band_ptr`` (chunks of band k: ``band_ptr[k]:band_ptr[k+1]``), per chunk its
     first bin, start in the entry arrays, width (entries per bin) and whether it is the
-    chunk's first band, the interleaved ``indices`` and ``weights`` (padding: weight 0 on
-    the band's first pixel), and the first bins of chunks that have no entries at all.
+    chunk's first band, the interleaved ``indices`` (counted from the band's first pixel)
+    and ``weights`` (padding: weight 0 on the band's first pixel), and the first bins of
+    chunks that have no entries at all.
     """
     n_bins, n_pix = matrix.shape
     n_bands = max(1, -(-n_pix // band_pix))
@@ -307,9 +311,12 @@ def _banded_chunks(matrix, band_pix):
     seg_chunk = np.repeat(np.arange(c_start.size), np.diff(np.r_[c_start, seg_start.size]))
     pos = (c_ptr[np.repeat(seg_chunk, seg_len)] + rank * CHUNK
            + np.repeat(seg_bin % CHUNK, seg_len))
-    indices = np.repeat(c_band * band_pix, width * CHUNK).astype(np.int32)  # padding
+    # pixel indices from the band's start: uint16 for bands of up to 65,536 pixels (a quarter
+    # less matrix to stream than int32 indices)
+    itype = np.uint16 if band_pix <= 1 << 16 else np.int32
+    indices = np.zeros(c_ptr[-1], itype)  # padding: the band's first pixel, weight 0
     weights = np.zeros(c_ptr[-1], np.float32)
-    indices[pos] = matrix.indices[order]
+    indices[pos] = matrix.indices[order] - band * band_pix
     weights[pos] = matrix.data[order]
     # a chunk's first band stores, later bands add (chunks are in band order); sorting is
     # cheaper than np.unique's hashing here (0.7 s at 1024^2 -> 1000 x 1440)
