@@ -115,3 +115,26 @@ def test_every_pixel_masked_gives_zeros():
     assert m.nnz == 0
     out = IntegrationEngine(m).apply(np.ones((9, 256), np.float32))
     assert out.shape == (9, 12) and not out.any()
+
+
+def test_lazy_compute_of_several_chunks_equals_eager():
+    """Lazy compute() writes the chunks' results into one array from dask's threads."""
+    import dask.array as da
+
+    import diffgpu
+
+    rng = np.random.default_rng(5)
+    frames = rng.poisson(50, (6, 5, 40, 40)).astype("uint16")
+    eager = diffgpu.DiffractionPatterns(frames)
+    lazy = diffgpu.DiffractionPatterns(da.from_array(frames, chunks=(2, 5, 40, 40))).as_lazy()
+    for s in (eager, lazy):
+        s.calibration.center = (19.3, 20.6)
+    ref = eager.get_azimuthal_integral2d(npt=12, npt_azim=18)
+    out = lazy.get_azimuthal_integral2d(npt=12, npt_azim=18)
+    assert out.data.npartitions > 1
+    out.compute(show_progressbar=False)
+    assert not out._lazy and isinstance(out.data, np.ndarray)
+    np.testing.assert_array_equal(out.data, ref.data)
+    sync = lazy.get_azimuthal_integral1d(npt=12)
+    sync.compute(scheduler="synchronous", show_progressbar=False)  # HyperSpy's own path
+    np.testing.assert_array_equal(sync.data, eager.get_azimuthal_integral1d(npt=12).data)

