@@ -163,3 +163,16 @@ def test_save_and_load_keep_the_class(nbed, tmp_path):
     back = diffgpu.load(tmp_path / "v.zspy", lazy=False)
     assert isinstance(back, diffgpu.BraggVectors)
     np.testing.assert_array_equal(back.data, v.data)
+
+
+def test_non_finite_pixels_count_as_zero(nbed, standin_gpu):
+    s = nbed.deepcopy()
+    s.data[1, 1, 10:20, 10:20] = np.nan
+    s.data[1, 1, 60, 60] = np.inf
+    clean = nbed.find_bragg_disks(radius=4.0).data[1, 1]
+    host = s.find_bragg_disks(radius=4.0).data[1, 1]
+    assert np.isfinite(host[:, 0]).sum() >= np.isfinite(clean[:, 0]).sum() - 3
+    s.to_device()
+    dev = s.find_bragg_disks(radius=4.0)
+    dev.to_host()
+    np.testing.assert_allclose(dev.data[1, 1], host, atol=2e-3, rtol=2e-4)

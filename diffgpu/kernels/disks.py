@@ -214,7 +214,10 @@ class DiskFinder:
         """Cross-correlation of every frame with the template, float32, same shape."""
         xp = array_module(frames)
         tconj, _ = self._dev.get(xp)
+        floating = frames.dtype.kind == "f"
         frames = frames.astype(xp.float32, copy=False)
+        if floating and xp is not np:  # NaN or inf pixels (masked, hot) count as zero
+            frames = xp.where(xp.isfinite(frames), frames, xp.float32(0))
         if xp is np:
             import scipy.fft as fft
 
@@ -222,7 +225,10 @@ class DiskFinder:
             # frame here (the column pass over a stack has poor locality)
             out = np.empty(frames.shape, np.float32)
             for i in range(frames.shape[0]):
-                spec = fft.rfft2(frames[i], workers=1)
+                frame = frames[i]
+                if floating and not np.isfinite(frame).all():  # NaN or inf pixels count as zero
+                    frame = np.where(np.isfinite(frame), frame, np.float32(0))
+                spec = fft.rfft2(frame, workers=1)
                 spec *= tconj
                 if self.power != 1.0:
                     spec /= np.maximum(np.abs(spec), np.float32(1e-12)) ** np.float32(1 - self.power)
