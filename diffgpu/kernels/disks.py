@@ -148,7 +148,8 @@ class DiskFinder:
     edge : int
         Peaks within this many pixels of the border are dropped.
     mask : numpy.ndarray of bool, optional
-        Detector-shaped, True = no peak may sit there.
+        Detector-shaped, True = no peak may sit there, and the pixel reads as zero (a beam
+        stop, hot pixels).
     max_disks : int
         Capacity per frame; the strongest are kept.
     correlation_power : float
@@ -194,9 +195,12 @@ class DiskFinder:
         if edge > 0:
             allowed[:edge] = allowed[-edge:] = False
             allowed[:, :edge] = allowed[:, -edge:] = False
+        keep = None
         if mask is not None:
             allowed &= ~np.asarray(mask, bool)
+            keep = (~np.asarray(mask, bool)).astype(np.float32)  # masked pixels read as zero
         self.allowed = allowed
+        self.keep = keep
         self.threshold = float(threshold)
         self.relative_threshold = float(relative_threshold)
         self.min_spacing = int(min_spacing)
@@ -207,17 +211,20 @@ class DiskFinder:
         if self.max_disks < 1 or self.min_spacing < 1:
             raise ValueError("max_disks and min_spacing must be at least 1")
         self.refine_iterations = int(refine_iterations)
-        self._dev = DeviceCache((self.template_conj, allowed), _tuple_to_device)
+        self._dev = DeviceCache((self.template_conj, allowed) + ((keep,) if keep is not None
+                                                                 else ()), _tuple_to_device)
 
     # -- correlation ------------------------------------------------------------------
     def correlate(self, frames):
         """Cross-correlation of every frame with the template, float32, same shape."""
         xp = array_module(frames)
-        tconj, _ = self._dev.get(xp)
+        tconj, _, *keep = self._dev.get(xp)
         floating = frames.dtype.kind == "f"
         frames = frames.astype(xp.float32, copy=False)
         if floating and xp is not np:  # NaN or inf pixels (masked, hot) count as zero
             frames = xp.where(xp.isfinite(frames), frames, xp.float32(0))
+        if keep and xp is not np:
+            frames = frames * keep[0]
         if xp is np:
             import scipy.fft as fft
 
@@ -228,6 +235,8 @@ class DiskFinder:
                 frame = frames[i]
                 if floating and not np.isfinite(frame).all():  # NaN or inf pixels count as zero
                     frame = np.where(np.isfinite(frame), frame, np.float32(0))
+                if keep:  # masked pixels count as zero
+                    frame = frame * keep[0]
                 spec = fft.rfft2(frame, workers=1)
                 spec *= tconj
                 if self.power != 1.0:
@@ -278,7 +287,7 @@ class DiskFinder:
     def _device_peaks(self, corr, xp):
         """Vectorised local maxima (any array module): (n, max_disks) flat index and value."""
         n, ny, nx = corr.shape
-        _, allowed = self._dev.get(xp)
+        _, allowed, *_ = self._dev.get(xp)
         m = self.min_spacing
         neg = xp.float32(-np.inf)
         mx = corr.copy()
