@@ -31,6 +31,7 @@ during the timed runs) are given per tool, above what the process held before.
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -481,6 +482,7 @@ def main():
             t0 = time.perf_counter()
             results[tool] = run_tool(__file__, tool, argv)
             print(f"  {tool}: {time.perf_counter() - t0:.0f} s {results[tool].get('error', '')}")
+            print("    " + json.dumps(results[tool]))  # the raw figures, as they come
             sys.stdout.flush()
         report(results, n, size, nav)
         if args.cli:
