@@ -489,7 +489,12 @@ def main():
             cli_runs(mib, folder)
     finally:
         if not args.keep and not args.mib:
-            shutil.rmtree(folder, ignore_errors=True)
+            if args.dir:  # a folder of the user's: remove only what this script wrote
+                for name in ("scan.mib", "scan.hdr", "scan.h5", "vi_full.zspy", "vi_restarted.zspy"):
+                    p = os.path.join(folder, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def report(r, n, size, nav):
