@@ -6,9 +6,12 @@ stack of frames ``(n, pixels)``: ``out = frames @ M.T``.
 * **GPU** (CuPy frames): one cuSPARSE product per call, ``M @ frames.T``, with
   the matrix moved to each device once and cached there.
 * **Host**: a numba kernel that works on tiles of ``TILE`` frames.  The tile is
-  transposed into ``(pixels, TILE)`` one *band* of pixels at a time (a band's
-  slice stays in the core's L2 cache), so that each matrix entry updates the
-  tile's frames with one SIMD operation.  The entries of a band are stored in
+  transposed into ``(pixels, TILE)`` one *band* of at most 65,536 pixels at a time
+  (2 MiB, which stays in cache where the whole tile of a large detector did not),
+  ``TILE x TILE`` blocks at a time converted and transposed in registers, so that
+  each matrix entry updates the tile's frames with one SIMD operation.  Vector
+  code is written as llvmlite intrinsics (numba has no vector types, and LLVM did
+  not vectorise the scalar form).  The entries of a band are stored in
   *chunks* of ``CHUNK`` consecutive bins, each bin padded with zero weights to
   the chunk's longest bin (sliced ELLPACK): the kernel keeps the ``CHUNK`` bins'
   accumulators in registers (independent chains, no branch per bin), transposes
@@ -126,8 +129,8 @@ def _chunk_sums(typingctx, xt, indices, weights, start, width, p0, blk, resume):
                 raw = builder.load(builder.gep(ind_a.data, [j]))
                 raw = builder.zext(raw, i64) if not index_signed else builder.sext(raw, i64)
                 idx = builder.sub(raw, p0_)
-                x_ptr = builder.bitcast(builder.gep(xt_a.data, [builder.mul(idx, ir.Constant(i64, TILE))]),
-                                        x_ty)
+                row = builder.mul(idx, ir.Constant(i64, TILE))
+                x_ptr = builder.bitcast(builder.gep(xt_a.data, [row]), x_ty)
                 x = builder.load(x_ptr, align=4)
                 w = builder.load(builder.gep(w_a.data, [j]))
                 if acc_ty != types.float32:
@@ -226,7 +229,7 @@ def _load_block(row, q0, q1, xt, t, base):
 @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 def _integrate_tiles(frames, band_pix, band_ptr, chunk_bin, chunk_ptr, chunk_width, chunk_first,
                      indices, weights, empty_chunks, out, bad):
-    """out[f] = M @ frames[f] for every frame (M in banded sliced-ELLPACK form); flags non-finite frames."""
+    """out[f] = M @ frames[f] for every frame (M in banded sliced ELLPACK); flags non-finite frames."""
     n, n_pix = frames.shape
     n_bins = out.shape[1]
     xt = np.empty((band_pix, TILE), np.float32)
@@ -280,7 +283,7 @@ def _integrate_tiles(frames, band_pix, band_ptr, chunk_bin, chunk_ptr, chunk_wid
 
 
 def _banded_chunks(matrix, band_pix):
-    """The CSR matrix in bands of ``band_pix`` pixels, each as chunks of CHUNK bins (sliced ELLPACK).
+    """The CSR matrix in bands of ``band_pix`` pixels, each in chunks of CHUNK bins (sliced ELLPACK).
 
     Returns ``band_ptr`` (chunks of band k: ``band_ptr[k]:band_ptr[k+1]``), per chunk its
     first bin, start in the entry arrays, width (entries per bin) and whether it is the
