@@ -67,12 +67,13 @@ def _fmt(v):
     return str(v)
 
 
-def run_tool(script, name, argv):
+def run_tool(script, name, argv, python=None):
     """Run ``script --tool name *argv`` in a fresh process; return the dict it printed as JSON.
 
-    Each tool gets its own interpreter so that no tool's threads or caches affect another.
+    Each tool gets its own interpreter so that no tool's threads or caches affect another;
+    ``python`` runs it with another interpreter (a peer in its own virtual environment).
     """
-    cmd = [sys.executable, str(script), "--tool", name] + [str(a) for a in argv]
+    cmd = [python or sys.executable, str(script), "--tool", name] + [str(a) for a in argv]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

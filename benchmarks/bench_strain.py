@@ -22,9 +22,7 @@ diffgpu's strain error. GPU rows run when CuPy finds a CUDA device.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -176,16 +174,6 @@ def tool_py4dstem(data_path, repeat, subpixel, out):
     out["_patterns"] = n
 
 
-def run_py4dstem(python, argv):
-    cmd = [python, str(Path(__file__).resolve()), "--tool", "py4dstem"] + [str(a) for a in argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
-
-
 def main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--nav", type=int, default=24)
@@ -205,8 +193,8 @@ def main(argv):
         path = os.path.join(tmp, "nbed.npy")
         make_data(args.nav, path)
         ours = run_tool(__file__, "diffgpu", ["--data", path, "--repeat", args.repeat])
-        peers = {sp: run_py4dstem(args.py4dstem, ["--data", path, "--repeat", args.repeat,
-                                                  "--subpixel", sp])
+        peers = {sp: run_tool(__file__, "py4dstem", ["--data", path, "--repeat", args.repeat,
+                                                     "--subpixel", sp], python=args.py4dstem)
                  for sp in ("multicorr", "poly")}
     n = args.nav**2
     print(f"\n{machine()}; {n} patterns of {SHAPE[0]} x {SHAPE[1]}, disk radius {RADIUS} px, "

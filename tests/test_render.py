@@ -47,4 +47,3 @@ def test_spots_wrap_around_the_azimuth_and_reach_all_angles_near_the_centre():
                        np.ones(2), np.array([0, 1]), radii, 360, 0.02)
     assert out[0, 50, 359] > 0.5 * out[0, 50, 0] > 0  # the last bin (+179.5 deg) is lit
     assert (out[1, 0] > 0).all()  # every azimuth at the smallest radius
-
