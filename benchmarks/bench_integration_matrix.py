@@ -11,7 +11,8 @@ For every point of :data:`POINTS` (detector, dtype, mask, radial x azimuthal bin
 * **diffgpu lazy**: the same call on the lazy signal (diffgpu's chunks of whole frames),
   computed with dask's threaded scheduler, and on a 2-worker distributed ``LocalCluster``
   (1 thread each) holding the frames already (``persist``): ``compute()`` (results sent
-  back to the client) and ``persist()`` (results kept on the workers);
+  back to the client) and ``persist()`` (results kept on the workers), on a quarter of
+  the frames (at least 64);
 * **pyFAI**: ``integrate2d_ng`` / ``integrate1d_ng`` with ``method=("full", "csr", "cython")``
   (exact pixel splitting, CSR), frame by frame as pyFAI users call it, set up as in
   ``bench_integration.py``;
@@ -104,7 +105,7 @@ def frame_bytes(point):
     return shape[0] * shape[1] * np.dtype(dtype).itemsize, npt * naz * 4
 
 
-def frames_for(rate, seconds, point, cap_bytes=768 * 2**20, lo=16):
+def frames_for(rate, seconds, point, cap_bytes=384 * 2**20, lo=16):
     """Frames for one timing of about ``seconds`` at ``rate``, within ``cap_bytes`` of data."""
     fin, fout = frame_bytes(point)
     n = int(rate * seconds)
@@ -337,7 +338,9 @@ def main():
         fai = run_tool(__file__, "pyfai", ["--point", i] + common)
         clus = {}
         if not args.no_cluster and "frames" in ours:
-            clus = run_tool(__file__, "cluster", ["--point", i, "--frames", ours["frames"]] + common)
+            # a quarter of the frames (at least 64): the cluster runs 5-20x slower than eager here
+            n_clus = min(ours["frames"], max(64, ours["frames"] // 4 // 8 * 8))
+            clus = run_tool(__file__, "cluster", ["--point", i, "--frames", n_clus] + common)
         r = {"point": i, "label": label(point), **{f"diffgpu {k}": v for k, v in ours.items()},
              **{f"pyfai {k}": v for k, v in fai.items()}, **{f"cluster {k}": v for k, v in clus.items()}}
         e = ours.get("eager")
