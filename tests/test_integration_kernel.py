@@ -43,7 +43,7 @@ def test_more_bins_than_pixels_equals_sparse_product(monkeypatch, band_bytes):
             np.testing.assert_allclose(out64, ref, rtol=1e-12, atol=1e-9)
 
 
-def test_large_detector_in_bands_equals_sparse_product():
+def test_large_detector_in_bands_equals_sparse_product(monkeypatch):
     # 512 x 512: the transposed tile (8 MiB) is split into bands; bins cross band borders
     g = PolarGeometry((512, 512), (250.3, 261.7), (1.0, 1.0), 40, 24, (0.0, 300.0), (-180.0, 180.0))
     mask = np.zeros((512, 512), bool)
@@ -51,10 +51,16 @@ def test_large_detector_in_bands_equals_sparse_product():
     m = integration_matrix(g, mask)
     eng = IntegrationEngine(m)
     n_bands = len(eng._bands[1]) - 1
-    assert n_bands > 2
+    assert n_bands > 2 and eng._bands[6].dtype == np.uint16  # pixel indices within a band
     frames = frames_with_nonfinite(11, 512 * 512, "float32")
     ref = reference(m, frames)
-    np.testing.assert_allclose(eng.apply(frames, threads=2), ref, rtol=2e-6, atol=1e-2)
+    out = eng.apply(frames, threads=2)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-2)
+    # one band of 262,144 pixels: int32 indices, the same sums
+    monkeypatch.setattr(integration, "BAND_BYTES", 1 << 30)
+    whole = IntegrationEngine(m)
+    assert len(whole._bands[1]) == 2 and whole._bands[6].dtype == np.int32
+    np.testing.assert_array_equal(whole.apply(frames), out)
     # 1D: every ring crosses every band
     g1 = PolarGeometry((512, 512), (250.3, 261.7), (1.0, 1.0), 50, 1, (0.0, 300.0), (-180.0, 180.0))
     m1 = integration_matrix(g1)
