@@ -28,9 +28,10 @@ What a bare GPU machine needs
 Python >= 3.11 and an NVIDIA driver; CuPy for its CUDA (``cupy-cuda12x`` or ``cupy-cuda13x``),
 NumPy, SciPy, numba, h5py and pytest; and diffgpu's other dependencies with the test extra:
 dask[array], distributed, hyperspy, zarr < 3, matplotlib, tqdm, threadpoolctl, diffsims,
-orix, hdf5plugin, pytest-timeout, nbclient, ipykernel (``pip install -e ".[test]"`` online; add ``dask-cuda`` for the
-several-GPU stage). The project's GPU machines have Python 3.12, CuPy (CUDA 13), NumPy,
-SciPy, numba, h5py and pytest but no network: gather the rest as wheels here, from the
+orix, hdf5plugin, pytest-timeout, nbclient, ipykernel (``pip install -e ".[test]"`` online;
+add ``dask-cuda`` for the several-GPU stage). The project's GPU machines have Python 3.12,
+CuPy (CUDA 13), NumPy, SciPy, numba, h5py and pytest but no network: gather the rest as
+wheels here, from the
 project root (``.whl/`` is git-ignored), and leave out hdf5plugin: its wheel alone is 46 MB
 and the device tool carries 64 MiB at most (95 MB -> 51 MB without it; measured 2026-12-01).
 Without it only compressed Dectris (bitshuffle/LZ4) files cannot be read there (their tests
@@ -135,7 +136,7 @@ def stage_integration(out):
     pinned[...] = host
     out["host->device, pinned uint16 (GB/s)"] = host.nbytes / median_time(
         lambda: cp.asarray(pinned), 5, sync=sync) / 1e9
-    del pinned
+    pinned = None  # the pinned buffer goes now
     out["device->host uint16 (GB/s)"] = host.nbytes / median_time(
         lambda: frames.get(), 5, sync=sync) / 1e9
     lazy = diffgpu.DiffractionPatterns(host).as_lazy()
@@ -211,8 +212,8 @@ def stage_matching(out):
         out[f"matching {label} templates (patterns/s)"] = _match_rate(target, lib, sync, repeat)
         found = polar.get_orientation(lib)
         found.to_host()
-        angle = Orientation(truth, symmetry=si.point_group).angle_with(found.to_orientations(),
-                                                                        degrees=True)
+        angle = Orientation(truth, symmetry=si.point_group).angle_with(
+            found.to_orientations(), degrees=True)
         out[f"matching {label}: within 2 deg ({N_PATTERNS} random)"] = float(np.mean(angle < 2))
         if resolution < 1.0:  # the prefilter, for large libraries (as bench_orientation.py)
             polar.get_orientation(lib, frac_keep=0.1)  # builds the template-major copy once

@@ -57,8 +57,10 @@ def describe(path, navigation_shape=None):
     >>> path = os.path.join(tempfile.mkdtemp(), "scan.mib")
     >>> write_mib(path, np.zeros((4, 6, 32, 32), "uint16"))
     >>> rows = dict(describe(path))
-    >>> rows["format"], rows["stored dtype"], rows["shape"]
-    ('Merlin .mib (Quantum Detectors), diffgpu.readers.mib', 'uint16 (>u2: big-endian, non-native)', '(6, 4|32, 32)')
+    >>> rows["format"]
+    'Merlin .mib (Quantum Detectors), diffgpu.readers.mib'
+    >>> rows["stored dtype"], rows["shape"]
+    ('uint16 (>u2: big-endian, non-native)', '(6, 4|32, 32)')
     """
     from . import load
     from .chunking import whole_frame_chunks

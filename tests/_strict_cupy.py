@@ -388,8 +388,8 @@ class DeviceArray:
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         name = ufunc.__name__
-        if name not in NUMPY_NAMES or method not in ("__call__", "reduce", "accumulate", "outer",
-                                                    "at", "reduceat"):
+        if name not in NUMPY_NAMES or method not in (
+                "__call__", "reduce", "accumulate", "outer", "at", "reduceat"):
             return NotImplemented
         where = f"cupy.{name}" + ("" if method == "__call__" else f".{method}")
         ins = tuple(_unwrap(x, where) for x in inputs)

@@ -409,7 +409,7 @@ def test_bad_software_formats(tmp_path):
     _raises(cut)
     blo = tmp_path / "scan.blo"
     _signal(counts.astype("uint8"), units="cm").save(blo, intensity_scaling=None,
-                                                      show_progressbar=False)
+                                                     show_progressbar=False)
     cut = tmp_path / "cut.blo"
     cut.write_bytes(blo.read_bytes()[:2000])
     _raises(cut)

@@ -55,7 +55,7 @@ def test_kernels_import_no_operation():
     for path in sorted((ROOT / "kernels").glob("*.py")):
         above = sorted(m for m in imported_modules(path)
                        if m.split(".")[:2] in [["diffgpu", op] for op in OPERATIONS
-                                                if op not in ("device",)])
+                                               if op not in ("device",)])
         assert not above, f"kernels/{path.name} imports {above}"
 
 

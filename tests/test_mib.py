@@ -232,7 +232,8 @@ def test_navigation_shape_does_not_match(tmp_path):
     # a .hdr file that disagrees with the data
     path = _good(tmp_path, "other.mib")
     hdr = path[:-4] + ".hdr"
-    text = open(hdr).read().replace("Frames in Acquisition (Number):\t12", "Frames in Acquisition (Number):\t16")
+    text = open(hdr).read().replace("Frames in Acquisition (Number):\t12",
+                                    "Frames in Acquisition (Number):\t16")
     open(hdr, "w").write(text)
     with pytest.raises(DetectorFileError, match="says 16 frames .* holds 12"):
         diffgpu.load(path)
