@@ -96,3 +96,23 @@ def tool_process(func, gib=3):
 def ratio(a, b):
     """``a / b`` as "12.3x" when both are numbers, else "n/a"."""
     return f"{a / b:.1f}x" if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+
+def device_pipeline(frames, chunks, center, npt=100, npt_azim=360, r_max=128):
+    """A callable running the host -> GPU -> host 2D integration of ``frames`` (a host array,
+    lazily in ``chunks``): the transfer in, the kernel and the result back, as one dask graph."""
+    import numpy as np
+
+    import diffgpu
+
+    lazy = diffgpu.DiffractionPatterns(frames).as_lazy()
+    lazy.data = lazy.data.rechunk(chunks)
+    lazy.calibration.center = center
+    lazy.to_device()
+
+    def pipeline():
+        p = lazy.get_azimuthal_integral2d(npt=npt, npt_azim=npt_azim, radial_range=(0, r_max))
+        p.to_host()
+        p.compute(show_progressbar=False)
+        assert type(p.data) is np.ndarray
+    return pipeline

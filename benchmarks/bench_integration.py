@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, median_time, print_table, ratio, run_tool, tool_process  # noqa: E402
+from _common import (device_pipeline, machine, median_time, print_table, ratio,  # noqa: E402
+                     run_tool, tool_process)
 
 import numpy as np  # noqa: E402
 
@@ -161,16 +162,7 @@ def tool_diffgpu_gpu(data_path, repeat, out):
     u16 = np.clip(big, 0, 65535).astype("uint16")
     h2d = median_time(lambda: cp.asarray(u16), repeat, sync=sync)
     out["host->device GB/s (uint16, pageable)"] = u16.nbytes / h2d / 1e9
-    lazy = diffgpu.DiffractionPatterns(u16).as_lazy()
-    lazy.rechunk(nav_chunks=(1024,))
-    lazy.calibration.center = CENTER
-    lazy.to_device()
-
-    def pipeline():
-        p = lazy.get_azimuthal_integral2d(npt=NPT, npt_azim=NPT_AZIM, radial_range=(0, 128))
-        p.to_host()
-        p.compute(show_progressbar=False)
-
+    pipeline = device_pipeline(u16, (1024,) + (-1,) * (u16.ndim - 1), CENTER, NPT, NPT_AZIM)
     t = median_time(pipeline, repeat, sync=sync)
     out["lazy uint16 pipeline frames/s"] = n / t
     out["lazy uint16 pipeline GB/s"] = u16.nbytes / t / 1e9

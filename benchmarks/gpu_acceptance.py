@@ -66,7 +66,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import machine, median_time  # noqa: E402
+from _common import device_pipeline, machine, median_time  # noqa: E402
 
 SHAPE = (256, 256)
 NPT, NPT_AZIM = 100, 360
@@ -139,17 +139,7 @@ def stage_integration(out):
     pinned = None  # the pinned buffer goes now
     out["device->host uint16 (GB/s)"] = host.nbytes / median_time(
         lambda: frames.get(), 5, sync=sync) / 1e9
-    lazy = diffgpu.DiffractionPatterns(host).as_lazy()
-    lazy.data = lazy.data.rechunk((min(1024, n), -1, -1))
-    lazy.calibration.center = CENTER
-    lazy.to_device()
-
-    def pipeline():
-        p = lazy.get_azimuthal_integral2d(npt=NPT, npt_azim=NPT_AZIM, radial_range=(0, 128))
-        p.to_host()
-        p.compute(show_progressbar=False)
-        assert type(p.data) is np.ndarray
-
+    pipeline = device_pipeline(host, (min(1024, n), -1, -1), CENTER, NPT, NPT_AZIM)
     t = median_time(pipeline, 3, sync=sync)
     out["pipeline uint16 host->device->host (frames/s)"] = n / t
     out["pipeline uint16 (GB/s of frames)"] = host.nbytes / t / 1e9
@@ -222,8 +212,6 @@ def stage_matching(out):
 
 
 def stage_cluster(out):
-    import numpy as np
-
     import diffgpu
 
     if len(diffgpu.devices()) < 2:
@@ -239,17 +227,8 @@ def stage_cluster(out):
         n_gpu = len(client.scheduler_info()["workers"])
         s = diffgpu.data.synthetic_4dstem(nav_shape=(64, 128), sig_shape=SHAPE, center=CENTER,
                                           drift=(0, 0), wobble=0, dtype="uint16")
-        host = diffgpu.DiffractionPatterns(s.data.compute()).as_lazy()
-        host.data = host.data.rechunk((8, 128, -1, -1))  # 1,024 frames a chunk
-        host.calibration.center = CENTER
-        host.to_device()
-
-        def pipeline():
-            p = host.get_azimuthal_integral2d(npt=NPT, npt_azim=NPT_AZIM, radial_range=(0, 128))
-            p.to_host()
-            p.compute(show_progressbar=False)
-            assert type(p.data) is np.ndarray
-
+        pipeline = device_pipeline(s.data.compute(), (8, 128, -1, -1), CENTER,  # 1,024 a chunk
+                                   NPT, NPT_AZIM)
         out[f"dask-cuda, {n_gpu} workers: uint16 pipeline (frames/s)"] = \
             64 * 128 / median_time(pipeline, 3)
     finally:
