@@ -7,9 +7,8 @@ import numpy as np
 from .calibration import detector_image
 from .detectors import disc_weights
 from .device import DeviceCache, array_module, to_host_array
-from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
-from .mapping import map_frames, with_new_data
+from .mapping import map_frames, map_weighted_sums, with_new_data
 from .results import OperationResult
 
 __all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
@@ -72,12 +71,8 @@ def center_of_mass(signal, mask=None, threshold=None):
     weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
     cx, cy = signal.calibration.center
 
-    def com(frames, w):
-        xp = array_module(frames)
-        sums = weighted_sums(frames.reshape(frames.shape[0], -1), w.get(xp), threshold)
-        return _com_from_sums(sums, xp, (cx, cy))
-
-    data = map_frames(signal.data, com, (2,), np.float32, constants=(weights,))
+    data = map_weighted_sums(signal.data, weights, 3, out_shape=(2,), threshold=threshold,
+                             finish=lambda sums, xp: _com_from_sums(sums, xp, (cx, cy)))
     return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
 
 

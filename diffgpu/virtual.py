@@ -6,8 +6,7 @@ import numpy as np
 
 from .detectors import detector_weights
 from .device import DeviceCache, array_module
-from .kernels.reduce import weighted_sums
-from .mapping import map_frames
+from .mapping import map_weighted_sums
 from .results import OperationResult
 
 __all__ = ["virtual_images"]
@@ -33,12 +32,7 @@ def virtual_images(signal, detectors, normalize=False):
         weights /= weights.sum(axis=(1, 2), keepdims=True)
     k = len(detectors)
     matrix = DeviceCache(np.ascontiguousarray(weights.reshape(k, -1).T))
-    n_pix = weights.shape[1] * weights.shape[2]
-
-    def detect(frames, weights):
-        return weighted_sums(frames.reshape(-1, n_pix), weights.get(array_module(frames)))
-
-    result = map_frames(signal.data, detect, (k,), np.float32, constants=(matrix,))  # (..., k)
+    result = map_weighted_sums(signal.data, matrix, k)  # (..., k)
     xp = array_module(result)
     if signal._lazy:
         import dask.array as da

@@ -144,25 +144,44 @@ def test_main_job_lazily_from_file_equals_in_memory(scan):
 
 
 def test_several_results_one_read(scan, monkeypatch):
-    """Virtual images, centre of mass and a radial profile computed together read each
-    frame once."""
+    """Virtual images, centre of mass and a radial profile computed together read the frames
+    of the file region by region: each region's three reads follow one another (so a file
+    read from disk is read once, the other two reads finding its pages in the page cache),
+    and each frame is read once per result, never decoded into a chunk kept for later."""
     import diffgpu.readers.mib as mibmod
+    from diffgpu.sources import StoredFrames
 
     path, counts, center = scan
-    reads = []
-    original = mibmod.read_frames
+    reads, decoded = [], []
+    original, original_read = StoredFrames.with_words, mibmod.read_frames
 
-    def counting(path, start, count, *args, **kwargs):
-        reads.append(count)
-        return original(path, start, count, *args, **kwargs)
+    def counting(self, start, count, func):
+        reads.append((start, count))
+        return original(self, start, count, func)
 
-    monkeypatch.setattr(mibmod, "read_frames", counting)
+    def counting_read(*args, **kwargs):
+        decoded.append(args)
+        return original_read(*args, **kwargs)
+
+    monkeypatch.setattr(StoredFrames, "with_words", counting)
+    monkeypatch.setattr(mibmod, "read_frames", counting_read)
     s = _same_calibration(diffgpu.load(path, chunks=(2, 8)), center)
     vi = s.get_virtual_image([hs.roi.CircleROI(cx=0, cy=0, r=4)])
     com = s.center_of_mass()
     prof = s.get_azimuthal_integral1d(npt=16)
-    dask.compute(vi.data, com.data, prof.data)
-    assert sum(reads) == counts.shape[0] * counts.shape[1]
+    results = dask.compute(vi.data, com.data, prof.data, scheduler="sync")
+    assert sum(count for _, count in reads) == 3 * counts.shape[0] * counts.shape[1]
+    assert decoded == []  # no chunk of decoded frames from the reader's own tasks
+    where = {}
+    for i, key in enumerate(reads):
+        where.setdefault(key, []).append(i)
+    assert len(where) == 3  # the chunks asked for: 3 regions of 2 x 8 frames, 16 in a run
+    assert all(len(v) == 3 and v[-1] - v[0] == 2 for v in where.values()), where
+    mem = _same_calibration(diffgpu.DiffractionPatterns(counts), center)
+    np.testing.assert_allclose(results[0], mem.get_virtual_image(
+        [hs.roi.CircleROI(cx=0, cy=0, r=4)]).data, rtol=1e-5)
+    np.testing.assert_allclose(results[1], mem.center_of_mass().data, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results[2], mem.get_azimuthal_integral1d(npt=16).data, rtol=1e-5)
 
 
 def test_rosettasciio_split_frames_are_rechunked_whole(scan):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..device import array_module
 
-__all__ = ["weighted_sums", "BLOCK"]
+__all__ = ["weighted_sums", "weighted_sums_stored", "stored_words_supported", "BLOCK"]
 
 BLOCK = 32  # frames converted and multiplied at a time: 32 x 256 x 256 float32 = 8 MiB
 
@@ -79,6 +79,103 @@ def _host_weighted_sums(frames, weights_t, out):
             acc = np.float32(0)
             for q in range(p):
                 acc += np.float32(f[q]) * w[q]
+            out[i, j] = acc
+
+
+def stored_words_supported(word):
+    """Whether :func:`weighted_sums_stored` reads frames stored as ``word`` (a dtype with its
+    byte order): integers, in this machine's byte order or (2 and 4 bytes) the other."""
+    word = np.dtype(word)
+    return word.kind in "ui" and (word.isnative or word.itemsize in (1, 2, 4))
+
+
+def weighted_sums_stored(words, weights_t, skip, flip_rows=False, swapped=False):
+    """``weighted_sums`` of integer frames as a file stores them, without decoding them first.
+
+    Parameters
+    ----------
+    words : numpy.ndarray
+        ``(n, record words)``: each frame's stored record read as native integers (a map of
+        the file); the frame's pixels follow ``skip`` words of header, row by row.
+    weights_t : numpy.ndarray
+        ``(k, rows, columns)`` float32, C-contiguous: the k weight images of the decoded
+        frame (row 0 at the top), i.e. ``weights.T.reshape(k, rows, columns)`` of the
+        ``(pixels, k)`` matrix :func:`weighted_sums` takes (made once by the caller: a
+        transposed copy per call cost as much as the sums of 64 frames).
+    skip : int
+        Header words before each frame's pixels.
+    flip_rows : bool
+        The file stores the last row first (the weights are read bottom-up instead of
+        flipping the frame).
+    swapped : bool
+        The words are in the other byte order (swapped as they are read; 2- and 4-byte
+        integers).
+
+    Returns
+    -------
+    numpy.ndarray ``(n, k)`` float32, equal to ``weighted_sums`` of the decoded frames.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.kernels.reduce import weighted_sums_stored
+    >>> record = np.array([[9, 1, 2, 3, 4]], dtype=">u2").view("u2")  # 1 header word, 2 x 2
+    >>> top_left = np.array([[[1, 0], [0, 0]]], dtype="float32")
+    >>> weighted_sums_stored(record, top_left, 1, flip_rows=True, swapped=True)  # stored 3rd
+    array([[3.]], dtype=float32)
+    """
+    k, rows, cols = weights_t.shape
+    if words.shape[1] < skip + rows * cols:
+        raise ValueError(f"records of {words.shape[1]} words cannot hold {skip} header words "
+                         f"and a {rows} x {cols} frame")
+    if not stored_words_supported(words.dtype.newbyteorder("S") if swapped else words.dtype):
+        raise TypeError(f"frames stored as {'swapped ' if swapped else ''}{words.dtype} words: "
+                        "only integers are read in place (decode them first)")
+    if weights_t.dtype != np.float32 or not weights_t.flags.c_contiguous:
+        raise TypeError("weights_t must be C-contiguous float32 (k, rows, columns)")
+    size = words.dtype.itemsize
+    signed = swapped and size > 1 and words.dtype.kind == "i"
+    if signed:  # swap the bits as unsigned words, then read them back as signed
+        words = words.view(f"u{size}")
+    out = np.empty((words.shape[0], k), dtype=np.float32)
+    _stored_weighted_sums(words, int(skip), weights_t, bool(flip_rows),
+                          size if swapped and size > 1 else 0, signed, out)
+    return out
+
+
+@numba.njit(inline="always")
+def _swap(v, size):
+    if size == 2:
+        return ((v >> 8) | (v << 8)) & 0xFFFF
+    if size == 4:
+        return ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | \
+            ((v << 24) & 0xFF000000)
+    return v
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _stored_weighted_sums(words, skip, weights, flip, swap, signed, out):
+    # one frame at a time, row by row: each stored row is read (and its bytes swapped) as
+    # the weights' matching row (bottom-up when the file stores rows so) passes over it;
+    # the frame stays in cache while each detector's weights pass over it
+    k, h, w = weights.shape
+    for i in range(words.shape[0]):
+        for j in range(k):
+            acc = np.float32(0)
+            for r in range(h):
+                s = words[i, skip + r * w: skip + (r + 1) * w]
+                wr = weights[j, h - 1 - r] if flip else weights[j, r]
+                if swap == 0:
+                    for c in range(w):
+                        acc += np.float32(s[c]) * wr[c]
+                elif not signed:
+                    for c in range(w):
+                        acc += np.float32(_swap(np.uint32(s[c]), swap)) * wr[c]
+                else:
+                    half = 1 << (8 * swap - 1)
+                    for c in range(w):
+                        v = np.int64(_swap(np.uint32(s[c]), swap))
+                        acc += np.float32(v - 2 * half if v >= half else v) * wr[c]
             out[i, j] = acc
 
 

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from ..sources import StoredFrames, register
 from .errors import DetectorFileError
 
 
@@ -88,10 +89,18 @@ def lazy_raw(frames, name, chunks=None):
         nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes,
                                   target_bytes=chunks * frames.frame_bytes, workers=1)
     else:
-        nav_chunks = tuple(chunks)[:len(frames.nav_shape)]
+        nav_chunks = da.core.normalize_chunks(tuple(chunks)[:len(frames.nav_shape)],
+                                              shape=frames.nav_shape, dtype=frames.dtype)
     stat = os.stat(frames.path)
     token = tokenize(frames.path, stat.st_mtime, stat.st_size, frames.offset, frames.shape,
                      frames.stride, str(frames.dtype), nav_chunks)
-    return da.from_array(frames, chunks=tuple(nav_chunks) + frames.frame_shape, asarray=False,
+    data = da.from_array(frames, chunks=tuple(nav_chunks) + frames.frame_shape, asarray=False,
                          lock=False, fancy=False, meta=np.empty((0,) * frames.ndim, frames.dtype),
                          name=f"{name}-{token}")
+    if frames.stride % frames.dtype.itemsize or frames.offset % frames.dtype.itemsize:
+        return data  # records not at whole words: operations decode chunks as usual
+    # frame-wise operations read the stored words in place, in the chunks asked for if any
+    asked = None if chunks is None or chunks == "auto" else nav_chunks
+    return register(data, StoredFrames(os.path.abspath(frames.path), frames.offset, frames.stride,
+                                       0, frames.dtype, frames.frame_shape, frames.nav_shape,
+                                       nav_chunks=asked))

@@ -50,16 +50,15 @@ benchmarks.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from types import SimpleNamespace
 
-import numba
 import numpy as np
 
+from ..sources import StoredFrames, block_runs, register
 from .errors import DetectorFileError
 
 __all__ = ["file_reader", "inspect", "MIBFile", "write_mib", "DEPTHS", "PLUGIN"]
@@ -422,64 +421,17 @@ def inspect(path):
 
 # -- decoding -----------------------------------------------------------------------------
 
-@numba.njit(nogil=True, cache=True)
-def _reverse_rows(frame):
-    # in place, while the frame is still in cache: decoding rows in file order and then
-    # swapping them ran 1.3x faster than writing rows in reverse order directly
-    h = frame.shape[0]
-    for r in range(h // 2):
-        a = frame[r]
-        b = frame[h - 1 - r]
-        for c in range(a.shape[0]):
-            t = a[c]
-            a[c] = b[c]
-            b[c] = t
-
-
-@numba.njit(nogil=True, cache=True)
-def _decode_u8(src, out, skip, flip):
-    n, h, w = out.shape
-    for i in range(n):
-        for r in range(h):
-            s = src[i, skip + r * w: skip + (r + 1) * w]
-            o = out[i, r]
-            for c in range(w):
-                o[c] = s[c]
-        if flip:
-            _reverse_rows(out[i])
-
-
-@numba.njit(nogil=True, cache=True)
-def _decode_u16(src, out, skip, flip):
-    # src holds the file's big-endian words read as native ones: swap the two bytes
-    n, h, w = out.shape
-    for i in range(n):
-        for r in range(h):
-            s = src[i, skip + r * w: skip + (r + 1) * w]
-            o = out[i, r]
-            for c in range(w):
-                v = s[c]
-                o[c] = (v >> 8) | (v << 8)
-        if flip:
-            _reverse_rows(out[i])
-
-
-@numba.njit(nogil=True, cache=True)
-def _decode_u32(src, out, skip, flip):
-    n, h, w = out.shape
-    for i in range(n):
-        for r in range(h):
-            s = src[i, skip + r * w: skip + (r + 1) * w]
-            o = out[i, r]
-            for c in range(w):
-                v = s[c]
-                o[c] = ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | (v << 24)
-        if flip:
-            _reverse_rows(out[i])
-
-
-_DECODERS = {1: _decode_u8, 2: _decode_u16, 4: _decode_u32}
 _NATIVE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+
+
+def stored_layout(path, nav_shape, frame_bytes, header_bytes, frame_shape, itemsize,
+                  flip_rows=True, file_bytes=None, nav_chunks=None):
+    """The :class:`~diffgpu.sources.StoredFrames` of a ``.mib`` file: records of
+    ``frame_bytes``, ``header_bytes`` of header, big-endian unsigned pixels, rows bottom-up
+    (read top-down when ``flip_rows``)."""
+    return StoredFrames(path, 0, frame_bytes, header_bytes // itemsize,
+                        _NATIVE[itemsize].newbyteorder(">"), frame_shape, nav_shape,
+                        bool(flip_rows), file_bytes, nav_chunks)
 
 
 def read_frames(path, start, count, frame_bytes, header_bytes, frame_shape, itemsize,
@@ -492,22 +444,9 @@ def read_frames(path, start, count, frame_bytes, header_bytes, frame_shape, item
     out = np.empty((count,) + tuple(frame_shape), dtype=_NATIVE[itemsize])
     if count == 0:
         return out
-    begin = start * frame_bytes
-    end = begin + count * frame_bytes
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if end > size or (file_bytes is not None and size != file_bytes):
-            raise DetectorFileError(path, f"changed since it was opened: now {size:,} bytes, "
-                                          f"frames {start}-{start + count - 1} need bytes up to {end:,}")
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ) as m:
-            raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
-            words = raw.view(_NATIVE[itemsize]).reshape(count, frame_bytes // itemsize)
-            _DECODERS[itemsize](words, out, header_bytes // itemsize, bool(flip_rows))
-            del raw, words  # no view of the map may outlive it
-    finally:
-        os.close(fd)
+    stored = stored_layout(path, (), frame_bytes, header_bytes, frame_shape, itemsize, flip_rows,
+                           file_bytes)
+    stored.with_words(start, count, lambda words: stored.decode(words, out))
     return out
 
 
@@ -516,26 +455,12 @@ def _read_block(block_info=None, *, path, nav_shape, frame_bytes, header_bytes, 
     """One dask block: the frames of a (contiguous where the chunks allow) scan region."""
     loc = block_info[None]["array-location"][:len(nav_shape)]
     shape = tuple(b - a for a, b in loc)
-    if len(nav_shape) == 0:
-        return read_frames(path, 0, 1, frame_bytes, header_bytes, frame_shape, itemsize,
-                           flip_rows, file_bytes)[0]
-    # runs of frames contiguous in the file: along the last axis, for each index of the others
-    outer = [range(a, b) for a, b in loc[:-1]]
-    a_last, b_last = loc[-1]
-    runs = []
-    for index in np.ndindex(*[len(r) for r in outer]) if outer else [()]:
-        pos = tuple(r[i] for r, i in zip(outer, index))
-        flat = int(np.ravel_multi_index(pos + (a_last,), nav_shape))
-        runs.append(flat)
-    count_last = b_last - a_last
-    # merge runs that follow each other in the file (whole rows): one read
-    if all(runs[k + 1] == runs[k] + count_last for k in range(len(runs) - 1)):
-        block = read_frames(path, runs[0], count_last * len(runs), frame_bytes, header_bytes,
-                            frame_shape, itemsize, flip_rows, file_bytes)
+    args = (frame_bytes, header_bytes, frame_shape, itemsize, flip_rows, file_bytes)
+    runs = block_runs(loc, nav_shape)  # one read per run of frames that follow in the file
+    if len(runs) == 1:
+        block = read_frames(path, runs[0][0], runs[0][1], *args)
     else:
-        block = np.concatenate([read_frames(path, r, count_last, frame_bytes, header_bytes,
-                                            frame_shape, itemsize, flip_rows, file_bytes)
-                                for r in runs])
+        block = np.concatenate([read_frames(path, start, count, *args) for start, count in runs])
     return block.reshape(shape + tuple(frame_shape))
 
 
@@ -565,8 +490,13 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
                      frame_shape=mib.frame_shape, itemsize=itemsize, flip_rows=flip_rows,
                      file_bytes=mib.file_bytes)
     dtype = _NATIVE[itemsize]
-    return da.map_blocks(reader, chunks=full, dtype=dtype, name=name,
+    data = da.map_blocks(reader, chunks=full, dtype=dtype, name=name,
                          meta=np.empty((0,) * len(full), dtype=dtype))
+    # frame-wise operations read the stored words in place, in the chunks asked for if any
+    asked = None if chunks is None or chunks == "auto" else nav_chunks
+    return register(data, stored_layout(os.path.abspath(mib.path), nav_shape, mib.frame_bytes,
+                                        mib.header_bytes, mib.frame_shape, itemsize, flip_rows,
+                                        mib.file_bytes, asked))
 
 
 # -- RosettaSciIO-style reader ----------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""Frames read where a file stores them (diffgpu.sources, map_stored, the in-place kernels)."""
+
+import os
+
+import dask
+import numpy as np
+import pytest
+
+import diffgpu
+from diffgpu.device import DeviceCache
+from diffgpu.kernels.decode import decode_records
+from diffgpu.kernels.reduce import stored_words_supported, weighted_sums_stored
+from diffgpu.mapping import map_frames, map_stored, map_weighted_sums
+from diffgpu.readers._raw import RawFrames, lazy_raw
+from diffgpu.readers.errors import DetectorFileError
+from diffgpu.readers.mib import write_mib
+from diffgpu.sources import StoredFrames, block_runs, stored_frames
+
+WORDS = ["u1", "i1", ">u2", "<u2", ">i2", "<i2", ">u4", "<u4", ">i4", "<i4", "<u8", "<i8",
+         ">f4", "<f4", ">f8", "<f2"]
+
+
+def _records(frames, word, skip, flip):
+    """``frames`` stored as records: ``skip`` header words, then the rows (last first)."""
+    n, h, w = frames.shape
+    rec = np.full((n, skip + h * w), 7, dtype=word)  # header words that are not pixels
+    rec[:, skip:] = (frames[:, ::-1] if flip else frames).reshape(n, -1)
+    return rec
+
+
+def _frames(word, rng, shape=(5, 7, 6)):
+    kind = np.dtype(word).kind
+    if kind == "f":
+        return rng.normal(0, 50, shape).astype(word)
+    low = -100 if kind == "i" else 0
+    return rng.integers(low, 200, shape).astype(word)
+
+
+@pytest.mark.parametrize("word", WORDS)
+@pytest.mark.parametrize("flip", [False, True])
+def test_decode_records_every_word(word, flip):
+    rng = np.random.default_rng(3)
+    frames = _frames(word, rng)
+    rec = _records(frames, word, 3, flip)
+    word = np.dtype(word)
+    out = np.empty(frames.shape, word.newbyteorder("="))
+    decode_records(rec.view(out.dtype), out, 3, flip, swapped=not word.isnative)
+    np.testing.assert_array_equal(out, frames.astype(out.dtype))
+
+
+@pytest.mark.parametrize("word", [w for w in WORDS if np.dtype(w).kind in "ui"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_weighted_sums_of_stored_words_equal_decoded(word, flip):
+    rng = np.random.default_rng(4)
+    frames = _frames(word, rng)
+    rec = _records(frames, word, 2, flip)
+    word = np.dtype(word)
+    assert stored_words_supported(word)
+    weights = rng.random((42, 3)).astype(np.float32)
+    got = weighted_sums_stored(rec.view(word.newbyteorder("=")),
+                               np.ascontiguousarray(weights.T).reshape(3, 7, 6), 2, flip,
+                               swapped=not word.isnative and word.itemsize > 1)
+    want = frames.astype(np.float64).reshape(5, -1) @ weights.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_stored_words_not_read_in_place_say_so():
+    assert not stored_words_supported(">f4") and not stored_words_supported(">u8")
+    with pytest.raises(TypeError, match="only integers"):
+        weighted_sums_stored(np.zeros((1, 4), "f4"), np.ones((1, 2, 2), "f4"), 0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        weighted_sums_stored(np.zeros((1, 4), "u2"), np.ones((1, 2, 2), "f4"), 1)
+
+
+def test_block_runs_merge_whole_rows():
+    assert block_runs([(0, 2), (0, 4)], (3, 4)) == [(0, 8)]
+    assert block_runs([(0, 2), (2, 4)], (3, 4)) == [(2, 2), (6, 2)]
+    assert block_runs([(2, 5)], (9,)) == [(2, 3)]
+    assert block_runs([], ()) == [(0, 1)]
+
+
+@pytest.fixture
+def raw_file(tmp_path):
+    """6 x 5 frames of 8 x 8 big-endian uint16 behind 16 bytes of file header, each frame
+    followed by 4 words of metadata."""
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 1000, (6, 5, 8, 8)).astype(">u2")
+    path = str(tmp_path / "scan.raw")
+    rec = np.zeros((30, 64 + 4), ">u2")
+    rec[:, :64] = frames.reshape(30, 64)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 16)
+        f.write(rec.tobytes())
+    return path, frames
+
+
+def _lazy(path, chunks=None):
+    return lazy_raw(RawFrames(path, 16, (6, 5), (8, 8), ">u2", stride=68 * 2), "raw", chunks)
+
+
+def test_reader_array_is_stored_until_touched(raw_file):
+    path, frames = raw_file
+    data = _lazy(path)
+    stored = stored_frames(data)
+    assert stored is not None and stored.swapped and stored.stride == 136 and stored.skip == 0
+    # any further dask operation is a new array: decoded frames, the ordinary path
+    assert stored_frames(data[1:]) is None and stored_frames(data.rechunk((2, 5, 8, 8))) is None
+    assert stored_frames(data + 0) is None and stored_frames(np.asarray(frames)) is None
+    with pytest.raises(ValueError, match="whole words"):
+        StoredFrames(path, 1, 136, 0, ">u2", (8, 8), (30,))
+
+
+@pytest.mark.parametrize("chunks", [None, (2, 5)])
+def test_map_frames_on_stored_frames_equal_in_memory(raw_file, chunks):
+    path, frames = raw_file
+    data = _lazy(path, chunks)
+    got = map_frames(data, lambda f: f.astype(np.float64).max(axis=(1, 2)), (), np.float64)
+    assert got.name.startswith("stored-") and got.dtype == np.float64
+    np.testing.assert_array_equal(got.compute(), frames.max(axis=(2, 3)))
+    weights = DeviceCache(np.random.default_rng(6).random((64, 2)).astype(np.float32))
+    sums = map_weighted_sums(data, weights, 2)
+    assert sums.name.startswith("stored-")
+    want = frames.astype(np.float64).reshape(30, 64) @ weights.host.astype(np.float64)
+    np.testing.assert_allclose(sums.compute().reshape(30, 2), want, rtol=1e-5)
+    # a threshold needs the decoded frames: the ordinary path, the same numbers
+    plain = map_weighted_sums(data, weights, 2, threshold=0.0)
+    assert plain.name.startswith("stored-decoded") and "decoded" not in sums.name
+    np.testing.assert_allclose(plain.compute(), sums.compute(), rtol=1e-5)
+
+
+def test_operations_on_one_file_share_the_regions(raw_file):
+    path, frames = raw_file
+    data = _lazy(path, (2, 5))
+    a = map_frames(data, lambda f: f.sum(axis=(1, 2)), (), np.int64)
+    b = map_frames(data, lambda f: f.min(axis=(1, 2)), (), np.int64)
+    roots_a = {k for k in dict(a.dask) if "stored-region" in str(k)}
+    roots_b = {k for k in dict(b.dask) if "stored-region" in str(k)}
+    assert roots_a == roots_b and len(roots_a) == 3
+    sa, sb = dask.compute(a, b)
+    np.testing.assert_array_equal(sa, frames.astype(np.int64).sum(axis=(2, 3)))
+    np.testing.assert_array_equal(sb, frames.min(axis=(2, 3)))
+
+
+def test_map_stored_chunks_and_a_single_frame(tmp_path):
+    path = str(tmp_path / "one.raw")
+    np.arange(16, dtype="<u2").tofile(path)
+    single = StoredFrames(path, 0, 32, 0, "<u2", (4, 4), ())
+    got = map_stored(single, lambda w, st: st.decode(w).sum(axis=(1, 2)), (), np.int64)
+    assert got.shape == () and int(got.compute()) == 120
+
+
+def test_a_file_changed_after_loading_raises(tmp_path):
+    path = str(tmp_path / "scan.mib")
+    write_mib(path, np.ones((4, 4, 16, 16), "uint16"))
+    s = diffgpu.load(path)
+    s.calibration.center = (7.5, 7.5)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DetectorFileError, match="changed since it was opened"):
+        s.center_of_mass().data.compute()
+
+
+def test_stored_and_decoded_paths_agree_on_a_mib(tmp_path):
+    import hyperspy.api as hs
+
+    s0 = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), noise=True,
+                                       lazy=False)
+    counts = np.asarray(s0.data).astype(np.uint32)
+    path = str(tmp_path / "scan.mib")
+    write_mib(path, counts, depth="U32")
+    lazy = diffgpu.load(path)
+    mem = diffgpu.DiffractionPatterns(counts)
+    for s in (lazy, mem):
+        s.calibration.center = s0.calibration.center
+        s.calibration.scale = 1.0
+    assert stored_frames(lazy.data) is not None
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=5), hs.roi.CircleROI(cx=0, cy=0, r=12, r_inner=6)]
+    np.testing.assert_allclose(lazy.get_virtual_image(rois).data.compute(),
+                               mem.get_virtual_image(rois).data, rtol=1e-5)
+    np.testing.assert_allclose(lazy.center_of_mass().data.compute(), mem.center_of_mass().data,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lazy.get_azimuthal_integral1d(npt=12).data.compute(),
+                               mem.get_azimuthal_integral1d(npt=12).data, rtol=1e-5)
