@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+from .mapping import stored_regions
+from .sources import stored_frames
+
 __all__ = ["describe"]
 
 
@@ -88,9 +91,12 @@ def describe(path, navigation_shape=None):
         stored = mib.dtype if mib is not None else data.dtype
         rows.append(("signal" + tag, f"{type(sig).__name__}: {sig.metadata.General.title}"))
         rows.append(("stored dtype" + tag, _byte_order(stored)))
+        in_place = stored_frames(data)
         if np.dtype(stored) != data.dtype:
             rows.append(("blocks dtype" + tag, _byte_order(data.dtype) +
-                         " (decoded from the file in one pass per chunk)"))
+                         (" (decoded where the file stores the frames, a few at a time)"
+                          if in_place is not None else
+                          " (decoded from the file in one pass per chunk)")))
         am = sig.axes_manager
         nav = ", ".join(str(n) for n in am.navigation_shape)
         rows.append(("shape" + tag, f"({nav}|{', '.join(str(n) for n in am.signal_shape)})"))
@@ -106,6 +112,14 @@ def describe(path, navigation_shape=None):
                         else "whole frames: used as they are")
                 rows.append(("diffgpu's chunks" + tag,
                              f"{_chunks_line(used.chunks, data.dtype.itemsize)}; {note}"))
+                if in_place is not None:
+                    _, regions = stored_regions(in_place)
+                    frames = data.chunks[-2] + data.chunks[-1]
+                    rows.append(("read in place" + tag, "frame-wise operations read the frames "
+                                 "where the file stores them, by scan regions of " +
+                                 _chunks_line(tuple(regions) + tuple((n,) for n in frames[:1])
+                                              + tuple((n,) for n in frames[1:]),
+                                              data.dtype.itemsize)))
         mask = sig.metadata.get_item("Diffraction.mask", None)
         if mask is not None:
             rows.append(("detector mask" + tag, f"{int(np.sum(mask))} pixels masked (gap between chips)"
