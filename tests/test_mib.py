@@ -337,7 +337,7 @@ def test_cli_on_a_mib_file_and_info(scan, tmp_path, capsys):
     assert main(["info", path]) == 0
     text = capsys.readouterr().out
     for expected in ["Merlin .mib", ">u2: big-endian, non-native", "(8, 6|64, 64)", "reader's chunks",
-                     "diffgpu's chunks", "counter depth", "exposure (ms)", ".hdr file"]:
+                     "diffgpu's chunks", "read in place", "counter depth", "exposure (ms)", ".hdr file"]:
         assert expected in text, expected
     nohdr = str(tmp_path / "n.mib")
     write_mib(nohdr, counts[:2, :3], hdr=False)
