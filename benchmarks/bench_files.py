@@ -227,6 +227,14 @@ def tool_diffgpu(args):
         rois = [hs.roi.CircleROI(cx=0, cy=0, r=DISC),
                 hs.roi.CircleROI(cx=0, cy=0, r=ANNULUS[1], r_inner=ANNULUS[0])]
         out["chunks"] = f"{s.data.chunksize} x {s.data.npartitions}"
+        from diffgpu.mapping import stored_regions
+        from diffgpu.sources import stored_frames
+
+        stored = stored_frames(s.data)
+        if stored is not None:  # frame-wise operations read this array in place, by regions
+            regions = stored_regions(stored)[1]
+            out["regions"] = (f"{tuple(max(c) for c in regions)} frames x "
+                              f"{int(np.prod([len(c) for c in regions]))}")
 
         def jobs(s):
             return {
@@ -570,6 +578,8 @@ def report(r, n, size, nav):
         print(f"\ndiffgpu-cluster: {c['error']}")
     if "chunks" in r.get("diffgpu", {}):
         print(f"\ndiffgpu chunks: .mib {r['diffgpu']['chunks']}"
+              + (f" (read in place by scan regions of {r['diffgpu']['regions']})"
+                 if "regions" in r["diffgpu"] else "")
               + (f"; HDF5 {r['diffgpu']['h5_chunks']}" if "h5_chunks" in r["diffgpu"] else ""))
 
 
