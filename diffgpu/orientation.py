@@ -152,18 +152,19 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
 
 def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None, candidates=3,
-                        margin=0.1):
+                        margin=0.1, intensity_exponent=None):
     """Shared implementation of :meth:`OrientationMatches.refine`: an in-memory
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult` on the host.
 
     Host-only (numba): device-resident patterns are moved to the host explicitly, one block
-    at a time (:func:`~diffgpu.device.to_host_array` inside the mapped function); each
+    at a time (:func:`~diffgpu.device.to_host_array` inside the mapped function), and once
+    for a sample of up to 32 patterns when the intensity exponent is estimated; each
     block's result goes back to the patterns' device, so lazy graphs keep their CuPy meta,
     and the joined result is moved to the host once at the end.
     """
     from orix.quaternion import Rotation
 
-    from .kernels.refine import prepare_patterns, refine_rotations
+    from .kernels.refine import estimate_exponent, prepare_patterns, refine_rotations
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -194,6 +195,25 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     contender[..., 0] = True
     models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
               for p in np.unique(phases[contender])}
+    if intensity_exponent is None:
+        # from up to 32 patterns spread over the scan (a slice: one explicit move to the host
+        # for device-resident patterns), at their best matches, of the phase most of them have
+        flat = int(np.prod(nav))
+        every = max(1, flat // 32)
+        sample = polar.data.reshape((flat,) + polar.data.shape[-2:])[::every][:32]
+        sample = np.asarray(to_host_array(sample.compute() if hasattr(sample, "compute")
+                                          else sample))
+        ph = phases.reshape(-1, c)[::every][:32, 0].astype(np.int64)
+        main = int(np.bincount(ph).argmax())
+        pick = ph == main
+        intensity_exponent = estimate_exponent(
+            sample[pick], mats.reshape(-1, c, 3, 3)[::every][:32, 0][pick],
+            models.get(main) or library.kinematic_model(main, accelerating_voltage,
+                                                        max_excitation_error),
+            radial, azimuthal, smooth)
+    elif not 0 < intensity_exponent <= 4:
+        raise ValueError(f"intensity_exponent must be in (0, 4]; got {intensity_exponent!r}")
+    model_gamma = gamma * float(intensity_exponent)
 
     def refine(frames, mat, phase, todo, models):
         xp = array_module(frames)  # the result goes back where the frames were
@@ -209,8 +229,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                 sel = np.flatnonzero((phase[:, rank] == ph) & todo[:, rank])
                 if not sel.size:
                     continue
-                found, score = refine_rotations(p[sel], mat[sel, rank], model, gamma, radial,
-                                                azimuthal, step, min_step)
+                found, score = refine_rotations(p[sel], mat[sel, rank], model, model_gamma,
+                                                radial, azimuthal, step, min_step)
                 quats[sel, rank] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
                 scores[sel, rank] = score
         chosen = scores.argmax(axis=1)
@@ -247,7 +267,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                            "changed_match": chosen > 0,
                            "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
                                           "min_step": min_step, "candidates": c,
-                                          "margin": margin}}
+                                          "margin": margin,
+                                          "intensity_exponent": float(intensity_exponent)}}
     metadata.setdefault("General", {})["title"] = \
         f"Refined {matches.metadata.General.title}".strip()
     return OperationResult(m.astype(np.float32), [ax.get_axis_dictionary()

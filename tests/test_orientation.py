@@ -191,6 +191,57 @@ def test_refine_goes_below_the_grid_lazy_equal_eager_and_survives_saving(si, lib
         matches.refine(polar, TemplateLibrary.from_phase(si, resolution=5.0))
 
 
+def _near_zone_rotations(n, seed, tilt=4.0):
+    """Beam within ``tilt`` degrees of <100>, <110>, <111>, <112>, any in-plane angle."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        target = np.array([(0, 0, 1), (1, 1, 0), (1, 1, 1), (1, 1, 2)][i % 4], float)
+        target /= np.linalg.norm(target)
+        ax = np.cross(target, [0, 0, 1])
+        ang = np.arccos(np.clip(target[2], -1, 1))
+        r0 = Rotation.from_axes_angles(ax if ang > 1e-9 else [0, 0, 1], ang)
+        a = rng.uniform(0, 2 * np.pi)
+        tilt_r = Rotation.from_axes_angles([np.cos(a), np.sin(a), 0], np.deg2rad(rng.uniform(0, tilt)))
+        spin = Rotation.from_axes_angles([0, 0, 1], rng.uniform(0, 2 * np.pi))
+        out.append((spin * tilt_r * r0).data.reshape(4))
+    return Rotation(np.array(out))
+
+
+@pytest.fixture(scope="module")
+def lib1(si):
+    return TemplateLibrary.from_phase(si, resolution=1.0, reciprocal_radius=1.2)
+
+
+@pytest.mark.parametrize("kind", ["zone", "random"])
+def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kind):
+    """Issue 14: median refined error <= 0.15 degrees from a 1-degree library, for patterns
+    as they are and raised to ** 0.5 (the spot model then scales like the patterns), at 64
+    and 256 radial bins."""
+    truth = _near_zone_rotations(24, 11) if kind == "zone" else Rotation.random(24)
+    s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(256, 256), calibration=0.01,
+                                          seed=2)
+    t = Orientation(truth, symmetry=si.point_group)
+    for npt in (64, 256):
+        polar = s.get_azimuthal_integral2d(npt=npt, npt_azim=360, radial_range=(0, 1.28),
+                                           mean=True)
+        for power, exponent in ((1.0, (0.8, 1.25)), (0.5, (0.4, 0.62))):
+            p = polar if power == 1.0 else polar._deepcopy_with_new_data(
+                np.maximum(polar.data, 0) ** power)
+            refined = p.get_orientation(lib1, n_best=5).refine(p, lib1)
+            a = refined.metadata.Refined.parameters["intensity_exponent"]
+            assert exponent[0] < a < exponent[1], (npt, power, a)
+            err = t.angle_with(refined.to_orientations(), degrees=True)
+            ok = err < 2
+            assert ok.mean() >= 0.85, (npt, power, ok.mean())
+            assert np.median(err[ok]) <= 0.15, (npt, power, np.median(err[ok]))
+    # an exponent given is used as it is (and checked)
+    given = polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=1.0)
+    assert given.metadata.Refined.parameters["intensity_exponent"] == 1.0
+    with pytest.raises(ValueError, match="intensity_exponent"):
+        polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=0)
+
+
 def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     from orix.quaternion import Rotation as Rot
 

@@ -135,7 +135,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
                           prop=props, scan_unit=unit, **coords)
 
     def refine(self, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
-               accelerating_voltage=None, max_excitation_error=None, candidates=3, margin=0.1):
+               accelerating_voltage=None, max_excitation_error=None, candidates=3, margin=0.1,
+               intensity_exponent=None):
         """Refine every best match below the library's angular grid, and settle close calls.
 
         From each pattern's best match the crystal is turned in steps of ``step`` degrees
@@ -157,8 +158,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         polar : PolarPatterns or LazyPolarPatterns
             The patterns that were matched (same scan and calibration). Lazy patterns are
             read chunk by chunk. Refinement is host-only (numba): device-resident patterns
-            are moved to the host explicitly, a block at a time, and the result is in host
-            memory.
+            are moved to the host explicitly, a block at a time (and a sample of up to 32
+            once, for ``intensity_exponent``), and the result is in host memory.
         library : TemplateLibrary
             The library the matches come from (its phases give the spot model).
         gamma : float, optional
@@ -174,6 +175,13 @@ class OrientationMatches(DeviceMixin, Signal2D):
         margin : float
             A candidate is refined where its correlation is at least ``1 - margin`` times
             the best's.
+        intensity_exponent : float, optional
+            How the patterns' spot intensities scale with kinematic ones (``a`` in
+            ``pattern ~ intensity ** a``): 0.5 for patterns raised to ``** 0.5`` before
+            matching. Default: estimated from up to 32 of the patterns at their best matches
+            (:func:`diffgpu.kernels.refine.intensity_exponent`); the model's spots are then
+            weighted like the patterns' (``** (a * gamma)``), which keeps the refined tilt
+            unbiased. Recorded in ``metadata.Refined.parameters``.
 
         Returns
         -------
@@ -204,7 +212,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
 
         return as_signal(refine_orientations(self, polar, library, gamma, smooth, step, min_step,
                                              accelerating_voltage, max_excitation_error,
-                                             candidates, margin))
+                                             candidates, margin, intensity_exponent))
 
     def get_reliability(self, min_misorientation=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map.
