@@ -179,7 +179,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
             How the patterns' spot intensities scale with kinematic ones (``a`` in
             ``pattern ~ intensity ** a``): 0.5 for patterns raised to ``** 0.5`` before
             matching. Default: estimated from up to 32 of the patterns at their best matches
-            (:func:`diffgpu.kernels.refine.intensity_exponent`); the model's spots are then
+            (:func:`diffgpu.kernels.refine.estimate_exponent`); the model's spots are then
             weighted like the patterns' (``** (a * gamma)``), which keeps the refined tilt
             unbiased. Recorded in ``metadata.Refined.parameters``.
 
