@@ -245,7 +245,7 @@ def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kin
 def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     from orix.quaternion import Rotation as Rot
 
-    from diffgpu.kernels.refine import _score_one, prepare_patterns, score_rotations
+    from diffgpu.kernels.refine import _near, _score_one, prepare_patterns, score_rotations
 
     g, f2, k, smax, radius = lib.kinematic_model()
     rng = np.random.default_rng(4)
@@ -253,9 +253,25 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     mats = Rot.random(3 * 5).to_matrix().reshape(3, 5, 3, 3)
     grid = ((0.01, 0.02), (-179.5, 1.0))
     expected = score_rotations(p, mats, g, f2, k, smax, 0.3, *grid, radius)
-    got = np.array([[_score_one(p[i], mats[i, j], g, f2, k, smax, 0.3, *grid[0], *grid[1], radius)
-                     for j in range(5)] for i in range(3)])
+    every = np.arange(len(g))
+    got = np.array([[_score_one(p[i], mats[i, j], g, f2, every, len(g), k, smax, 0.3, *grid[0],
+                                *grid[1], radius) for j in range(5)] for i in range(3)])
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # the search scores only the reflections that can be excited near where it is: the same
+    # score anywhere within that reach (here 2 degrees from each matrix)
+    gnorm = np.linalg.norm(g, axis=1)
+    idx = np.empty(len(g), np.int64)
+    for i in range(3):
+        for j in range(5):
+            n_idx = _near(mats[i, j], g, gnorm, k, smax, radius, 2.0, idx)
+            assert 0 < n_idx < len(g) / 3
+            turn = Rot.from_axes_angles(rng.normal(size=3), np.deg2rad(1.9)).to_matrix()[0]
+            moved = turn @ mats[i, j]
+            full = _score_one(p[i], moved, g, f2, every, len(g), k, smax, 0.3, *grid[0],
+                              *grid[1], radius)
+            kept = _score_one(p[i], moved, g, f2, idx, n_idx, k, smax, 0.3, *grid[0], *grid[1],
+                              radius)
+            assert kept == pytest.approx(full, rel=1e-12)
 
 
 @pytest.mark.parametrize("lazy", [False, True])
