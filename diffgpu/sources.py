@@ -99,8 +99,9 @@ class StoredFrames:
         """``func(words)`` on the stored records of frames ``start .. start + count``.
 
         ``words``: ``(count, stride / itemsize)`` words read as this machine's byte order, a
-        read-only map of the file that is closed when ``func`` returns (so ``func`` must
-        return new arrays, not views of ``words``)."""
+        read-only map of the file that is unmapped when ``func`` returns (or, if a view of it
+        is still referenced, when the last view is freed: ``func`` should return new arrays,
+        not views of ``words``)."""
         from .readers.errors import DetectorFileError
 
         size = self.word.itemsize
@@ -114,16 +115,22 @@ class StoredFrames:
                                                    f"bytes, frames {start}-{start + count - 1} "
                                                    f"need bytes up to {end:,}")
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ) as m:
-                raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
-                native = self.word.newbyteorder("=")
-                words = raw.view(native).reshape(count, self.stride // size)
-                try:
-                    return func(words)
-                finally:
-                    del raw, words  # no view of the map may outlive it
+            m = mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ)
         finally:
-            os.close(fd)
+            os.close(fd)  # the map keeps its own reference to the file
+        raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
+        words = raw.view(self.word.newbyteorder("=")).reshape(count, self.stride // size)
+        try:
+            return func(words)
+        finally:
+            del raw, words
+            try:
+                m.close()  # unmapped now: the mapped pages do not accumulate
+            except BufferError:
+                # a view is still referenced somewhere (a distributed worker's profiler holds
+                # running frames, and their arrays, for a moment): the map is unmapped when
+                # the last view goes
+                pass
 
 
 def register(array, stored):
