@@ -226,7 +226,7 @@ def stored_regions(stored):
 
 
 def _region_tasks(name, nav_chunks):
-    # one empty root task per region: every operation that reads this file in place hangs
+    # one trivial root task per region: every operation that reads this file in place hangs
     # off the same roots, so dask runs the operations of one region together and a file
     # read from disk is read once for all of them (the others find its pages in the page
     # cache)
