@@ -11,6 +11,25 @@ from ..sources import StoredFrames, register
 from .errors import DetectorFileError
 
 
+def _read_region(read, ranges, nav_shape, frame_shape, dtype):
+    """The frames of a box of the scan (``ranges``: ``(start, stop, step)`` per navigation axis,
+    steps of 1) through ``read(first, last + 1)`` of flat frame indices, and the box's shape.
+    Where the box is one run of frames in scan order (whole rows, or part of one row: how
+    diffgpu chunks a scan) the frames read are returned as they are; otherwise the box's
+    frames are picked out of the run that spans it."""
+    shape = tuple(b - a for a, b, _ in ranges)
+    if 0 in shape:
+        return np.empty((0,) + tuple(frame_shape), dtype), shape
+    first = int(np.ravel_multi_index(tuple(a for a, _, _ in ranges), nav_shape))
+    last = int(np.ravel_multi_index(tuple(b - 1 for _, b, _ in ranges), nav_shape))
+    frames = read(first, last + 1)
+    if last + 1 - first == int(np.prod(shape)):  # contiguous: no copy
+        return frames, shape
+    flat = np.arange(int(np.prod(nav_shape))).reshape(nav_shape)
+    idx = flat[tuple(slice(a, b) for a, b, _ in ranges)]
+    return frames[idx.ravel() - first], shape
+
+
 class RawFrames:
     """Array-like view ``nav_shape + frame_shape`` of frames in a file, for ``da.from_array``.
 
@@ -65,11 +84,12 @@ class RawFrames:
         rest = (Ellipsis,) + key[nav:]
         if len(nav_key) < nav or not all(isinstance(k, slice) for k in nav_key):
             return self.read(0, int(np.prod(self.nav_shape))).reshape(self.shape)[key]
-        flat = np.arange(int(np.prod(self.nav_shape))).reshape(self.nav_shape)[nav_key]
-        if flat.size == 0:
-            return np.empty(flat.shape + self.frame_shape, self.dtype)[rest]
-        frames = self.read(int(flat.min()), int(flat.max()) + 1)
-        return frames[flat.ravel() - flat.min()].reshape(flat.shape + self.frame_shape)[rest]
+        ranges = [k.indices(n) for k, n in zip(nav_key, self.nav_shape)]
+        if any(step != 1 for _, _, step in ranges):
+            return self[tuple(slice(None) for _ in ranges)][key]
+        frames, shape = _read_region(self.read, ranges, self.nav_shape, self.frame_shape,
+                                     self.dtype)
+        return frames.reshape(shape + self.frame_shape)[rest]
 
 
 def lazy_raw(frames, name, chunks=None):

@@ -36,6 +36,7 @@ except ImportError:  # a declared dependency; without it only compressed reads f
     hdf5plugin = None
 import numpy as np
 
+from ._raw import _read_region
 from .errors import DetectorFileError
 
 __all__ = ["file_reader", "find_frames", "sniff", "PLUGIN"]
@@ -242,13 +243,9 @@ class _Frames:
         ranges = [k.indices(n) for k, n in zip(nav_key, self.nav_shape)]
         if any(step != 1 for _, _, step in ranges):
             return self[tuple(slice(None) for _ in ranges)][key]
-        flat = np.arange(int(np.prod(self.nav_shape))).reshape(self.nav_shape)
-        idx = flat[tuple(slice(a, b) for a, b, _ in ranges)]
-        if idx.size == 0:
-            frames = np.empty((0,) + self.frame_shape, self.dtype)
-        else:
-            frames = self._read(int(idx.min()), int(idx.max()) + 1)[idx.ravel() - idx.min()]
-        return frames.reshape(idx.shape + self.frame_shape)[(Ellipsis,) + key[len(nav_key):]]
+        frames, shape = _read_region(self._read, ranges, self.nav_shape, self.frame_shape,
+                                     self.dtype)
+        return frames.reshape(shape + self.frame_shape)[(Ellipsis,) + key[len(nav_key):]]
 
 
 # -- direct reading of bitshuffle/LZ4 chunks ---------------------------------------------------
@@ -335,7 +332,8 @@ def _read_direct(fname, index, fa, fb, out):
     with open(fname, "rb") as f:
         if hi - lo <= 2 * int(sizes[ca:cb].sum()) + 65536:  # stored one after another: one read
             f.seek(lo)
-            raw = np.frombuffer(f.read(hi - lo) + bytes(64), np.uint8)
+            raw = np.zeros(hi - lo + 64, np.uint8)  # read into, not read and then padded (a copy)
+            raw = raw[:f.readinto(memoryview(raw)[:hi - lo]) + 64]
             where = offsets[ca:cb] - lo
         else:
             pieces = []
