@@ -13,9 +13,9 @@ from functools import partial
 
 import numpy as np
 
+from .chunking import MIN_CHUNK_FRAMES, _split
 from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
-from .chunking import MIN_CHUNK_FRAMES
 from .sources import block_runs, stored_frames
 
 __all__ = ["map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
@@ -190,16 +190,11 @@ def _split_regions(nav_chunks, parts):
     chunks, parent = [], []
     for c in nav_chunks:
         per = max(1, min(int(parts), max(c)))
-        cut = [_split_evenly(n, per) for n in c]
+        cut = [_split(n, per) for n in c]
         chunks.append(tuple(x for piece in cut for x in piece))
         parent.append(tuple(i for i, piece in enumerate(cut) for _ in piece))
         parts = -(-parts // per)
     return tuple(chunks), tuple(parent)
-
-
-def _split_evenly(n, parts):
-    base, extra = divmod(n, max(1, min(parts, n)))
-    return tuple(base + 1 if i < extra else base for i in range(max(1, min(parts, n))))
 
 
 # file bytes mapped at a time inside a task: bounds the pages mapped into the process (8 MiB

@@ -119,7 +119,7 @@ class StoredFrames:
         finally:
             os.close(fd)  # the map keeps its own reference to the file
         raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
-        words = raw.view(self.word.newbyteorder("=")).reshape(count, self.stride // size)
+        words = raw.view(self.dtype).reshape(count, self.stride // size)
         try:
             return func(words)
         finally:

@@ -36,30 +36,32 @@ def _frames(word, rng, shape=(5, 7, 6)):
     return rng.integers(low, 200, shape).astype(word)
 
 
+def _stored_case(word, seed, skip, flip):
+    """Frames of ``word`` and their records read as native words, and whether they are
+    swapped."""
+    frames = _frames(word, np.random.default_rng(seed))
+    word = np.dtype(word)
+    words = _records(frames, word, skip, flip).view(word.newbyteorder("="))
+    return frames, words, not word.isnative and word.itemsize > 1
+
+
 @pytest.mark.parametrize("word", WORDS)
 @pytest.mark.parametrize("flip", [False, True])
 def test_decode_records_every_word(word, flip):
-    rng = np.random.default_rng(3)
-    frames = _frames(word, rng)
-    rec = _records(frames, word, 3, flip)
-    word = np.dtype(word)
-    out = np.empty(frames.shape, word.newbyteorder("="))
-    decode_records(rec.view(out.dtype), out, 3, flip, swapped=not word.isnative)
+    frames, words, swapped = _stored_case(word, 3, 3, flip)
+    out = np.empty(frames.shape, words.dtype)
+    decode_records(words, out, 3, flip, swapped=swapped)
     np.testing.assert_array_equal(out, frames.astype(out.dtype))
 
 
 @pytest.mark.parametrize("word", [w for w in WORDS if np.dtype(w).kind in "ui"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_weighted_sums_of_stored_words_equal_decoded(word, flip):
-    rng = np.random.default_rng(4)
-    frames = _frames(word, rng)
-    rec = _records(frames, word, 2, flip)
-    word = np.dtype(word)
+    frames, words, swapped = _stored_case(word, 4, 2, flip)
     assert stored_words_supported(word)
-    weights = rng.random((42, 3)).astype(np.float32)
-    got = weighted_sums_stored(rec.view(word.newbyteorder("=")),
-                               np.ascontiguousarray(weights.T).reshape(3, 7, 6), 2, flip,
-                               swapped=not word.isnative and word.itemsize > 1)
+    weights = np.random.default_rng(5).random((42, 3)).astype(np.float32)
+    got = weighted_sums_stored(words, np.ascontiguousarray(weights.T).reshape(3, 7, 6), 2, flip,
+                               swapped=swapped)
     want = frames.astype(np.float64).reshape(5, -1) @ weights.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 

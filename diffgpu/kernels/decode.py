@@ -47,9 +47,10 @@ def decode_records(words, out, skip, flip_rows=False, swapped=False):
     if words.dtype.itemsize != size or words.shape[1] < skip + rows * cols:
         raise ValueError(f"records of {words.shape[1]} {words.dtype} words cannot hold {skip} "
                          f"header words and a {rows} x {cols} frame of {out.dtype}")
-    if size in _DECODERS and (swapped or size == 1):
+    if size in (1, 2, 4) and (swapped or size == 1):
         uint = np.dtype(f"u{size}")
-        _DECODERS[size](words.view(uint), out.view(uint), int(skip), bool(flip_rows))
+        _decode_words(words.view(uint), out.view(uint), int(skip), bool(flip_rows),
+                      size if swapped and size > 1 else 0)
         return out
     pixels = words[:, skip:skip + rows * cols].reshape(n, rows, cols)
     if flip_rows:
@@ -75,46 +76,32 @@ def _reverse_rows(frame):
             b[c] = t
 
 
+@numba.njit(inline="always")
+def _swap(v, size):
+    """``v`` (an unsigned word widened to 32 bits) with its ``size`` bytes in reverse order
+    (``size`` 1 or 0: unchanged). Shared by the decoder and the in-place weighted sums."""
+    if size == 2:
+        return ((v >> 8) | (v << 8)) & 0xFFFF
+    if size == 4:
+        return ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | \
+            ((v << 24) & 0xFF000000)
+    return v
+
+
 @numba.njit(nogil=True, cache=True)
-def _decode_u8(src, out, skip, flip):
+def _decode_words(src, out, skip, flip, swap):
+    # row by row into the frame (bytes swapped when ``swap`` is the word size), then the rows
+    # reversed in place while the frame is in cache
     n, h, w = out.shape
     for i in range(n):
         for r in range(h):
             s = src[i, skip + r * w: skip + (r + 1) * w]
             o = out[i, r]
-            for c in range(w):
-                o[c] = s[c]
+            if swap == 0:
+                for c in range(w):
+                    o[c] = s[c]
+            else:
+                for c in range(w):
+                    o[c] = _swap(np.uint32(s[c]), swap)
         if flip:
             _reverse_rows(out[i])
-
-
-@numba.njit(nogil=True, cache=True)
-def _decode_u16(src, out, skip, flip):
-    # src holds the file's big-endian words read as native ones: swap the two bytes
-    n, h, w = out.shape
-    for i in range(n):
-        for r in range(h):
-            s = src[i, skip + r * w: skip + (r + 1) * w]
-            o = out[i, r]
-            for c in range(w):
-                v = s[c]
-                o[c] = (v >> 8) | (v << 8)
-        if flip:
-            _reverse_rows(out[i])
-
-
-@numba.njit(nogil=True, cache=True)
-def _decode_u32(src, out, skip, flip):
-    n, h, w = out.shape
-    for i in range(n):
-        for r in range(h):
-            s = src[i, skip + r * w: skip + (r + 1) * w]
-            o = out[i, r]
-            for c in range(w):
-                v = s[c]
-                o[c] = ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | (v << 24)
-        if flip:
-            _reverse_rows(out[i])
-
-
-_DECODERS = {1: _decode_u8, 2: _decode_u16, 4: _decode_u32}

@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from ..device import array_module
+from .decode import _swap
 
 __all__ = ["weighted_sums", "weighted_sums_stored", "stored_words_supported", "BLOCK"]
 
@@ -141,16 +142,6 @@ def weighted_sums_stored(words, weights_t, skip, flip_rows=False, swapped=False)
     _stored_weighted_sums(words, int(skip), weights_t, bool(flip_rows),
                           size if swapped and size > 1 else 0, signed, out)
     return out
-
-
-@numba.njit(inline="always")
-def _swap(v, size):
-    if size == 2:
-        return ((v >> 8) | (v << 8)) & 0xFFFF
-    if size == 4:
-        return ((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000) | \
-            ((v << 24) & 0xFF000000)
-    return v
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)

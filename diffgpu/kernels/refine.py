@@ -109,6 +109,20 @@ def _prepare(pw, taps, out):
                 out[i, r, a] *= scale
 
 
+def _spots(v, k, smax, radius, radial, azimuthal):
+    """Where the reflections at laboratory positions ``v`` ``(..., 3)`` land and how strongly
+    they are excited: ``inside`` (excited and within ``radius``), the rel-rod factor, and
+    their radial and azimuthal positions in bins of the polar grid."""
+    r = np.hypot(v[..., 0], v[..., 1])
+    s = (k - np.sqrt(np.maximum(k * k - r * r, 0))) - v[..., 2]
+    width = np.pi / smax
+    rod = width / (np.pi * (width * width * s * s + 1)) * smax
+    inside = (np.abs(s) < smax) & (r <= radius)
+    fr = (r - radial[0]) / radial[1]
+    fa = (np.rad2deg(np.arctan2(v[..., 1], v[..., 0])) - azimuthal[0]) / azimuthal[1]
+    return inside, rod, fr, fa
+
+
 def score_rotations(p, matrices, g, f2, k, max_excitation_error, gamma, radial, azimuthal,
                     reciprocal_radius):
     """Scores ``(n, c)`` of ``c`` candidate rotations for each of ``n`` patterns.
@@ -134,15 +148,9 @@ def score_rotations(p, matrices, g, f2, k, max_excitation_error, gamma, radial, 
     """
     n, R, A = p.shape
     v = np.einsum("ncij,gj->ncgi", matrices, g)
-    r = np.hypot(v[..., 0], v[..., 1])
-    s = (k - np.sqrt(np.maximum(k * k - r * r, 0))) - v[..., 2]
-    width = np.pi / max_excitation_error
-    rod = width / (np.pi * (width * width * s * s + 1)) * max_excitation_error
-    inside = (np.abs(s) < max_excitation_error) & (r <= reciprocal_radius)
+    inside, rod, fr, fa = _spots(v, k, max_excitation_error, reciprocal_radius, radial,
+                                 azimuthal)
     w = np.where(inside, f2 * rod, 0.0) ** gamma
-    theta = np.rad2deg(np.arctan2(v[..., 1], v[..., 0]))
-    fr = (r - radial[0]) / radial[1]
-    fa = (theta - azimuthal[0]) / azimuthal[1]
     r0 = np.clip(np.floor(fr).astype(np.int64), 0, R - 2)
     ar = np.clip(fr - r0, 0.0, 1.0)
     a0 = np.floor(fa).astype(np.int64)
@@ -219,17 +227,12 @@ def estimate_exponent(patterns, matrices, model, radial, azimuthal, smooth=0.5, 
     mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
     slopes = []
     for i in range(n):
-        v = g @ mats[i].T
-        r = np.hypot(v[:, 0], v[:, 1])
-        s = (k - np.sqrt(np.maximum(k * k - r * r, 0))) - v[:, 2]
-        fr = (r - radial[0]) / radial[1]
-        inside = (np.abs(s) < smax) & (r <= radius) & (fr >= 0) & (fr <= R - 1)
+        inside, rod, fr, fa = _spots(g @ mats[i].T, k, smax, radius, radial, azimuthal)
+        inside &= (fr >= 0) & (fr <= R - 1)
         if inside.sum() < min_spots:
             continue
-        width = np.pi / smax
-        model_i = f2[inside] * width / (np.pi * (width * width * s[inside] ** 2 + 1)) * smax
-        fr = fr[inside]
-        fa = (np.degrees(np.arctan2(v[inside, 1], v[inside, 0])) - azimuthal[0]) / azimuthal[1]
+        model_i = f2[inside] * rod[inside]
+        fr, fa = fr[inside], fa[inside]
         r0 = np.clip(np.floor(fr).astype(np.int64), 0, R - 2)
         ar = np.clip(fr - r0, 0, 1)
         a0 = np.floor(fa).astype(np.int64)
@@ -264,6 +267,17 @@ def axis_rotations(angle_deg):
 
 
 @numba.njit(inline="always")
+def _project(m, g, j, k):
+    """Reflection ``j`` at crystal-to-laboratory matrix ``m``: its laboratory x and y, its
+    radius on the detector plane and its excitation error."""
+    vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
+    vy = m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2]
+    vz = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
+    r = math.sqrt(vx * vx + vy * vy)
+    return vx, vy, r, (k - math.sqrt(max(k * k - r * r, 0.0))) - vz
+
+
+@numba.njit(inline="always")
 def _keys(t):
     """Weights of the 4 samples around ``t`` in [0, 1) for cubic convolution (Keys, a = -0.5)."""
     t2 = t * t
@@ -282,11 +296,7 @@ def _score_one(p, m, g, f2, idx, n_idx, k, smax, gamma, r_first, dr, a_first, da
     norm = 0.0
     for q in range(n_idx):
         j = idx[q]
-        vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
-        vy = m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2]
-        vz = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
-        r = math.sqrt(vx * vx + vy * vy)
-        s = (k - math.sqrt(max(k * k - r * r, 0.0))) - vz
+        vx, vy, r, s = _project(m, g, j, k)
         if abs(s) >= smax or r > radius:
             continue
         rod = width / (math.pi * (width * width * s * s + 1.0)) * smax
@@ -330,14 +340,10 @@ def _near(m, g, gnorm, k, smax, radius, near_deg, idx):
     reach = math.radians(near_deg)
     n = 0
     for j in range(g.shape[0]):
-        vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
-        vy = m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2]
-        vz = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
-        r = math.sqrt(vx * vx + vy * vy)
+        _, _, r, s = _project(m, g, j, k)
         d = gnorm[j] * reach
         # the excitation error k - sqrt(k^2 - r^2) - vz: vz and r each move by at most d, and
         # the curvature term changes by at most d r / sqrt(k^2 - r^2) <= d (r << k)
-        s = (k - math.sqrt(max(k * k - r * r, 0.0))) - vz
         if abs(s) < smax + 2.0 * d and r <= radius + d:
             idx[n] = j
             n += 1
@@ -357,9 +363,9 @@ def _turn_angle(a, b):
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def _refine_host(p, matrices, g, f2, k, smax, gamma, r_first, dr, a_first, da, radius, step,
                  min_step, max_iter, out, scores):
+    """Pattern search for every pattern, one after another (see :func:`refine_rotations`)."""
     # the reflections scored are those that can be excited within near_deg of where the
     # kept set was made; it is made again before a trial turn could leave that reach
-    """Pattern search for every pattern, one after another (see :func:`refine_rotations`)."""
     cand = np.empty((3, 3))
     gnorm = np.sqrt((g * g).sum(axis=1))
     idx = np.empty(g.shape[0], np.int64)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..sources import StoredFrames, register
+from ..sources import StoredFrames, block_runs, register
 from .errors import DetectorFileError
 
 
@@ -16,18 +16,16 @@ def _read_region(read, ranges, nav_shape, frame_shape, dtype):
     steps of 1) through ``read(first, last + 1)`` of flat frame indices, and the box's shape.
     Where the box is one run of frames in scan order (whole rows, or part of one row: how
     diffgpu chunks a scan) the frames read are returned as they are; otherwise the box's
-    frames are picked out of the run that spans it."""
+    runs are picked out of the span read."""
     shape = tuple(b - a for a, b, _ in ranges)
     if 0 in shape:
         return np.empty((0,) + tuple(frame_shape), dtype), shape
-    first = int(np.ravel_multi_index(tuple(a for a, _, _ in ranges), nav_shape))
-    last = int(np.ravel_multi_index(tuple(b - 1 for _, b, _ in ranges), nav_shape))
-    frames = read(first, last + 1)
-    if last + 1 - first == int(np.prod(shape)):  # contiguous: no copy
+    runs = block_runs([(a, b) for a, b, _ in ranges], nav_shape)
+    first, last = runs[0][0], runs[-1][0] + runs[-1][1]
+    frames = read(first, last)
+    if len(runs) == 1:  # one run: no copy
         return frames, shape
-    flat = np.arange(int(np.prod(nav_shape))).reshape(nav_shape)
-    idx = flat[tuple(slice(a, b) for a, b, _ in ranges)]
-    return frames[idx.ravel() - first], shape
+    return np.concatenate([frames[start - first:start - first + n] for start, n in runs]), shape
 
 
 class RawFrames:
