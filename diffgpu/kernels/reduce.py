@@ -54,8 +54,11 @@ def weighted_sums(frames, weights, threshold=None):
             and weights.shape[1] <= 16):
         # integer counts (detector files): read as they are, no float32 copy; 4x the
         # convert-then-BLAS path on one core (uint16, 256 x 256, 2 detectors)
-        out = np.empty((n, weights.shape[1]), dtype=np.float32)
-        _host_weighted_sums(frames, np.ascontiguousarray(weights.T), out)
+        k = weights.shape[1]
+        out = np.empty((n, k), dtype=np.float32)
+        # the in-place kernel with no header, no flip, no swap: each frame is one row
+        _stored_weighted_sums(frames, 0, np.ascontiguousarray(weights.T).reshape(k, 1, -1),
+                              False, 0, False, out)
         return out
     out = xp.empty((n, weights.shape[1]), dtype=xp.float32)
     for i in range(0, n, BLOCK):
@@ -67,20 +70,6 @@ def weighted_sums(frames, weights, threshold=None):
             block = xp.where(block >= cut, block, xp.float32(0))
         xp.matmul(block, weights, out=out[i:i + BLOCK])
     return out
-
-
-@numba.njit(nogil=True, fastmath=True, cache=True)
-def _host_weighted_sums(frames, weights_t, out):
-    # one frame at a time: it stays in cache while each detector's weights pass over it
-    n, p = frames.shape
-    for i in range(n):
-        f = frames[i]
-        for j in range(weights_t.shape[0]):
-            w = weights_t[j]
-            acc = np.float32(0)
-            for q in range(p):
-                acc += np.float32(f[q]) * w[q]
-            out[i, j] = acc
 
 
 def stored_words_supported(word):
