@@ -150,6 +150,79 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     return OperationResult(data, axes, metadata, "orientation_matches", lazy=polar._lazy)
 
 
+def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
+    """Which matches are another orientation than the best one: ``(N, n_best)`` booleans.
+
+    A match is distinct when its orientation is more than ``min_misorientation`` degrees
+    from the best's (up to the crystal symmetry of the best's phase) or of another phase; the
+    best itself is not.
+
+    Parameters
+    ----------
+    rotations : array ``(N, n_best, 4)``
+        Quaternions of the matches (best first).
+    phase_index : array ``(N, n_best)``
+        Their phases (indices into ``phases``).
+    phases : list of orix ``Phase``
+    min_misorientation : float
+        Degrees.
+
+    Examples
+    --------
+    >>> from orix.crystal_map import Phase
+    >>> from orix.quaternion import Rotation
+    >>> q = Rotation.from_axes_angles([0, 0, 1], np.deg2rad([0, 2, 45, 90])).data[None]
+    >>> distinct_candidates(q, np.zeros((1, 4)), [Phase(point_group="m-3m")]).tolist()
+    [[False, False, True, False]]
+    """
+    from orix.quaternion import Orientation
+
+    rot = np.asarray(rotations, dtype=np.float64)
+    ph = np.asarray(phase_index).astype(np.int64)
+    n_best = rot.shape[1]
+    far = np.zeros(ph.shape, bool)
+    if n_best < 2:
+        return far
+    for p, phase in enumerate(phases):
+        own = ph[:, 0] == p
+        if not own.any():
+            continue
+        best = Orientation(np.repeat(rot[own, :1], n_best - 1, axis=1).reshape(-1, 4),
+                           symmetry=phase.point_group)
+        other = Orientation(rot[own, 1:].reshape(-1, 4), symmetry=phase.point_group)
+        angle = best.angle_with(other, degrees=True).reshape(-1, n_best - 1)
+        far[own, 1:] = (angle > min_misorientation) | (ph[own, 1:] != p)
+    return far
+
+
+def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
+                          max_excitation_error, gamma, sigma):
+    """Correlation of every candidate's noiseless spot pattern with the best's
+    (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best."""
+    from orix.quaternion import Rotation
+
+    from .kernels.refine import model_similarity
+
+    n_best = cand_q.shape[-2]
+    mats = (~Rotation(cand_q.reshape(-1, 4))).to_matrix().reshape(-1, n_best, 3, 3)
+    ph = phases.reshape(-1, n_best)
+    out = np.ones(ph.shape)
+
+    def model(p):
+        if p not in models:
+            models[p] = library.kinematic_model(p, accelerating_voltage, max_excitation_error)
+        return models[p]
+
+    for rank in range(1, n_best):
+        for pa in np.unique(ph[:, 0]):
+            for pb in np.unique(ph[:, rank]):
+                sel = np.flatnonzero((ph[:, 0] == pa) & (ph[:, rank] == pb))
+                if sel.size:
+                    out[sel, rank] = model_similarity(mats[sel, 0], mats[sel, rank], model(int(pa)),
+                                                      gamma, sigma, model_b=model(int(pb)))
+    return out.reshape(phases.shape)
+
+
 def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None, candidates=3,
                         margin=0.1, intensity_exponent=None):
@@ -164,7 +237,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     """
     from orix.quaternion import Rotation
 
-    from .kernels.refine import estimate_exponent, prepare_patterns, refine_rotations
+    from .kernels.refine import (contrast_scores, estimate_exponent, prepare_patterns,
+                                 refine_rotations)
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -184,17 +258,26 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         raise ValueError(f"candidates must be a positive integer; got {candidates!r}")
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1); got {margin!r}")
-    c = min(int(candidates), m.shape[-2])
-    start = matches.to_rotations().data.reshape(nav + (-1, 4))[..., :c, :]
+    n_best = m.shape[-2]
+    c = min(int(candidates), n_best)
+    start = matches.to_rotations().data.reshape(nav + (n_best, 4))
     # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
-    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9 * c,))
-    phases = m[..., :c, 1].reshape(nav + (c,))
+    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9 * n_best,))
+    phases = m[..., 1].reshape(nav + (n_best,))
     # the other candidates are refined only where their correlation comes within `margin`
-    # of the best's: near-twins and close phases, decided by the full spot model
-    contender = m[..., :c, 2] >= (1 - margin) * m[..., :1, 2]
+    # of the best's: near-twins and close phases, decided by the full spot model. Besides
+    # the first `c`, the best-ranked match of another orientation: the alternative that
+    # get_reliability weighs against the best (on the library's grid, 0.5 degrees off, a
+    # twin's predicted pattern differs from the truth's where refined it would not)
+    contender = m[..., 2] >= (1 - margin) * m[..., :1, 2]
     contender[..., 0] = True
+    far = distinct_candidates(start.reshape(-1, n_best, 4), m[..., 1].reshape(-1, n_best),
+                              matches._phases()[0]).reshape(nav + (n_best,))
+    first_far = np.zeros_like(far)
+    np.put_along_axis(first_far, far.argmax(axis=-1)[..., None], True, axis=-1)
+    contender &= (np.arange(n_best) < c) | (first_far & far)
     models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
-              for p in np.unique(phases[contender])}
+              for p in np.unique(phases)}
     if intensity_exponent is None:
         # from up to 32 patterns spread over the scan (a slice: one explicit move to the host
         # for device-resident patterns), at their best matches, of the phase most of them have
@@ -203,13 +286,11 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         sample = polar.data.reshape((flat,) + polar.data.shape[-2:])[::every][:32]
         sample = np.asarray(to_host_array(sample.compute() if hasattr(sample, "compute")
                                           else sample))
-        ph = phases.reshape(-1, c)[::every][:32, 0].astype(np.int64)
+        ph = phases.reshape(-1, n_best)[::every][:32, 0].astype(np.int64)
         main = int(np.bincount(ph).argmax())
         pick = ph == main
         intensity_exponent = estimate_exponent(
-            sample[pick], mats.reshape(-1, c, 3, 3)[::every][:32, 0][pick],
-            models.get(main) or library.kinematic_model(main, accelerating_voltage,
-                                                        max_excitation_error),
+            sample[pick], mats.reshape(-1, n_best, 3, 3)[::every][:32, 0][pick], models[main],
             radial, azimuthal, smooth)
     elif not 0 < intensity_exponent <= 4:
         raise ValueError(f"intensity_exponent must be in (0, 4]; got {intensity_exponent!r}")
@@ -221,22 +302,28 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         todo = to_host_array(todo).astype(bool)
         p = prepare_patterns(frames, gamma, smooth)
         n = frames.shape[0]
-        quats = np.zeros((n, c, 4))
-        scores = np.full((n, c), -np.inf)
-        mat = mat.reshape(n, c, 3, 3)
-        for rank in range(c):
+        mat = mat.reshape(n, n_best, 3, 3).copy()
+        scores = np.full((n, n_best), -np.inf)
+        for rank in range(n_best):
             for ph, model in models.items():
                 sel = np.flatnonzero((phase[:, rank] == ph) & todo[:, rank])
                 if not sel.size:
                     continue
-                found, score = refine_rotations(p[sel], mat[sel, rank], model, model_gamma,
-                                                radial, azimuthal, step, min_step)
-                quats[sel, rank] = Rotation.from_matrix(found.transpose(0, 2, 1)).data.reshape(-1, 4)
-                scores[sel, rank] = score
-        chosen = scores.argmax(axis=1)
-        rows = np.arange(n)
-        out = np.concatenate([quats[rows, chosen], scores[rows, chosen, None], chosen[:, None]],
-                             axis=1)
+                mat[sel, rank], scores[sel, rank] = refine_rotations(
+                    p[sel], mat[sel, rank], model, model_gamma, radial, azimuthal, step, min_step)
+        # every candidate (refined or as matched) scored against the patterns less their
+        # rings' background: what get_reliability compares
+        contrast = np.zeros((n, n_best))
+        for ph, model in models.items():
+            own = phase == ph
+            if own.any():
+                rows = np.flatnonzero(own.any(axis=1))
+                part = contrast_scores(p[rows], mat[rows], model, model_gamma, radial, azimuthal)
+                contrast[rows] = np.where(own[rows], part, contrast[rows])
+        quats = Rotation.from_matrix(mat.transpose(0, 1, 3, 2).reshape(-1, 3, 3)).data
+        # refined rotations and scores (-inf where not refined), contrast scores, the winner
+        out = np.concatenate([quats.reshape(n, 4 * n_best), scores, contrast,
+                              scores.argmax(axis=1)[:, None]], axis=1)
         return xp.asarray(out)
 
     def refine_eager(frames, mat, phase, todo, models):
@@ -247,23 +334,37 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
             lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
             frames.shape[0])
 
-    data = map_frames(polar.data, refine, (6,), np.float64, constants=(models,),
+    width = 6 * n_best + 1
+    data = map_frames(polar.data, refine, (width,), np.float64, constants=(models,),
                       per_frame=(mats, phases, contender.astype(np.float64)),
                       eager_func=refine_eager)
     if hasattr(data, "compute"):
         data = data.compute()
     data = np.asarray(to_host_array(data))
-    chosen = data[..., 5].astype(np.int64)
-    data = data[..., :5]
-    if c > 1 and (chosen > 0).any():  # the refined winner becomes the best match
-        m = m.copy()
+    chosen = data[..., -1].astype(np.int64)
+    # all n_best candidates: refined rotation and score where refined, else as matched (NaN)
+    cand_q = start.copy()
+    cand_s = np.full(nav + (n_best,), np.nan)
+    refined_q = data[..., :4 * n_best].reshape(nav + (n_best, 4))
+    refined_s = data[..., 4 * n_best:5 * n_best]
+    contrast = data[..., 5 * n_best:6 * n_best].copy()
+    done = np.isfinite(refined_s)
+    cand_q = np.where(done[..., None], refined_q, cand_q)
+    cand_s = np.where(done, refined_s, np.nan)
+    m = m.copy()  # (lazy matches' host copy is cached)
+    if (chosen > 0).any():  # the refined winner becomes the best match
         idx = np.indices(nav)
-        winner = m[(*idx, chosen)].copy()
-        first = m[..., 0, :].copy()
-        m[(*idx, chosen)] = first
-        m[..., 0, :] = winner
+        for a in (m, cand_q, cand_s, contrast):  # candidates along the axis after the scan's
+            winner = a[(*idx, chosen)].copy()
+            a[(*idx, chosen)] = a[(*idx, np.zeros_like(chosen))]
+            a[(*idx, np.zeros_like(chosen))] = winner
+    similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models, library,
+                                       accelerating_voltage, max_excitation_error, model_gamma,
+                                       radial[1])
     metadata = matches.metadata.as_dictionary()
-    metadata["Refined"] = {"rotations": data[..., :4], "score": data[..., 4],
+    metadata["Refined"] = {"rotations": cand_q[..., 0, :], "score": cand_s[..., 0],
+                           "candidate_rotations": cand_q, "candidate_scores": cand_s,
+                           "contrast_scores": contrast, "similarity": similarity,
                            "changed_match": chosen > 0,
                            "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
                                           "min_step": min_step, "candidates": c,

@@ -172,7 +172,13 @@ def test_refine_goes_below_the_grid_lazy_equal_eager_and_survives_saving(si, lib
     np.testing.assert_array_equal(refined.data[changed], matches.data[changed][:, ::-1])
     rot = refined.to_rotations()
     np.testing.assert_allclose(rot.data[:, 0], refined.metadata.Refined.rotations)
-    np.testing.assert_allclose(rot.data[~changed, 1], matches.to_rotations().data[~changed, 1])
+    # the other candidates: refined where they were refined, as matched otherwise
+    as_matched = ~np.isfinite(np.asarray(refined.metadata.Refined.candidate_scores)[:, 1])
+    keep = as_matched & ~changed
+    np.testing.assert_allclose(rot.data[keep, 1], matches.to_rotations().data[keep, 1])
+    moved = Orientation(rot[:, 1], symmetry=si.point_group).angle_with(
+        Orientation(matches.to_rotations()[:, 1], symmetry=si.point_group), degrees=True)
+    assert np.all(moved[~as_matched & ~changed] < 3)
     lazy = polar.as_lazy()
     lazy.data = lazy.data.rechunk((5, -1, -1))
     from_lazy = matches.as_lazy().refine(lazy, lib)
@@ -240,6 +246,81 @@ def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kin
     assert given.metadata.Refined.parameters["intensity_exponent"] == 1.0
     with pytest.raises(ValueError, match="intensity_exponent"):
         polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=0)
+
+
+def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
+    """Issue 14, item 3: after refinement, 0 marks patterns whose best and alternative
+    orientations predict the same pattern (and only those); resolved patterns, near-twins
+    included, come out near 1, and the wrong matches that are not ambiguous come out low."""
+    from diffgpu.kernels.refine import model_similarity
+
+    np.random.seed(7)
+    truth = Rotation(np.concatenate([_near_zone_rotations(16, 3, tilt=0.0).data,
+                                     _near_zone_rotations(24, 5).data,
+                                     Rotation.random(16).data]))
+    s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(256, 256), calibration=0.01,
+                                          seed=4)
+    polar = s.get_azimuthal_integral2d(npt=128, npt_azim=360, radial_range=(0, 1.28), mean=True)
+    polar = polar._deepcopy_with_new_data(np.maximum(polar.data, 0) ** 0.5)
+    refined = polar.get_orientation(lib1, n_best=5).refine(polar, lib1)
+    rel = refined.get_reliability()
+    r = rel.data
+    assert r.shape == (56,) and np.all((r >= 0) & (r <= 1))
+    ambiguous = r == 0
+    assert rel.metadata.Reliability.ambiguous == ambiguous.sum()
+    err = Orientation(truth, symmetry=si.point_group).angle_with(refined.to_orientations(),
+                                                                 degrees=True)
+    right = err < 2
+    # exactly down a zone axis some patterns have a twin with the same spots (when it is
+    # among the n_best); at random orientations few do
+    assert ambiguous[:16].sum() >= 3, r[:16]
+    assert ambiguous[40:].mean() <= 0.15, r[40:]
+    # what is ambiguous truly is: where it went wrong, the found orientation's noiseless
+    # pattern is the truth's
+    model = lib1.kinematic_model()
+    gamma = 0.3 * refined.metadata.Refined.parameters["intensity_exponent"]
+    found = (~refined.to_rotations()[:, 0]).to_matrix()
+    rho_truth = model_similarity(found, (~truth).to_matrix(), model, gamma, 0.01)
+    assert np.all(rho_truth[ambiguous & ~right] > 0.99), rho_truth[ambiguous & ~right]
+    assert (ambiguous & ~right).sum() >= 2
+    # resolved patterns: right and clearly so; the wrong ones that are not ambiguous are flagged
+    assert np.mean(r[right & ~ambiguous] >= 0.5) >= 0.95, r[right & ~ambiguous]
+    assert np.all(r[~right & ~ambiguous] < 0.5), (err[~right & ~ambiguous], r[~right & ~ambiguous])
+    # the formula, on three patterns with scores and correlations set by hand
+    m = refined.inav[:3]
+    R = m.metadata.Refined
+    every = Orientation(lib1.rotations, symmetry=si.point_group)
+    far = lib1.rotations[int(np.argmax(every.angle_with(every[0])))]
+    q = np.repeat(lib1.rotations[0].data.reshape(1, 1, 4), 5, axis=1).repeat(3, axis=0)
+    q[:2, 2] = far.data.reshape(4)  # patterns 0 and 1: rank 2 is another orientation
+    R.candidate_rotations = q
+    m.data = np.asarray(m.data).copy()
+    m.data[:, :, 1] = 0
+    R.contrast_scores = np.array([[0.05, 0.049, 0.048, 0.04, 0.03]] * 3)
+    R.similarity = np.array([[1, 1, 0.9, 0.5, 0.5], [1, 1, 0.999, 0.5, 0.5], [1, 1, 1, 1, 1.0]])
+    np.testing.assert_allclose(m.get_reliability().data, [(1 - 0.048 / 0.05) / 0.1, 0, 1],
+                               rtol=1e-5)
+    assert m.get_reliability(indistinguishable=0.9999).data[1] == 1  # (0.04 / 0.001, clipped)
+
+
+def test_model_similarity_of_orientations(lib1):
+    from diffgpu.kernels.refine import model_similarity
+
+    model = lib1.kinematic_model()
+    rot = Rotation.random(4)
+    mats = (~rot).to_matrix()
+    same = model_similarity(mats, mats, model, 0.3, 0.01)
+    np.testing.assert_allclose(same, 1, rtol=1e-9)
+    turned = (~(rot * Rotation.from_axes_angles([1, 0, 0], np.deg2rad(0.5)))).to_matrix()
+    other = (~Rotation.random(4)).to_matrix()
+    near = model_similarity(mats, turned, model, 0.3, 0.01)
+    far = model_similarity(mats, other, model, 0.3, 0.01)
+    assert np.all(near < 1) and np.all(near > far), (near, far)
+    assert np.all(far < 0.9)
+    np.testing.assert_allclose(model_similarity(mats, other, model, 0.3, 0.01),
+                               model_similarity(other, mats, model, 0.3, 0.01), rtol=1e-9)
+    with pytest.raises(ValueError, match="pairs"):
+        model_similarity(mats, mats[:2], model, 0.3, 0.01)
 
 
 def test_refine_kernel_scores_like_the_numpy_formulation(lib):

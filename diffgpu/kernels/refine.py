@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 __all__ = ["prepare_patterns", "score_rotations", "refine_rotations", "axis_rotations",
-           "estimate_exponent"]
+           "estimate_exponent", "model_similarity", "contrast_scores"]
 
 
 def prepare_patterns(patterns, gamma, smooth=0.5):
@@ -437,3 +437,161 @@ def refine_rotations(p, matrices, model, gamma, radial, azimuthal, step=0.5, min
                  float(azimuthal[0]), float(azimuthal[1]), float(radius), float(step),
                  float(min_step), int(max_iter), out, scores)
     return out, scores
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _excited(m, g, f2, k, smax, gamma, radius, x, y, w):
+    """The spots of matrix ``m``: laboratory x, y and weight ``(|F|^2 rod) ** gamma`` written
+    to ``x``, ``y``, ``w``; returns how many."""
+    width = math.pi / smax
+    n = 0
+    for j in range(g.shape[0]):
+        vx, vy, r, s = _project(m, g, j, k)
+        if abs(s) >= smax or r > radius:
+            continue
+        x[n], y[n] = vx, vy
+        w[n] = (f2[j] * (width / (math.pi * (width * width * s * s + 1.0)) * smax)) ** gamma
+        n += 1
+    return n
+
+
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _overlap(xa, ya, wa, na, xb, yb, wb, nb, inv4s2):
+    """``sum_ij wa_i wb_j exp(-|a_i - b_j|^2 / (4 sigma^2))``: the inner product of two
+    images of Gaussian spots of width ``sigma`` (up to a constant factor)."""
+    total = 0.0
+    for i in range(na):
+        for j in range(nb):
+            dx = xa[i] - xb[j]
+            dy = ya[i] - yb[j]
+            d2 = (dx * dx + dy * dy) * inv4s2
+            if d2 < 30.0:
+                total += wa[i] * wb[j] * math.exp(-d2)
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _similarity(ma, mb, ga, fa, gb, fb, k, smax, gamma, radius, sigma, out):
+    xa, ya, wa = np.empty(ga.shape[0]), np.empty(ga.shape[0]), np.empty(ga.shape[0])
+    xb, yb, wb = np.empty(gb.shape[0]), np.empty(gb.shape[0]), np.empty(gb.shape[0])
+    inv4s2 = 1.0 / (4.0 * sigma * sigma)
+    for i in range(ma.shape[0]):
+        na = _excited(ma[i], ga, fa, k, smax, gamma, radius, xa, ya, wa)
+        nb = _excited(mb[i], gb, fb, k, smax, gamma, radius, xb, yb, wb)
+        aa = _overlap(xa, ya, wa, na, xa, ya, wa, na, inv4s2)
+        bb = _overlap(xb, yb, wb, nb, xb, yb, wb, nb, inv4s2)
+        ab = _overlap(xa, ya, wa, na, xb, yb, wb, nb, inv4s2)
+        out[i] = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
+
+
+def model_similarity(matrices_a, matrices_b, model, gamma, sigma, model_b=None):
+    """How alike the patterns of two orientations are: the correlation of their noiseless spot
+    patterns in the kinematic model, pair by pair.
+
+    Each orientation's excited spots are drawn as Gaussians of width ``sigma`` (1/Å) in the
+    detector plane, weighted ``(|F|^2 x rel-rod factor) ** gamma``; the result is the
+    cosine of the angle between the two images, ``<A, B> / (|A| |B|)``, computed from the spot
+    lists (no image is drawn). 1 when the two predict the same spots with the same
+    intensities: a pattern cannot tell them apart.
+
+    Parameters
+    ----------
+    matrices_a, matrices_b : arrays ``(n, 3, 3)``
+        Crystal-to-laboratory matrices of the pairs.
+    model : tuple
+        ``(g, f2, k, max_excitation_error, reciprocal_radius)``
+        (:meth:`~diffgpu.TemplateLibrary.kinematic_model`).
+    gamma : float
+        Spot weights are ``intensity ** gamma`` (as the patterns are scored).
+    sigma : float
+        Spot width, 1/Å (e.g. one radial bin of the polar patterns).
+    model_b : tuple, optional
+        The model of ``matrices_b`` when it is another phase (same ``k``, excitation
+        error and radius); ``model`` by default.
+
+    Returns
+    -------
+    numpy.ndarray ``(n,)`` in [0, 1]
+
+    Examples
+    --------
+    A 180-degree turn about the beam maps the spots ``g`` onto ``-g``: the same pattern for a
+    centrosymmetric set of reflections, a different one otherwise.
+
+    >>> g = np.array([[0.3, 0, 0], [-0.3, 0, 0], [0, 0.4, 0]])
+    >>> model = (g, np.array([1.0, 1.0, 2.0]), 39.87, 0.05, 1.0)
+    >>> turn = np.diag([-1.0, -1.0, 1.0])[None]
+    >>> np.round(model_similarity(np.eye(3)[None], np.eye(3)[None], model, 1.0, 0.01), 6).tolist()
+    [1.0]
+    >>> bool(model_similarity(np.eye(3)[None], turn, model, 1.0, 0.01)[0] < 0.5)
+    True
+    """
+    g, f2, k, smax, radius = model
+    gb, fb = (g, f2) if model_b is None else model_b[:2]
+    a = np.ascontiguousarray(matrices_a, dtype=np.float64).reshape(-1, 3, 3)
+    b = np.ascontiguousarray(matrices_b, dtype=np.float64).reshape(-1, 3, 3)
+    if a.shape != b.shape:
+        raise ValueError(f"pairs of matrices needed; got {a.shape} and {b.shape}")
+    out = np.empty(a.shape[0])
+    _similarity(a, b, np.ascontiguousarray(g, dtype=np.float64), np.asarray(f2, dtype=np.float64),
+                np.ascontiguousarray(gb, dtype=np.float64), np.asarray(fb, dtype=np.float64),
+                float(k), float(smax), float(gamma), float(radius), float(sigma), out)
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _contrast(p, matrices, g, f2, k, smax, gamma, r_first, dr, a_first, da, radius, out):
+    idx = np.arange(g.shape[0])
+    for i in range(p.shape[0]):
+        for j in range(matrices.shape[1]):
+            out[i, j] = _score_one(p[i], matrices[i, j], g, f2, idx, idx.size, k, smax, gamma,
+                                   r_first, dr, a_first, da, radius)
+
+
+def contrast_scores(p, matrices, model, gamma, radial, azimuthal):
+    """Scores of rotations on patterns less their rings' background: what tells two
+    orientations apart.
+
+    The refinement's score reads ``P`` (:func:`prepare_patterns`) at the model's spots; the
+    background under the spots (noise counts raised to ``** gamma`` weigh nearly as much as
+    the spots) adds about the same to every orientation's score, so score ratios crowd near
+    1. Here each ring's mean over the azimuth is taken off first (spots are sparse: the mean
+    is the background's to a few per cent, and costs a twentieth of a median): the ratio of
+    two orientations' scores then approaches the correlation of their noiseless patterns
+    when the pattern is one of them (see :meth:`~diffgpu.OrientationMatches.get_reliability`).
+
+    Parameters
+    ----------
+    p : array ``(n, R, A)``
+        From :func:`prepare_patterns`.
+    matrices : array ``(n, c, 3, 3)``
+        Crystal-to-laboratory matrices, ``c`` per pattern.
+    model, gamma, radial, azimuthal
+        As for :func:`refine_rotations`.
+
+    Returns
+    -------
+    numpy.ndarray ``(n, c)``
+
+    Examples
+    --------
+    >>> g = np.array([[0.5, 0, 0], [0, 0.5, 0]])
+    >>> model = (g, np.ones(2), 39.87, 0.05, 1.0)
+    >>> p = np.full((1, 50, 360), 0.1, np.float32)
+    >>> p[0, 24:26, [0, 90]] += 1.0     # spots at 0 and 90 degrees on a flat background
+    >>> turned = axis_rotations(np.array([45.0]))[:, 4]
+    >>> on, off = contrast_scores(p, np.stack([np.eye(3)[None], turned], axis=1), model, 1.0,
+    ...                           (0.01, 0.02), (0.5, 1.0))[0]
+    >>> bool(on > 0.5), bool(abs(off) < 0.01)
+    (True, True)
+    """
+    g, f2, k, smax, radius = model
+    q = np.asarray(p, dtype=np.float32)
+    q = np.ascontiguousarray(q - q.mean(axis=2, keepdims=True))
+    mats = np.ascontiguousarray(matrices, dtype=np.float64)
+    n, c = mats.shape[:2]
+    out = np.empty((n, c))
+    _contrast(q, mats, np.ascontiguousarray(g, dtype=np.float64), np.asarray(f2, dtype=np.float64),
+              float(k), float(smax), float(gamma), float(radial[0]), float(radial[1]),
+              float(azimuthal[0]), float(azimuthal[1]), float(radius), out)
+    return out

@@ -64,7 +64,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
     def to_rotations(self):
         """orix ``Rotation`` of every match: shape ``navigation + (n_best,)``.
 
-        After :meth:`refine`, the best match's rotation is the refined one.
+        After :meth:`refine`, the refined candidates' rotations (the best match's always).
         """
         from orix.quaternion import Rotation
 
@@ -79,6 +79,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         rz = np.zeros(g.shape + (3, 3))
         rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
         rot = Rotation.from_matrix((mats @ rz).reshape(-1, 3, 3)).reshape(*g.shape)
+        every = self.metadata.get_item("Refined.candidate_rotations")
+        if every is not None:  # the candidates refined below the library's grid
+            return Rotation(np.asarray(every).reshape(rot.data.shape))
         refined = self.metadata.get_item("Refined.rotations")
         if refined is not None:  # the best match refined below the library's grid
             q = rot.data.copy()
@@ -214,27 +217,52 @@ class OrientationMatches(DeviceMixin, Signal2D):
                                              accelerating_voltage, max_excitation_error,
                                              candidates, margin, intensity_exponent))
 
-    def get_reliability(self, min_misorientation=5.0):
-        """How clearly the best match beats the best *different* orientation: a scan map.
+    def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995):
+        """How clearly the best match beats the best *different* orientation: a scan map in [0, 1].
 
-        For every pattern, ``1 - c_alt / c_best``, where ``c_best`` is the correlation of
-        the best match and ``c_alt`` that of the best-ranked match whose orientation is
-        more than ``min_misorientation`` degrees away from it (up to crystal symmetry; a
-        match of another phase always counts). Near 0, two distinct orientations fit the
-        pattern equally well: near some zone axes this is a property of the pattern itself
-        (see the docs: "What a pattern cannot tell"). When none of the ``n_best`` matches
-        is that far away, the last one's correlation is used, so the value is a lower
-        bound. Needs ``n_best >= 2``; lazy matches are computed.
+        The alternative is the best-ranked match whose orientation is more than
+        ``min_misorientation`` degrees away from the best one (up to crystal symmetry; a
+        match of another phase always counts).
+
+        *Matches as found* (before :meth:`refine`): ``1 - c_alt / c_best`` from the matching
+        correlations. Near 0, two distinct orientations fit the pattern about equally well,
+        whether or not their patterns truly differ.
+
+        *After* :meth:`refine`, which refines the close candidates against the full spot
+        model, the map separates the two cases:
+
+        - **0: truly ambiguous.** The alternative's noiseless pattern is indistinguishable
+          from the best's (their correlation, ``metadata.Refined.similarity``, is at least
+          ``indistinguishable``): no pattern can decide between them (near some zone axes a
+          twin predicts the same spots; see the docs, "What a pattern cannot tell").
+        - **Above 0: resolved**, by how much: ``(1 - s_alt / s_best) / (1 - rho)``, where
+          ``s`` are the two orientations' scores on the pattern less its rings' background
+          (``metadata.Refined.contrast_scores``; refined orientations where refined) and
+          ``rho`` the correlation of their noiseless patterns: the margin as a fraction of
+          the margin a noiseless pattern of the best orientation would give. Near 1 the
+          pattern looks like the best orientation's and not like the alternative's; near 0
+          it lies halfway between two patterns that do differ.
+
+        - **1** also where none of the ``n_best`` matches is another orientation: nothing
+          among the candidates competes (a larger ``n_best`` looks further).
+
+        Before refinement, when none of the ``n_best`` matches is far enough away, the last
+        one's correlation is used, so the value is a lower bound. Needs ``n_best >= 2``;
+        lazy matches are computed.
 
         Parameters
         ----------
         min_misorientation : float
             Degrees: matches closer than this to the best count as the same orientation.
+        indistinguishable : float
+            After refinement: alternatives whose noiseless pattern correlates at least this
+            well with the best's make the pattern ambiguous (reliability 0).
 
         Returns
         -------
         hyperspy.signals.Signal2D or Signal1D
-            The map, with the scan's axes.
+            The map, with the scan's axes; after refinement ``metadata.Reliability`` gives
+            the number of ambiguous positions.
 
         Examples
         --------
@@ -245,12 +273,17 @@ class OrientationMatches(DeviceMixin, Signal2D):
         >>> s = diffgpu.data.orientation_patterns(si, Rotation.random(3), sig_shape=(128, 128),
         ...                                       calibration=0.02)
         >>> polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28))
-        >>> rel = polar.get_orientation(lib, n_best=10).get_reliability()
+        >>> matches = polar.get_orientation(lib, n_best=10)
+        >>> rel = matches.get_reliability()
         >>> rel.data.shape, bool(np.all((rel.data >= 0) & (rel.data <= 1)))
         ((3,), True)
+        >>> refined = matches.refine(polar, lib).get_reliability()
+        >>> int(refined.metadata.Reliability.ambiguous) <= 3
+        True
         """
         import hyperspy.api as hs
-        from orix.quaternion import Orientation
+
+        from ..orientation import distinct_candidates
 
         m = self._host_matches()
         n_best = m.shape[-2]
@@ -259,22 +292,31 @@ class OrientationMatches(DeviceMixin, Signal2D):
                              "n_best >= 2 (e.g. 5)")
         phases, _ = self._phases()
         flat = m.reshape(-1, n_best, 5)
-        rot = self.to_rotations().data.reshape(-1, n_best, 4)
-        far = np.zeros(flat.shape[:2], bool)
-        for p, phase in enumerate(phases):
-            own = flat[:, 0, 1] == p
-            if not own.any():
-                continue
-            best = Orientation(np.repeat(rot[own, :1], n_best - 1, axis=1).reshape(-1, 4),
-                               symmetry=phase.point_group)
-            other = Orientation(rot[own, 1:].reshape(-1, 4), symmetry=phase.point_group)
-            angle = best.angle_with(other, degrees=True).reshape(-1, n_best - 1)
-            far[own, 1:] = (angle > min_misorientation) | (flat[own, 1:, 1] != p)
-        far[:, -1] = True  # no distinct match among the n_best: the last bounds them all
-        first = far.argmax(axis=1)
-        c_best = flat[:, 0, 2]
-        c_alt = flat[np.arange(len(flat)), first, 2]
-        rel = np.clip(1 - c_alt / np.where(c_best > 0, c_best, np.nan), 0, 1)
+        refined = self.metadata.get_item("Refined.similarity") is not None
+        if refined:
+            rot = np.asarray(self.metadata.Refined.candidate_rotations).reshape(-1, n_best, 4)
+        else:
+            rot = self.to_rotations().data.reshape(-1, n_best, 4)
+        far = distinct_candidates(rot, flat[:, :, 1], phases, min_misorientation)
+        none_far = ~far.any(axis=1)
+        far[:, -1] |= none_far  # no distinct match among the n_best: the last bounds them all
+        rows = np.arange(len(flat))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if refined:
+                score = np.asarray(self.metadata.Refined.contrast_scores).reshape(-1, n_best)
+                sim = np.asarray(self.metadata.Refined.similarity).reshape(-1, n_best)
+                alt = np.where(far, score, -np.inf).argmax(axis=1)
+                s_best = score[:, 0]
+                margin = 1 - score[rows, alt] / np.where(s_best > 0, s_best, np.nan)
+                rho = sim[rows, alt]
+                ambiguous = (rho >= indistinguishable) & ~none_far
+                margin = np.where(ambiguous, 0.0, margin / np.maximum(1 - rho, 1e-12))
+                margin[none_far] = 1.0  # no other orientation among the candidates
+            else:
+                c_best = flat[:, 0, 2]
+                margin = 1 - flat[rows, far.argmax(axis=1), 2] / np.where(c_best > 0, c_best,
+                                                                          np.nan)
+        rel = np.clip(np.nan_to_num(margin, nan=0.0), 0, 1)
         rel = rel.reshape(m.shape[:-2]).astype(np.float32)
         axes = self.axes_manager._get_navigation_axes_dicts()
         for ax in axes:
@@ -282,6 +324,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         cls = hs.signals.Signal2D if rel.ndim == 2 else hs.signals.Signal1D
         out = cls(rel, axes=axes)
         out.metadata.General.title = f"Reliability of {self.metadata.General.title}".strip()
+        if refined:
+            out.metadata.set_item("Reliability.ambiguous", int(ambiguous.sum()))
+            out.metadata.set_item("Reliability.indistinguishable", float(indistinguishable))
         return out
 
     def get_phase_map(self):
