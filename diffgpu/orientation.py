@@ -195,6 +195,60 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
     return far
 
 
+def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimuthal, step,
+                      min_step, exponent, min_similarity=0.95, min_misorientation=5.0):
+    """For each pattern's best refined matrix: the other orientation (not symmetry-equivalent,
+    more than ``min_misorientation`` degrees away) whose spots it maps onto its own and whose
+    noiseless pattern is most alike (at least ``min_similarity``), refined on the pattern.
+
+    Returns ``(n, 7)``: its quaternion, refined score, contrast score and similarity to the
+    best (of the noiseless patterns as recorded: intensities ``** exponent``); NaN where
+    there is none. Matching lists one in-plane angle per template, so such a
+    twin (exactly down <111>, a cubic crystal turned 60 degrees about the beam) is never among
+    the ``n_best``: get_reliability weighs it besides them.
+    """
+    from orix.quaternion import Orientation, Rotation
+
+    from .kernels.refine import (contrast_scores, matrix_quaternions, model_similarity,
+                                 pattern_images, refine_rotations)
+
+    n = best.shape[0]
+    out = np.full((n, 7), np.nan)
+    for ph, model in models.items():
+        rows = np.flatnonzero(phase == ph)
+        if not rows.size:
+            continue
+        images, count = pattern_images(best[rows], model, gamma, radial[1])
+        i, j = np.nonzero(np.arange(images.shape[1]) < count[:, None])
+        if not i.size:
+            continue
+        sim = model_similarity(best[rows][i], images[i, j], model, exponent, radial[1])
+        pg = point_groups[int(ph)]
+        lab = np.swapaxes  # crystal-to-laboratory matrices are the rotations' transposes
+        angle = Orientation(Rotation(matrix_quaternions(lab(best[rows][i], -1, -2))),
+                            symmetry=pg).angle_with(
+            Orientation(Rotation(matrix_quaternions(lab(images[i, j], -1, -2))), symmetry=pg),
+            degrees=True)
+        keep = (sim >= min_similarity) & (angle > min_misorientation)
+        if not keep.any():
+            continue
+        top = np.full(rows.size, -1)
+        value = np.full(rows.size, -np.inf)
+        for q in np.flatnonzero(keep):  # the most alike per pattern
+            if sim[q] > value[i[q]]:
+                value[i[q]], top[i[q]] = sim[q], q
+        has = np.flatnonzero(top >= 0)
+        sel = rows[has]
+        start = images[i[top[has]], j[top[has]]]
+        found, score = refine_rotations(p[sel], start, model, gamma, radial, azimuthal, step,
+                                        min_step)
+        out[sel, :4] = matrix_quaternions(found.transpose(0, 2, 1))
+        out[sel, 4] = score
+        out[sel, 5] = contrast_scores(p[sel], found[:, None], model, gamma, radial, azimuthal)[:, 0]
+        out[sel, 6] = model_similarity(best[sel], found, model, exponent, radial[1])
+    return out
+
+
 def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
                           max_excitation_error, gamma, sigma):
     """Correlation of every candidate's noiseless spot pattern with the best's
@@ -237,8 +291,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     """
     from orix.quaternion import Rotation
 
-    from .kernels.refine import (contrast_scores, estimate_exponent, prepare_patterns,
-                                 refine_rotations)
+    from .kernels.refine import (contrast_scores, estimate_exponent, matrix_quaternions,
+                                 prepare_patterns, refine_rotations)
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -320,10 +374,15 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                 rows = np.flatnonzero(own.any(axis=1))
                 part = contrast_scores(p[rows], mat[rows], model, model_gamma, radial, azimuthal)
                 contrast[rows] = np.where(own[rows], part, contrast[rows])
-        quats = Rotation.from_matrix(mat.transpose(0, 1, 3, 2).reshape(-1, 3, 3)).data
-        # refined rotations and scores (-inf where not refined), contrast scores, the winner
-        out = np.concatenate([quats.reshape(n, 4 * n_best), scores, contrast,
-                              scores.argmax(axis=1)[:, None]], axis=1)
+        quats = matrix_quaternions(mat.transpose(0, 1, 3, 2))
+        chosen = scores.argmax(axis=1)
+        alt = _twin_alternative(p, mat[np.arange(n), chosen], phase[np.arange(n), chosen],
+                                models, point_groups, model_gamma, radial, azimuthal, step,
+                                min_step, float(intensity_exponent))
+        # refined rotations and scores (-inf where not refined), contrast scores, the
+        # alternative predicting (nearly) the same pattern, the winner
+        out = np.concatenate([quats.reshape(n, 4 * n_best), scores, contrast, alt,
+                              chosen[:, None]], axis=1)
         return xp.asarray(out)
 
     def refine_eager(frames, mat, phase, todo, models):
@@ -334,7 +393,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
             lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
             frames.shape[0])
 
-    width = 6 * n_best + 1
+    point_groups = [ph.point_group for ph in matches._phases()[0]]
+    width = 6 * n_best + 8
     data = map_frames(polar.data, refine, (width,), np.float64, constants=(models,),
                       per_frame=(mats, phases, contender.astype(np.float64)),
                       eager_func=refine_eager)
@@ -348,6 +408,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     refined_q = data[..., :4 * n_best].reshape(nav + (n_best, 4))
     refined_s = data[..., 4 * n_best:5 * n_best]
     contrast = data[..., 5 * n_best:6 * n_best].copy()
+    twin = data[..., 6 * n_best:6 * n_best + 7]
     done = np.isfinite(refined_s)
     cand_q = np.where(done[..., None], refined_q, cand_q)
     cand_s = np.where(done, refined_s, np.nan)
@@ -358,13 +419,16 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
             winner = a[(*idx, chosen)].copy()
             a[(*idx, chosen)] = a[(*idx, np.zeros_like(chosen))]
             a[(*idx, np.zeros_like(chosen))] = winner
+    # how alike the candidates' noiseless patterns are, as recorded (intensities ** exponent)
     similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models, library,
-                                       accelerating_voltage, max_excitation_error, model_gamma,
-                                       radial[1])
+                                       accelerating_voltage, max_excitation_error,
+                                       float(intensity_exponent), radial[1])
     metadata = matches.metadata.as_dictionary()
     metadata["Refined"] = {"rotations": cand_q[..., 0, :], "score": cand_s[..., 0],
                            "candidate_rotations": cand_q, "candidate_scores": cand_s,
                            "contrast_scores": contrast, "similarity": similarity,
+                           "twin_rotations": twin[..., :4], "twin_scores": twin[..., 4],
+                           "twin_contrast_scores": twin[..., 5], "twin_similarity": twin[..., 6],
                            "changed_match": chosen > 0,
                            "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
                                           "min_step": min_step, "candidates": c,

@@ -484,7 +484,7 @@ def test_refinement_moves_the_patterns_to_the_host_explicitly(standin_gpu, polar
     # the sample the intensity exponent is estimated from
     assert TRANSFERS.count("to_host", (2, 48, 360)) == (n if lazy else 0), TRANSFERS.log
     assert TRANSFERS.count("to_host", (8, 48, 360)) == (1 if lazy else 2), TRANSFERS.log
-    width = 6 * 2 + 1  # per candidate: rotation, refined and contrast scores; the winner
+    width = 6 * 2 + 8  # per candidate: rotation, refined and contrast scores; a twin; the winner
     assert TRANSFERS.count("to_device", (2, width) if lazy else (8, width)) == n, TRANSFERS.log
     assert TRANSFERS.count("to_host", (2, 4, width)) == 1, TRANSFERS.log
     assert TRANSFERS.to_host == n + 2, TRANSFERS.log

