@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["synthetic_4dstem", "beam_centers", "scattering_map", "orientation_patterns",
+           "zone_axis_rotations",
            "grain_map"]
 
 
@@ -352,12 +353,66 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     return s
 
 
+def zone_axis_rotations(n, directions=((0, 0, 1), (1, 1, 0), (1, 1, 1), (1, 1, 2)), tilt=0.0,
+                        seed=0):
+    """Rotations that put the beam down crystal zone axes, tilted by up to ``tilt`` degrees.
+
+    Pattern ``i`` looks down ``directions[i % len(directions)]`` (crystal indices), tilted
+    off it by an angle uniform in ``[0, tilt]`` about a random axis in the detector plane,
+    and turned about the beam by a random angle. In orix's convention, which diffsims and
+    :meth:`OrientationMatches.to_rotations` follow, a rotation's matrix takes laboratory to
+    crystal coordinates (crystal symmetries act on the left), so the beam ``z`` lands on
+    ``R.to_matrix() @ [0, 0, 1]`` in the crystal: that is ``R = ~r0 * tilt * spin``, with
+    ``r0`` taking the zone axis to ``z`` and ``spin`` about ``z`` acting first.
+
+    Parameters
+    ----------
+    n : int
+        How many rotations.
+    directions : sequence of 3-tuples
+        Crystal directions (cubic indices, Cartesian in the crystal frame).
+    tilt : float
+        Largest tilt off the zone axis, degrees.
+    seed : int
+
+    Returns
+    -------
+    orix.quaternion.Rotation ``(n,)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = zone_axis_rotations(4, tilt=0.0)
+    >>> np.round(r.to_matrix()[2] @ [0, 0, 1] * np.sqrt(3), 6).tolist()   # down [111]
+    [1.0, 1.0, 1.0]
+    """
+    from orix.quaternion import Rotation
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(int(n)):
+        target = np.asarray(directions[i % len(directions)], dtype=np.float64)
+        target /= np.linalg.norm(target)
+        axis = np.cross(target, [0.0, 0.0, 1.0])
+        angle = np.arccos(np.clip(target[2], -1, 1))
+        if np.linalg.norm(axis) < 1e-9:  # along z already (or against it)
+            axis = np.array([1.0, 0.0, 0.0])
+        r0 = Rotation.from_axes_angles(axis, angle)
+        a = rng.uniform(0, 2 * np.pi)
+        tilt_r = Rotation.from_axes_angles([np.cos(a), np.sin(a), 0],
+                                           np.deg2rad(rng.uniform(0, tilt)))
+        spin = Rotation.from_axes_angles([0, 0, 1], rng.uniform(0, 2 * np.pi))
+        out.append((~r0 * tilt_r * spin).data.reshape(4))
+    return Rotation(np.array(out))
+
+
 def grain_map(phase=None, nav_shape=(16, 16), n_grains=5, sig_shape=(128, 128), calibration=0.02,
-              seed=0, **kwargs):
+              seed=0, orientations=None, **kwargs):
     """A 2D scan over a polycrystal: Voronoi grains of random orientations, spot patterns.
 
     Every scan position shows the pattern of its grain's orientation (from
-    :func:`orientation_patterns`, with its own Poisson noise).
+    :func:`orientation_patterns`, with its own Poisson noise). ``orientations`` (an orix
+    ``Rotation`` of ``n_grains``) sets the grains' orientations, e.g. twins side by side.
 
     Returns
     -------
@@ -383,10 +438,13 @@ def grain_map(phase=None, nav_shape=(16, 16), n_grains=5, sig_shape=(128, 128), 
     seeds = rng.uniform(0, 1, (n_grains, 2)) * [rows, cols]
     r, c = np.indices(nav_shape)
     grains = np.argmin((r[..., None] - seeds[:, 0]) ** 2 + (c[..., None] - seeds[:, 1]) ** 2, axis=-1)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    orientations = Rotation.random(n_grains)
-    np.random.set_state(state)
+    if orientations is None:
+        state = np.random.get_state()
+        np.random.seed(seed)
+        orientations = Rotation.random(n_grains)
+        np.random.set_state(state)
+    elif orientations.size != n_grains:
+        raise ValueError(f"orientations: {orientations.size} given for {n_grains} grains")
     per_position = Rotation(orientations.data[grains.ravel()])
     s = orientation_patterns(phase, per_position, sig_shape=sig_shape, calibration=calibration,
                              seed=seed, **kwargs)

@@ -196,7 +196,7 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
 
 
 def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimuthal, step,
-                      min_step, exponent, min_similarity=0.95, min_misorientation=5.0):
+                      min_step, exponent, sigma, min_similarity=0.95, min_misorientation=5.0):
     """For each pattern's best refined matrix: the other orientation (not symmetry-equivalent,
     more than ``min_misorientation`` degrees away) whose spots it maps onto its own and whose
     noiseless pattern is most alike (at least ``min_similarity``), refined on the pattern.
@@ -218,18 +218,22 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
         rows = np.flatnonzero(phase == ph)
         if not rows.size:
             continue
-        images, count = pattern_images(best[rows], model, gamma, radial[1])
+        images, count = pattern_images(best[rows], model, gamma, sigma)
         i, j = np.nonzero(np.arange(images.shape[1]) < count[:, None])
         if not i.size:
             continue
-        sim = model_similarity(best[rows][i], images[i, j], model, exponent, radial[1])
         pg = point_groups[int(ph)]
         lab = np.swapaxes  # crystal-to-laboratory matrices are the rotations' transposes
         angle = Orientation(Rotation(matrix_quaternions(lab(best[rows][i], -1, -2))),
                             symmetry=pg).angle_with(
             Orientation(Rotation(matrix_quaternions(lab(images[i, j], -1, -2))), symmetry=pg),
             degrees=True)
-        keep = (sim >= min_similarity) & (angle > min_misorientation)
+        # most images are the crystal's own symmetries: compare patterns for the others only
+        i, j = i[angle > min_misorientation], j[angle > min_misorientation]
+        if not i.size:
+            continue
+        sim = model_similarity(best[rows][i], images[i, j], model, exponent, sigma)
+        keep = sim >= min_similarity
         if not keep.any():
             continue
         top = np.full(rows.size, -1)
@@ -245,14 +249,17 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
         out[sel, :4] = matrix_quaternions(found.transpose(0, 2, 1))
         out[sel, 4] = score
         out[sel, 5] = contrast_scores(p[sel], found[:, None], model, gamma, radial, azimuthal)[:, 0]
-        out[sel, 6] = model_similarity(best[sel], found, model, exponent, radial[1])
+        out[sel, 6] = model_similarity(best[sel], found, model, exponent, sigma)
     return out
 
 
 def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
-                          max_excitation_error, gamma, sigma):
+                          max_excitation_error, gamma, sigma, point_groups):
     """Correlation of every candidate's noiseless spot pattern with the best's
-    (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best."""
+    (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best,
+    NaN for candidates that are the best's orientation (get_reliability weighs only the
+    others)."""
+    from orix.crystal_map import Phase
     from orix.quaternion import Rotation
 
     from .kernels.refine import model_similarity
@@ -260,7 +267,10 @@ def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
     n_best = cand_q.shape[-2]
     mats = (~Rotation(cand_q.reshape(-1, 4))).to_matrix().reshape(-1, n_best, 3, 3)
     ph = phases.reshape(-1, n_best)
-    out = np.ones(ph.shape)
+    far = distinct_candidates(cand_q.reshape(-1, n_best, 4), ph,
+                              [Phase(point_group=pg) for pg in point_groups])
+    out = np.full(ph.shape, np.nan)
+    out[:, 0] = 1.0
 
     def model(p):
         if p not in models:
@@ -270,14 +280,14 @@ def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
     for rank in range(1, n_best):
         for pa in np.unique(ph[:, 0]):
             for pb in np.unique(ph[:, rank]):
-                sel = np.flatnonzero((ph[:, 0] == pa) & (ph[:, rank] == pb))
+                sel = np.flatnonzero((ph[:, 0] == pa) & (ph[:, rank] == pb) & far[:, rank])
                 if sel.size:
                     out[sel, rank] = model_similarity(mats[sel, 0], mats[sel, rank], model(int(pa)),
                                                       gamma, sigma, model_b=model(int(pb)))
     return out.reshape(phases.shape)
 
 
-def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
+def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None, candidates=3,
                         margin=0.1, intensity_exponent=None):
     """Shared implementation of :meth:`OrientationMatches.refine`: an in-memory
@@ -291,8 +301,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     """
     from orix.quaternion import Rotation
 
-    from .kernels.refine import (contrast_scores, estimate_exponent, matrix_quaternions,
-                                 prepare_patterns, refine_rotations)
+    from .kernels.refine import (contrast_scores, estimate_exponent, estimate_spot_width,
+                                 matrix_quaternions, prepare_patterns, refine_rotations)
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -329,25 +339,32 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                               matches._phases()[0]).reshape(nav + (n_best,))
     first_far = np.zeros_like(far)
     np.put_along_axis(first_far, far.argmax(axis=-1)[..., None], True, axis=-1)
-    contender &= (np.arange(n_best) < c) | (first_far & far)
+    # (candidates near the best converge to its optimum: refining them cost a third of the
+    # time and changed nothing measurable once the distinct ones are refined)
+    rank = np.arange(n_best)
+    contender &= ((rank < c) & (far | (rank == 0))) | (first_far & far)
     models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
               for p in np.unique(phases)}
-    if intensity_exponent is None:
-        # from up to 32 patterns spread over the scan (a slice: one explicit move to the host
-        # for device-resident patterns), at their best matches, of the phase most of them have
-        flat = int(np.prod(nav))
-        every = max(1, flat // 32)
-        sample = polar.data.reshape((flat,) + polar.data.shape[-2:])[::every][:32]
-        sample = np.asarray(to_host_array(sample.compute() if hasattr(sample, "compute")
-                                          else sample))
-        ph = phases.reshape(-1, n_best)[::every][:32, 0].astype(np.int64)
-        main = int(np.bincount(ph).argmax())
-        pick = ph == main
-        intensity_exponent = estimate_exponent(
-            sample[pick], mats.reshape(-1, n_best, 3, 3)[::every][:32, 0][pick], models[main],
-            radial, azimuthal, smooth)
-    elif not 0 < intensity_exponent <= 4:
+    if intensity_exponent is not None and not 0 < intensity_exponent <= 4:
         raise ValueError(f"intensity_exponent must be in (0, 4]; got {intensity_exponent!r}")
+    # up to 32 patterns spread over the scan (a slice: one explicit move to the host for
+    # device-resident patterns), at their best matches, of the phase most of them have: the
+    # intensity exponent (unless given) and the spots' width are estimated from them
+    flat = int(np.prod(nav))
+    every = max(1, flat // 32)
+    sample = polar.data.reshape((flat,) + polar.data.shape[-2:])[::every][:32]
+    sample = np.asarray(to_host_array(sample.compute() if hasattr(sample, "compute")
+                                      else sample))
+    ph = phases.reshape(-1, n_best)[::every][:32, 0].astype(np.int64)
+    main = int(np.bincount(ph).argmax())
+    pick = ph == main
+    at = mats.reshape(-1, n_best, 3, 3)[::every][:32, 0][pick]
+    if intensity_exponent is None:
+        intensity_exponent = estimate_exponent(sample[pick], at, models[main], radial,
+                                               azimuthal, smooth)
+    # patterns are compared at the spots' width, or the radial bins' where wider
+    spot_width = estimate_spot_width(sample[pick], at, models[main], radial, azimuthal)
+    sigma = max(radial[1], spot_width) if np.isfinite(spot_width) else radial[1]
     model_gamma = gamma * float(intensity_exponent)
 
     def refine(frames, mat, phase, todo, models):
@@ -378,7 +395,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
         chosen = scores.argmax(axis=1)
         alt = _twin_alternative(p, mat[np.arange(n), chosen], phase[np.arange(n), chosen],
                                 models, point_groups, model_gamma, radial, azimuthal, step,
-                                min_step, float(intensity_exponent))
+                                min_step, float(intensity_exponent), sigma)
         # refined rotations and scores (-inf where not refined), contrast scores, the
         # alternative predicting (nearly) the same pattern, the winner
         out = np.concatenate([quats.reshape(n, 4 * n_best), scores, contrast, alt,
@@ -422,7 +439,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
     # how alike the candidates' noiseless patterns are, as recorded (intensities ** exponent)
     similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models, library,
                                        accelerating_voltage, max_excitation_error,
-                                       float(intensity_exponent), radial[1])
+                                       float(intensity_exponent), sigma, point_groups)
     metadata = matches.metadata.as_dictionary()
     metadata["Refined"] = {"rotations": cand_q[..., 0, :], "score": cand_s[..., 0],
                            "candidate_rotations": cand_q, "candidate_scores": cand_s,
@@ -433,7 +450,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=0.5, step=0.
                            "parameters": {"gamma": gamma, "smooth": smooth, "step": step,
                                           "min_step": min_step, "candidates": c,
                                           "margin": margin,
-                                          "intensity_exponent": float(intensity_exponent)}}
+                                          "intensity_exponent": float(intensity_exponent),
+                                          "spot_width": float(spot_width)}}
     metadata.setdefault("General", {})["title"] = \
         f"Refined {matches.metadata.General.title}".strip()
     return OperationResult(m.astype(np.float32), [ax.get_axis_dictionary()

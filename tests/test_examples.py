@@ -33,3 +33,11 @@ def test_orientation_mapping_example(tmp_path, monkeypatch, capsys):
                 "--resolution", "3", monkeypatch=monkeypatch)
     assert (tmp_path / "orientation_map.png").stat().st_size > 10_000
     assert "within 2 degrees of the truth" in capsys.readouterr().out
+
+
+def test_reliability_map_example(tmp_path, monkeypatch, capsys):
+    run_example("reliability_map.py", "--output", str(tmp_path), "--nav", "6", "6",
+                "--resolution", "2", monkeypatch=monkeypatch)
+    assert (tmp_path / "reliability_map.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "ambiguous (reliability 0)" in out and "<111> twin" in out

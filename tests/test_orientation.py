@@ -199,22 +199,7 @@ def test_refine_goes_below_the_grid_lazy_equal_eager_and_survives_saving(si, lib
 
 def _near_zone_rotations(n, seed, tilt=4.0):
     """Beam within ``tilt`` degrees of <100>, <110>, <111>, <112>, any in-plane angle."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        target = np.array([(0, 0, 1), (1, 1, 0), (1, 1, 1), (1, 1, 2)][i % 4], float)
-        target /= np.linalg.norm(target)
-        ax = np.cross(target, [0, 0, 1])
-        ang = np.arccos(np.clip(target[2], -1, 1))
-        r0 = Rotation.from_axes_angles(ax if ang > 1e-9 else [0, 0, 1], ang)
-        a = rng.uniform(0, 2 * np.pi)
-        tilt_r = Rotation.from_axes_angles([np.cos(a), np.sin(a), 0], np.deg2rad(rng.uniform(0, tilt)))
-        spin = Rotation.from_axes_angles([0, 0, 1], rng.uniform(0, 2 * np.pi))
-        # a rotation's matrix takes laboratory to crystal coordinates (orix; crystal
-        # symmetries act on the left): the beam, z, lands on `target` tilted, and the
-        # in-plane turn about the beam acts first
-        out.append((~r0 * tilt_r * spin).data.reshape(4))
-    return Rotation(np.array(out))
+    return diffgpu.data.zone_axis_rotations(n, tilt=tilt, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +262,8 @@ def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
     rel = refined.get_reliability()
     r = rel.data
     assert r.shape == (56,) and np.all((r >= 0) & (r <= 1))
+    # the spots are drawn 1.5 px = 0.015 1/Å wide, ** 0.5 makes them sqrt(2) wider
+    assert abs(refined.metadata.Refined.parameters["spot_width"] - 0.015 * 2 ** 0.5) < 0.002
     ambiguous = r == 0
     assert rel.metadata.Reliability.ambiguous == ambiguous.sum()
     err = Orientation(truth, symmetry=si.point_group).angle_with(refined.to_orientations(),

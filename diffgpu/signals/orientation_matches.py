@@ -140,7 +140,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return CrystalMap(rotations=rot, phase_id=flat[:, 0, 1].astype(int), phase_list=phase_list,
                           prop=props, scan_unit=unit, **coords)
 
-    def refine(self, polar, library, gamma=None, smooth=0.5, step=0.5, min_step=0.02,
+    def refine(self, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
                accelerating_voltage=None, max_excitation_error=None, candidates=3, margin=0.1,
                intensity_exponent=None):
         """Refine every best match below the library's angular grid, and settle close calls.
@@ -152,12 +152,24 @@ class OrientationMatches(DeviceMixin, Signal2D):
         :mod:`diffgpu.kernels.refine`). On simulated Si with a 1-degree library the median
         error fell from 1.0 to about 0.2 degrees (benchmarks/RESULTS.md).
 
-        Where another of the first ``candidates`` matches scored within ``margin`` of the
-        best (a near-twin, another phase with similar rings), it is refined too, and the
-        candidate whose refined spot model fits the pattern better becomes the best match:
-        positions, intensities and excitation errors of the full pattern decide, not the
-        template's coarse grid. ``metadata.Refined.changed_match`` marks where that changed
-        the best match.
+        Where another orientation among the first ``candidates`` matches (more than 5
+        degrees from the best, up to symmetry: a near-twin, another phase with similar
+        rings), or the best-ranked such match among all ``n_best``, scored within ``margin``
+        of the best, it is refined too, and the candidate whose refined spot model fits the
+        pattern better becomes the best match: positions, intensities and excitation errors
+        of the full pattern decide, not the template's coarse grid.
+        ``metadata.Refined.changed_match`` marks where that changed the best match. Matches
+        within 5 degrees of the best are not refined: they converge to its optimum.
+
+        For :meth:`get_reliability`, refinement also records, for every candidate, its score
+        on the pattern less its rings' background (``contrast_scores``) and how alike its
+        noiseless pattern is to the best's (``similarity``), and looks for a twin that no
+        template match can list: an orientation that maps the best's spots onto themselves
+        without being a crystal symmetry (exactly down <111>, a cubic crystal turned 60
+        degrees about the beam is the same template at another in-plane angle). Found twins
+        are refined too (``twin_rotations``, ``twin_similarity``, ...). Patterns are compared
+        at the spots' width, estimated from the sample (``parameters["spot_width"]``), or
+        the radial bins' where wider.
 
         Parameters
         ----------
@@ -171,7 +183,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         gamma : float, optional
             Intensity scaling, as in matching (default: the one used for matching).
         smooth : float
-            Gaussian smoothing of the polar patterns, in bins.
+            Gaussian smoothing of the polar patterns, in bins (1 bin: refined errors on
+            simulated near-zone Si 0.08-0.16 degrees at 64-256 bins, against 0.11-0.19 with
+            0.5; ``benchmarks/NOTES.md``).
         step, min_step : float
             First and last step of the search, degrees.
         accelerating_voltage, max_excitation_error : float, optional
@@ -193,8 +207,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         -------
         OrientationMatches
             In memory: the same matches, with ``metadata.Refined.rotations`` (the refined
-            best orientations, used by :meth:`to_rotations`, :meth:`to_orientations`,
-            :meth:`to_crystal_map` and the maps) and ``metadata.Refined.score``.
+            best orientations, used by :meth:`to_orientations`, :meth:`to_crystal_map` and
+            the maps), ``metadata.Refined.candidate_rotations`` (every candidate, refined
+            where it was; :meth:`to_rotations`) and ``metadata.Refined.score``.
 
         Examples
         --------
