@@ -65,29 +65,6 @@ R_MAX = 1.28  # 1/Å: 128 px at 0.01 1/Å
 RECIPROCAL_RADIUS = 1.2
 
 
-def zone_axis_rotations(n, seed, max_tilt=5.0):
-    """Rotations whose beam direction is within ``max_tilt`` degrees of <100>, <110>, <111>, <112>."""
-    from orix.quaternion import Rotation
-    from orix.vector import Vector3d
-
-    rng = np.random.default_rng(seed)
-    axes = [(0, 0, 1), (1, 1, 0), (1, 1, 1), (1, 1, 2)]
-    out = []
-    for i in range(n):
-        target = Vector3d(np.array(axes[i % 4], float)).unit
-        # rotation taking the crystal direction `target` onto the beam (z), then a tilt up to
-        # max_tilt degrees about a random in-plane axis and a random in-plane rotation
-        z = Vector3d.zvector()
-        ax = target.cross(z)
-        ang = np.arccos(np.clip(target.dot(z), -1, 1))
-        r0 = Rotation.from_axes_angles(ax.data if ang > 1e-9 else [0, 0, 1], ang)
-        tilt_axis = [np.cos(a := rng.uniform(0, 2 * np.pi)), np.sin(a), 0]
-        tilt = Rotation.from_axes_angles(tilt_axis, np.deg2rad(rng.uniform(0, max_tilt)))
-        spin = Rotation.from_axes_angles([0, 0, 1], rng.uniform(0, 2 * np.pi))
-        out.append((spin * tilt * r0).data.reshape(4))
-    return Rotation(np.array(out))
-
-
 def make_data(path, n_random, n_zone, gamma=1.0, tilt=5.0):
     """Save the patterns (raised to ``gamma``, as both tools see them) and their true rotations."""
     import diffgpu
@@ -95,7 +72,10 @@ def make_data(path, n_random, n_zone, gamma=1.0, tilt=5.0):
 
     si = diffgpu.TemplateLibrary.silicon()
     np.random.seed(0)
-    sets = {"random": Rotation.random(n_random), "zone": zone_axis_rotations(n_zone, 1, tilt)}
+    # near-zone: diffgpu.data.zone_axis_rotations (before 2026-12-02 this script turned the
+    # in-plane angle about the crystal's z instead of the beam: only <100> was near a zone)
+    sets = {"random": Rotation.random(n_random),
+            "zone": diffgpu.data.zone_axis_rotations(n_zone, tilt=tilt, seed=1)}
     for name, rot in sets.items():
         s = diffgpu.data.orientation_patterns(si, rot, reciprocal_radius=RECIPROCAL_RADIUS, seed=1)
         np.save(f"{path}_{name}.npy", s.data if gamma == 1.0 else s.data ** np.float32(gamma))
