@@ -342,11 +342,15 @@ def cmd_orientation(args):
             else:
                 ax.plot(rel.data)
                 ax.set_xlabel("scan position")
-            ax.set_title("reliability: 1 - c(other orientation) / c(best)")
+            if args.refine:  # 0: another orientation predicts the same pattern
+                ax.set_title("reliability (0: ambiguous, 1: resolved)")
+                what = f"ambiguous: {100 * (rel.data == 0).mean():.0f}%"
+            else:
+                ax.set_title("reliability: 1 - c(other orientation) / c(best)")
+                what = f"below 0.01: {100 * (rel.data < 0.01).mean():.0f}%"
             fig.savefig(args.reliability, dpi=100)
             plt.close(fig)
-            low = 100 * (rel.data < 0.01).mean()
-            print(f"reliability map -> {args.reliability} (below 0.01: {low:.0f}%)")
+            print(f"reliability map -> {args.reliability} ({what})")
     return code
 
 

@@ -122,7 +122,7 @@ def test_local_cluster_scheduler(scan_file, tmp_path):
     assert diffgpu.load(out, lazy=False).data.shape == (1, 4, 6)
 
 
-def test_orientation(tmp_path):
+def test_orientation(tmp_path, capsys):
     from orix.quaternion import Rotation
 
     s = diffgpu.data.orientation_patterns(diffgpu.TemplateLibrary.silicon(), Rotation.random(4),
@@ -142,9 +142,17 @@ def test_orientation(tmp_path):
     assert png.stat().st_size > 1000 and rel.stat().st_size > 1000
     refined = tmp_path / "refined.zspy"
     assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(refined), "--phase", "Si",
-                 "--resolution", "4", "--refine", "--no-progress"]) == 0
+                 "--resolution", "4", "--refine", "--n-best", "3", "--reliability", str(rel),
+                 "--no-progress"]) == 0
+    assert "ambiguous:" in capsys.readouterr().out
     r = diffgpu.load(refined, lazy=False)
     assert np.asarray(r.metadata.Refined.rotations).shape == (2, 2, 4)
+    # what get_reliability needs survives saving
+    assert np.asarray(r.metadata.Refined.similarity).shape == (2, 2, 3)
+    reliability = r.get_reliability()
+    assert reliability.data.shape == (2, 2)
+    assert np.all((reliability.data >= 0) & (reliability.data <= 1))
+    assert reliability.metadata.Reliability.ambiguous == int((reliability.data == 0).sum())
     with pytest.raises(SystemExit) as exc:  # --reliability needs --n-best >= 2
         main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "y.zspy"),
               "--phase", "Si", "--reliability", str(rel)])
