@@ -74,41 +74,39 @@ def _gauss_taps(sigma):
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def _prepare(pw, taps, out):
-    # smoothing (separable) and unit norm, one pattern at a time while it is in cache; the
-    # azimuth is read from a copy of each row padded by its own ends (wrapping), so every
-    # loop runs over contiguous values without special cases (3x faster than handling the
-    # wrapped ends bin by bin)
+    # smoothing (separable) and unit norm, one pattern at a time while it is in cache. The
+    # azimuth is read from a copy of each row padded by its own ends (wrapping), and every
+    # inner loop runs over a 1D view: with 3D indexing inside them LLVM did not vectorise,
+    # and the pass took 2.6x longer (0.37 against 0.15 ms per 128 x 360 pattern, 9 taps)
     n, n_r, n_a = pw.shape
     h = taps.shape[0] // 2
+    n_t = taps.shape[0]
     row = np.empty(n_a + 2 * h, np.float32)
+    acc = np.empty(n_a, np.float32)
     for i in range(n):
         total = 0.0
         for r in range(n_r):
-            for a in range(n_a):  # along the radius, edge bins repeated
-                row[h + a] = 0
-            for t in range(-h, h + 1):
-                src = min(max(r + t, 0), n_r - 1)
-                w = taps[t + h]
-                for a in range(n_a):
-                    row[h + a] += w * pw[i, src, a]
-            for a in range(h):  # around the azimuth: wrap
-                row[a] = row[n_a + a]
-                row[n_a + h + a] = row[h + a]
-            o = out[i, r]
-            for a in range(n_a):
-                o[a] = 0
-            for t in range(2 * h + 1):
+            acc[:] = 0
+            for t in range(n_t):  # along the radius, edge bins repeated
                 w = taps[t]
+                src = pw[i, min(max(r + t - h, 0), n_r - 1)]
                 for a in range(n_a):
-                    o[a] += w * row[a + t]
-            acc = np.float32(0)
+                    acc[a] += w * src[a]
+            row[h:h + n_a] = acc  # around the azimuth: wrap
+            row[:h] = acc[n_a - h:]
+            row[n_a + h:] = acc[:h]
+            o = out[i, r]
+            o[:] = 0
+            for t in range(n_t):
+                w = taps[t]
+                seg = row[t:t + n_a]
+                for a in range(n_a):
+                    o[a] += w * seg[a]
+            s2 = np.float32(0)
             for a in range(n_a):
-                acc += o[a] * o[a]
-            total += acc
-        scale = np.float32(1.0 / math.sqrt(total)) if total > 0 else np.float32(1)
-        for r in range(n_r):
-            for a in range(n_a):
-                out[i, r, a] *= scale
+                s2 += o[a] * o[a]
+            total += s2
+        out[i] *= np.float32(1.0 / math.sqrt(total)) if total > 0 else np.float32(1)
 
 
 def _spots(v, k, smax, radius, radial, azimuthal):
@@ -216,43 +214,40 @@ def estimate_exponent(patterns, matrices, model, radial, azimuthal, smooth=0.5, 
     ...                         smooth=0), 2)
     0.5
     """
-    from scipy.ndimage import gaussian_filter
-
     g, f2, k, smax, radius = model
-    p = np.asarray(patterns, dtype=np.float64)
-    p = np.where(np.isfinite(p), np.maximum(p, 0), 0)
-    if smooth > 0:
-        p = gaussian_filter(p, sigma=(0, smooth, smooth), mode=("nearest", "nearest", "wrap"))
+    # smoothed as prepare_patterns does (scaled to unit norm: a constant in log space, so the
+    # slopes are unchanged; SciPy's filter in float64 cost 8 ms for 32 patterns)
+    p = prepare_patterns(patterns, 1.0, smooth).astype(np.float64)
     # a ring's background: the median over azimuth at each radius (spots are sparse)
     p = np.maximum(p - np.median(p, axis=2, keepdims=True), 0)
     n, R, A = p.shape
     mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
-    slopes = []
-    for i in range(n):
-        inside, rod, fr, fa = _spots(g @ mats[i].T, k, smax, radius, radial, azimuthal)
-        inside &= (fr >= 0) & (fr <= R - 1)
-        if inside.sum() < min_spots:
-            continue
-        model_i = f2[inside] * rod[inside]
-        fr, fa = fr[inside], fa[inside]
-        r0 = np.clip(np.floor(fr).astype(np.int64), 0, R - 2)
-        ar = np.clip(fr - r0, 0, 1)
-        a0 = np.floor(fa).astype(np.int64)
-        aa = fa - a0
-        a0 %= A
-        a1 = (a0 + 1) % A
-        value = ((1 - ar) * ((1 - aa) * p[i, r0, a0] + aa * p[i, r0, a1])
-                 + ar * ((1 - aa) * p[i, r0 + 1, a0] + aa * p[i, r0 + 1, a1]))
-        ok = (value > 0) & (model_i > 0)
-        if ok.sum() < min_spots:
-            continue
-        x, y = np.log(model_i[ok]), np.log(value[ok])
-        x = x - x.mean()
-        if (x * x).sum() <= 1e-12:
-            continue
-        slopes.append(float((x * (y - y.mean())).sum() / (x * x).sum()))
-    if not slopes:
+    # all patterns at once (a loop over patterns cost 0.3 ms each)
+    inside, rod, fr, fa = _spots(np.einsum("nij,gj->ngi", mats, g), k, smax, radius, radial,
+                                 azimuthal)
+    inside &= (fr >= 0) & (fr <= R - 1)
+    model_i = f2 * rod
+    r0 = np.clip(np.floor(np.where(inside, fr, 0)).astype(np.int64), 0, R - 2)
+    ar = np.clip(fr - r0, 0, 1)
+    a0f = np.floor(np.where(inside, fa, 0))
+    aa = np.where(inside, fa, 0) - a0f
+    a0 = a0f.astype(np.int64) % A
+    a1 = (a0 + 1) % A
+    i = np.arange(n)[:, None]
+    value = ((1 - ar) * ((1 - aa) * p[i, r0, a0] + aa * p[i, r0, a1])
+             + ar * ((1 - aa) * p[i, r0 + 1, a0] + aa * p[i, r0 + 1, a1]))
+    ok = inside & (value > 0) & (model_i > 0)
+    count = ok.sum(axis=1)
+    x = np.log(np.where(ok, model_i, 1.0))
+    y = np.log(np.where(ok, value, 1.0))
+    safe = np.maximum(count, 1)
+    x = np.where(ok, x - x.sum(axis=1, keepdims=True) / safe[:, None], 0)
+    y = np.where(ok, y - y.sum(axis=1, keepdims=True) / safe[:, None], 0)
+    sxx = (x * x).sum(axis=1)
+    usable = (inside.sum(axis=1) >= min_spots) & (count >= min_spots) & (sxx > 1e-12)
+    if not usable.any():
         return 1.0
+    slopes = (x * y).sum(axis=1)[usable] / sxx[usable]
     return float(np.clip(np.median(slopes), 0.05, 2.0))
 
 
@@ -309,29 +304,27 @@ def estimate_spot_width(patterns, matrices, model, radial, azimuthal, n_spots=6)
 def _spot_width_bins(p, mats, model, radial, azimuthal, n_spots, half):
     g, f2, k, smax, radius = model
     n, R, A = p.shape
+    inside, rod, fr, fa = _spots(np.einsum("nij,gj->ngi", mats, g), k, smax, radius, radial,
+                                 azimuthal)
+    inside &= (fr >= half) & (fr <= R - 1 - half)
+    # the n_spots strongest spots of each pattern, all patterns at once
+    strength = np.where(inside, f2 * rod, -np.inf)
+    top = np.argsort(-strength, axis=1)[:, :n_spots]
+    rows = np.arange(n)[:, None]
+    keep = np.isfinite(strength[rows, top])
+    fr, fa = fr[rows, top], fa[rows, top]
+    r0 = np.round(np.where(keep, fr, half)).astype(np.int64)
+    a0 = np.floor(np.where(keep, fa, 0) + 0.5).astype(np.int64) % A  # nearest bin centre
     offsets = np.arange(-half, half + 1)
-    widths = []
-    for i in range(n):
-        inside, rod, fr, fa = _spots(g @ mats[i].T, k, smax, radius, radial, azimuthal)
-        inside &= (fr >= half) & (fr <= R - 1 - half)
-        idx = np.flatnonzero(inside)
-        if not idx.size:
-            continue
-        idx = idx[np.argsort(-(f2[idx] * rod[idx]))[:n_spots]]
-        for j in idx:
-            r0 = int(round(fr[j]))
-            a0 = int(math.floor(fa[j] + 0.5)) % A  # the bin whose centre is nearest
-            prof = p[i, r0 + offsets, a0]
-            if not np.all(np.isfinite(prof)):
-                continue
-            prof = prof - prof.min()
-            total = prof.sum()
-            if total <= 0:
-                continue
-            x = r0 + offsets - fr[j]
-            widths.append(float((prof * x * x).sum() / total))
-    if not widths:
+    prof = p[rows[..., None], r0[..., None] + offsets, a0[..., None]]  # (n, n_spots, 2h + 1)
+    keep &= np.isfinite(prof).all(axis=-1)
+    prof = np.where(keep[..., None], prof - prof.min(axis=-1, keepdims=True), 0)
+    total = prof.sum(axis=-1)
+    keep &= total > 0
+    if not keep.any():
         return float("nan")
+    x = r0[..., None] + offsets - fr[..., None]
+    widths = (prof * x * x).sum(axis=-1)[keep] / total[keep]
     return math.sqrt(max(float(np.median(widths)) - 1.0 / 12.0, 0.0))
 
 
