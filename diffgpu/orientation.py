@@ -254,12 +254,11 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
 
 
 def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
-                          max_excitation_error, gamma, sigma, point_groups):
+                          max_excitation_error, gamma, sigma, phase_list):
     """Correlation of every candidate's noiseless spot pattern with the best's
     (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best,
     NaN for candidates that are the best's orientation (get_reliability weighs only the
     others)."""
-    from orix.crystal_map import Phase
     from orix.quaternion import Rotation
 
     from .kernels.refine import model_similarity
@@ -267,8 +266,7 @@ def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
     n_best = cand_q.shape[-2]
     mats = (~Rotation(cand_q.reshape(-1, 4))).to_matrix().reshape(-1, n_best, 3, 3)
     ph = phases.reshape(-1, n_best)
-    far = distinct_candidates(cand_q.reshape(-1, n_best, 4), ph,
-                              [Phase(point_group=pg) for pg in point_groups])
+    far = distinct_candidates(cand_q.reshape(-1, n_best, 4), ph, phase_list)
     out = np.full(ph.shape, np.nan)
     out[:, 0] = 1.0
 
@@ -410,7 +408,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
             lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
             frames.shape[0])
 
-    point_groups = [ph.point_group for ph in matches._phases()[0]]
+    phase_list = matches._phases()[0]
+    point_groups = [ph.point_group for ph in phase_list]
     width = 6 * n_best + 8
     data = map_frames(polar.data, refine, (width,), np.float64, constants=(models,),
                       per_frame=(mats, phases, contender.astype(np.float64)),
@@ -439,7 +438,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     # how alike the candidates' noiseless patterns are, as recorded (intensities ** exponent)
     similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models, library,
                                        accelerating_voltage, max_excitation_error,
-                                       float(intensity_exponent), sigma, point_groups)
+                                       float(intensity_exponent), sigma, phase_list)
     metadata = matches.metadata.as_dictionary()
     metadata["Refined"] = {"rotations": cand_q[..., 0, :], "score": cand_s[..., 0],
                            "candidate_rotations": cand_q, "candidate_scores": cand_s,

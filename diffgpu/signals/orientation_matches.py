@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from hyperspy._signals.lazy_signal2d import LazySignal2D
 from hyperspy._signals.signal2d import Signal2D
@@ -13,6 +15,17 @@ from ._wrap import as_signal
 __all__ = ["OrientationMatches", "LazyOrientationMatches"]
 
 _MIRROR = np.diag([1.0, -1.0, 1.0])
+
+
+@functools.lru_cache(maxsize=32)
+def _phase_list(described):
+    """orix phases from ``(name, space group, point group)``: made once (a few ms each, and
+    every map and refinement asks for them); not to be changed by callers."""
+    from orix.crystal_map import Phase, PhaseList
+
+    phases = [Phase(name, space_group=sg) if sg > 0 else Phase(name, point_group=pg)
+              for name, sg, pg in described]
+    return phases, PhaseList(phases)
 
 
 class OrientationMatches(DeviceMixin, Signal2D):
@@ -53,13 +66,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return computed
 
     def _phases(self):
-        from orix.crystal_map import Phase, PhaseList
-
         lib = self.metadata.Library
-        phases = []
-        for name, sg, pg in zip(lib.phase_names, lib.space_groups, lib.point_groups):
-            phases.append(Phase(name, space_group=int(sg)) if sg > 0 else Phase(name, point_group=pg))
-        return phases, PhaseList(phases)
+        return _phase_list(tuple((str(name), int(sg), str(pg)) for name, sg, pg in
+                                 zip(lib.phase_names, lib.space_groups, lib.point_groups)))
 
     def to_rotations(self):
         """orix ``Rotation`` of every match: shape ``navigation + (n_best,)``.
