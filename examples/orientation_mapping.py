@@ -7,8 +7,9 @@ Run it as::
 A 2D scan over Voronoi grains of silicon at random orientations (diffsims kinematics,
 Poisson noise) is integrated to polar patterns, matched against a 1-degree Si template
 library (direct and mirrored templates, all in-plane rotations), refined below the
-library's 1-degree grid, and turned into an IPF orientation map, a reliability map (how
-clearly the best orientation beats the best other one), an orix CrystalMap, and a figure
+library's 1-degree grid, and turned into an IPF orientation map, a reliability map (0 where
+another orientation predicts the same pattern; see ``reliability_map.py``), an orix
+CrystalMap, and a figure
 of the best template over one pattern.
 """
 
@@ -66,15 +67,15 @@ def main(argv=None):
     xmap = matches.to_crystal_map()
     print(xmap)
 
-    reliability = matches.get_reliability()  # near 0: two different orientations fit as well
-    print(f"reliability below 0.01 (ambiguous patterns): {100 * np.mean(reliability.data < 0.01):.0f}%")
+    reliability = matches.get_reliability()  # after refine: 0 where another orientation
+    print(f"ambiguous patterns (reliability 0): {100 * np.mean(reliability.data == 0):.0f}%")
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     axes[0].imshow(s.metadata.Synthetic.grains, cmap="tab10")
     axes[0].set_title("true grains")
     matches.plot_ipf_map(ax=axes[1])
     im = axes[2].imshow(reliability.data, cmap="gray", vmin=0)
-    axes[2].set_title("reliability: 1 - c(other) / c(best)")
+    axes[2].set_title("reliability (0: ambiguous)")
     fig.colorbar(im, ax=axes[2])
     polar.to_host()
     matches.plot_match(polar, library, index=(0, 0), ax=axes[3])
