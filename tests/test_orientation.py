@@ -303,6 +303,24 @@ def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
     assert m.get_reliability(indistinguishable=0.9999).data[1] == 1  # (0.04 / 0.001, clipped)
 
 
+def test_refined_matches_slice_with_their_refinement(si, lib):
+    """inav and isig of refined matches slice metadata.Refined's per-position arrays too, so
+    maps of a part equal the same part of the maps."""
+    s = diffgpu.data.grain_map(si, nav_shape=(4, 5), n_grains=3)
+    polar = _polar(s)
+    r = polar.get_orientation(lib, n_best=4).refine(polar, lib)
+    full = r.get_reliability().data
+    np.testing.assert_allclose(r.inav[1:3, :2].get_reliability().data, full[:2, 1:3])
+    np.testing.assert_allclose(r.inav[:, 3].get_reliability().data, full[3])
+    np.testing.assert_allclose(r.inav[2, 1].to_rotations().data, r.to_rotations().data[1, 2])
+    np.testing.assert_allclose(r.inav[2, 1].metadata.Refined.rotations,
+                               r.metadata.Refined.rotations[1, 2])
+    two = r.isig[:, :2]  # the first two ranks
+    assert np.asarray(two.metadata.Refined.similarity).shape == (4, 5, 2)
+    np.testing.assert_allclose(two.to_rotations().data, r.to_rotations().data[:, :, :2])
+    assert r.metadata.Refined.rotations.shape == (4, 5, 4)  # the original is untouched
+
+
 def test_model_similarity_of_orientations(lib1):
     from diffgpu.kernels.refine import model_similarity
 

@@ -17,6 +17,10 @@ __all__ = ["OrientationMatches", "LazyOrientationMatches"]
 _MIRROR = np.diag([1.0, -1.0, 1.0])
 
 
+# metadata.Refined arrays with one entry per candidate (the ranks of the matches)
+_PER_CANDIDATE = {"candidate_rotations", "candidate_scores", "contrast_scores", "similarity"}
+
+
 @functools.lru_cache(maxsize=32)
 def _phase_list(described):
     """orix phases from ``(name, space group, point group)``: made once (a few ms each, and
@@ -53,6 +57,29 @@ class OrientationMatches(DeviceMixin, Signal2D):
     """
 
     _signal_type = "orientation_matches"
+
+    def _slicer(self, slices, isNavigation=None, out=None):
+        """HyperSpy's slicing, plus the refinement's per-position arrays in
+        ``metadata.Refined`` (kept for the whole scan otherwise, and then no longer matching
+        the sliced matches)."""
+        result = super()._slicer(slices, isNavigation, out)
+        refined = self.metadata.get_item("Refined")
+        if refined is not None:
+            target = out if out is not None else result
+            n_nav = self.axes_manager.navigation_dimension
+            nav = tuple(self.data.shape[:n_nav])
+            every = tuple(self._get_array_slices(slices, isNavigation))
+            for key, value in refined.as_dictionary().items():
+                if isinstance(value, dict):
+                    continue
+                arr = np.asarray(value)
+                if arr.shape[:n_nav] != nav:
+                    continue
+                # arrays with one entry per candidate follow the slicing of the ranks too
+                per_rank = key in _PER_CANDIDATE
+                target.metadata.set_item(f"Refined.{key}",
+                                         arr[every[:n_nav + 1] if per_rank else every[:n_nav]])
+        return result
 
     def _host_matches(self):
         """The matches in host memory, float64. Lazy matches are computed once per graph (dask
