@@ -196,14 +196,16 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
 
 
 def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimuthal, step,
-                      min_step, exponent, sigma, min_similarity=0.95, min_misorientation=5.0):
+                      min_step, exponent, sigma, min_similarity=0.95, min_misorientation=5.0,
+                      exact_similarity=0.999):
     """For each pattern's best refined matrix: the other orientation (not symmetry-equivalent,
     more than ``min_misorientation`` degrees away) whose spots it maps onto its own and whose
     noiseless pattern is most alike (at least ``min_similarity``), refined on the pattern.
 
     Returns ``(n, 7)``: its quaternion, refined score, contrast score and similarity to the
     best (of the noiseless patterns as recorded: intensities ``** exponent``); NaN where
-    there is none. Matching lists one in-plane angle per template, so such a
+    there is none. Twins already ``exact_similarity`` alike are kept as found (refined
+    score NaN). Matching lists one in-plane angle per template, so such a
     twin (exactly down <111>, a cubic crystal turned 60 degrees about the beam) is never among
     the ``n_best``: get_reliability weighs it besides them.
     """
@@ -243,13 +245,19 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
                 value[i[q]], top[i[q]] = sim[q], q
         has = np.flatnonzero(top >= 0)
         sel = rows[has]
-        start = images[i[top[has]], j[top[has]]]
-        found, score = refine_rotations(p[sel], start, model, gamma, radial, azimuthal, step,
-                                        min_step)
+        found = images[i[top[has]], j[top[has]]].copy()
+        score = np.full(sel.size, np.nan)
+        # an image that already predicts the best one's pattern (exactly down a zone axis)
+        # is the twin as it is: refining it (half of the near-zone patterns) changes nothing
+        loose = value[has] < exact_similarity
+        if loose.any():
+            found[loose], score[loose] = refine_rotations(p[sel[loose]], found[loose], model,
+                                                          gamma, radial, azimuthal, step, min_step)
         out[sel, :4] = matrix_quaternions(found.transpose(0, 2, 1))
         out[sel, 4] = score
         out[sel, 5] = contrast_scores(p[sel], found[:, None], model, gamma, radial, azimuthal)[:, 0]
-        out[sel, 6] = model_similarity(best[sel], found, model, exponent, sigma)
+        out[sel, 6] = np.where(loose, model_similarity(best[sel], found, model, exponent, sigma),
+                               value[has])
     return out
 
 
