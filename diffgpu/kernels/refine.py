@@ -672,61 +672,138 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal):
 
 
 @numba.njit(nogil=True, cache=True)
+def _zone_frame(m, g, idx, n_s, w):
+    """The laboratory direction of the zone axis the strongest spots ``idx[:n_s]`` (by
+    ``w``) lie around, from the two strongest that are not collinear (the beam, z, when it
+    is more than 10 degrees off, or no pair is found), and two unit vectors across it."""
+    ax, ay, az = 0.0, 0.0, 1.0
+    first = -1
+    for q in range(n_s):
+        j = idx[q]
+        vx, vy, vz = (m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2],
+                      m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2],
+                      m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2])
+        if first < 0:
+            first = j
+            ux, uy, uz = vx, vy, vz
+            continue
+        cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
+        norm = math.sqrt(cx * cx + cy * cy + cz * cz)
+        if norm > 0.3 * math.sqrt((ux * ux + uy * uy + uz * uz) * (vx * vx + vy * vy + vz * vz)):
+            if cz < 0:
+                cx, cy, cz = -cx, -cy, -cz
+            if cz / norm > math.cos(math.radians(10.0)):
+                ax, ay, az = cx / norm, cy / norm, cz / norm
+            break
+    # across the axis: x made perpendicular to it, and axis x that
+    e1x, e1y, e1z = 1.0 - ax * ax, -ax * ay, -ax * az
+    n1 = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
+    e1x, e1y, e1z = e1x / n1, e1y / n1, e1z / n1
+    return (ax, ay, az), (e1x, e1y, e1z), (ay * e1z - az * e1y, az * e1x - ax * e1z,
+                                            ax * e1y - ay * e1x)
+
+
+@numba.njit(nogil=True, cache=True)
 def _images(mats, g, f2, k, smax, gamma, radius, sigma, n_top, out, count):
     n_g = g.shape[0]
     x, y, w = np.empty(n_g), np.empty(n_g), np.empty(n_g)
+    p1, p2, vz = np.empty(n_g), np.empty(n_g), np.empty(n_g)
+    where = np.empty(n_g, np.int64)
     reach2 = 4.0 * sigma * sigma  # spots mapped within 2 sigma of a spot count as matched
     n_out = out.shape[1]
     op = np.empty((3, 3))
     for i in range(mats.shape[0]):
-        n_s = _excited(mats[i], g, f2, k, smax, gamma, radius, x, y, w)
+        m = mats[i]
+        n_s = 0
+        width = math.pi / smax
+        for j in range(n_g):  # the excited spots (as _excited), remembering which they are
+            vx, vy, r, s = _project(m, g, j, k)
+            if abs(s) >= smax or r > radius:
+                continue
+            where[n_s] = j
+            w[n_s] = (f2[j] * (width / (math.pi * (width * width * s * s + 1.0)) * smax)) ** gamma
+            n_s += 1
         count[i] = 0
         if n_s < 2:
             continue
-        top = np.argsort(-w[:n_s])[:n_top]
+        order = np.argsort(-w[:n_s])
+        top = order[:n_top]
+        rows = np.empty(n_s, np.int64)
+        for q in range(n_s):
+            rows[q] = where[order[q]]
+        # turns and half turns about the zone axis the strong spots lie around (the beam
+        # exactly down a zone axis; tilted off it, the zone axis itself, so the images are
+        # the tilted crystal's twins): spot positions across that axis
+        (ax, ay, az), (e1x, e1y, e1z), (e2x, e2y, e2z) = _zone_frame(m, g, rows, n_s, w)
+        for q in range(n_s):
+            j = where[q]
+            vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
+            vy = m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2]
+            vzz = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
+            x[q], y[q], vz[q] = vx, vy, vzz
+            p1[q] = vx * e1x + vy * e1y + vzz * e1z
+            p2[q] = vx * e2x + vy * e2y + vzz * e2z
         s0 = top[0]
-        r0 = math.hypot(x[s0], y[s0])
-        a0 = math.atan2(y[s0], x[s0])
+        r0 = math.hypot(p1[s0], p2[s0])
+        a0 = math.atan2(p2[s0], p1[s0])
         for j in range(n_s):
-            if abs(math.hypot(x[j], y[j]) - r0) > 2.0 * sigma or w[j] < 0.5 * w[s0]:
+            if abs(math.hypot(p1[j], p2[j]) - r0) > 2.0 * sigma or w[j] < 0.5 * w[s0]:
                 continue
-            aj = math.atan2(y[j], x[j])
+            aj = math.atan2(p2[j], p1[j])
             for kind in range(2):
                 if j == s0 and kind == 0:  # (the turn by 0; the half turn about its axis stays)
                     continue
-                op[:] = 0.0
-                if kind == 0:  # a turn about the beam taking the strongest spot onto spot j
-                    c, s = math.cos(aj - a0), math.sin(aj - a0)
-                    op[0, 0], op[0, 1], op[1, 0], op[1, 1], op[2, 2] = c, -s, s, c, 1.0
-                else:  # a half turn about the in-plane axis halfway between the two
+                if kind == 0:  # a turn about the zone axis taking the strongest spot onto j
+                    t = aj - a0
+                    c, sn = math.cos(t), math.sin(t)
+                    ux, uy, uz = ax, ay, az
+                    op[0, 0] = c + ux * ux * (1 - c)
+                    op[0, 1] = ux * uy * (1 - c) - uz * sn
+                    op[0, 2] = ux * uz * (1 - c) + uy * sn
+                    op[1, 0] = uy * ux * (1 - c) + uz * sn
+                    op[1, 1] = c + uy * uy * (1 - c)
+                    op[1, 2] = uy * uz * (1 - c) - ux * sn
+                    op[2, 0] = uz * ux * (1 - c) - uy * sn
+                    op[2, 1] = uz * uy * (1 - c) + ux * sn
+                    op[2, 2] = c + uz * uz * (1 - c)
+                else:  # a half turn about the axis across it, halfway between the two
                     phi = 0.5 * (aj + a0)
-                    ux, uy = math.cos(phi), math.sin(phi)
-                    op[0, 0], op[0, 1] = 2 * ux * ux - 1, 2 * ux * uy
-                    op[1, 0], op[1, 1], op[2, 2] = 2 * ux * uy, 2 * uy * uy - 1, -1.0
+                    ux = math.cos(phi) * e1x + math.sin(phi) * e2x
+                    uy = math.cos(phi) * e1y + math.sin(phi) * e2y
+                    uz = math.cos(phi) * e1z + math.sin(phi) * e2z
+                    op[0, 0], op[0, 1], op[0, 2] = 2 * ux * ux - 1, 2 * ux * uy, 2 * ux * uz
+                    op[1, 0], op[1, 1], op[1, 2] = 2 * uy * ux, 2 * uy * uy - 1, 2 * uy * uz
+                    op[2, 0], op[2, 1], op[2, 2] = 2 * uz * ux, 2 * uz * uy, 2 * uz * uz - 1
                 ok = True
-                for t in top:  # every strong spot must land on a spot
-                    px = op[0, 0] * x[t] + op[0, 1] * y[t]
-                    py = op[1, 0] * x[t] + op[1, 1] * y[t]
+                for tq in top:  # every strong spot must land on a spot (across the axis)
+                    qx = op[0, 0] * x[tq] + op[0, 1] * y[tq] + op[0, 2] * vz[tq]
+                    qy = op[1, 0] * x[tq] + op[1, 1] * y[tq] + op[1, 2] * vz[tq]
+                    qz = op[2, 0] * x[tq] + op[2, 1] * y[tq] + op[2, 2] * vz[tq]
+                    d1 = qx * e1x + qy * e1y + qz * e1z
+                    d2 = qx * e2x + qy * e2y + qz * e2z
                     hit = False
                     for q in range(n_s):
-                        if (px - x[q]) ** 2 + (py - y[q]) ** 2 < reach2:
+                        if (d1 - p1[q]) ** 2 + (d2 - p2[q]) ** 2 < reach2:
                             hit = True
                             break
                     if not hit:
                         ok = False
                         break
                 if ok and count[i] < n_out:
-                    out[i, count[i]] = op @ mats[i]
+                    out[i, count[i]] = op @ m
                     count[i] += 1
 
 
 def pattern_images(matrices, model, gamma, sigma, n_top=8, max_images=16):
     """Orientations whose spots coincide with those of ``matrices``: candidate twins.
 
-    For each crystal-to-laboratory matrix, the turns about the beam and the half turns about
-    in-plane axes that take its strongest spot onto a spot of similar radius and weight
-    (itself too, for a half turn about its own axis) and its ``n_top`` strongest spots all
-    onto spots (within ``2 sigma``). They include
+    For each crystal-to-laboratory matrix, the turns about its zone axis and the half turns
+    about axes across it that take its strongest spot onto a spot of similar radius and
+    weight (itself too, for a half turn about its own axis) and its ``n_top`` strongest
+    spots all onto spots (within ``2 sigma``, seen along that axis). The zone axis is the
+    one the two strongest non-collinear spots lie around, when it is within 10 degrees of
+    the beam (the beam otherwise): tilted off a zone axis, the twin is turned about the
+    zone axis, not the beam. They include
     the crystal's own symmetries seen down the beam, and orientations that are not
     symmetry-equivalent yet predict the same (or nearly the same) pattern: exactly down
     <111> a cubic crystal's twin by 60 degrees about the beam is the same template at
