@@ -672,9 +672,9 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal):
 
 
 @numba.njit(nogil=True, cache=True)
-def _zone_frame(m, g, idx, n_s, w):
-    """The laboratory direction of the zone axis the strongest spots ``idx[:n_s]`` (by
-    ``w``) lie around, from the two strongest that are not collinear (the beam, z, when it
+def _zone_frame(m, g, idx, n_s):
+    """The laboratory direction of the zone axis the strongest spots ``idx[:n_s]`` (strongest
+    first) lie around, from the two strongest that are not collinear (the beam, z, when it
     is more than 10 degrees off, or no pair is found), and two unit vectors across it."""
     ax, ay, az = 0.0, 0.0, 1.0
     first = -1
@@ -699,8 +699,8 @@ def _zone_frame(m, g, idx, n_s, w):
     e1x, e1y, e1z = 1.0 - ax * ax, -ax * ay, -ax * az
     n1 = math.sqrt(e1x * e1x + e1y * e1y + e1z * e1z)
     e1x, e1y, e1z = e1x / n1, e1y / n1, e1z / n1
-    return (ax, ay, az), (e1x, e1y, e1z), (ay * e1z - az * e1y, az * e1x - ax * e1z,
-                                            ax * e1y - ay * e1x)
+    e2 = (ay * e1z - az * e1y, az * e1x - ax * e1z, ax * e1y - ay * e1x)
+    return (ax, ay, az), (e1x, e1y, e1z), e2
 
 
 @numba.njit(nogil=True, cache=True)
@@ -734,7 +734,7 @@ def _images(mats, g, f2, k, smax, gamma, radius, sigma, n_top, out, count):
         # turns and half turns about the zone axis the strong spots lie around (the beam
         # exactly down a zone axis; tilted off it, the zone axis itself, so the images are
         # the tilted crystal's twins): spot positions across that axis
-        (ax, ay, az), (e1x, e1y, e1z), (e2x, e2y, e2z) = _zone_frame(m, g, rows, n_s, w)
+        (ax, ay, az), (e1x, e1y, e1z), (e2x, e2y, e2z) = _zone_frame(m, g, rows, n_s)
         for q in range(n_s):
             j = where[q]
             vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
