@@ -195,7 +195,7 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
     return far
 
 
-def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimuthal, step,
+def _twin_alternative(p, best, phase, models, phase_list, gamma, radial, azimuthal, step,
                       min_step, exponent, sigma, min_similarity=0.95, min_misorientation=5.0,
                       exact_similarity=0.999):
     """For each pattern's best refined matrix: the other orientation (not symmetry-equivalent,
@@ -209,8 +209,6 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
     twin (exactly down <111>, a cubic crystal turned 60 degrees about the beam) is never among
     the ``n_best``: get_reliability weighs it besides them.
     """
-    from orix.quaternion import Orientation, Rotation
-
     from .kernels.refine import (contrast_scores, matrix_quaternions, model_similarity,
                                  pattern_images, refine_rotations)
 
@@ -224,14 +222,13 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
         i, j = np.nonzero(np.arange(images.shape[1]) < count[:, None])
         if not i.size:
             continue
-        pg = point_groups[int(ph)]
-        lab = np.swapaxes  # crystal-to-laboratory matrices are the rotations' transposes
-        angle = Orientation(Rotation(matrix_quaternions(lab(best[rows][i], -1, -2))),
-                            symmetry=pg).angle_with(
-            Orientation(Rotation(matrix_quaternions(lab(images[i, j], -1, -2))), symmetry=pg),
-            degrees=True)
         # most images are the crystal's own symmetries: compare patterns for the others only
-        i, j = i[angle > min_misorientation], j[angle > min_misorientation]
+        # (crystal-to-laboratory matrices are the rotations' transposes)
+        pair = matrix_quaternions(np.swapaxes(np.stack([best[rows][i], images[i, j]], axis=1),
+                                              -1, -2))
+        other = distinct_candidates(pair, np.full(pair.shape[:2], ph), phase_list,
+                                    min_misorientation)[:, 1]
+        i, j = i[other], j[other]
         if not i.size:
             continue
         sim = model_similarity(best[rows][i], images[i, j], model, exponent, sigma)
@@ -261,8 +258,7 @@ def _twin_alternative(p, best, phase, models, point_groups, gamma, radial, azimu
     return out
 
 
-def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
-                          max_excitation_error, gamma, sigma, phase_list):
+def _candidate_similarity(cand_q, phases, models, gamma, sigma, phase_list):
     """Correlation of every candidate's noiseless spot pattern with the best's
     (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best,
     NaN for candidates that are the best's orientation (get_reliability weighs only the
@@ -277,19 +273,13 @@ def _candidate_similarity(cand_q, phases, models, library, accelerating_voltage,
     far = distinct_candidates(cand_q.reshape(-1, n_best, 4), ph, phase_list)
     out = np.full(ph.shape, np.nan)
     out[:, 0] = 1.0
-
-    def model(p):
-        if p not in models:
-            models[p] = library.kinematic_model(p, accelerating_voltage, max_excitation_error)
-        return models[p]
-
     for rank in range(1, n_best):
         for pa in np.unique(ph[:, 0]):
             for pb in np.unique(ph[:, rank]):
                 sel = np.flatnonzero((ph[:, 0] == pa) & (ph[:, rank] == pb) & far[:, rank])
                 if sel.size:
-                    out[sel, rank] = model_similarity(mats[sel, 0], mats[sel, rank], model(int(pa)),
-                                                      gamma, sigma, model_b=model(int(pb)))
+                    out[sel, rank] = model_similarity(mats[sel, 0], mats[sel, rank], models[pa],
+                                                      gamma, sigma, model_b=models[pb])
     return out.reshape(phases.shape)
 
 
@@ -341,8 +331,9 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     # twin's predicted pattern differs from the truth's where refined it would not)
     contender = m[..., 2] >= (1 - margin) * m[..., :1, 2]
     contender[..., 0] = True
+    phase_list = matches._phases()[0]
     far = distinct_candidates(start.reshape(-1, n_best, 4), m[..., 1].reshape(-1, n_best),
-                              matches._phases()[0]).reshape(nav + (n_best,))
+                              phase_list).reshape(nav + (n_best,))
     first_far = np.zeros_like(far)
     np.put_along_axis(first_far, far.argmax(axis=-1)[..., None], True, axis=-1)
     # (candidates near the best converge to its optimum: refining them cost a third of the
@@ -400,7 +391,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
         quats = matrix_quaternions(mat.transpose(0, 1, 3, 2))
         chosen = scores.argmax(axis=1)
         alt = _twin_alternative(p, mat[np.arange(n), chosen], phase[np.arange(n), chosen],
-                                models, point_groups, model_gamma, radial, azimuthal, step,
+                                models, phase_list, model_gamma, radial, azimuthal, step,
                                 min_step, float(intensity_exponent), sigma)
         # refined rotations and scores (-inf where not refined), contrast scores, the
         # alternative predicting (nearly) the same pattern, the winner
@@ -416,8 +407,6 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
             lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
             frames.shape[0])
 
-    phase_list = matches._phases()[0]
-    point_groups = [ph.point_group for ph in phase_list]
     width = 6 * n_best + 8
     data = map_frames(polar.data, refine, (width,), np.float64, constants=(models,),
                       per_frame=(mats, phases, contender.astype(np.float64)),
@@ -427,15 +416,12 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     data = np.asarray(to_host_array(data))
     chosen = data[..., -1].astype(np.int64)
     # all n_best candidates: refined rotation and score where refined, else as matched (NaN)
-    cand_q = start.copy()
-    cand_s = np.full(nav + (n_best,), np.nan)
-    refined_q = data[..., :4 * n_best].reshape(nav + (n_best, 4))
     refined_s = data[..., 4 * n_best:5 * n_best]
+    done = np.isfinite(refined_s)
+    cand_q = np.where(done[..., None], data[..., :4 * n_best].reshape(nav + (n_best, 4)), start)
+    cand_s = np.where(done, refined_s, np.nan)
     contrast = data[..., 5 * n_best:6 * n_best].copy()
     twin = data[..., 6 * n_best:6 * n_best + 7]
-    done = np.isfinite(refined_s)
-    cand_q = np.where(done[..., None], refined_q, cand_q)
-    cand_s = np.where(done, refined_s, np.nan)
     m = m.copy()  # (lazy matches' host copy is cached)
     if (chosen > 0).any():  # the refined winner becomes the best match
         idx = np.indices(nav)
@@ -444,8 +430,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
             a[(*idx, chosen)] = a[(*idx, np.zeros_like(chosen))]
             a[(*idx, np.zeros_like(chosen))] = winner
     # how alike the candidates' noiseless patterns are, as recorded (intensities ** exponent)
-    similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models, library,
-                                       accelerating_voltage, max_excitation_error,
+    similarity = _candidate_similarity(cand_q, m[..., 1].astype(np.int64), models,
                                        float(intensity_exponent), sigma, phase_list)
     metadata = matches.metadata.as_dictionary()
     metadata["Refined"] = {"rotations": cand_q[..., 0, :], "score": cand_s[..., 0],

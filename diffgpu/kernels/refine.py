@@ -514,9 +514,9 @@ def refine_rotations(p, matrices, model, gamma, radial, azimuthal, step=0.5, min
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def _excited(m, g, f2, k, smax, gamma, radius, x, y, w):
-    """The spots of matrix ``m``: laboratory x, y and weight ``(|F|^2 rod) ** gamma`` written
-    to ``x``, ``y``, ``w``; returns how many."""
+def _excited(m, g, f2, k, smax, gamma, radius, x, y, z, w):
+    """The spots of matrix ``m``: laboratory x, y, z and weight ``(|F|^2 rod) ** gamma``
+    written to ``x``, ``y``, ``z``, ``w``; returns how many."""
     width = math.pi / smax
     n = 0
     for j in range(g.shape[0]):
@@ -524,6 +524,7 @@ def _excited(m, g, f2, k, smax, gamma, radius, x, y, w):
         if abs(s) >= smax or r > radius:
             continue
         x[n], y[n] = vx, vy
+        z[n] = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
         w[n] = (f2[j] * (width / (math.pi * (width * width * s * s + 1.0)) * smax)) ** gamma
         n += 1
     return n
@@ -546,12 +547,13 @@ def _overlap(xa, ya, wa, na, xb, yb, wb, nb, inv4s2):
 
 @numba.njit(nogil=True, cache=True)
 def _similarity(ma, mb, ga, fa, gb, fb, k, smax, gamma, radius, sigma, out):
-    xa, ya, wa = np.empty(ga.shape[0]), np.empty(ga.shape[0]), np.empty(ga.shape[0])
-    xb, yb, wb = np.empty(gb.shape[0]), np.empty(gb.shape[0]), np.empty(gb.shape[0])
+    na, nb = ga.shape[0], gb.shape[0]
+    xa, ya, za, wa = np.empty(na), np.empty(na), np.empty(na), np.empty(na)
+    xb, yb, zb, wb = np.empty(nb), np.empty(nb), np.empty(nb), np.empty(nb)
     inv4s2 = 1.0 / (4.0 * sigma * sigma)
     for i in range(ma.shape[0]):
-        na = _excited(ma[i], ga, fa, k, smax, gamma, radius, xa, ya, wa)
-        nb = _excited(mb[i], gb, fb, k, smax, gamma, radius, xb, yb, wb)
+        na = _excited(ma[i], ga, fa, k, smax, gamma, radius, xa, ya, za, wa)
+        nb = _excited(mb[i], gb, fb, k, smax, gamma, radius, xb, yb, zb, wb)
         aa = _overlap(xa, ya, wa, na, xa, ya, wa, na, inv4s2)
         bb = _overlap(xb, yb, wb, nb, xb, yb, wb, nb, inv4s2)
         ab = _overlap(xa, ya, wa, na, xb, yb, wb, nb, inv4s2)
@@ -672,21 +674,16 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal):
 
 
 @numba.njit(nogil=True, cache=True)
-def _zone_frame(m, g, idx, n_s):
-    """The laboratory direction of the zone axis the strongest spots ``idx[:n_s]`` (strongest
-    first) lie around, from the two strongest that are not collinear (the beam, z, when it
-    is more than 10 degrees off, or no pair is found), and two unit vectors across it."""
+def _zone_frame(x, y, z, order, n_s):
+    """The laboratory direction of the zone axis the spots ``(x, y, z)`` lie around, from
+    the two strongest (``order``: strongest first) that are not collinear (the beam, z, when
+    it is more than 10 degrees off, or no pair is found), and two unit vectors across it."""
     ax, ay, az = 0.0, 0.0, 1.0
-    first = -1
-    for q in range(n_s):
-        j = idx[q]
-        vx, vy, vz = (m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2],
-                      m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2],
-                      m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2])
-        if first < 0:
-            first = j
-            ux, uy, uz = vx, vy, vz
-            continue
+    f = order[0]
+    ux, uy, uz = x[f], y[f], z[f]
+    for q in range(1, n_s):
+        j = order[q]
+        vx, vy, vz = x[j], y[j], z[j]
         cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
         norm = math.sqrt(cx * cx + cy * cy + cz * cz)
         if norm > 0.3 * math.sqrt((ux * ux + uy * uy + uz * uz) * (vx * vx + vy * vy + vz * vz)):
@@ -706,43 +703,26 @@ def _zone_frame(m, g, idx, n_s):
 @numba.njit(nogil=True, cache=True)
 def _images(mats, g, f2, k, smax, gamma, radius, sigma, n_top, out, count):
     n_g = g.shape[0]
-    x, y, w = np.empty(n_g), np.empty(n_g), np.empty(n_g)
-    p1, p2, vz = np.empty(n_g), np.empty(n_g), np.empty(n_g)
-    where = np.empty(n_g, np.int64)
+    x, y, vz, w = np.empty(n_g), np.empty(n_g), np.empty(n_g), np.empty(n_g)
+    p1, p2 = np.empty(n_g), np.empty(n_g)
     reach2 = 4.0 * sigma * sigma  # spots mapped within 2 sigma of a spot count as matched
     n_out = out.shape[1]
     op = np.empty((3, 3))
     for i in range(mats.shape[0]):
         m = mats[i]
-        n_s = 0
-        width = math.pi / smax
-        for j in range(n_g):  # the excited spots (as _excited), remembering which they are
-            vx, vy, r, s = _project(m, g, j, k)
-            if abs(s) >= smax or r > radius:
-                continue
-            where[n_s] = j
-            w[n_s] = (f2[j] * (width / (math.pi * (width * width * s * s + 1.0)) * smax)) ** gamma
-            n_s += 1
+        n_s = _excited(m, g, f2, k, smax, gamma, radius, x, y, vz, w)
         count[i] = 0
         if n_s < 2:
             continue
         order = np.argsort(-w[:n_s])
         top = order[:n_top]
-        rows = np.empty(n_s, np.int64)
-        for q in range(n_s):
-            rows[q] = where[order[q]]
         # turns and half turns about the zone axis the strong spots lie around (the beam
         # exactly down a zone axis; tilted off it, the zone axis itself, so the images are
         # the tilted crystal's twins): spot positions across that axis
-        (ax, ay, az), (e1x, e1y, e1z), (e2x, e2y, e2z) = _zone_frame(m, g, rows, n_s)
+        (ax, ay, az), (e1x, e1y, e1z), (e2x, e2y, e2z) = _zone_frame(x, y, vz, order, n_s)
         for q in range(n_s):
-            j = where[q]
-            vx = m[0, 0] * g[j, 0] + m[0, 1] * g[j, 1] + m[0, 2] * g[j, 2]
-            vy = m[1, 0] * g[j, 0] + m[1, 1] * g[j, 1] + m[1, 2] * g[j, 2]
-            vzz = m[2, 0] * g[j, 0] + m[2, 1] * g[j, 1] + m[2, 2] * g[j, 2]
-            x[q], y[q], vz[q] = vx, vy, vzz
-            p1[q] = vx * e1x + vy * e1y + vzz * e1z
-            p2[q] = vx * e2x + vy * e2y + vzz * e2z
+            p1[q] = x[q] * e1x + y[q] * e1y + vz[q] * e1z
+            p2[q] = x[q] * e2x + y[q] * e2y + vz[q] * e2z
         s0 = top[0]
         r0 = math.hypot(p1[s0], p2[s0])
         a0 = math.atan2(p2[s0], p1[s0])

@@ -107,6 +107,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         from ..kernels.refine import matrix_quaternions
 
         m = self._host_matches()
+        every = self.metadata.get_item("Refined.candidate_rotations")
+        if every is not None:  # the candidates refined below the library's grid
+            return Rotation(np.asarray(every).reshape(m.shape[:-1] + (4,)))
         lib = Rotation(np.asarray(self.metadata.Library.rotations))
         idx = m[..., 0].astype(np.int64)
         mats = lib.to_matrix()[idx]  # (..., n_best, 3, 3)
@@ -118,11 +121,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
         # (orix's from_matrix returns the wrong half turn for exactly symmetric matrices)
         rot = Rotation(matrix_quaternions(mats @ rz).reshape(-1, 4)).reshape(*g.shape)
-        every = self.metadata.get_item("Refined.candidate_rotations")
-        if every is not None:  # the candidates refined below the library's grid
-            return Rotation(np.asarray(every).reshape(rot.data.shape))
         refined = self.metadata.get_item("Refined.rotations")
-        if refined is not None:  # the best match refined below the library's grid
+        if refined is not None:  # (refined before candidates were kept): the best match
             q = rot.data.copy()
             q[..., 0, :] = np.asarray(refined).reshape(q[..., 0, :].shape)
             rot = Rotation(q)
@@ -351,10 +351,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         phases, _ = self._phases()
         flat = m.reshape(-1, n_best, 5)
         refined = self.metadata.get_item("Refined.similarity") is not None
-        if refined:
-            rot = np.asarray(self.metadata.Refined.candidate_rotations).reshape(-1, n_best, 4)
-        else:
-            rot = self.to_rotations().data.reshape(-1, n_best, 4)
+        rot = self.to_rotations().data.reshape(-1, n_best, 4)
         if refined:  # the twin found by refinement joins the candidates as one more
             twin = np.asarray(self.metadata.Refined.twin_rotations).reshape(-1, 4)
             has_twin = np.isfinite(twin[:, 0])
