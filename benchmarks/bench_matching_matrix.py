@@ -117,21 +117,14 @@ def _cluster_rows(frames, sim, n):
 
 
 def tool_pyxem(path, n, out):
-    import hyperspy.api as hs
     import pyxem
+    from bench_orientation import pyxem_polar
 
     out["version"] = pyxem.__version__
     frames = np.load(f"{path}_random.npy")[:n]
     sim = _simulation(1.0)
     for npt in RADIAL_BINS:
-        s = hs.signals.Signal2D(frames[None])  # pyxem matches 2D scans only
-        s.set_signal_type("electron_diffraction")
-        s.calibration.scale = 0.01
-        for ax in s.axes_manager.signal_axes:
-            ax.units = "k_A^-1"
-        s.calibration.center = [(frames.shape[-1] - 1) / 2, (frames.shape[-2] - 1) / 2]
-        polar = s.get_azimuthal_integral2d(npt=npt, npt_azim=360, radial_range=(0, R_MAX),
-                                           mean=True, show_progressbar=False)
+        polar = pyxem_polar(frames, npt)  # in pyxem's own detector frame (same work)
         for scale in SCALES:
             p = polar ** 0.5 if scale == "** 0.5" else polar
             for n_best in N_BEST:

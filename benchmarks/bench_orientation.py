@@ -312,8 +312,24 @@ def tool_diffgpu(path, out, gpu=False, large=False, bins=64):
             out[f"large, frac_keep={frac}: within 2 deg (random)"] = acc
 
 
-def tool_pyxem(path, out, bins=64):
+def pyxem_polar(frames, bins):
+    """pyxem's polar patterns of ``frames`` (diffsims' orientation, 0.01 1/Å per pixel, centred),
+    as pyxem users make them: flipped up/down first, since pyxem's detector frame has +y up
+    the image (module docstring)."""
     import hyperspy.api as hs
+
+    data = frames[:, ::-1, :].copy()
+    s = hs.signals.Signal2D(data[None])  # pyxem matches 2D scans only
+    s.set_signal_type("electron_diffraction")
+    s.calibration.scale = 0.01
+    for ax in s.axes_manager.signal_axes:
+        ax.units = "k_A^-1"
+    s.calibration.center = [(data.shape[-1] - 1) / 2, (data.shape[-2] - 1) / 2]
+    return s.get_azimuthal_integral2d(npt=bins, npt_azim=360, radial_range=(0, R_MAX),
+                                      mean=True, show_progressbar=False)
+
+
+def tool_pyxem(path, out, bins=64):
     import pyxem
     from diffsims.generators.simulation_generator import SimulationGenerator
     from orix.quaternion import Rotation
@@ -331,15 +347,7 @@ def tool_pyxem(path, out, bins=64):
     half_turn = Rotation.from_euler([180, 0, 0], degrees=True)
     for name in ("random", "zone"):
         frames = np.load(f"{path}_{name}.npy")
-        data = frames[:, ::-1, :].copy()  # pyxem's detector frame has +y up the image
-        s = hs.signals.Signal2D(data[None])  # pyxem matches 2D scans only
-        s.set_signal_type("electron_diffraction")
-        s.calibration.scale = 0.01
-        for ax in s.axes_manager.signal_axes:
-            ax.units = "k_A^-1"
-        s.calibration.center = [(data.shape[-1] - 1) / 2, (data.shape[-2] - 1) / 2]
-        polar = s.get_azimuthal_integral2d(npt=bins, npt_azim=360, radial_range=(0, R_MAX),
-                                           mean=True, show_progressbar=False)
+        polar = pyxem_polar(frames, bins)
         polar.get_orientation(sim, n_best=1, frac_keep=1.0, show_progressbar=False)  # warm-up
         t = time.perf_counter()
         m = polar.get_orientation(sim, n_best=1, frac_keep=1.0, show_progressbar=False)
