@@ -8,7 +8,7 @@ import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
 from .kernels.matching import (match_patterns, pack_into, packed_shape, prepare_templates,
-                               template_major, template_major_and_norms)
+                               radial_projection, template_major, template_major_and_norms)
 from .mapping import map_frames
 from .results import OperationResult
 from .templates import TemplateLibrary, library_for
@@ -26,12 +26,13 @@ def _templates_to_device(cp, host):
 
 
 def _host_spectra(templates):
-    """``(packed, n_t, major, norms)`` for the host's two-stage search. The template-major
-    copy and the norms are made where they are used, once per process, so a GPU worker
-    never holds them and a cluster does not ship them."""
+    """``(packed, n_t, major, norms, projection)`` for the host's two-stage search. The
+    template-major copy, the norms and the radial projection are made where they are used,
+    once per process, so a GPU worker never holds them and a cluster does not ship them."""
     extra = getattr(templates, "_host_extra", None)
     if extra is None:  # two threads may both build it at first: same result, no harm
-        extra = templates._host_extra = template_major_and_norms(*templates.host)
+        major, norms = template_major_and_norms(*templates.host)
+        extra = templates._host_extra = (major, norms, radial_projection(major))
     return templates.host + extra
 
 

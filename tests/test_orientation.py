@@ -563,6 +563,51 @@ def test_pruned_search_equals_brute_force(R):
     assert got[1, 0, 0] == 11 and got[1, 0, 3] == -1
 
 
+@pytest.mark.parametrize("n_best", [1, 5])
+def test_search_in_the_radial_basis_equals_brute_force(n_best):
+    """Spots that are Gaussians in radius near a crystal's ring radii (as drawn templates
+    are: excitation moves them a little) span a small radial basis: the host search bounds
+    in it and must still find what the search over every product finds (itself checked
+    against the brute force above), with noisy patterns far outside the basis."""
+    from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
+                                          radial_projection, spectral_norms, template_major)
+
+    rng = np.random.default_rng(5)
+    R, N, n_t, K = 48, 360, 400, 64
+    r, theta = np.arange(R)[:, None], np.arange(N)[None]
+    rings = np.array([8.3, 13.6, 16.0, 19.2, 21.0, 27.2, 33.1, 38.4, 42.0])
+
+    def spots(n, count, width):
+        out = np.zeros((n, R, N), np.float32)
+        for i in range(n):
+            for _ in range(count):
+                d = (theta - rng.uniform(0, 360) + 180) % 360 - 180
+                at = rng.choice(rings) + rng.uniform(-0.3, 0.3)
+                out[i] += rng.uniform(0.2, 1) * np.exp(
+                    -0.5 * ((r - at) / 1.5) ** 2 - 0.5 * (d / width) ** 2)
+        return out
+
+    rendered = spots(n_t, 8, 1.5)
+    rendered /= np.linalg.norm(rendered.reshape(n_t, -1), axis=1)[:, None, None]
+    patterns = np.concatenate([
+        np.roll(rendered[:6], 25, axis=-1) + rng.uniform(0, 0.02, (6, R, N)),  # templates, noisy
+        rendered[6:12, :, ::-1],  # mirrored
+        spots(8, 12, 1.5) + rng.uniform(0, 0.05, (8, R, N))]).astype(np.float32)  # neither
+    packed, n_t = pack_templates(*prepare_templates(rendered, K), max_tile=128)
+    major = template_major(packed, n_t)
+    full = match_patterns(patterns, (packed, n_t), n_best=n_best, gamma=0.5)  # every product
+    # the default basis, and a coarse one whose residuals the bounds must carry (without
+    # them this one misses matches)
+    for tolerance, most in ((1e-6, R // 2), (0.3, 5)):
+        projection = radial_projection(major, tolerance)
+        assert projection is not None and projection[0].shape[1] <= most
+        got = match_patterns(patterns, (packed, n_t, major, spectral_norms(major), projection),
+                             n_best=n_best, gamma=0.5)
+        np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])
+        np.testing.assert_allclose(got[..., 1:3], full[..., 1:3], atol=1e-5)
+    assert (got[:6, 0, 0] == np.arange(6)).all() and (got[6:12, 0, 3] == -1).all()
+
+
 def test_one_blas_thread_limits_and_restores_blas():
     from diffgpu.device import _blas_controller, one_blas_thread
 
