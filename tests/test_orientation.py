@@ -573,9 +573,9 @@ def test_search_in_the_radial_basis_equals_brute_force(n_best):
                                           radial_projection, spectral_norms, template_major)
 
     rng = np.random.default_rng(5)
-    R, N, n_t, K = 48, 360, 400, 64
+    R, N, n_t, K = 96, 360, 400, 64
     r, theta = np.arange(R)[:, None], np.arange(N)[None]
-    rings = np.array([8.3, 13.6, 16.0, 19.2, 21.0, 27.2, 33.1, 38.4, 42.0])
+    rings = 2 * np.array([8.3, 13.6, 16.0, 19.2, 21.0, 27.2, 33.1, 38.4, 42.0])
 
     def spots(n, count, width):
         out = np.zeros((n, R, N), np.float32)
@@ -596,11 +596,13 @@ def test_search_in_the_radial_basis_equals_brute_force(n_best):
     packed, n_t = pack_templates(*prepare_templates(rendered, K), max_tile=128)
     major = template_major(packed, n_t)
     full = match_patterns(patterns, (packed, n_t), n_best=n_best, gamma=0.5)  # every product
-    # the default basis, and a coarse one whose residuals the bounds must carry (without
-    # them this one misses matches)
-    for tolerance, most in ((1e-6, R // 2), (0.3, 5)):
-        projection = radial_projection(major, tolerance)
-        assert projection is not None and projection[0].shape[1] <= most
+    # the default bases (full correlations in the basis), a coarse bounding basis whose
+    # residuals the bounds must carry (without them this one misses matches), and full
+    # correlations over the radial bins
+    for tol, exact_tol, most, exact in ((1e-6, 1e-12, 26, True), (0.3, 1e-12, 6, True),
+                                        (1e-6, 1e-30, 26, False)):
+        projection = radial_projection(major, tol, exact_tolerance=exact_tol)
+        assert projection.m_bound <= most and projection.exact == exact
         got = match_patterns(patterns, (packed, n_t, major, spectral_norms(major), projection),
                              n_best=n_best, gamma=0.5)
         np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])

@@ -20,6 +20,7 @@ Written once against the array module of the patterns (NumPy or CuPy).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -28,6 +29,7 @@ from ..device import array_module, host_threads
 
 __all__ = ["prepare_templates", "pack_templates", "packed_shape", "pack_into", "template_major",
            "spectral_norms", "template_major_and_norms", "radial_projection",
+           "RadialProjection",
            "match_patterns"]
 
 MAX_TILE = 2048  # templates per product: bounds the (K, 2n, 2t) intermediate of a block
@@ -46,6 +48,9 @@ RADIAL_BLOCK = 2
 # templates all but 1e-6 of the energy lies in 17 of 32, 20 of 64, 21 of 128 and 27 of 256
 # radial bins' worth of basis vectors (measured 2026-12-02).
 BASIS_TOLERANCE = 1e-6
+# ... and outside the basis of the exact correlations: 1e-12 of the energy is 1e-6 of the norm,
+# below float32 rounding over the radial bins (Si: 45 of 128 bins, 53 of 256).
+EXACT_TOLERANCE = 1e-12
 # A residual norm computed in float32 is raised by this fraction of the whole norm, so that
 # rounding never makes a bound lower than the true value.
 _RESIDUAL_MARGIN = 1e-4
@@ -187,36 +192,51 @@ def spectral_norms(major):
     return np.ascontiguousarray(np.sqrt(blocks).transpose(1, 2, 0))
 
 
-def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIES):
-    """The templates' spectra in a small radial basis, for the host's bounds.
+class RadialProjection(NamedTuple):
+    """The templates' spectra in their radial basis (:func:`radial_projection`)."""
+
+    basis: np.ndarray         # (R, m) orthonormal columns, by decreasing energy
+    m_bound: int              # the first m_bound columns bound the scores
+    low_packed: np.ndarray    # (n_tiles, low, m_bound, 2 tile): the first stage's products
+    coefficients: np.ndarray  # (n_t, K, 2, m): every template in the basis
+    bounding: np.ndarray      # (n_t, K, 2, m_bound): the same, first m_bound (contiguous)
+    residual: np.ndarray      # (K, n_t): norms outside the first m_bound columns
+    exact: bool               # the m columns also serve the exact correlation
+
+
+def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIES,
+                      exact_tolerance=EXACT_TOLERANCE):
+    """The templates' spectra in a small radial basis, for the host's search.
 
     The radial profiles of all templates at all frequencies (rows of ``major``) span few
-    dimensions: the eigenvectors ``U`` of their Gram matrix that hold all but ``tolerance``
-    of the energy. With ``T_k = U c_k + T_perp`` and the same split of a pattern's
-    spectrum, ``|<P_k, T_k>| <= |<U'P_k, c_k>| + ||P_perp|| ||T_perp||``: products over
-    ``m`` basis vectors instead of ``R`` radial bins bound every frequency, and the bound
-    stays valid whatever ``U`` is (the residual norms are measured, not assumed).
+    dimensions: the eigenvectors of their Gram matrix (in float64) that hold all but
+    ``tolerance`` of the energy. With ``T_k = U c_k + T_perp`` and the same split of a
+    pattern's spectrum, ``|<P_k, T_k>| <= |<U'P_k, c_k>| + ||P_perp|| ||T_perp||``:
+    products over ``m_bound`` basis vectors instead of ``R`` radial bins bound every
+    frequency, and the bound stays valid whatever the basis (the residual norms are
+    measured, not assumed). More vectors, up to ``exact_tolerance``, leave out less than
+    float32 rounding does, so the full correlations of the chosen templates are products
+    over them too (``exact``; not when they would be more than half the radial bins).
 
     Parameters
     ----------
     major : float32 array ``(n_t, K, 2, R)``
         From :func:`template_major`.
-    tolerance : float
-        Relative energy left outside the basis.
+    tolerance, exact_tolerance : float
+        Relative energy left outside the bounding and the exact basis.
     low : int
         Frequencies packed for one product per block of patterns (the first stage).
 
     Returns
     -------
-    ``(U, low_packed, projected, residual)``: ``U`` ``(R, m)``, the ``low`` lowest
-    frequencies packed as by :func:`pack_templates` ``(n_tiles, low, m, 2 tile)``, every
-    template's coefficients ``(n_t, K, 2, m)`` and residual norms ``(K, n_t)``; or None
-    where the basis would not be smaller than half the radial bins (no gain).
+    :class:`RadialProjection`, or None where the bounding basis would not be smaller than
+    half the radial bins (no gain).
 
     Examples
     --------
     Templates of three spots on 40 radial bins, each spot a Gaussian of 2 bins in radius at
-    any radius: 20 basis vectors hold all but 1e-6 of their spectra's energy.
+    any radius: 20 basis vectors hold all but 1e-6 of their spectra's energy; 1e-12 would
+    take more than 20, so the exact correlations stay on the radial bins.
 
     >>> rng = np.random.default_rng(0)
     >>> r, th = np.arange(40)[:, None], np.arange(90)[None]
@@ -225,42 +245,49 @@ def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIE
     ...     return np.exp(-0.5 * ((r - rng.uniform(5, 35)) / 2.0) ** 2 - 0.5 * d ** 2)
     >>> spots = np.array([spot() + spot() + spot() for _ in range(50)])
     >>> packed, n_t = pack_templates(*prepare_templates(spots, 8))
-    >>> U, low_packed, projected, residual = radial_projection(template_major(packed, n_t))
-    >>> U.shape, projected.shape, residual.shape
-    ((40, 20), (50, 8, 2, 20), (8, 50))
-    >>> float(residual.max()) < 0.02  # spectra of norm 2 or more at every frequency
+    >>> p = radial_projection(template_major(packed, n_t))
+    >>> p.basis.shape, p.m_bound, p.coefficients.shape, p.residual.shape, p.exact
+    ((40, 20), 20, (50, 8, 2, 20), (8, 50), False)
+    >>> float(p.residual.max()) < 0.02  # spectra of norm 2 or more at every frequency
     True
     """
     n_t, K, _, R = major.shape
     if n_t == 0:
         return None
     step = max(1, n_t // 512)  # the basis from a sample; residuals below are for every template
-    sample = major[::step].reshape(-1, R)
-    values, vectors = np.linalg.eigh((sample.T @ sample).astype(np.float64))
+    sample = major[::step].reshape(-1, R).astype(np.float64)
+    values, vectors = np.linalg.eigh(sample.T @ sample)
     values, vectors = np.maximum(values[::-1], 0), vectors[:, ::-1]
     if values.sum() <= 0:
         return None
     left = 1 - np.cumsum(values) / values.sum()
-    m = int(np.argmax(left <= tolerance)) + 1 if (left <= tolerance).any() else R
-    if 2 * m > R:
+
+    def size(tol):
+        return int(np.argmax(left <= tol)) + 1 if (left <= tol).any() else R
+
+    m1, m = size(tolerance), size(exact_tolerance)
+    if 2 * m1 > R:
         return None
+    exact = 2 * m <= R
+    m = m if exact else m1
     U = np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
-    projected = np.empty((n_t, K, 2, m), np.float32)
+    coefficients = np.empty((n_t, K, 2, m), np.float32)
     residual = np.empty((K, n_t), np.float32)
     for a in range(0, n_t, 256):  # as 2D products (a 4D matmul is a loop of tiny ones)
         b = min(a + 256, n_t)
         part = major[a:b].reshape(-1, R)
-        coeffs = part @ U
-        projected[a:b] = coeffs.reshape(b - a, K, 2, m)
-        rest = part - coeffs @ U.T
+        c = part @ U
+        coefficients[a:b] = c.reshape(b - a, K, 2, m)
+        rest = part - c[:, :m1] @ U[:, :m1].T
         sq = np.einsum("ij,ij->i", rest, rest) + \
             _RESIDUAL_MARGIN ** 2 * np.einsum("ij,ij->i", part, part)
         residual[:, a:b] = np.sqrt(sq.reshape(b - a, K, 2).sum(axis=-1)).T
     K1 = min(low, K)
-    low_packed = np.zeros(packed_shape(n_t, K1, m), np.float32)
-    pack_into(low_packed, 0, projected[:, :K1, 0].transpose(1, 2, 0),
-              projected[:, :K1, 1].transpose(1, 2, 0))
-    return U, low_packed, projected, residual
+    low_packed = np.zeros(packed_shape(n_t, K1, m1), np.float32)
+    pack_into(low_packed, 0, coefficients[:, :K1, 0, :m1].transpose(1, 2, 0),
+              coefficients[:, :K1, 1, :m1].transpose(1, 2, 0))
+    bounding = np.ascontiguousarray(coefficients[..., :m1]) if m > m1 else coefficients
+    return RadialProjection(U, m1, low_packed, coefficients, bounding, residual, exact)
 
 
 def _fft(xp):
@@ -552,15 +579,17 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
         bound = _low_frequency_bounds(ab, packed, n_t, weights, K1, np)  # (2, n, n_t)
         first = 32
     else:
-        U, low_packed, projected, t_residual = projection
-        abp = ab @ U  # (K, 2n, m)
+        m1 = projection.m_bound
+        abp = ab @ projection.basis  # (K, 2n, m)
         full = np.einsum("kir,kir->ki", ab, ab)
-        kept = np.einsum("kir,kir->ki", abp, abp)
+        kept = np.einsum("kir,kir->ki", abp[..., :m1], abp[..., :m1])
         p_sq = full[:, :n] + full[:, n:] - kept[:, :n] - kept[:, n:]  # (K, n)
         p_residual = np.sqrt(np.maximum(p_sq, 0) + _RESIDUAL_MARGIN * (full[:, :n] + full[:, n:]))
         # |X_k| <= |projected X_k| + ||P_perp|| ||T_perp||, weighted: (n, n_t) over k < K1
         wp = weights[:, None] * p_residual
-        bound = _low_frequency_bounds(abp, low_packed, n_t, weights, K1, np)
+        t_residual = projection.residual
+        bound = _low_frequency_bounds(np.ascontiguousarray(abp[..., :m1]), projection.low_packed,
+                                      n_t, weights, K1, np)
         bound += (wp[:K1].T @ t_residual[:K1])[None]
         first = max(8, 2 * n_best)
     if K1 < K:  # Cauchy-Schwarz in each radial block: a template's spots lie in a few blocks
@@ -569,7 +598,12 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
         p_norm = (weights[K1:, None, None] * p_norm).transpose(1, 0, 2).reshape(n, -1)
         bound += (p_norm @ norms[K1:].reshape(-1, norms.shape[-1]))[None]  # (n, (K - K1) B)
     top = bound.max(axis=0)  # (n, n_t): either side
-    spec = _spectra_by_pattern(ab, K, n)
+    if projection is not None:
+        spec_basis = _spectra_by_pattern(abp, K, n)
+    if projection is not None and projection.exact:  # full correlations in the basis too
+        spec, major = spec_basis, projection.coefficients
+    else:
+        spec = _spectra_by_pattern(ab, K, n)
     best_score = np.full((n, n_best), -np.inf, dtype=np.float32)
     best_info = np.zeros((n, n_best, 3), dtype=np.float32)
 
@@ -596,7 +630,9 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
         if more.shape[1] and projection is not None:  # tighten: all frequencies, in the basis
             c = more.shape[1]
             A, B, C, D = np.empty((4, K, n, c), dtype=np.float32)
-            _gathered_products_host(_spectra_by_pattern(abp, K, n), projected, more, A, B, C, D)
+            # contiguous copies: on views of the first m_bound columns the loop is not vectorised
+            _gathered_products_host(np.ascontiguousarray(spec_basis[..., :m1]),
+                                    projection.bounding, more, A, B, C, D)
             tight = _bounds_four(A, B, C, D, weights, np).max(axis=0)  # (n, c)
             tight += np.einsum("kn,knc->nc", wp, t_residual[:, more])
             rest[:] = False
