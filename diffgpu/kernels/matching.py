@@ -28,7 +28,7 @@ import numpy as np
 from ..device import array_module, host_threads
 
 __all__ = ["prepare_templates", "pack_templates", "packed_shape", "pack_into", "template_major",
-           "spectral_norms", "template_major_and_norms", "radial_projection",
+           "spectral_norms", "template_major_and_norms", "radial_projection", "positive_power",
            "RadialProjection",
            "match_patterns"]
 
@@ -301,15 +301,30 @@ def _fft(xp):
     return xp.fft.rfft, xp.fft.irfft
 
 
-def _scale_host(patterns, gamma, out):
-    """Host version of the scaling in :func:`_pattern_spectra`, into float32 ``out``. NumPy's
-    float32 ``fmax`` and ``power`` are vectorised, except for zeros, which most bins of a
-    spot pattern are: powers of the positive bins only, 25 -> 5 ms for 64 simulated Si
-    patterns of 128 x 360 against a compiled loop of scalar powers."""
+def positive_power(patterns, gamma, out):
+    """``patterns ** gamma`` into float32 ``out``, with NaN, infinite and negative bins 0.
+
+    NumPy's float32 ``fmax`` and ``power`` are vectorised, except for zeros, which most
+    bins of a spot pattern are: powers of the positive bins only. 64 simulated Si patterns
+    of 128 x 360: 2.7 ms, against 25 ms for a compiled loop of scalar powers and 11 ms for
+    ``exp2(gamma * log2(p))``.
+
+    Examples
+    --------
+    >>> out = np.empty(4, np.float32)
+    >>> positive_power(np.array([4.0, -1.0, np.nan, np.inf]), 0.5, out).tolist()
+    [2.0, 0.0, 0.0, 0.0]
+    """
     np.fmax(patterns, 0, out=out, dtype=np.float32)  # NaN and negative bins count 0
     out[out == np.inf] = 0
     if gamma != 1:
         np.power(out, np.float32(gamma), out=out, where=out > 0)
+    return out
+
+
+def _scale_host(patterns, gamma, out):
+    """Host version of the scaling in :func:`_pattern_spectra`, into float32 ``out``."""
+    positive_power(patterns, gamma, out)
     flat = out.reshape(len(out), -1)
     norm = np.sqrt(np.einsum("ij,ij->i", flat, flat))
     flat *= (1 / np.where(norm > 0, norm, 1))[:, None].astype(np.float32)
