@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
-from .kernels.matching import (match_patterns, pack_into, packed_shape, prepare_templates,
-                               radial_projection, template_major, template_major_and_norms)
+from .kernels.matching import (match_patterns, pack_into, packed_norms, packed_shape,
+                               prepare_templates, radial_projection, template_major)
 from .mapping import map_frames
 from .results import OperationResult
 from .templates import TemplateLibrary, library_for
@@ -25,15 +25,19 @@ def _templates_to_device(cp, host):
     return cp.asarray(packed), n_t
 
 
-def _host_spectra(templates):
+def _host_spectra(templates, major=False):
     """``(packed, n_t, major, norms, projection)`` for the host's two-stage search. The
-    template-major copy, the norms and the radial projection are made where they are used,
+    norms, the radial projection and, where the search needs it (no exact projection, or
+    ``major`` for the prefilter), the template-major copy are made where they are used,
     once per process, so a GPU worker never holds them and a cluster does not ship them."""
+    packed, n_t = templates.host
     extra = getattr(templates, "_host_extra", None)
     if extra is None:  # two threads may both build it at first: same result, no harm
-        major, norms = template_major_and_norms(*templates.host)
-        extra = templates._host_extra = (major, norms, radial_projection(major))
-    return templates.host + extra
+        projection = radial_projection(packed, n_t)
+        extra = templates._host_extra = [None, packed_norms(packed, n_t), projection]
+    if extra[0] is None and (major or extra[2] is None or not extra[2].exact):
+        extra[0] = template_major(packed, n_t)
+    return templates.host + tuple(extra)
 
 
 def _polar_calibration(polar):
@@ -115,7 +119,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     def match(frames, tmpl, phases, major=None):
         xp = array_module(frames)
         if xp is np:
-            spectra = _host_spectra(tmpl)
+            spectra = _host_spectra(tmpl, major=keep is not None)
         else:
             spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
         res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep)

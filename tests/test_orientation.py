@@ -601,7 +601,7 @@ def test_search_in_the_radial_basis_equals_brute_force(n_best):
     # correlations over the radial bins
     for tol, exact_tol, most, exact in ((1e-6, 1e-12, 26, True), (0.3, 1e-12, 6, True),
                                         (1e-6, 1e-30, 26, False)):
-        projection = radial_projection(major, tol, exact_tolerance=exact_tol)
+        projection = radial_projection(packed, n_t, tol, exact_tolerance=exact_tol)
         assert projection.m_bound <= most and projection.exact == exact
         got = match_patterns(patterns, (packed, n_t, major, spectral_norms(major), projection),
                              n_best=n_best, gamma=0.5)

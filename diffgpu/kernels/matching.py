@@ -28,7 +28,7 @@ import numpy as np
 from ..device import array_module, host_threads
 
 __all__ = ["prepare_templates", "pack_templates", "packed_shape", "pack_into", "template_major",
-           "spectral_norms", "template_major_and_norms", "radial_projection", "positive_power",
+           "spectral_norms", "radial_projection", "positive_power", "packed_norms",
            "RadialProjection",
            "match_patterns"]
 
@@ -129,46 +129,38 @@ def template_major(packed, n_t):
 
 
 @numba.njit(nogil=True, cache=True)
-def _major_and_norms(packed, n_t, block, major, sq):
+def _packed_norms(packed, n_t, block, sq):
     n_tiles, K, R, tile2 = packed.shape
     tile = tile2 // 2
     for i in range(n_tiles):
-        # 16 templates at a time share one cache line of each packed row: at one frequency
-        # their 2 R lines stay in L1 while each template's radii are written contiguously
-        for j0 in range(0, tile, 16):
-            j1 = min(j0 + 16, tile, n_t - i * tile)
-            for k in range(K):
-                for j in range(j0, j1):
-                    t = i * tile + j
-                    for r in range(R):
-                        re = packed[i, k, r, j]
-                        im = packed[i, k, r, tile + j]
-                        major[t, k, 0, r] = re
-                        major[t, k, 1, r] = im
-                        sq[k, r // block, t] += np.float64(re) * re + np.float64(im) * im
+        j1 = min(tile, n_t - i * tile)
+        for k in range(K):
+            for r in range(R):  # each packed row read once, in order
+                row = sq[k, r // block]
+                for j in range(j1):
+                    re = packed[i, k, r, j]
+                    im = packed[i, k, r, tile + j]
+                    row[i * tile + j] += re * re + im * im
 
 
-def template_major_and_norms(packed, n_t):
-    """:func:`template_major` and :func:`spectral_norms` in one compiled pass over the packed
-    tiles: the NumPy transposition of a 256-bin library (0.14 GB) and its temporaries cost
-    seconds on first use, most of a new library's preparation.
+def packed_norms(packed, n_t):
+    """:func:`spectral_norms` read straight from the packed tiles, in one compiled pass (no
+    template-major copy).
 
     Examples
     --------
     >>> real = np.arange(60, dtype=np.float32).reshape(2, 5, 6)
     >>> packed, n_t = pack_templates(real, -real, max_tile=4)
-    >>> major, norms = template_major_and_norms(packed, n_t)
-    >>> bool(np.array_equal(major, template_major(packed, n_t)))
-    True
-    >>> bool(np.allclose(norms, spectral_norms(major)))
+    >>> bool(np.allclose(packed_norms(packed, n_t), spectral_norms(template_major(packed, n_t))))
     True
     """
     n_tiles, K, R, _ = packed.shape
-    major = np.empty((n_t, K, 2, R), np.float32)
-    sq = np.zeros((K, len(_radial_blocks(R)), n_t), np.float64)
+    # float32 throughout (sums of RADIAL_BLOCK squares): fresh float64 arrays and their
+    # conversion cost ~1 s at 256 bins on a VM slow to touch new memory
+    sq = np.zeros((K, len(_radial_blocks(R)), n_t), np.float32)
     if n_t:
-        _major_and_norms(packed, n_t, RADIAL_BLOCK, major, sq)
-    return major, np.sqrt(sq).astype(np.float32)
+        _packed_norms(packed, n_t, RADIAL_BLOCK, sq)
+    return np.sqrt(sq, out=sq)
 
 
 def _radial_blocks(R):
@@ -204,24 +196,28 @@ class RadialProjection(NamedTuple):
     exact: bool               # the m columns also serve the exact correlation
 
 
-def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIES,
+def radial_projection(packed, n_t, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIES,
                       exact_tolerance=EXACT_TOLERANCE):
     """The templates' spectra in a small radial basis, for the host's search.
 
-    The radial profiles of all templates at all frequencies (rows of ``major``) span few
-    dimensions: the eigenvectors of their Gram matrix (in float64) that hold all but
-    ``tolerance`` of the energy. With ``T_k = U c_k + T_perp`` and the same split of a
-    pattern's spectrum, ``|<P_k, T_k>| <= |<U'P_k, c_k>| + ||P_perp|| ||T_perp||``:
-    products over ``m_bound`` basis vectors instead of ``R`` radial bins bound every
-    frequency, and the bound stays valid whatever the basis (the residual norms are
-    measured, not assumed). More vectors, up to ``exact_tolerance``, leave out less than
-    float32 rounding does, so the full correlations of the chosen templates are products
-    over them too (``exact``; not when they would be more than half the radial bins).
+    The radial profiles of all templates at all frequencies (the packed tiles' columns at
+    each frequency) span few dimensions: the eigenvectors of their Gram matrix (in
+    float64, from a sample of templates) that hold all but ``tolerance`` of the energy.
+    With ``T_k = U c_k + T_perp`` and the same split of a pattern's spectrum,
+    ``|<P_k, T_k>| <= |<U'P_k, c_k>| + ||P_perp|| ||T_perp||``: products over ``m_bound``
+    basis vectors instead of ``R`` radial bins bound every frequency, and the bound stays
+    valid whatever the basis (every template's residual norms are measured, not assumed).
+    More vectors, up to ``exact_tolerance``, leave out less than float32 rounding does, so
+    the full correlations of the chosen templates are products over them too (``exact``:
+    where they are at most half the radial bins and every template's measured residual
+    is below 3e-5 of its norm; then no template-major copy over the radial bins is needed).
 
     Parameters
     ----------
-    major : float32 array ``(n_t, K, 2, R)``
-        From :func:`template_major`.
+    packed : float32 array ``(n_tiles, K, R, 2 tile)``
+        From :func:`pack_templates`.
+    n_t : int
+        Templates in ``packed``.
     tolerance, exact_tolerance : float
         Relative energy left outside the bounding and the exact basis.
     low : int
@@ -244,19 +240,26 @@ def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIE
     ...     d = (th - rng.uniform(0, 90) + 45) % 90 - 45
     ...     return np.exp(-0.5 * ((r - rng.uniform(5, 35)) / 2.0) ** 2 - 0.5 * d ** 2)
     >>> spots = np.array([spot() + spot() + spot() for _ in range(50)])
-    >>> packed, n_t = pack_templates(*prepare_templates(spots, 8))
-    >>> p = radial_projection(template_major(packed, n_t))
+    >>> p = radial_projection(*pack_templates(*prepare_templates(spots, 8)))
     >>> p.basis.shape, p.m_bound, p.coefficients.shape, p.residual.shape, p.exact
     ((40, 20), 20, (50, 8, 2, 20), (8, 50), False)
     >>> float(p.residual.max()) < 0.02  # spectra of norm 2 or more at every frequency
     True
     """
-    n_t, K, _, R = major.shape
+    n_tiles, K, R, tile2 = packed.shape
+    tile = tile2 // 2
     if n_t == 0:
         return None
-    step = max(1, n_t // 512)  # the basis from a sample; residuals below are for every template
-    sample = major[::step].reshape(-1, R).astype(np.float64)
-    values, vectors = np.linalg.eigh(sample.T @ sample)
+    # the Gram matrix of the radial profiles, from every step-th template (both parts)
+    step = max(1, n_t // 256)
+    G = np.zeros((R, R))
+    for i in range(n_tiles):
+        cols = np.arange(0, min(tile, n_t - i * tile), step)
+        cols = np.concatenate([cols, tile + cols])
+        for k in range(K):  # one frequency at a time: small float64 copies, reused memory
+            X = packed[i, k][:, cols].astype(np.float64)
+            G += X @ X.T
+    values, vectors = np.linalg.eigh(G)
     values, vectors = np.maximum(values[::-1], 0), vectors[:, ::-1]
     if values.sum() <= 0:
         return None
@@ -273,15 +276,29 @@ def radial_projection(major, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQUENCIE
     U = np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
     coefficients = np.empty((n_t, K, 2, m), np.float32)
     residual = np.empty((K, n_t), np.float32)
-    for a in range(0, n_t, 256):  # as 2D products (a 4D matmul is a loop of tiny ones)
-        b = min(a + 256, n_t)
-        part = major[a:b].reshape(-1, R)
-        c = part @ U
-        coefficients[a:b] = c.reshape(b - a, K, 2, m)
-        rest = part - c[:, :m1] @ U[:, :m1].T
-        sq = np.einsum("ij,ij->i", rest, rest) + \
-            _RESIDUAL_MARGIN ** 2 * np.einsum("ij,ij->i", part, part)
-        residual[:, a:b] = np.sqrt(sq.reshape(b - a, K, 2).sum(axis=-1)).T
+    worst = 0.0  # largest relative residual energy outside all m vectors
+    chunk = 128  # temporaries of ~16 MB at 256 bins: larger ones are fresh pages every time
+    for i in range(n_tiles):
+        for j0 in range(0, min(tile, n_t - i * tile), chunk):
+            j1 = min(j0 + chunk, tile, n_t - i * tile)
+            t0, t1, w = i * tile + j0, i * tile + j1, j1 - j0
+            part = np.concatenate([packed[i][:, :, j0:j1], packed[i][:, :, tile + j0:tile + j1]],
+                                  axis=2)  # (K, R, 2w): real parts, then imaginary
+            c = np.matmul(U.T, part)  # (K, m, 2w)
+            coefficients[t0:t1] = c.reshape(K, m, 2, w).transpose(3, 0, 2, 1)
+            norm_sq = np.einsum("krc,krc->kc", part, part)
+            part -= np.matmul(U, c)  # what all m vectors leave out, measured
+            sq = np.einsum("krc,krc->kc", part, part)
+            if exact:
+                whole = norm_sq.sum(axis=0)
+                worst = max(worst, float(np.max(sq.sum(axis=0) / np.where(whole > 0, whole, 1))))
+            # outside the first m1: that, plus the coefficients m1..m (U is orthonormal)
+            sq += np.einsum("kjc,kjc->kc", c[:, m1:], c[:, m1:]) + _RESIDUAL_MARGIN ** 2 * norm_sq
+            residual[:, t0:t1] = np.sqrt(sq[:, :w] + sq[:, w:])
+    exact = exact and worst <= 1e-9  # 3e-5 of the norm
+    if not exact and m > m1:
+        U, coefficients = U[:, :m1].copy(), np.ascontiguousarray(coefficients[..., :m1])
+        m = m1
     K1 = min(low, K)
     low_packed = np.zeros(packed_shape(n_t, K1, m1), np.float32)
     pack_into(low_packed, 0, coefficients[:, :K1, 0, :m1].transpose(1, 2, 0),
