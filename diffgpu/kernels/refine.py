@@ -254,9 +254,8 @@ def estimate_spot_width(patterns, matrices, model, radial, azimuthal, n_spots=6)
     profile in the spot's azimuthal bin (5 bins either side, or 4 sigma where the spots
     are wider; its lowest value taken off) gives a second moment; the median over spots
     and patterns, less the variance of one bin's width (``dr^2 / 12``), is the spot's
-    own. Pattern similarities
-    (:func:`model_similarity`) use it: two orientations whose spots differ by much less
-    than a spot's width cannot be told apart.
+    own. Pattern similarities (:func:`model_similarity`) use it: two orientations whose
+    spots differ by much less than a spot's width cannot be told apart.
 
     Parameters
     ----------
