@@ -50,6 +50,7 @@ SIG = (256, 256)
 CENTER = (127.5, 127.5)
 DISC = 20.0
 ANNULUS = (40.0, 100.0)
+ORIENTATION_ROWS = 16  # scan rows for orientation mapping (see main_job)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -194,6 +195,65 @@ def write_files(folder, nav, with_h5=True):
     return mib, (h5 if with_h5 else None), t_mib, t_h5
 
 
+# -- the main job, step by step ----------------------------------------------------------------
+
+def _library():
+    import diffgpu
+
+    return diffgpu.TemplateLibrary.from_phase(diffgpu.TemplateLibrary.silicon(), resolution=1.0,
+                                              reciprocal_radius=1.2)
+
+
+def main_job(rois):
+    """Every step of the main job as ``{name: job(signal)}``, each computed chunk by chunk
+    (results larger than the scan's few numbers per frame are dropped as they come).
+
+    ``beam``: the direct beam's position per frame; ``centre``: the frames shifted to put it
+    at the centre; ``orientation``: 2D integration (64 x 360 bins, the signal axes taken as
+    0.01 1/Å per pixel) and template matching against 1,081 Si templates, on the first
+    ``ORIENTATION_ROWS`` scan rows. The frames are not Si patterns: rings and a disc, which
+    every template matches about as well, so the exact search correlates most templates
+    fully and runs ~10x slower than on spot patterns (~100-300 frames/s); the whole
+    30 GB scan would take most of an hour.
+    """
+    import dask
+
+    library = []
+
+    def beam(s):
+        return s.get_direct_beam_position(method="center_of_mass").data.compute()
+
+    def centre(s):
+        return sink(s.center_direct_beam(method="center_of_mass").data)
+
+    def orientation(s):
+        if not library:
+            library.append(_library())
+        s = s.inav[:, :ORIENTATION_ROWS]
+        cal = s.calibration
+        scale, units = cal.scale, cal.units
+        cal.scale, cal.units = 0.01, "1/Å"  # the graph takes the geometry as it is now
+        try:
+            polar = s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28),
+                                               mean=True)
+        finally:
+            cal.scale, cal.units = scale, units
+        return polar.get_orientation(library[0]).data.compute()
+
+    return {
+        "virtual": lambda s: s.get_virtual_image(rois).data.compute(),
+        "com": lambda s: s.center_of_mass().data.compute(),
+        "int1d": lambda s: sink(s.get_azimuthal_integral1d(npt=100).data),
+        "int2d": lambda s: sink(s.get_azimuthal_integral2d(npt=100, npt_azim=360).data),
+        "together": lambda s: dask.compute(s.get_virtual_image(rois).data,
+                                           s.center_of_mass().data,
+                                           s.get_azimuthal_integral1d(npt=100).data),
+        "beam": beam,
+        "centre": centre,
+        "orientation": orientation,
+    }
+
+
 # -- tools -------------------------------------------------------------------------------------
 
 def tool_read(args):
@@ -214,7 +274,6 @@ def tool_read(args):
 
 def tool_diffgpu(args):
     def body(out):
-        import dask
         import hyperspy.api as hs
 
         import diffgpu
@@ -237,15 +296,7 @@ def tool_diffgpu(args):
                               f"{int(np.prod([len(c) for c in regions]))}")
 
         def jobs(s):
-            return {
-                "virtual": lambda: s.get_virtual_image(rois).data.compute(),
-                "com": lambda: s.center_of_mass().data.compute(),
-                "int1d": lambda: sink(s.get_azimuthal_integral1d(npt=100).data),
-                "int2d": lambda: sink(s.get_azimuthal_integral2d(npt=100, npt_azim=360).data),
-                "together": lambda: dask.compute(s.get_virtual_image(rois).data,
-                                                 s.center_of_mass().data,
-                                                 s.get_azimuthal_integral1d(npt=100).data),
-            }
+            return {name: (lambda job=job: job(s)) for name, job in main_job(rois).items()}
 
         small = jobs(s.inav[:, :2])  # warm-up (imports, compilation) on two scan rows
         with PeakMemory() as mem:
@@ -329,7 +380,6 @@ def tool_cluster(args):
     """diffgpu on a 2-worker distributed LocalCluster with 2 GiB per worker: throughput, each
     worker's peak memory, and whether any worker was paused or restarted for memory."""
     def body(out):
-        import dask
         import hyperspy.api as hs
         from distributed import Client, LocalCluster
 
@@ -356,14 +406,7 @@ def tool_cluster(args):
                         peaks[w] = {k: max(old[k], st[k]) for k in old}
                     time.sleep(0.2)
 
-            jobs = {
-                "virtual": lambda x: x.get_virtual_image(rois).data.compute(),
-                "int1d": lambda x: sink(x.get_azimuthal_integral1d(npt=100).data),
-                "int2d": lambda x: sink(x.get_azimuthal_integral2d(npt=100, npt_azim=360).data),
-                "together": lambda x: dask.compute(x.get_virtual_image(rois).data,
-                                                   x.center_of_mass().data,
-                                                   x.get_azimuthal_integral1d(npt=100).data),
-            }
+            jobs = {k: v for k, v in main_job(rois).items() if k != "com"}
             t = threading.Thread(target=watch, daemon=True)
             t.start()
             for name, job in jobs.items():
@@ -508,7 +551,8 @@ def main():
 def report(r, n, size, nav):
     def rate(tool, key):
         v = r.get(tool, {}).get(key)
-        return n / v if isinstance(v, float) else None
+        frames = n if key != "orientation" else min(nav[0], ORIENTATION_ROWS) * nav[1]
+        return frames / v if isinstance(v, float) else None
 
     def fmt(v):
         return f"{v:,.0f}" if isinstance(v, float) else "n/a"
@@ -550,6 +594,13 @@ def report(r, n, size, nav):
                  f"separately: {separate:.1f} s" if separate else "n/a",
                  f"{r['diffgpu']['together']:.1f} s together" if "together" in r.get("diffgpu", {})
                  else ""])
+    for label, key in [("direct beam positions (centre of mass)", "beam"),
+                       ("frames centred on the beam (shifted, dropped as they come)", "centre"),
+                       (f"orientation mapping: 2D integration 64 x 360 + 1,081 templates "
+                        f"(first {ORIENTATION_ROWS} scan rows)", "orientation")]:
+        d = rate("diffgpu", key)
+        if d:
+            rows.append([label, fmt(d), "", f"{ratio(d, read)} of the read rate"])
     print_table("diffgpu from the .mib: integration against the read rate and in-memory (frames/s)",
                 ["", "frames/s", "reference", "ratio"], rows)
 
@@ -566,7 +617,9 @@ def report(r, n, size, nav):
     if c and "error" not in c:
         rows = [[label, fmt(rate("diffgpu-cluster", key))] for label, key in
                 [("virtual imaging, 2 detectors", "virtual"), ("1D integration", "int1d"),
-                 ("2D integration", "int2d"), ("virtual + centre of mass + 1D, one graph", "together")]
+                 ("2D integration", "int2d"), ("virtual + centre of mass + 1D, one graph", "together"),
+                 ("direct beam positions", "beam"), ("frames centred on the beam", "centre"),
+                 ("orientation mapping (2D integration + 1,081 templates)", "orientation")]
                 if key in c]
         wm = c.get("worker_mem", {})
         rows.append(["largest worker peak RssAnon / RssFile (GiB, absolute)",
