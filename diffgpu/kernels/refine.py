@@ -420,6 +420,15 @@ def _near(m, g, gnorm, k, smax, radius, near_deg, idx):
     return n
 
 
+@numba.njit(inline="always")
+def _matmul3(a, b, out):
+    """``out = a @ b`` for 3 x 3 matrices, written out: ``@`` in numba calls BLAS, whose
+    per-call overhead is larger than the product."""
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = a[i, 0] * b[0, j] + a[i, 1] * b[1, j] + a[i, 2] * b[2, j]
+
+
 @numba.njit(nogil=True, cache=True)
 def _turn_angle(a, b):
     """Degrees between two rotation matrices."""
@@ -457,13 +466,14 @@ def _refine_host(p, matrices, g, f2, k, smax, gamma, r_first, dr, a_first, da, r
             best_j = -1
             best_value = best
             for j in range(6):
-                cand[:] = turns[j] @ m
+                _matmul3(turns[j], m, cand)
                 value = _score_one(p[i], cand, g, f2, idx, n_idx, k, smax, gamma, r_first, dr,
                                    a_first, da, radius)
                 if value > best_value:
                     best_j, best_value = j, value
             if best_j >= 0:
-                m = turns[best_j] @ m
+                _matmul3(turns[best_j], m, cand)
+                m[:] = cand
                 best = best_value
             else:
                 st /= 2
@@ -766,7 +776,7 @@ def _images(mats, g, f2, k, smax, gamma, radius, sigma, n_top, out, count):
                         ok = False
                         break
                 if ok and count[i] < n_out:
-                    out[i, count[i]] = op @ m
+                    _matmul3(op, m, out[i, count[i]])
                     count[i] += 1
 
 
