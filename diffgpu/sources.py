@@ -118,6 +118,13 @@ class StoredFrames:
             m = mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)  # the map keeps its own reference to the file
+        if hasattr(mmap, "MADV_WILLNEED"):
+            # the whole region is read ahead in the background while the first frames are
+            # decoded: reading and computing overlap where the file is not in the page cache
+            try:
+                m.madvise(mmap.MADV_WILLNEED)
+            except OSError:
+                pass
         raw = np.frombuffer(m, dtype=np.uint8)[begin - aligned:]
         words = raw.view(self.dtype).reshape(count, self.stride // size)
         try:
