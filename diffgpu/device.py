@@ -20,6 +20,7 @@ import importlib
 import os
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,11 +323,17 @@ class DeviceCache:
     True
     """
 
-    def __init__(self, host, to_device=None):
+    def __init__(self, host, to_device=None, token=None):
         self.host = host
         self._to_device = to_device or (lambda cp, value: cp.asarray(value))
         self._copies = {}
         self._lock = threading.Lock()
+        self._token = token or uuid.uuid4().hex
+
+    def __dask_tokenize__(self):
+        # one token per constant, made once: dask would otherwise pickle and hash the whole
+        # host value (hundreds of MB of templates: ~70 ms) every time a graph is built
+        return ("DeviceCache", self._token)
 
     def get(self, xp):
         """The value for computing with array module ``xp`` (numpy or cupy)."""
@@ -341,10 +348,10 @@ class DeviceCache:
             return self._copies[key]
 
     def __getstate__(self):  # pickled to dask workers: device copies stay behind
-        return {"host": self.host, "_to_device": self._to_device}
+        return {"host": self.host, "_to_device": self._to_device, "_token": self._token}
 
     def __setstate__(self, state):
-        self.__init__(state["host"], state["_to_device"])
+        self.__init__(state["host"], state["_to_device"], state.get("_token"))
 
 
 def host_threads():

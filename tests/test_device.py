@@ -310,3 +310,23 @@ def test_lazy_compute_runs_blas_single_threaded_under_dask_threads(scheduler, mo
     else:
         assert all(x == before for x in seen)
     assert _blas_threads() == before
+
+
+def test_device_constants_are_tokenized_without_reading_them():
+    """Graphs name a constant by a token made once, not by hashing its (large) host value
+    every time a graph is built; a copy sent to a worker (cloudpickle, as distributed
+    sends it) keeps the token."""
+    import cloudpickle
+    from dask.base import tokenize
+
+    from diffgpu.device import DeviceCache
+
+    class Unhashable(np.ndarray):  # tokenizing by content would have to read this
+        def __reduce__(self):
+            raise AssertionError("the host value was pickled to make a token")
+
+    c = DeviceCache(np.zeros(10, np.float32).view(Unhashable))
+    assert tokenize(c) == tokenize(c)
+    assert tokenize(c) != tokenize(DeviceCache(np.zeros(10, np.float32)))
+    plain = DeviceCache(np.arange(4))
+    assert tokenize(cloudpickle.loads(cloudpickle.dumps(plain))) == tokenize(plain)
