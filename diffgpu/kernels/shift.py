@@ -57,7 +57,13 @@ def shift_frames(frames, shifts):
     out = xp.empty(frames.shape, dtype=xp.float32)
     if xp is np:
         _shift_host(kernel_ready(np.asarray(frames)), np.ascontiguousarray(shifts), out)
-        return out
+    else:
+        _shift_array(frames, shifts, out, xp)
+    return out
+
+
+def _shift_array(frames, shifts, out, xp):
+    """:func:`shift_frames` in array operations of ``xp`` (the device's way), into ``out``."""
     for i in range(frames.shape[0]):
         dx, dy = shifts[i]
         frame = frames[i].astype(xp.float32, copy=False)
@@ -74,15 +80,14 @@ def shift_frames(frames, shifts):
         if fx and fy:
             acc += _shifted(frame, ix + 1, iy + 1, xp) * np.float32(fx * fy)
         out[i] = acc
-    return out
 
 
 @numba.njit(nogil=True, cache=True)
 def _shift_host(frames, shifts, out):
     """:func:`shift_frames` on the host: the same float32 products and sums in the same
-    order (so the same values), one pass over each frame (read through a float32 copy with
-    a border of zeros, so that no tap needs a bounds check) instead of a dozen NumPy passes
-    and temporaries."""
+    order as :func:`_shift_array` (so the same values), one pass over each frame (read
+    through a float32 copy with a border of zeros, so that no tap needs a bounds check)
+    instead of a dozen NumPy passes and temporaries."""
     n, ny, nx = frames.shape
     pad = np.zeros((ny + 2, nx + 2), np.float32)  # pad[y + 1, x + 1] = frame[y, x]
     for i in range(n):
