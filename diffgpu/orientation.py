@@ -155,6 +155,55 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     return OperationResult(data, axes, metadata, "orientation_matches", lazy=polar._lazy)
 
 
+def _quaternion_product(a, b):
+    """Hamilton products ``a b`` of quaternions ``(..., 4)`` (``w, x, y, z``), broadcast."""
+    aw, ax, ay, az = np.moveaxis(a, -1, 0)
+    bw, bx, by, bz = np.moveaxis(b, -1, 0)
+    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw],
+                    axis=-1)
+
+
+_PROPER = {}
+
+
+def _proper_rotations(point_group):
+    """The quaternions of ``point_group``'s proper rotations, kept per group (orix takes 5 ms
+    to find the subgroup)."""
+    data = np.asarray(point_group.data, dtype=np.float64)
+    key = (point_group.name, data.tobytes(), tuple(np.asarray(point_group.improper).ravel()))
+    if key not in _PROPER:
+        _PROPER[key] = np.asarray(point_group.proper_subgroup.data, dtype=np.float64)
+    return _PROPER[key]
+
+
+def misorientation_angles(a, b, point_group):
+    """Degrees between orientations ``a`` and ``b`` (quaternions ``(..., 4)``) up to the
+    crystal symmetry ``point_group`` (an orix ``Symmetry``): as orix's
+    ``Orientation.angle_with``, computed directly.
+
+    ``b``'s symmetry-equivalent forms are ``S b`` for the proper rotations ``S`` of the
+    point group; the angle between two unit quaternions is ``2 acos |<a, b>|``, so the
+    smallest over ``S`` comes from the largest ``|<a, S b>|`` (one-sided: turning both by
+    the group only conjugates the same set). orix builds misorientation objects on the way,
+    which cost 1-3 ms a call in every refinement, more than the arithmetic.
+
+    Examples
+    --------
+    >>> from orix.quaternion import Rotation
+    >>> from orix.quaternion.symmetry import Oh
+    >>> q = Rotation.from_axes_angles([0, 0, 1], np.deg2rad([0, 30, 95])).data
+    >>> np.round(misorientation_angles(q[:1], q, Oh), 6).tolist()   # 95 degrees = 5 (cubic)
+    [0.0, 30.0, 5.0]
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ops = _proper_rotations(point_group)  # (k, 4)
+    turned = _quaternion_product(ops, b[..., None, :])  # (..., k, 4)
+    dot = np.abs(np.einsum("...i,...ki->...k", a, turned)).max(axis=-1)
+    return np.degrees(2 * np.arccos(np.clip(dot, 0.0, 1.0)))
+
+
 def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
     """Which matches are another orientation than the best one: ``(N, n_best)`` booleans.
 
@@ -180,8 +229,6 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
     >>> distinct_candidates(q, np.zeros((1, 4)), [Phase(point_group="m-3m")]).tolist()
     [[False, False, True, False]]
     """
-    from orix.quaternion import Orientation
-
     rot = np.asarray(rotations, dtype=np.float64)
     ph = np.asarray(phase_index).astype(np.int64)
     n_best = rot.shape[1]
@@ -192,10 +239,7 @@ def distinct_candidates(rotations, phase_index, phases, min_misorientation=5.0):
         own = ph[:, 0] == p
         if not own.any():
             continue
-        best = Orientation(np.repeat(rot[own, :1], n_best - 1, axis=1).reshape(-1, 4),
-                           symmetry=phase.point_group)
-        other = Orientation(rot[own, 1:].reshape(-1, 4), symmetry=phase.point_group)
-        angle = best.angle_with(other, degrees=True).reshape(-1, n_best - 1)
+        angle = misorientation_angles(rot[own, :1], rot[own, 1:], phase.point_group)
         far[own, 1:] = (angle > min_misorientation) | (ph[own, 1:] != p)
     return far
 
@@ -253,11 +297,13 @@ def _twin_alternative(p, best, phase, models, phase_list, gamma, radial, azimuth
         # is the twin as it is: refining it (half of the near-zone patterns) changes nothing
         loose = value[has] < exact_similarity
         if loose.any():
-            found[loose], score[loose] = refine_rotations(p[sel[loose]], found[loose], model,
-                                                          gamma, radial, azimuthal, step, min_step)
+            found[loose], score[loose] = refine_rotations(p, found[loose], model, gamma, radial,
+                                                          azimuthal, step, min_step,
+                                                          rows=sel[loose])
         out[sel, :4] = matrix_quaternions(found.transpose(0, 2, 1))
         out[sel, 4] = score
-        out[sel, 5] = contrast_scores(p[sel], found[:, None], model, gamma, radial, azimuthal)[:, 0]
+        out[sel, 5] = contrast_scores(p, found[:, None], model, gamma, radial, azimuthal,
+                                      rows=sel)[:, 0]
         out[sel, 6] = np.where(loose, model_similarity(best[sel], found, model, exponent, sigma),
                                value[has])
     return out
@@ -268,12 +314,10 @@ def _candidate_similarity(cand_q, phases, models, gamma, sigma, phase_list):
     (:func:`~diffgpu.kernels.refine.model_similarity`): ``(..., n_best)``, 1 for the best,
     NaN for candidates that are the best's orientation (get_reliability weighs only the
     others)."""
-    from orix.quaternion import Rotation
-
-    from .kernels.refine import model_similarity
+    from .kernels.refine import model_similarity, quaternion_matrices
 
     n_best = cand_q.shape[-2]
-    mats = (~Rotation(cand_q.reshape(-1, 4))).to_matrix().reshape(-1, n_best, 3, 3)
+    mats = quaternion_matrices(cand_q.reshape(-1, n_best, 4)).swapaxes(-1, -2)
     ph = phases.reshape(-1, n_best)
     far = distinct_candidates(cand_q.reshape(-1, n_best, 4), ph, phase_list)
     out = np.full(ph.shape, np.nan)
@@ -300,10 +344,9 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     block's result goes back to the patterns' device, so lazy graphs keep their CuPy meta,
     and the joined result is moved to the host once at the end.
     """
-    from orix.quaternion import Rotation
-
     from .kernels.refine import (contrast_scores, estimate_exponent, estimate_spot_width,
-                                 matrix_quaternions, prepare_patterns, refine_rotations)
+                                 matrix_quaternions, prepare_patterns, quaternion_matrices,
+                                 refine_rotations)
 
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
@@ -327,7 +370,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     c = min(int(candidates), n_best)
     start = matches.to_rotations().data.reshape(nav + (n_best, 4))
     # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
-    mats = (~Rotation(start.reshape(-1, 4))).to_matrix().reshape(nav + (9 * n_best,))
+    mats = quaternion_matrices(start).swapaxes(-1, -2).reshape(nav + (9 * n_best,))
     phases = m[..., 1].reshape(nav + (n_best,))
     # the other candidates are refined only where their correlation comes within `margin`
     # of the best's: near-twins and close phases, decided by the full spot model. Besides
@@ -383,7 +426,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
                 if not sel.size:
                     continue
                 mat[sel, rank], scores[sel, rank] = refine_rotations(
-                    p[sel], mat[sel, rank], model, model_gamma, radial, azimuthal, step, min_step)
+                    p, mat[sel, rank], model, model_gamma, radial, azimuthal, step, min_step,
+                    rows=sel)
         # every candidate (refined or as matched) scored against the patterns less their
         # rings' background: what get_reliability compares
         contrast = np.zeros((n, n_best))
@@ -391,7 +435,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
             own = phase == ph
             if own.any():
                 rows = np.flatnonzero(own.any(axis=1))
-                part = contrast_scores(p[rows], mat[rows], model, model_gamma, radial, azimuthal)
+                part = contrast_scores(p, mat[rows], model, model_gamma, radial, azimuthal,
+                                       rows=rows)
                 contrast[rows] = np.where(own[rows], part, contrast[rows])
         quats = matrix_quaternions(mat.transpose(0, 1, 3, 2))
         chosen = scores.argmax(axis=1)

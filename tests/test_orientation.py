@@ -323,6 +323,24 @@ def test_refined_matches_slice_with_their_refinement(si, lib):
     assert r.metadata.Refined.rotations.shape == (4, 5, 4)  # the original is untouched
 
 
+@pytest.mark.parametrize("group", ["m-3m", "6/mmm", "2/m", "-3m", "23", "1"])
+def test_misorientation_angles_equal_orix(group):
+    from orix.quaternion import Orientation, Rotation
+    from orix.crystal_map import Phase
+
+    from diffgpu.orientation import distinct_candidates, misorientation_angles
+
+    pg = Phase(point_group=group).point_group
+    np.random.seed(7)
+    a, b = Rotation.random(300).data, Rotation.random(300).data
+    b[:50] = (Rotation(a[:50]) * Rotation.from_axes_angles([1, 2, 3], np.deg2rad(3.0))).data
+    expected = Orientation(a, symmetry=pg).angle_with(Orientation(b, symmetry=pg), degrees=True)
+    np.testing.assert_allclose(misorientation_angles(a, b, pg), expected, atol=1e-6)
+    far = distinct_candidates(np.stack([a, b], axis=1), np.zeros((300, 2)), [Phase(point_group=group)])
+    np.testing.assert_array_equal(far[:, 1], expected > 5.0)
+    assert not far[:, 0].any()
+
+
 def test_model_similarity_of_orientations(lib1):
     from diffgpu.kernels.refine import model_similarity
 
@@ -395,6 +413,39 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
             kept = _score_one(p[i], moved, g, f2, idx, n_idx, k, smax, 0.3, *grid[0], *grid[1],
                               radius)
             assert kept == pytest.approx(full, rel=1e-12)
+
+
+def test_refine_kernels_read_rows_in_place_as_copies(lib):
+    from orix.quaternion import Rotation as Rot
+
+    from diffgpu.kernels.refine import contrast_scores, prepare_patterns, refine_rotations
+
+    model = lib.kinematic_model()
+    rng = np.random.default_rng(5)
+    p = prepare_patterns(rng.uniform(0, 1, (6, 64, 360)) ** 6, 0.3)
+    rows = np.array([4, 1, 1, 5])
+    mats = Rot.random(4).to_matrix()
+    grid = ((0.01, 0.02), (-179.5, 1.0))
+    in_place = refine_rotations(p, mats, model, 0.3, *grid, rows=rows)
+    copied = refine_rotations(p[rows], mats, model, 0.3, *grid)
+    for a, b in zip(in_place, copied):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(contrast_scores(p, mats[:, None], model, 0.3, *grid, rows=rows),
+                               contrast_scores(p[rows], mats[:, None], model, 0.3, *grid),
+                               rtol=1e-12)
+    # the ring means are taken off each pattern as NumPy does
+    q = p[rows] - p[rows].mean(axis=2, keepdims=True)
+    every = np.arange(len(model[0]))
+    from diffgpu.kernels.refine import _score_one
+    expected = [_score_one(q[i], mats[i], model[0], model[1], every, every.size, model[2],
+                           model[3], 0.3, *grid[0], *grid[1], model[4]) for i in range(4)]
+    np.testing.assert_allclose(contrast_scores(p, mats[:, None], model, 0.3, *grid,
+                                               rows=rows)[:, 0], expected, rtol=1e-5,
+                               atol=1e-7)  # (NumPy's float32 mean against a float64 sum)
+    with pytest.raises(ValueError, match="rows"):
+        refine_rotations(p, mats, model, 0.3, *grid, rows=[0, 1, 2, 6])
+    with pytest.raises(ValueError, match="give rows"):
+        refine_rotations(p, mats, model, 0.3, *grid)
 
 
 @pytest.mark.parametrize("lazy", [False, True])
