@@ -386,7 +386,7 @@ def test_pattern_images_find_the_twin_down_111(si, lib1):
 def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     from orix.quaternion import Rotation as Rot
 
-    from diffgpu.kernels.refine import _near, _score_one, prepare_patterns, score_rotations
+    from diffgpu.kernels.refine import _near, _score_one, _weights, prepare_patterns, score_rotations
 
     g, f2, k, smax, radius = lib.kinematic_model()
     rng = np.random.default_rng(4)
@@ -395,7 +395,8 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     grid = ((0.01, 0.02), (-179.5, 1.0))
     expected = score_rotations(p, mats, g, f2, k, smax, 0.3, *grid, radius)
     every = np.arange(len(g))
-    got = np.array([[_score_one(p[i], mats[i, j], g, f2, every, len(g), k, smax, 0.3, *grid[0],
+    weights = _weights(f2, smax, 0.3)
+    got = np.array([[_score_one(p[i], mats[i, j], g, *weights, every, len(g), k, smax, *grid[0],
                                 *grid[1], radius) for j in range(5)] for i in range(3)])
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     # the search scores only the reflections that can be excited near where it is: the same
@@ -408,11 +409,32 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
             assert 0 < n_idx < len(g) / 3
             turn = Rot.from_axes_angles(rng.normal(size=3), np.deg2rad(1.9)).to_matrix()[0]
             moved = turn @ mats[i, j]
-            full = _score_one(p[i], moved, g, f2, every, len(g), k, smax, 0.3, *grid[0],
+            full = _score_one(p[i], moved, g, *weights, every, len(g), k, smax, *grid[0],
                               *grid[1], radius)
-            kept = _score_one(p[i], moved, g, f2, idx, n_idx, k, smax, 0.3, *grid[0], *grid[1],
+            kept = _score_one(p[i], moved, g, *weights, idx, n_idx, k, smax, *grid[0], *grid[1],
                               radius)
             assert kept == pytest.approx(full, rel=1e-12)
+
+
+def test_search_arithmetic_azimuths_and_spot_weights():
+    from diffgpu.kernels.refine import _atan2_deg, _rod_weight, _weights
+
+    rng = np.random.default_rng(8)
+    xy = np.concatenate([rng.normal(size=(20000, 2)) * 10.0 ** rng.uniform(-3, 1, (20000, 1)),
+                         [[0, 1], [1, 0], [0, -1], [-1, 0], [1, 1], [-1, -1], [1e-9, -2], [0, 0]]])
+    got = np.array([_atan2_deg(y, x) for x, y in xy])
+    want = np.degrees(np.arctan2(xy[:, 1], xy[:, 0]))
+    assert np.abs((got - want + 180) % 360 - 180).max() < 1e-6
+    smax = 0.05
+    width = np.pi / smax
+    s = np.linspace(-smax * 0.9999, smax * 0.9999, 5001)
+    f2 = np.array([0.5, 3.0, 70.0])
+    for gamma in (0.15, 0.3, 1.0, 2.0):
+        f2g, table, per_u = _weights(f2, smax, gamma)
+        np.testing.assert_allclose(f2g, f2 ** gamma, rtol=1e-14)
+        rod = width / (np.pi * (width * width * s * s + 1)) * smax
+        got = np.array([_rod_weight(table, per_u, width, v) for v in s])
+        np.testing.assert_allclose(got, rod ** gamma, rtol=1.2e-6)
 
 
 def test_refine_kernels_read_rows_in_place_as_copies(lib):
@@ -436,9 +458,10 @@ def test_refine_kernels_read_rows_in_place_as_copies(lib):
     # the ring means are taken off each pattern as NumPy does
     q = p[rows] - p[rows].mean(axis=2, keepdims=True)
     every = np.arange(len(model[0]))
-    from diffgpu.kernels.refine import _score_one
-    expected = [_score_one(q[i], mats[i], model[0], model[1], every, every.size, model[2],
-                           model[3], 0.3, *grid[0], *grid[1], model[4]) for i in range(4)]
+    from diffgpu.kernels.refine import _score_one, _weights
+    weights = _weights(model[1], model[3], 0.3)
+    expected = [_score_one(q[i], mats[i], model[0], *weights, every, every.size, model[2],
+                           model[3], *grid[0], *grid[1], model[4]) for i in range(4)]
     np.testing.assert_allclose(contrast_scores(p, mats[:, None], model, 0.3, *grid,
                                                rows=rows)[:, 0], expected, rtol=1e-5,
                                atol=1e-7)  # (NumPy's float32 mean against a float64 sum)
