@@ -226,7 +226,8 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
         total += len(pts)
         if len(pts) < 3:
             continue
-        d = (pts[:, None, :] - pts[None, :, :]).reshape(-1, 2)
+        i, j = np.triu_indices(len(pts), 1)  # each pair once (its +/- twin counted below)
+        d = pts[i] - pts[j]
         d = d[np.hypot(*d.T) > tolerance]
         # one of each +/- pair: the half plane x > 0, or x == 0 and y > 0
         d = np.where(((d[:, 0] < 0) | ((d[:, 0] == 0) & (d[:, 1] < 0)))[:, None], -d, d)
@@ -239,24 +240,35 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
     length = np.hypot(*d.T)
     order = np.argsort(length)
     d, length = d[order], length[order]
-    need = max(3, min_fraction * total)
+    # a cluster's size counts both differences of each pair (i - j and j - i)
+    need = max(3, min_fraction * total) / 2
     found = []
     tried = 0
-    for i in range(len(d)):
+    # candidates in order of length; those near a found vector, or nearly parallel to g1, are
+    # struck out all at once when it is found (one by one in Python they cost 30 ms for 32
+    # frames), and a candidate's cluster is looked for only among the differences of about
+    # its length (|d -+ c| < tolerance needs ||d| - |c|| < tolerance)
+    queue, at = np.arange(len(d)), 0
+    while at < len(queue):
+        i = queue[at]
+        at += 1
         c = d[i]
-        if any(np.hypot(*(c - f)) < 2 * tolerance or np.hypot(*(c + f)) < 2 * tolerance
-               for f in found):
-            continue
-        if found and abs(found[0][0] * c[1] - found[0][1] * c[0]) < 0.3 * length[i] * np.hypot(
-                *found[0]):
-            continue  # (nearly) parallel to g1
-        near = (np.hypot(*(d - c).T) < tolerance) | (np.hypot(*(d + c).T) < tolerance)
+        lo, hi = np.searchsorted(length, [length[i] - tolerance, length[i] + tolerance])
+        w = d[max(lo - 1, 0):hi + 1]
+        close = np.hypot(*(w - c).T) < tolerance
+        near = close | (np.hypot(*(w + c).T) < tolerance)
         tried += 1
         if near.sum() >= need:
-            members = np.where((np.hypot(*(d - c).T) < tolerance)[:, None], d, -d)[near]
+            members = np.where(close[:, None], w, -w)[near]
             found.append(members.mean(axis=0))
             if len(found) == 2:
                 return reduce_basis(*found)
+            f, rest = found[0], d[i + 1:]
+            alive = ((np.hypot(*(rest - f).T) >= 2 * tolerance)
+                     & (np.hypot(*(rest + f).T) >= 2 * tolerance)
+                     & (np.abs(f[0] * rest[:, 1] - f[1] * rest[:, 0])
+                        >= 0.3 * length[i + 1:] * np.hypot(*f)))
+            queue, at = np.flatnonzero(alive) + i + 1, 0
         if tried > 400:
             break
     raise BasisError("could not find two frequent, non-collinear disk spacings (a lattice "
