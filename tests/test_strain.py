@@ -174,6 +174,35 @@ def test_fit_lattices_rejects_outliers_and_needs_two_rows():
     assert np.isnan(fit[0, :6]).all()
 
 
+@pytest.mark.parametrize("tolerance", [None, 0.8])
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_compiled_lattice_fit_equals_the_array_path(tolerance, iterations):
+    from diffgpu.kernels.lattice import _fit_xp
+
+    rng = np.random.default_rng(11)
+    h, k = np.meshgrid(np.arange(-4, 5), np.arange(-4, 5))
+    hk = np.stack([h.ravel(), k.ravel()], -1).astype(float)
+    g = np.array([[11.0, -2.0], [1.5, 12.0]])
+    n = 200
+    strain = 1 + rng.normal(0, 0.01, (n, 2, 2))
+    pos = np.einsum("nij,kj->nki", g[None] * strain, hk) + rng.normal(0, 0.1, (n, len(hk), 2))
+    pos += rng.uniform(-30, 30, (n, 1, 2)) + [60.0, 58.0]  # descan beyond a spacing
+    w = rng.uniform(0.5, 3, (n, len(hk)))
+    pos[rng.random((n, len(hk))) < 0.2] = np.nan  # empty slots
+    w[rng.random((n, len(hk))) < 0.05] = 0.0  # unused disks
+    w[rng.random((n, len(hk))) < 0.05] = np.nan
+    pos[:, 7] += rng.normal(0, 3, (n, 2))  # outliers
+    pos[3, 4:] = np.nan  # too few disks
+    pos[4] = np.where((hk[:, 1] == 0)[:, None], pos[4], np.nan)  # one lattice row
+    host = fit_lattices(pos, w, g * 1.02, np.array([60.0, 58.0]), tolerance=tolerance,
+                        iterations=iterations)
+    arrays = _fit_xp(pos, w, g * 1.02, np.array([60.0, 58.0]), 6, tolerance, iterations, np)
+    np.testing.assert_array_equal(np.isnan(host), np.isnan(arrays))
+    np.testing.assert_allclose(host, arrays, rtol=1e-10, atol=1e-9)
+    if iterations:
+        assert np.isnan(host[[3, 4], :6]).all() and np.isfinite(host[10:20]).all()
+
+
 def test_reduce_basis_right_handed_and_short():
     a, b = reduce_basis([0.0, 10.0], [10.0, 31.0])
     assert np.hypot(*a) <= np.hypot(*b) and a[0] * b[1] - a[1] * b[0] > 0
