@@ -93,6 +93,44 @@ def _frames(data, flat_ids):
     return np.asarray(to_host_array(flat[np.asarray(flat_ids)]), float)
 
 
+def _region_blocks(data, flat_ids):
+    """For a lazy ``data``: the vectors of the given frames (host float64) and ``data`` with
+    the chunks holding them replaced by their computed values, so that a graph built on it
+    does not compute them again (the reference region's chunks were computed twice: for the
+    basis and reference lattice, then in the strain map; a quarter of a 4-chunk scan)."""
+    import dask
+    import dask.array as da
+
+    nav_shape = data.shape[:-2]
+    nav = len(nav_shape)
+    coords = np.unravel_index(np.asarray(flat_ids), nav_shape)
+    bounds = [np.cumsum(c) for c in data.chunks[:nav]]
+    block_of = np.stack([np.searchsorted(b, c, side="right") for b, c in zip(bounds, coords)],
+                        axis=-1)
+    wanted = sorted({tuple(int(v) for v in row) for row in block_of})
+    sig_blocks = tuple(range(len(c)) for c in data.chunks[nav:])
+    if any(len(b) > 1 for b in sig_blocks):  # whole vectors per block (as _map_last2 wants)
+        data = data.rechunk({nav: -1, nav + 1: -1})
+    computed = dict(zip(wanted, dask.compute(*[data.blocks[b] for b in wanted])))
+    starts = [np.concatenate([[0], b[:-1]]) for b in bounds]
+    vectors = np.empty((len(flat_ids),) + data.shape[-2:])
+    for i, (row, b) in enumerate(zip(zip(*coords), map(tuple, block_of))):
+        local = tuple(int(r - starts[d][b[d]]) for d, r in enumerate(row))
+        vectors[i] = np.asarray(to_host_array(computed[b][local]), float)
+
+    def assemble(prefix):
+        if len(prefix) == nav:
+            b = tuple(prefix)
+            if b in computed:
+                value = computed[b]
+                return da.from_array(value, chunks=value.shape, meta=data._meta)
+            return data.blocks[b]
+        return da.concatenate([assemble(prefix + [i])
+                               for i in range(len(data.chunks[len(prefix)]))], axis=len(prefix))
+
+    return vectors, assemble([])
+
+
 def _kind(reference):
     if reference is None:
         return "all"
@@ -307,8 +345,12 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
         if basis is None:
             basis = ref_vectors
     region_vectors = None
-    if kind == "region":  # computed once, for the basis and the reference fits
-        region_vectors = _frames(data, _region_index(reference, nav_shape))
+    if kind == "region":  # computed once, for the basis, the reference fits and the map
+        ids = _region_index(reference, nav_shape)
+        if _is_dask(data):
+            region_vectors, data = _region_blocks(data, ids)
+        else:
+            region_vectors = _frames(data, ids)
     fits, basis_q, origin_q, fitter = lattice_fit(
         data, cal, basis=basis, origin=origin, reference=reference if kind == "region" else None,
         min_disks=min_disks, tolerance=tolerance, iterations=iterations, weighted=weighted,

@@ -104,6 +104,32 @@ def test_lazy_equals_eager(strained, strained_vectors):
     assert lazy.metadata.Strain.n_failed == 0
 
 
+def test_lazy_strain_computes_each_chunk_of_disks_once(strained, strained_vectors):
+    import threading
+
+    import dask.array as da
+
+    lazy_v = strained.as_lazy()
+    lazy_v.rechunk(nav_chunks=(3, 4))
+    vectors = lazy_v.find_bragg_disks(radius=4.0)
+    calls, lock = [], threading.Lock()
+
+    def counted(block, block_info=None):
+        with lock:
+            calls.append(tuple(block_info[0]["chunk-location"][:2]))
+        return block
+
+    vectors.data = da.map_blocks(counted, vectors.data, dtype=vectors.data.dtype,
+                                 meta=np.empty((0,) * vectors.data.ndim, vectors.data.dtype))
+    region = (slice(2, 5), slice(3, 6))  # spans 2 x 2 chunks of (3, 4)
+    strain = vectors.get_strain_map(reference=region)
+    strain.compute()
+    n_chunks = len(vectors.data.chunks[0]) * len(vectors.data.chunks[1])
+    assert len(calls) == n_chunks and len(set(calls)) == n_chunks, sorted(calls)
+    eager = strained_vectors.get_strain_map(reference=region)
+    np.testing.assert_allclose(strain.data, eager.data, rtol=0, atol=1e-12)
+
+
 def test_too_few_disks_gives_nan_counted_and_reported(strained):
     s = strained.deepcopy()
     s.data[2, 3] = 0  # nothing there
