@@ -23,7 +23,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StoredFrames", "register", "stored_frames", "block_runs"]
+__all__ = ["StoredFrames", "register", "stored_frames", "block_runs", "tune_allocator"]
+
+# glibc's allocator: requests above this many bytes get memory of their own from the system
+# (mmap) and give it back when freed; below it they reuse the process's freed memory. Its
+# default threshold adapts up to 32 MiB at most, and frees above 2x the threshold are
+# trimmed back to the system. Streaming a file larger than memory, every fresh page the
+# outputs and temporaries of a task touch must first be reclaimed from the page cache, in
+# the task's own thread: 2D integration from a 30 GB .mib spent 265-354 us of CPU per frame
+# with the defaults and 190-220 us with these (benchmarks/NOTES.md)
+_MMAP_THRESHOLD = 64 * 2**20
+_TRIM_THRESHOLD = 256 * 2**20
+_TUNED = []
+
+
+def tune_allocator():
+    """Let this process reuse freed blocks of up to 64 MiB (glibc on Linux; elsewhere a no-op).
+
+    Done once per process by the first read of stored frames (so also on every dask worker
+    that reads them). At most 256 MiB of freed memory is kept for reuse. Nothing is changed
+    when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (the user's own
+    tuning) or when ``DIFFGPU_TUNE_MALLOC=0``.
+
+    Returns
+    -------
+    bool
+        Whether the thresholds were set (now or earlier in this process).
+
+    Examples
+    --------
+    >>> from diffgpu.sources import tune_allocator
+    >>> tune_allocator() in (True, False)
+    True
+    """
+    if _TUNED:
+        return _TUNED[0]
+    done = False
+    if (os.environ.get("DIFFGPU_TUNE_MALLOC", "1") != "0"
+            and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+            and "MALLOC_TRIM_THRESHOLD_" not in os.environ):
+        import ctypes
+        import platform
+
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+                done = bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD)) and bool(
+                    libc.mallopt(m_trim_threshold, _TRIM_THRESHOLD))
+            except (OSError, AttributeError):
+                done = False
+    _TUNED.append(done)
+    return done
+
 
 _REGISTRY: dict = {}
 _MAX_ENTRIES = 256  # names of arrays a reader returned; tiny records, the oldest dropped
@@ -104,6 +156,8 @@ class StoredFrames:
         not views of ``words``)."""
         from .readers.errors import DetectorFileError
 
+        if not _TUNED:
+            tune_allocator()
         size = self.word.itemsize
         begin = self.offset + start * self.stride
         end = begin + count * self.stride

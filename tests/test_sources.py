@@ -183,3 +183,34 @@ def test_stored_and_decoded_paths_agree_on_a_mib(tmp_path):
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(lazy.get_azimuthal_integral1d(npt=12).data.compute(),
                                mem.get_azimuthal_integral1d(npt=12).data, rtol=1e-5)
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, json, os, platform, tempfile
+import numpy as np
+from diffgpu.sources import StoredFrames, _TUNED
+path = os.path.join(tempfile.mkdtemp(), "frames.raw")
+np.arange(3 * 4, dtype="<u2").tofile(path)
+before = list(_TUNED)
+StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (3,)).with_words(0, 3, lambda w: w.sum())
+glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+print(json.dumps({"before": before, "after": list(_TUNED), "glibc": glibc}))
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"DIFFGPU_TUNE_MALLOC": "0"},
+                                 {"MALLOC_MMAP_THRESHOLD_": "131072"}])
+def test_first_read_of_stored_frames_tunes_the_allocator_once_unless_told_not_to(env):
+    import json
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("DIFFGPU_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_",
+                            "MALLOC_TRIM_THRESHOLD_")}
+    environ.update(env)
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=environ, check=True,
+                         capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["before"] == []
+    assert got["after"] == [got["glibc"] and not env]
