@@ -135,7 +135,10 @@ class BraggVectors(DeviceMixin, Signal2D):
         centre, scale and affine correction applied; the strain is that of each fit
         relative to the reference lattice, by polar decomposition (see :mod:`diffgpu.strain`
         for the conventions: positive ``exx`` = lattice expanded along x; theta positive
-        from +x towards +y, clockwise on screen). Lazy in, lazy out.
+        from +x towards +y, clockwise on screen). Lazy in, lazy out: for lazy vectors and a
+        reference region, the chunks holding the region are computed now (for the basis and
+        the reference lattice) and the strain map's graph uses those computed chunks, so
+        no disk is found twice.
 
         Parameters
         ----------
