@@ -108,8 +108,7 @@ def _region_blocks(data, flat_ids):
     block_of = np.stack([np.searchsorted(b, c, side="right") for b, c in zip(bounds, coords)],
                         axis=-1)
     wanted = sorted({tuple(int(v) for v in row) for row in block_of})
-    sig_blocks = tuple(range(len(c)) for c in data.chunks[nav:])
-    if any(len(b) > 1 for b in sig_blocks):  # whole vectors per block (as _map_last2 wants)
+    if any(len(c) > 1 for c in data.chunks[nav:]):  # whole vectors per block (as _map_last2)
         data = data.rechunk({nav: -1, nav + 1: -1})
     computed = dict(zip(wanted, dask.compute(*[data.blocks[b] for b in wanted])))
     starts = [np.concatenate([[0], b[:-1]]) for b in bounds]

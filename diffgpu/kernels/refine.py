@@ -215,7 +215,8 @@ def estimate_exponent(patterns, matrices, model, radial, azimuthal, smooth=0.5, 
     # slopes are unchanged; SciPy's filter in float64 cost 8 ms for 32 patterns)
     p = prepare_patterns(patterns, 1.0, smooth)
     # a ring's background: the median over azimuth at each radius (spots are sparse), in
-    # float32 (half the time of float64; only the values at the spots are read, as float64)
+    # float32 (half the time of float64; the values read at the spots become float64 with
+    # their float64 interpolation weights)
     p = np.maximum(p - np.median(p, axis=2, keepdims=True), np.float32(0))
     n, R, A = p.shape
     mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
@@ -231,8 +232,8 @@ def estimate_exponent(patterns, matrices, model, radial, azimuthal, smooth=0.5, 
     a0 = a0f.astype(np.int64) % A
     a1 = (a0 + 1) % A
     i = np.arange(n)[:, None]
-    value = ((1 - ar) * ((1 - aa) * p[i, r0, a0].astype(np.float64) + aa * p[i, r0, a1])
-             + ar * ((1 - aa) * p[i, r0 + 1, a0].astype(np.float64) + aa * p[i, r0 + 1, a1]))
+    value = ((1 - ar) * ((1 - aa) * p[i, r0, a0] + aa * p[i, r0, a1])
+             + ar * ((1 - aa) * p[i, r0 + 1, a0] + aa * p[i, r0 + 1, a1]))
     ok = inside & (value > 0) & (model_i > 0)
     count = ok.sum(axis=1)
     x = np.log(np.where(ok, model_i, 1.0))
@@ -411,6 +412,22 @@ def _weights(f2, smax, gamma):
     return f2g, table, per_u
 
 
+_WEIGHTS = {}
+
+
+def _spot_weights(f2, smax, gamma):
+    """:func:`_weights`, made once per model and exponent (8,193 powers: 0.12 ms, which every
+    kernel call of a refinement paid again, a dozen per block of patterns)."""
+    f2 = np.asarray(f2, dtype=np.float64)
+    key = (f2.tobytes(), float(smax), float(gamma))
+    got = _WEIGHTS.get(key)
+    if got is None:
+        if len(_WEIGHTS) >= 32:  # a few models and exponents per session
+            _WEIGHTS.clear()
+        got = _WEIGHTS[key] = _weights(f2, float(smax), float(gamma))
+    return got
+
+
 @numba.njit(inline="always")
 def _rod_weight(table, per_u, width, s):
     """``rod(s) ** gamma`` read from :func:`_weights`' table."""
@@ -504,14 +521,13 @@ def _turn_angle(a, b):
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def _refine_host(p, rows, matrices, g, f2, k, smax, gamma, r_first, dr, a_first, da, radius,
-                 step, min_step, max_iter, out, scores):
+def _refine_host(p, rows, matrices, g, f2g, table, per_u, k, smax, r_first, dr, a_first, da,
+                 radius, step, min_step, max_iter, out, scores):
     """Pattern search for every matrix, one after another, on pattern ``p[rows[i]]`` (see
     :func:`refine_rotations`)."""
     # the reflections scored are those that can be excited within near_deg of where the
     # kept set was made; it is made again before a trial turn could leave that reach
     cand = np.empty((3, 3))
-    f2g, table, per_u = _weights(f2, smax, gamma)
     gnorm = np.sqrt((g * g).sum(axis=1))
     idx = np.empty(g.shape[0], np.int64)
     near_deg = max(2.0, 4.0 * step)
@@ -581,8 +597,8 @@ def refine_rotations(p, matrices, model, gamma, radial, azimuthal, step=0.5, min
     out = np.empty_like(matrices)
     scores = np.empty(matrices.shape[0])
     _refine_host(np.ascontiguousarray(p, dtype=np.float32), _rows(rows, p, matrices), matrices,
-                 np.ascontiguousarray(g, dtype=np.float64), np.asarray(f2, dtype=np.float64),
-                 float(k), float(smax), float(gamma), float(radial[0]), float(radial[1]),
+                 np.ascontiguousarray(g, dtype=np.float64), *_spot_weights(f2, smax, gamma),
+                 float(k), float(smax), float(radial[0]), float(radial[1]),
                  float(azimuthal[0]), float(azimuthal[1]), float(radius), float(step),
                  float(min_step), int(max_iter), out, scores)
     return out, scores
@@ -705,9 +721,9 @@ def _rows(rows, p, matrices):
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def _contrast(p, rows, matrices, g, f2, k, smax, gamma, r_first, dr, a_first, da, radius, out):
+def _contrast(p, rows, matrices, g, f2g, table, per_u, k, smax, r_first, dr, a_first, da, radius,
+              out):
     idx = np.arange(g.shape[0])
-    f2g, table, per_u = _weights(f2, smax, gamma)
     n_r, n_a = p.shape[1:]
     q = np.empty((n_r, n_a), np.float32)  # one pattern less its rings' means at a time
     for i in range(matrices.shape[0]):
@@ -772,7 +788,7 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal, rows=None):
     n, c = mats.shape[:2]
     out = np.empty((n, c))
     _contrast(q, _rows(rows, q, mats), mats, np.ascontiguousarray(g, dtype=np.float64),
-              np.asarray(f2, dtype=np.float64), float(k), float(smax), float(gamma),
+              *_spot_weights(f2, smax, gamma), float(k), float(smax),
               float(radial[0]), float(radial[1]), float(azimuthal[0]), float(azimuthal[1]),
               float(radius), out)
     return out
