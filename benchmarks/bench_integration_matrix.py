@@ -11,8 +11,7 @@ For every point of :data:`POINTS` (detector, dtype, mask, radial x azimuthal bin
 * **diffgpu lazy**: the same call on the lazy signal (diffgpu's chunks of whole frames),
   computed with dask's threaded scheduler, and on a 2-worker distributed ``LocalCluster``
   (1 thread each) holding the frames already (``persist``): ``compute()`` (results sent
-  back to the client) and ``persist()`` (results kept on the workers), on a quarter of
-  the frames (at least 64);
+  back to the client) and ``persist()`` (results kept on the workers), on the same frames;
 * **pyFAI**: ``integrate2d_ng`` / ``integrate1d_ng`` with ``method=("full", "csr", "cython")``
   (exact pixel splitting, CSR), frame by frame as pyFAI users call it, set up as in
   ``bench_integration.py``;
@@ -338,8 +337,9 @@ def main():
         fai = run_tool(__file__, "pyfai", ["--point", i] + common)
         clus = {}
         if not args.no_cluster and "frames" in ours:
-            # a quarter of the frames (at least 64): the cluster runs 5-20x slower than eager here
-            n_clus = min(ours["frames"], max(64, ours["frames"] // 4 // 8 * 8))
+            # the frames of the eager timing (~--seconds of eager work; a quarter until
+            # 2026-12-07, when a run's fixed cost on the cluster swamped 0.1 s of work)
+            n_clus = ours["frames"]
             clus = run_tool(__file__, "cluster", ["--point", i, "--frames", n_clus] + common)
         r = {"point": i, "label": label(point), **{f"diffgpu {k}": v for k, v in ours.items()},
              **{f"pyfai {k}": v for k, v in fai.items()}, **{f"cluster {k}": v for k, v in clus.items()}}

@@ -9,6 +9,8 @@ to find out what a GPU function returns.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from functools import partial
 
 import numpy as np
@@ -16,9 +18,62 @@ import numpy as np
 from .chunking import MIN_CHUNK_FRAMES, _split
 from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
-from .sources import block_runs, stored_frames
+from .sources import block_runs, stored_frames, tune_allocator
 
-__all__ = ["map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
+__all__ = ["graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
+
+# constant -> {client id: future of its copy on the workers}; an entry (and the workers'
+# copy) goes when the constant does
+_ON_WORKERS = weakref.WeakKeyDictionary()
+
+
+def _distributed_client():
+    """The distributed client that ``compute()`` would use now, or None (threads, processes,
+    an asynchronous client, or distributed not imported)."""
+    if "distributed" not in sys.modules:
+        return None
+    import dask
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    if client.asynchronous or getattr(dask.base.get_scheduler(), "__self__", None) is not client:
+        return None
+    return client
+
+
+def graph_constant(value):
+    """``value`` as one node of a lazy graph, for every block to depend on.
+
+    With a distributed client in use, the value is scattered to every worker once and the
+    graph refers to it: later graphs with the same constant (templates, integration matrices,
+    detector weights) send nothing, and what a kernel derives from it on a worker (e.g. the
+    templates' search layout) is made once per worker, not once per ``compute()``. The
+    workers keep it while ``value`` lives. Otherwise a ``dask.delayed`` of the value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.mapping import graph_constant
+    >>> graph_constant(np.ones(3)).compute()
+    array([1., 1., 1.])
+    """
+    import dask
+
+    client = _distributed_client()
+    if client is not None:
+        try:
+            futures = _ON_WORKERS.setdefault(value, {})
+        except TypeError:  # not weak-referenceable (a tuple, an int): in the graph
+            futures = None
+        if futures is not None:
+            fut = futures.get(client.id)
+            if fut is None or fut.status in ("cancelled", "lost", "error"):
+                fut = futures[client.id] = client.scatter(value, broadcast=True, hash=False)
+            return dask.delayed(fut)
+    return dask.delayed(value, pure=True)
 
 
 def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=()):
@@ -40,8 +95,9 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
         Used instead of ``func`` for in-memory data (e.g. with more threads).
     constants : tuple
         Large constant inputs (integration matrices, detector weights, templates).
-        In a lazy graph each becomes one node that every block depends on, so a
-        distributed cluster sends it to each worker once, not with every task.
+        In a lazy graph each becomes one node that every block depends on
+        (:func:`graph_constant`): with a distributed client, a copy each worker keeps
+        for later graphs too.
     per_frame : tuple of arrays
         Inputs with one row per frame, shaped ``navigation + (m,)`` (e.g. a shift per
         pattern); each block of frames gets its own rows.
@@ -67,6 +123,7 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     n_rows = len(per_frame)
 
     def apply(block, *args, f=func):
+        tune_allocator()  # once per process (e.g. each dask worker)
         rows = [r.reshape(-1, r.shape[-1]) for r in args[:n_rows]]
         out = f(block.reshape((-1,) + frame_shape), *rows, *args[n_rows:])
         return out.reshape(block.shape[:-2] + out_shape)
@@ -74,7 +131,6 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     if not _is_dask(data):
         return apply(data, *per_frame, *constants, f=eager_func or func)
 
-    import dask
     import dask.array as da
 
     stored = stored_frames(data) if not per_frame else None
@@ -102,7 +158,7 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     meta = array_module(data).empty((0,) * (nav + len(block_out)), dtype=dtype)
     chunks = data.chunks[:nav] + tuple((n,) for n in block_out)
     kwargs = {"new_axis": list(range(nav + 2, nav + k))} if k > 2 else {}
-    consts = [dask.delayed(c, pure=True) for c in constants]
+    consts = [graph_constant(c) for c in constants]
 
     def apply_padded(block, *args):
         out = apply(block, *args)
@@ -156,7 +212,7 @@ def map_stored(stored, func, out_shape, dtype, constants=()):
     dtype = np.dtype(dtype)
     nav = len(stored.nav_shape)
     regions, nav_chunks = stored_regions(stored)
-    consts = [dask.delayed(c, pure=True) for c in constants]
+    consts = [graph_constant(c) for c in constants]
     token = dask.base.tokenize(stored, func, constants, out_shape, dtype)
     name = f"stored-{_func_name(func)}-{token}"
     step = max(1, MAP_BYTES // stored.stride)

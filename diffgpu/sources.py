@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +41,14 @@ _TUNED = []
 def tune_allocator():
     """Let this process reuse freed blocks of up to 64 MiB (glibc on Linux; elsewhere a no-op).
 
-    Done once per process by the first read of stored frames (so also on every dask worker
-    that reads them). At most 256 MiB of freed memory is kept for reuse. Nothing is changed
-    when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (the user's own
-    tuning) or when ``DIFFGPU_TUNE_MALLOC=0``.
+    Done once per process by the first block an operation computes (so also on every dask
+    worker). At most 256 MiB of freed memory is kept for reuse. Nothing is changed when
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (the user's own tuning)
+    or when ``DIFFGPU_TUNE_MALLOC=0``, except in a dask worker whose nanny set the trim
+    threshold to distributed's default (64 KiB, configuration
+    ``distributed.nanny.pre-spawn-environ``): that fixes glibc's threshold for fresh memory
+    at 128 KiB, and every task's larger temporaries are then new pages from the system
+    (template matching ran at half speed on such workers).
 
     Returns
     -------
@@ -59,9 +64,7 @@ def tune_allocator():
     if _TUNED:
         return _TUNED[0]
     done = False
-    if (os.environ.get("DIFFGPU_TUNE_MALLOC", "1") != "0"
-            and "MALLOC_MMAP_THRESHOLD_" not in os.environ
-            and "MALLOC_TRIM_THRESHOLD_" not in os.environ):
+    if os.environ.get("DIFFGPU_TUNE_MALLOC", "1") != "0" and not _tuned_by_user():
         import ctypes
         import platform
 
@@ -75,6 +78,25 @@ def tune_allocator():
                 done = False
     _TUNED.append(done)
     return done
+
+
+def _tuned_by_user():
+    """Whether glibc's thresholds are set in the environment by someone other than a dask
+    nanny with distributed's default setting."""
+    names = [n for n in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if n in os.environ]
+    if names != ["MALLOC_TRIM_THRESHOLD_"]:
+        return bool(names)
+    if "distributed" not in sys.modules:
+        return True
+    import dask
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # not in a worker's task
+        return True
+    nanny = dask.config.get("distributed.nanny.pre-spawn-environ", {}).get("MALLOC_TRIM_THRESHOLD_")
+    return nanny is None or str(nanny) != os.environ["MALLOC_TRIM_THRESHOLD_"]
 
 
 _REGISTRY: dict = {}
