@@ -14,6 +14,7 @@ CUDA runtime does (CuPy only ever sees the listed devices); an empty value, or
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
@@ -300,6 +301,10 @@ def to_host_array(x):
     return _block_to_host(x)
 
 
+def _asarray(cp, value):
+    return cp.asarray(value)
+
+
 class DeviceCache:
     """A host constant (matrix, detector weights, templates) with one copy per GPU, made once.
 
@@ -325,9 +330,10 @@ class DeviceCache:
 
     def __init__(self, host, to_device=None, token=None):
         self.host = host
-        self._to_device = to_device or (lambda cp, value: cp.asarray(value))
+        self._to_device = to_device or _asarray
         self._copies = {}
-        self._lock = threading.Lock()
+        self._derived = {}
+        self._lock = threading.RLock()  # a build may ask for another derived value
         self._token = token or uuid.uuid4().hex
 
     def __dask_tokenize__(self):
@@ -347,11 +353,49 @@ class DeviceCache:
                 self._copies[key] = self._to_device(xp, self.host)
             return self._copies[key]
 
+    def derived(self, name, build):
+        """``build(host)``, made once per process for this constant and kept with it (e.g. the
+        templates' search layout on the host).
+
+        On a dask worker, copies of the constant that arrive with later graphs share what
+        earlier copies derived (and their device copies): see :data:`SHARED_CONSTANTS`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from diffgpu.device import DeviceCache
+        >>> c = DeviceCache(np.arange(4.0))
+        >>> c.derived("total", lambda host: host.sum())
+        np.float64(6.0)
+        >>> c.derived("total", lambda host: 0.0)  # made once
+        np.float64(6.0)
+        """
+        with self._lock:
+            if name not in self._derived:
+                self._derived[name] = build(self.host)
+            return self._derived[name]
+
     def __getstate__(self):  # pickled to dask workers: device copies stay behind
         return {"host": self.host, "_to_device": self._to_device, "_token": self._token}
 
     def __setstate__(self, state):
         self.__init__(state["host"], state["_to_device"], state.get("_token"))
+        # a copy from another process (a worker receiving a graph): share the device copies
+        # and derived values of the last copies of this constant that arrived here, so that
+        # they are made once per worker, not once per compute()
+        with _SHARED_LOCK:
+            shared = _SHARED.pop(self._token, None) or (self._copies, self._derived, self._lock)
+            _SHARED[self._token] = shared
+            while len(_SHARED) > SHARED_CONSTANTS:
+                _SHARED.popitem(last=False)
+        self._copies, self._derived, self._lock = shared
+
+
+#: Constants received from other processes whose device copies and derived values a
+#: process keeps for later copies of them (the most recent ones; older ones are dropped).
+SHARED_CONSTANTS = 4
+_SHARED = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
 
 
 def host_threads():

@@ -47,11 +47,14 @@ def _distributed_client():
 def graph_constant(value):
     """``value`` as one node of a lazy graph, for every block to depend on.
 
-    With a distributed client in use, the value is scattered to every worker once and the
-    graph refers to it: later graphs with the same constant (templates, integration matrices,
-    detector weights) send nothing, and what a kernel derives from it on a worker (e.g. the
-    templates' search layout) is made once per worker, not once per ``compute()``. The
-    workers keep it while ``value`` lives. Otherwise a ``dask.delayed`` of the value.
+    With a distributed client in use, the node is computed on the cluster once
+    (``client.persist``) and later graphs refer to it: a second graph with the same constant
+    (templates, integration matrix, detector weights) sends nothing, and workers fetch it
+    from each other. The cluster keeps it while ``value`` lives; it is a task, not scattered
+    data, so the scheduler makes it again if the workers holding it are lost. What a worker
+    derives from a :class:`~diffgpu.device.DeviceCache` (its device copies, the templates'
+    search layout) is kept for the copies that reach it later. Otherwise a ``dask.delayed``
+    of the value.
 
     Examples
     --------
@@ -62,18 +65,18 @@ def graph_constant(value):
     """
     import dask
 
+    node = dask.delayed(value, pure=True)
     client = _distributed_client()
-    if client is not None:
-        try:
-            futures = _ON_WORKERS.setdefault(value, {})
-        except TypeError:  # not weak-referenceable (a tuple, an int): in the graph
-            futures = None
-        if futures is not None:
-            fut = futures.get(client.id)
-            if fut is None or fut.status in ("cancelled", "lost", "error"):
-                fut = futures[client.id] = client.scatter(value, broadcast=True, hash=False)
-            return dask.delayed(fut)
-    return dask.delayed(value, pure=True)
+    if client is None:
+        return node
+    try:
+        held = _ON_WORKERS.setdefault(value, {})
+    except TypeError:  # not weak-referenceable (a tuple, an int): in the graph
+        return node
+    kept = held.get(client.id)
+    if kept is None or kept.dask[kept.key].status in ("cancelled", "lost", "error"):
+        kept = held[client.id] = client.persist(node)
+    return kept
 
 
 def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=()):

@@ -31,12 +31,10 @@ def _host_spectra(templates, major=False):
     ``major`` for the prefilter), the template-major copy are made where they are used,
     once per process, so a GPU worker never holds them and a cluster does not ship them."""
     packed, n_t = templates.host
-    extra = getattr(templates, "_host_extra", None)
-    if extra is None:  # two threads may both build it at first: same result, no harm
-        projection = radial_projection(packed, n_t)
-        extra = templates._host_extra = [None, packed_norms(packed, n_t), projection]
+    extra = templates.derived("host search", lambda host: [None, packed_norms(*host),
+                                                           radial_projection(*host)])
     if extra[0] is None and (major or extra[2] is None or not extra[2].exact):
-        extra[0] = template_major(packed, n_t)
+        extra[0] = template_major(packed, n_t)  # two threads may both make it: no harm
     return templates.host + tuple(extra)
 
 

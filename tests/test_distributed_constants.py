@@ -1,7 +1,11 @@
 """Constants and allocator settings on a distributed cluster's worker processes."""
 
+import gc
 import os
+import pickle
 import platform
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -17,16 +21,17 @@ distributed = pytest.importorskip("distributed")
 def client():
     # worker processes started by a nanny, as users' clusters are (its environment included)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
         yield c
 
 
 def _seen_count(frames, const):
-    """How many blocks have used this very constant object (state kept on it, as the
-    templates keep their search layout)."""
-    const.seen = getattr(const, "seen", 0) + 1
-    return np.full((frames.shape[0],), const.seen + 0 * const.host[0], np.float32)
+    """How many blocks in this worker have used this constant's derived state (as the
+    templates' search layout is kept)."""
+    seen = const.derived("seen", lambda host: [0])
+    seen[0] += 1
+    return np.full((frames.shape[0],), seen[0], np.float32)
 
 
 def test_a_constant_is_sent_once_and_kept_on_the_workers(client):
@@ -36,21 +41,56 @@ def test_a_constant_is_sent_once_and_kept_on_the_workers(client):
     const = DeviceCache(np.zeros(1000, np.float32))
     first = map_frames(frames, _seen_count, (), np.float32, constants=(const,)).compute()
     second = map_frames(frames, _seen_count, (), np.float32, constants=(const,)).compute()
-    # the second graph's block found the object the first one left its state on
+    # the second graph's block found the state the first one left
     assert first.tolist() == [1] * 4
     assert second.tolist() == [2] * 4
-    key = graph_constant(const).key
-    assert key == graph_constant(const).key
-    assert key in client.has_what()[next(iter(client.has_what()))]
+    node = graph_constant(const)
+    assert node.key == graph_constant(const).key
+    assert list(node.dask.values())[0].status == "finished"  # on the cluster, not in the graph
+    assert any(node.key in keys for keys in client.has_what().values())
     # the workers drop it with the constant
-    del const
-    import gc
-
+    key = node.key
+    del const, node
     gc.collect()
-    deadline = __import__("time").time() + 10
+    deadline = time.time() + 10
     while any(key in keys for keys in client.has_what().values()):
-        assert __import__("time").time() < deadline, "the constant stayed on the workers"
-        __import__("time").sleep(0.05)
+        assert time.time() < deadline, "the constant stayed on the workers"
+        time.sleep(0.05)
+
+
+def test_copies_arriving_later_share_what_earlier_ones_derived():
+    const = DeviceCache(np.arange(3.0))
+    first = pickle.loads(pickle.dumps(const))
+    made = first.derived("total", lambda host: [host.sum()])
+    again = pickle.loads(pickle.dumps(const))  # the next graph's copy, in the same process
+    assert again is not first
+    assert again.derived("total", lambda host: None) is made
+    # the constant's own process keeps its state on the object only
+    assert const.derived("total", lambda host: ["own"]) == ["own"]
+
+
+@pytest.mark.slow
+def test_a_constant_lost_with_its_worker_is_made_again():
+    import dask.array as da
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        const = DeviceCache(np.full(10, 2.0))
+        frames = da.ones((4, 8, 8), chunks=(2, 8, 8))
+
+        def total(f, k):
+            return f.sum(axis=(1, 2)) * k.host[0]
+
+        expected = map_frames(frames, total, (), np.float64, constants=(const,)).compute()
+        key = graph_constant(const).key
+        holders = c.who_has()[key]
+        pids = c.run(os.getpid)
+        for address in holders:  # every copy gone: only the scheduler can make it again
+            os.kill(pids[address], signal.SIGKILL)
+        again = map_frames(frames, total, (), np.float64, constants=(const,)).compute()
+        np.testing.assert_array_equal(again, expected)
+        assert expected.tolist() == [128.0] * 4
 
 
 def test_without_a_client_a_constant_is_a_pure_graph_node():
