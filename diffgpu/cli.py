@@ -50,7 +50,8 @@ def _common(p):
     p.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
                    help="scan shape (x, y) for files that do not say (.mib without .hdr)")
     p.add_argument("--chunks", type=int, metavar="FRAMES",
-                   help="frames per chunk along the first scan axis (default: the file's)")
+                   help="frames per chunk, about (whole scan rows where they fit; at least 8). "
+                        "Default: diffgpu's choice, which `diffgpu info FILE` prints")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where to compute (auto: a GPU if one works)")
     p.add_argument("--scheduler", default="threads",
@@ -175,14 +176,41 @@ def cmd_demo(args):
     return EXIT_OK
 
 
+def _with_chunks(args, s, nav):
+    """``s`` in chunks of about ``--chunks`` frames. diffgpu's own readers are asked for them
+    (the frames are then still read where the file stores them; a rechunk afterwards would
+    make a new graph, decoded chunk by chunk); other files are rechunked."""
+    import numpy as np
+
+    import diffgpu
+    from diffgpu.chunking import frame_chunks
+    from diffgpu.io import _reader_for
+    from diffgpu.readers import hdf5
+
+    frame_bytes = int(np.prod(s.data.shape[-2:])) * s.data.dtype.itemsize
+    want = frame_chunks(s.data.shape[:-2], frame_bytes, workers=1,
+                        target_bytes=args.chunks * frame_bytes)
+    reader = _reader_for(args.input)
+    if reader is hdf5.PLUGIN:  # frames per chunk, rounded to the file's compressed chunks
+        return diffgpu.load(args.input, lazy=True, chunks=args.chunks, **nav)
+    if reader is not None and not isinstance(reader, str):
+        frames = tuple((n,) for n in s.data.shape[-2:])
+        return diffgpu.load(args.input, lazy=True, chunks=want + frames, **nav)
+    s.data = s.data.rechunk(want + s.data.chunks[-2:])
+    return s
+
+
 def _load(args):
     import numpy as np
 
     import diffgpu
+    from diffgpu.io import _reader_for
 
+    nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
     try:
-        nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
         s = diffgpu.load(args.input, lazy=True, **nav)
+        if isinstance(s, diffgpu.DiffractionPatterns) and args.chunks:
+            s = _with_chunks(args, s, nav)
     except FileNotFoundError as err:
         raise InputError(str(err)) from err
     except (OSError, ValueError) as err:
@@ -191,8 +219,6 @@ def _load(args):
         raise InputError(f"'{args.input}' holds {len(s)} signals; diffgpu batch runs take one")
     if not isinstance(s, diffgpu.DiffractionPatterns):
         raise InputError(f"'{args.input}' holds {type(s).__name__}, not diffraction patterns")
-    if args.chunks:
-        s.rechunk(nav_chunks=(args.chunks,) + ("auto",) * (s.axes_manager.navigation_dimension - 1))
     if args.scale is not None:
         s.calibration.scale = args.scale
     if args.units:

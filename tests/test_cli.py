@@ -160,3 +160,53 @@ def test_orientation(tmp_path, capsys):
     assert not (tmp_path / "y.zspy").exists()
     assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(tmp_path / "x.zspy"),
                  "--phase", str(tmp_path / "missing.cif")]) == 3
+
+
+def test_chunks_of_a_detector_file_keep_it_read_in_place(tmp_path, monkeypatch):
+    from diffgpu import cli
+    from diffgpu.readers.mib import write_mib
+    from diffgpu.sources import stored_frames
+
+    frames = np.random.default_rng(0).poisson(3, (4, 6, 32, 32)).astype("uint16")
+    path = tmp_path / "scan.mib"
+    write_mib(path, frames)
+    seen = {}
+    load = cli._load
+
+    def spy(args):
+        s = load(args)
+        seen["stored"], seen["chunks"] = stored_frames(s.data), s.data.chunks
+        return s
+
+    monkeypatch.setattr(cli, "_load", spy)
+    out = tmp_path / "vi.zspy"
+    assert main(["virtual", str(path), "-o", str(out), "--disc", "3", "--chunks", "12",
+                 "--no-progress"]) == 0
+    assert seen["stored"] is not None  # not rechunked into a decoded copy
+    assert seen["stored"].nav_chunks == ((2, 2), (6,))  # 12 frames: two scan rows
+    whole = tmp_path / "vi_whole.zspy"
+    assert main(["virtual", str(path), "-o", str(whole), "--disc", "3", "--no-progress"]) == 0
+    np.testing.assert_allclose(diffgpu.load(out, lazy=False).data,
+                               diffgpu.load(whole, lazy=False).data, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["blo", "hspy"])
+def test_chunks_of_other_formats(tmp_path, fmt, monkeypatch):
+    from diffgpu import cli
+
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), lazy=False)
+    s.data = s.data.astype("uint8") if fmt == "blo" else s.data
+    path = tmp_path / f"scan.{fmt}"
+    s.save(path, show_progressbar=False)
+    seen = {}
+    load = cli._load
+
+    def spy(args):
+        seen["chunks"] = load(args).data.chunks[:2]
+        return load(args)
+
+    monkeypatch.setattr(cli, "_load", spy)
+    out = tmp_path / "vi.zspy"
+    assert main(["virtual", str(path), "-o", str(out), "--disc", "3", "--chunks", "12",
+                 "--no-progress"]) == 0
+    assert seen["chunks"] == ((2, 2), (6,))
