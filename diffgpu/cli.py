@@ -204,7 +204,6 @@ def _load(args):
     import numpy as np
 
     import diffgpu
-    from diffgpu.io import _reader_for
 
     nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
     try:
