@@ -330,3 +330,28 @@ def test_device_constants_are_tokenized_without_reading_them():
     assert tokenize(c) != tokenize(DeviceCache(np.zeros(10, np.float32)))
     plain = DeviceCache(np.arange(4))
     assert tokenize(cloudpickle.loads(cloudpickle.dumps(plain))) == tokenize(plain)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_map_frames_names_a_wrong_result(lazy):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(16, 16), lazy=lazy)
+
+    def run(out):
+        if lazy:
+            out.compute()
+        return out
+
+    with pytest.raises(ValueError, match=r"returned shape \(\d+,\) .*set output_shape="):
+        run(s.map_frames(lambda f: f.max(axis=(1, 2))))  # one number per frame, not declared
+    with pytest.raises(TypeError, match="returned list, not an array"):
+        run(s.map_frames(lambda f: [0] * len(f), output_shape=()))
+    # a result in another dtype than declared is converted, not passed off as the declared one
+    out = run(s.map_frames(lambda f: f.sum(axis=(1, 2)), output_shape=(), dtype="float32"))
+    assert out.data.dtype == np.float32
+
+
+def test_map_frames_names_a_result_off_the_frames_device(standin_gpu):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(16, 16), lazy=True)
+    s.to_device()
+    with pytest.raises(TypeError, match=r"numpy.ndarray for frames on the GPU"):
+        s.map_frames(lambda f: f.get().max(axis=(1, 2)), output_shape=()).compute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hyperspy._signals.lazy_signal2d import LazySignal2D
 from hyperspy._signals.signal2d import Signal2D
 
@@ -10,6 +11,30 @@ from ._device import DeviceMixin, LazyDeviceMixin
 from ._wrap import as_signal
 
 __all__ = ["DiffractionPatterns", "LazyDiffractionPatterns"]
+
+
+def _checked_output(out, frames, output_shape, dtype, function):
+    """The result of a user's ``map_frames`` function for ``frames``, checked: an array of the
+    frames' kind (NumPy or CuPy) and shape ``(n, *output_shape)``, in ``dtype``. A wrong one
+    would otherwise surface later, far from its cause (dask joining blocks of another shape,
+    a graph declared on the GPU holding NumPy blocks)."""
+    from ..device import array_module, device_of
+
+    name = getattr(function, "__name__", "function")
+    xp = array_module(frames)
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"map_frames: {name} returned {type(out).__name__}, not an array")
+    if array_module(out) is not xp:
+        raise TypeError(f"map_frames: {name} returned a {type(out).__module__}."
+                        f"{type(out).__name__} for frames on the {device_of(frames).upper()}; return an "
+                        "array of the frames' own kind (diffgpu.device.array_module(frames) "
+                        "gives numpy or cupy)")
+    expected = (frames.shape[0],) + tuple(output_shape)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"map_frames: {name} returned shape {tuple(out.shape)} for "
+                         f"{frames.shape[0]} frames; expected {expected} (set output_shape= "
+                         "to the shape of one frame's result)")
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 class DiffractionPatterns(DeviceMixin, Signal2D):
@@ -168,6 +193,15 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         -------
         signal, lazy if this one is.
 
+        Raises
+        ------
+        TypeError
+            When ``function`` returns something other than an array of the frames' own
+            kind (a NumPy array for frames on a GPU, a list, ...), as each block is computed.
+        ValueError
+            When its result for ``n`` frames is not of shape ``(n, *output_shape)``. A
+            result in another dtype than ``dtype`` is converted to it.
+
         Examples
         --------
         >>> import diffgpu
@@ -188,10 +222,15 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         detector = tuple(self.data.shape[-2:])
         output_shape = detector if output_shape is None else tuple(output_shape)
         dtype = self.data.dtype.newbyteorder("=") if dtype is None else dtype
-        # frames in native byte order (a copy per block only for big-endian files such as
-        # Merlin's), so numba and CuPy functions take them
-        result = map_frames(self.data, lambda frames: function(native_byte_order(frames), **kwargs),
-                            output_shape, dtype)
+        dtype = np.dtype(dtype)
+
+        def run(frames):
+            # frames in native byte order (a copy per block only for big-endian files such as
+            # Merlin's), so numba and CuPy functions take them
+            out = function(native_byte_order(frames), **kwargs)
+            return _checked_output(out, frames, output_shape, dtype, function)
+
+        result = map_frames(self.data, run, output_shape, dtype)
         if output_shape == detector and signal_type in (None, "diffraction_patterns"):
             return self._deepcopy_with_new_data(result)
         from hyperspy.signals import BaseSignal
