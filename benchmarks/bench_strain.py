@@ -9,7 +9,8 @@ to 1 % and a rotation up to 0.3 degrees), made by diffgpu and handed to each too
 
 * diffgpu ``find_bragg_disks(radius=4)`` then ``get_strain_map`` (disk detection, sub-pixel
   refinement, lattice fits, strain), eager in memory (its own thread per core) and lazy
-  (dask's threads);
+  (dask's threads; the chunks ``as_lazy()`` gives, diffgpu's; environment variable
+  ``BENCH_STRAIN_CHUNK_ROWS=k`` for chunks of ``k`` scan rows instead);
 * py4DSTEM ``DataCube.find_Bragg_disks(template=..., CUDA=False)`` with the same disk
   template, its default ``subpixel="multicorr"`` (upsampled DFT, factor 16; slow, so timed
   once on the first ~96 patterns) and ``subpixel="poly"``. Disk detection only: its lattice
@@ -113,8 +114,10 @@ def tool_diffgpu(data_path, repeat, out):
 
     timed(out, "diffgpu disks + lattice fit + strain (eager)", n, run, repeat)
     timed(out, "diffgpu disks only (eager)", n, lambda: s.find_bragg_disks(radius=RADIUS), repeat)
-    lazy = s.as_lazy()
-    lazy.rechunk(nav_chunks=(max(1, nav[0] // 4), nav[1]))
+    lazy = s.as_lazy()  # diffgpu's chunks of whole frames (4 chunks of 8 rows until 2026-12-07)
+    if os.environ.get("BENCH_STRAIN_CHUNK_ROWS"):  # to compare with other chunks
+        lazy.rechunk(nav_chunks=(int(os.environ["BENCH_STRAIN_CHUNK_ROWS"]), nav[1]))
+    out["_lazy_chunks"] = [len(c) for c in lazy.data.chunks[:2]]
 
     def run_lazy():
         st = lazy.find_bragg_disks(radius=RADIUS).get_strain_map(reference=ref)
@@ -198,7 +201,8 @@ def main(argv):
                  for sp in ("multicorr", "poly")}
     n = args.nav**2
     print(f"\n{machine()}; {n} patterns of {SHAPE[0]} x {SHAPE[1]}, disk radius {RADIUS} px, "
-          f"{ours.get('_disks_per_frame', float('nan')):.0f} disks per pattern found by diffgpu")
+          f"{ours.get('_disks_per_frame', float('nan')):.0f} disks per pattern found by diffgpu; "
+          f"lazy chunks along the scan's two axes: {ours.get('_lazy_chunks')}")
     key = "diffgpu disks + lattice fit + strain (eager)"
     base, base_cpu = ours.get(key), ours.get("_cpu " + key)
 

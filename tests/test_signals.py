@@ -196,3 +196,16 @@ def test_loader_knows_every_signal_type_we_register():
     ours = {spec["signal_type"] for spec in ALL_EXTENSIONS["signals"].values()
             if spec["module"].startswith("diffgpu.")}
     assert ours == set(_OURS)
+
+
+def test_as_lazy_gives_diffgpus_chunks_of_whole_frames():
+    from diffgpu.chunking import frame_chunks
+
+    frames = np.zeros((32, 32, 96, 96), np.float32)
+    lazy = diffgpu.DiffractionPatterns(frames).as_lazy()
+    # (dask alone chose ~128 MiB blocks: 1,024 frames of 192 x 192 float32 in 2 chunks)
+    assert lazy.data.chunks == frame_chunks((32, 32), 96 * 96 * 4) + ((96,), (96,))
+    assert lazy.data.npartitions >= 4
+    # chunks a user gives are kept
+    given = diffgpu.DiffractionPatterns(frames).as_lazy(chunks=(8, 32, 96, 96))
+    assert given.data.chunks[0] == (8,) * 4

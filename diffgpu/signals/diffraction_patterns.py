@@ -591,3 +591,18 @@ class LazyDiffractionPatterns(LazyDeviceMixin, LazySignal2D, DiffractionPatterns
     """
 
     _lazy = True
+
+    def _get_dask_chunks(self, axis=None, dtype=None):
+        # in-memory patterns made lazy (as_lazy) get diffgpu's chunks of whole frames, sized to
+        # keep every core busy (diffgpu.chunking.frame_chunks), not dask's ~128 MiB blocks:
+        # 1,024 patterns of 192 x 192 float32 were two chunks, one per thread at best
+        ndim = self.data.ndim
+        frames_last = sorted(ax.index_in_array for ax in self.axes_manager.signal_axes) == \
+            [ndim - 2, ndim - 1]
+        if axis is not None or not frames_last:
+            return super()._get_dask_chunks(axis=axis, dtype=dtype)
+        from ..chunking import frame_chunks
+
+        shape = self.data.shape
+        frame_bytes = shape[-2] * shape[-1] * np.dtype(dtype or self.data.dtype).itemsize
+        return frame_chunks(shape[:-2], frame_bytes) + ((shape[-2],), (shape[-1],))
