@@ -54,7 +54,8 @@ def graph_constant(value):
     data, so the scheduler makes it again if the workers holding it are lost. What a worker
     derives from a :class:`~diffgpu.device.DeviceCache` (its device copies, the templates'
     search layout) is kept for the copies that reach it later. Otherwise a ``dask.delayed``
-    of the value.
+    of the value. A graph built while a client is in use refers to that client's cluster:
+    compute it there (or build it again under another scheduler).
 
     Examples
     --------

@@ -140,10 +140,18 @@ def test_too_few_disks_gives_nan_counted_and_reported(strained):
     assert np.isnan(strain.data[2, 3]).all() and np.isnan(strain.data[5, 1]).all()
     assert strain.metadata.Strain.n_failed == 2 == strain.n_failed
     assert np.isfinite(strain.data[0, 0]).all()
+    # a slice counts its own failures
+    assert strain.inav[:, :4].metadata.Strain.n_failed == 1  # scan rows 0-3 hold (2, 3)
+    assert strain.inav[:2, :2].metadata.Strain.n_failed == 0
     lazy = s.as_lazy().find_bragg_disks(radius=4.0).get_strain_map(reference=REF)
+    part = lazy.inav[:, :4]
+    assert not part.metadata.has_item("Strain.n_failed")  # not known before it is computed
     with pytest.warns(RuntimeWarning, match="2 of 64"):
         lazy.compute()
     assert lazy.metadata.Strain.n_failed == 2
+    with pytest.warns(RuntimeWarning, match="1 of 32"):
+        part.compute()
+    assert part.metadata.Strain.n_failed == 1
 
 
 def test_reference_region_without_fits_raises(strained):

@@ -39,6 +39,18 @@ class StrainMap(DeviceMixin, Signal1D):
         data = self.data.compute() if self._lazy else self.data
         return np.asarray(to_host_array(data), dtype=float)
 
+    def _slicer(self, slices, isNavigation=None, out=None):
+        """HyperSpy's slicing, with ``metadata.Strain.n_failed`` counted for the slice (for a
+        lazy slice it is counted when computed)."""
+        result = super()._slicer(slices, isNavigation, out)
+        target = out if out is not None else result
+        if target.metadata.has_item("Strain.n_failed"):
+            if target._lazy:
+                target.metadata.Strain.__delattr__("n_failed")
+            else:
+                target.metadata.Strain.n_failed = target.n_failed
+        return result
+
     @property
     def n_failed(self):
         """Scan positions with NaN strain (too few disks or a degenerate fit)."""
