@@ -135,13 +135,25 @@ def with_cpu(body):
     return wrapped
 
 
+def computed(*xs):
+    """``dask.compute(*xs)`` as a diffgpu signal's ``compute()`` runs it (one BLAS thread per
+    dask thread)."""
+    import dask
+
+    from diffgpu.device import blas_for_dask
+
+    with blas_for_dask(xs[0]):
+        out = dask.compute(*xs)
+    return out[0] if len(xs) == 1 else out
+
+
 def sink(x):
     """Compute a lazy result keeping one number per chunk: the work is done, the (large)
     output is not gathered into memory (2D integration of 230,400 frames would be 33 GB). The
     number is copied: a view would keep its whole block alive."""
     keep = tuple((1,) * len(c) for c in x.chunks)
-    return x.map_blocks(lambda b: b.reshape(-1)[:1].reshape((1,) * b.ndim).copy(), chunks=keep,
-                        dtype=x.dtype).compute()
+    return computed(x.map_blocks(lambda b: b.reshape(-1)[:1].reshape((1,) * b.ndim).copy(),
+                                 chunks=keep, dtype=x.dtype))
 
 
 def _masks():
@@ -214,14 +226,13 @@ def main_job(rois):
     ``ORIENTATION_ROWS`` scan rows. The frames are not Si patterns: rings and a disc, which
     every template matches about as well, so the exact search correlates most templates
     fully and runs ~10x slower than on spot patterns (~100-300 frames/s); the whole
-    30 GB scan would take most of an hour.
+    30 GB scan would take most of an hour. Each is computed as a signal's ``compute()``
+    runs it (:func:`computed`).
     """
-    import dask
-
     library = []
 
     def beam(s):
-        return s.get_direct_beam_position(method="center_of_mass").data.compute()
+        return computed(s.get_direct_beam_position(method="center_of_mass").data)
 
     def centre(s):
         return sink(s.center_direct_beam(method="center_of_mass").data)
@@ -238,16 +249,16 @@ def main_job(rois):
                                                mean=True)
         finally:
             cal.scale, cal.units = scale, units
-        return polar.get_orientation(library[0]).data.compute()
+        return computed(polar.get_orientation(library[0]).data)
 
     return {
-        "virtual": lambda s: s.get_virtual_image(rois).data.compute(),
-        "com": lambda s: s.center_of_mass().data.compute(),
+        "virtual": lambda s: computed(s.get_virtual_image(rois).data),
+        "com": lambda s: computed(s.center_of_mass().data),
         "int1d": lambda s: sink(s.get_azimuthal_integral1d(npt=100).data),
         "int2d": lambda s: sink(s.get_azimuthal_integral2d(npt=100, npt_azim=360).data),
-        "together": lambda s: dask.compute(s.get_virtual_image(rois).data,
-                                           s.center_of_mass().data,
-                                           s.get_azimuthal_integral1d(npt=100).data),
+        "together": lambda s: computed(s.get_virtual_image(rois).data,
+                                       s.center_of_mass().data,
+                                       s.get_azimuthal_integral1d(npt=100).data),
         "beam": beam,
         "centre": centre,
         "orientation": orientation,
@@ -311,11 +322,11 @@ def tool_diffgpu(args):
             cold_h5 = args.h5 if args.cold else None
             h2 = h.inav[:, :2]
             with PeakMemory() as mem:
-                out["h5_virtual"] = timed(lambda: h.get_virtual_image(rois).data.compute(),
+                out["h5_virtual"] = timed(lambda: computed(h.get_virtual_image(rois).data),
                                           args.repeat, cold_h5,
-                                          lambda: h2.get_virtual_image(rois).data.compute())
-                out["h5_com"] = timed(lambda: h.center_of_mass().data.compute(), args.repeat, cold_h5,
-                                      lambda: h2.center_of_mass().data.compute())
+                                          lambda: computed(h2.get_virtual_image(rois).data))
+                out["h5_com"] = timed(lambda: computed(h.center_of_mass().data), args.repeat, cold_h5,
+                                      lambda: computed(h2.center_of_mass().data))
             out["h5_mem"] = mem.gib()
             out["h5_chunks"] = f"{h.data.chunksize} x {h.data.npartitions}"
     return body

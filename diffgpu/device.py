@@ -449,9 +449,7 @@ def one_blas_thread():
 
 @contextlib.contextmanager
 def blas_for_dask(collection=None, scheduler=None):
-    """One BLAS thread while dask's local threaded scheduler runs a computation (and, for a
-    graph that reads a file larger than memory in place, more threads than CPUs:
-    :func:`diffgpu.mapping.file_threads`).
+    """One BLAS thread while dask's local threaded scheduler runs a computation.
 
     dask's threaded scheduler already runs one task per core; BLAS's own threads inside
     each task compete with the other tasks (lazy template matching: 1,020 patterns/s as is,
@@ -474,13 +472,8 @@ def blas_for_dask(collection=None, scheduler=None):
 
     collections = [collection] if collection is not None else None
     threaded = get_scheduler(scheduler=scheduler, collections=collections) is dask.threaded.get
-    with contextlib.ExitStack() as stack:
-        if threaded and host_threads() > 1:
-            stack.enter_context(one_blas_thread())
-        if threaded and collection is not None and dask.config.get("num_workers", None) is None:
-            from .mapping import file_threads
-
-            threads = file_threads(collection)  # a file read from disk: more threads than CPUs
-            if threads:
-                stack.enter_context(dask.config.set(num_workers=threads))
+    if threaded and host_threads() > 1:
+        with one_blas_thread():
+            yield
+    else:
         yield

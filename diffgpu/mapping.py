@@ -20,7 +20,7 @@ from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
 from .sources import block_runs, stored_frames, tune_allocator
 
-__all__ = ["file_threads", "graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
+__all__ = ["graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
 
 # constant -> {client id: future of its copy on the workers}; an entry (and the workers'
 # copy) goes when the constant does
@@ -239,9 +239,6 @@ def map_stored(stored, func, out_shape, dtype, constants=()):
                                          block_runs(loc, stored.nav_shape), stored, func,
                                          out_shape, dtype, step, *const_keys)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[])
-    if len(_FILE_LAYERS) >= 256:
-        _FILE_LAYERS.pop(next(iter(_FILE_LAYERS)))
-    _FILE_LAYERS[name] = stored.path
     return da.Array(graph, name, tuple(pieces) + tuple((n,) for n in out_shape),
                     meta=np.empty((0,) * (nav + len(out_shape)), dtype=dtype))
 
@@ -258,50 +255,6 @@ def _split_regions(nav_chunks, parts):
         parent.append(tuple(i for i, piece in enumerate(cut) for _ in piece))
         parts = -(-parts // per)
     return tuple(chunks), tuple(parent)
-
-
-_FILE_LAYERS: dict = {}  # names of map_stored's graph layers -> the file each reads in place
-
-
-def file_threads(collection):
-    """Threads for dask's local threaded scheduler to compute ``collection`` with: twice the
-    CPUs where its graph reads in place (:func:`map_stored`) a file larger than half of this
-    machine's memory, else None (dask's default, one per CPU).
-
-    Such a file is read from disk, not from the page cache, and a task waits for its pages;
-    with one thread per CPU the CPUs then idle. From a 30 GB ``.mib`` on 2 CPUs, 4 threads
-    against 2, interleaved: virtual imaging 28,400-28,600 frames/s against 15,700-22,600,
-    24,500-27,000 against 21,700-24,500, and 16,200-16,700 against 15,600-16,200 once the
-    disk alone was the limit; 2D integration 13,000-13,800 against 11,500-11,700 (another
-    pair within noise). From a 2 GB file in the page cache, 4 threads ran alike or 5-10%
-    slower, so files that fit in memory keep one thread per CPU.
-
-    Examples
-    --------
-    >>> import dask.array as da
-    >>> from diffgpu.mapping import file_threads
-    >>> file_threads(da.ones((4, 4), chunks=2)) is None
-    True
-    """
-    import os
-
-    from .device import host_threads
-
-    graph = collection.__dask_graph__()
-    paths = {_FILE_LAYERS[k] for k in getattr(graph, "layers", {}) if k in _FILE_LAYERS}
-    if not paths:
-        return None
-    try:
-        biggest = max(os.path.getsize(p) for p in paths)
-    except OSError:
-        return None
-    return 2 * host_threads() if biggest > _memory_bytes() / 2 else None
-
-
-def _memory_bytes():
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # file bytes mapped at a time inside a task: bounds the pages mapped into the process (8 MiB

@@ -214,36 +214,3 @@ def test_first_read_of_stored_frames_tunes_the_allocator_once_unless_told_not_to
     got = json.loads(out.strip().splitlines()[-1])
     assert got["before"] == []
     assert got["after"] == [got["glibc"] and not env]
-
-
-def test_a_file_larger_than_memory_is_read_with_more_threads_than_cpus(tmp_path, monkeypatch):
-    import dask
-    import dask.array as da
-
-    import diffgpu
-    from diffgpu import mapping
-    from diffgpu.device import blas_for_dask, host_threads
-    from diffgpu.readers.mib import write_mib
-
-    path = tmp_path / "scan.mib"
-    write_mib(path, np.ones((4, 6, 16, 16), "uint16"))
-    s = diffgpu.load(path, lazy=True)
-    virtual = s.get_virtual_image(np.ones((16, 16), bool)).data
-    in_memory = da.ones((4, 4), chunks=2)
-    assert mapping.file_threads(virtual) is None  # the file fits in memory
-    monkeypatch.setattr(mapping, "_memory_bytes", lambda: 1000)  # now it does not
-    assert mapping.file_threads(virtual) == 2 * host_threads()
-    assert mapping.file_threads(in_memory) is None
-    with blas_for_dask(virtual):
-        assert dask.config.get("num_workers", None) == 2 * host_threads()
-    assert dask.config.get("num_workers", None) is None
-    with dask.config.set(num_workers=3), blas_for_dask(virtual):  # the user's setting stays
-        assert dask.config.get("num_workers") == 3
-    with blas_for_dask(virtual, scheduler="sync"):
-        assert dask.config.get("num_workers", None) is None
-    # and a signal's compute() runs under it
-    seen = []
-    monkeypatch.setattr(mapping, "file_threads", lambda c: seen.append(1) or 3)
-    result = s.get_virtual_image(np.ones((16, 16), bool))
-    result.compute()
-    assert seen and float(result.data.sum()) == 4 * 6 * 256
