@@ -144,3 +144,27 @@ def test_lazy_compute_of_several_chunks_equals_eager():
     sync = lazy.get_azimuthal_integral1d(npt=12)
     sync.compute(scheduler="synchronous", show_progressbar=False)  # HyperSpy's own path
     np.testing.assert_array_equal(sync.data, eager.get_azimuthal_integral1d(npt=12).data)
+
+
+@pytest.mark.parametrize("band_bytes", [integration.BAND_BYTES, 4096])
+def test_means_are_sums_over_each_bins_coverage(monkeypatch, band_bytes):
+    """mean=True reads weights divided by each bin's coverage: the sums over coverage, bins
+    beyond the detector NaN, frames with non-finite pixels over their own coverage."""
+    monkeypatch.setattr(integration, "BAND_BYTES", band_bytes)
+    g = PolarGeometry((40, 44), (19.2, 23.7), (1.0, 1.0), 30, 36, (0.0, 35.0), (-180.0, 180.0))
+    m = integration_matrix(g)
+    eng = IntegrationEngine(m)
+    frames = frames_with_nonfinite(13, 40 * 44, "float32")
+    cover = np.asarray(m.sum(axis=1)).ravel()
+    assert (cover == 0).any() and (cover > 0).any()  # outer rings beyond the detector
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = reference(m, frames) / np.where(cover > 0, cover, np.nan)
+        finite = np.isfinite(frames).astype(np.float64)
+        own = reference(m, finite)  # each frame's own coverage, for those with bad pixels
+        bad = ~np.isfinite(frames).all(axis=1)
+        ref[bad] = reference(m, frames)[bad] / np.where(own[bad] > 0, own[bad], np.nan)
+    for threads in (1, 2):
+        out = eng.apply(frames, mean=True, threads=threads)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, equal_nan=True)
+    assert eng._mean_weights() is eng._mean_weights()  # made once
