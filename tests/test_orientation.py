@@ -637,15 +637,18 @@ def test_pruned_search_equals_brute_force(R):
     assert got[1, 0, 0] == 11 and got[1, 0, 3] == -1
 
 
-@pytest.mark.parametrize("n_best", [1, 5])
-def test_search_in_the_radial_basis_equals_brute_force(n_best):
+@pytest.mark.parametrize("n_best, first_per", [(1, 512), (5, 512), (1, 8)])
+def test_search_in_the_radial_basis_equals_brute_force(n_best, first_per, monkeypatch):
     """Spots that are Gaussians in radius near a crystal's ring radii (as drawn templates
     are: excitation moves them a little) span a small radial basis: the host search bounds
     in it and must still find what the search over every product finds (itself checked
     against the brute force above), with noisy patterns far outside the basis."""
+    import diffgpu.kernels.matching as matching
     from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
                                           radial_projection, spectral_norms, template_major)
 
+    # 8: 50 of the 400 templates correlated first, as a large library's search starts
+    monkeypatch.setattr(matching, "FIRST_PER_TEMPLATES", first_per)
     rng = np.random.default_rng(5)
     R, N, n_t, K = 96, 360, 400, 64
     r, theta = np.arange(R)[:, None], np.arange(N)[None]
