@@ -195,9 +195,14 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
         out = eng.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, threads=threads)
         return out.reshape((-1,) + out_sig)
 
+    def integrate_into(frames, eng, out):
+        eng.apply(frames.reshape((-1, n_pix)), mean=mean, dtype=dtype, out=out.reshape(
+            (out.shape[0], -1)))
+
     threads = 1 if is_device_array(data) else host_threads()
     result = map_frames(data, integrate, out_sig, dtype, constants=(engine,),
-                        eager_func=lambda frames, eng: integrate(frames, eng, threads))
+                        eager_func=lambda frames, eng: integrate(frames, eng, threads),
+                        into=integrate_into)
 
     nav_axes, radial, azimuth = _out_axes(signal, geom, units, azimuth_unit)
     if one_d:

@@ -10,6 +10,7 @@ to find out what a GPU function returns.
 from __future__ import annotations
 
 import sys
+import uuid
 import weakref
 from functools import partial
 
@@ -20,7 +21,7 @@ from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
 from .sources import block_runs, stored_frames, tune_allocator
 
-__all__ = ["graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
+__all__ = ["compute_into", "graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
 
 # constant -> {client id: future of its copy on the workers}; an entry (and the workers'
 # copy) goes when the constant does
@@ -80,7 +81,8 @@ def graph_constant(value):
     return kept
 
 
-def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=()):
+def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=(),
+               into=None):
     """Apply ``func`` to all frames of ``data`` ``(..., rows, columns)``.
 
     Parameters
@@ -105,6 +107,11 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     per_frame : tuple of arrays
         Inputs with one row per frame, shaped ``navigation + (m,)`` (e.g. a shift per
         pattern); each block of frames gets its own rows.
+    into : callable, optional
+        ``into(frames, *per_frame, *constants, out=out)``: ``func`` writing into ``out``
+        (``(n, *out_shape)``, C-contiguous). With it, a lazy result of host blocks can be
+        computed straight into one array (:func:`compute_into`), without each block's
+        result being copied into it afterwards.
 
     Returns
     -------
@@ -170,7 +177,97 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
 
     out = da.map_blocks(apply_padded if pad else apply, data, *aligned, *consts, dtype=dtype,
                         meta=meta, chunks=chunks, **kwargs)
+    if into is not None and not pad and array_module(data) is np:
+        if len(_INTO) >= 64:
+            _INTO.pop(next(iter(_INTO)))
+        _INTO[out.name] = (data, aligned, consts, into, out_shape, n_rows)
     return out[(Ellipsis,) + (0,) * len(pad)] if pad else out
+
+
+# names of map_frames results that can be computed straight into an array -> how
+_INTO: dict = {}
+
+
+def compute_into(result, target, show_progressbar=None, **kwargs):
+    """Compute the lazy ``result`` into the array ``target``, each task writing its part.
+
+    For a :func:`map_frames` result made with ``into=``, each task computes its frames'
+    results straight into its part of ``target``; for any other graph each task copies its
+    block there. Unlike ``dask.array.store``, the target is not hashed into the graph's
+    name (a 210 MB result cost tens of milliseconds to hash at every compute).
+
+    Parameters
+    ----------
+    result : dask array
+        Host (NumPy) blocks.
+    target : numpy.ndarray
+        Of ``result``'s shape and dtype.
+    show_progressbar : bool, optional
+        A progress bar (HyperSpy's preference by default).
+    **kwargs
+        For ``dask.compute`` (``scheduler``, ``num_workers``, ...).
+
+    Returns
+    -------
+    bool
+        Whether the operation wrote its results in place (else each block was copied).
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np
+    >>> from diffgpu.mapping import compute_into, map_frames
+    >>> def doubled(f, out):
+    ...     np.multiply(f, 2, out=out)
+    >>> lazy = map_frames(da.ones((4, 3, 5, 6), chunks=(2, 3, 5, 6)),
+    ...                   lambda f: f * 2, (5, 6), "float64", into=doubled)
+    >>> target = np.empty(lazy.shape)
+    >>> compute_into(lazy, target, show_progressbar=False), float(target.sum())
+    (True, 720.0)
+    >>> compute_into(lazy + 1, target, show_progressbar=False), float(target.sum())
+    (False, 1080.0)
+    """
+    import dask.array as da
+    from hyperspy.misc import dask_utils
+
+    if target.shape != result.shape or target.dtype != result.dtype:
+        raise ValueError(f"target must be {result.shape} {result.dtype}; got "
+                         f"{target.shape} {target.dtype}")
+    recipe = _INTO.get(getattr(result, "name", None))
+    name = f"into-{result.name}-{uuid.uuid4().hex}"  # not tokenized: that would hash the target
+    if recipe is None:
+        def put(block, block_info=None):
+            target[tuple(slice(a, b) for a, b in block_info[0]["array-location"])] = block
+            return np.zeros((1,) * block.ndim, np.int8)
+
+        done = result.map_blocks(put, dtype=np.int8, meta=np.empty((0,) * result.ndim, np.int8),
+                                 chunks=tuple((1,) * len(c) for c in result.chunks), name=name)
+        dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
+        return False
+
+    data, aligned, consts, into, out_shape, n_rows = recipe
+    nav = data.ndim - 2
+    frame_shape = data.shape[-2:]
+
+    def write(block, *args, block_info=None):
+        tune_allocator()
+        where = tuple(slice(a, b) for a, b in block_info[0]["array-location"][:nav])
+        part = target[where]
+        n = int(np.prod(block.shape[:-2]))
+        rows = [r.reshape(-1, r.shape[-1]) for r in args[:n_rows]]
+        frames = block.reshape((n,) + frame_shape)
+        if part.flags.c_contiguous:  # a run of whole scan rows: written in place
+            into(frames, *rows, *args[n_rows:], out=part.reshape((n,) + out_shape))
+        else:
+            out = np.empty((n,) + out_shape, target.dtype)
+            into(frames, *rows, *args[n_rows:], out=out)
+            part[...] = out.reshape(part.shape)
+        return np.zeros((1,) * block.ndim, np.int8)
+
+    done = da.map_blocks(write, data, *aligned, *consts, dtype=np.int8,
+                         meta=np.empty((0,) * data.ndim, np.int8),
+                         chunks=tuple((1,) * len(c) for c in data.chunks), name=name)
+    dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
+    return True
 
 
 def map_stored(stored, func, out_shape, dtype, constants=()):

@@ -123,24 +123,38 @@ def test_every_pixel_masked_gives_zeros():
     assert out.shape == (9, 12) and not out.any()
 
 
-def test_lazy_compute_of_several_chunks_equals_eager():
-    """Lazy compute() writes the chunks' results into one array from dask's threads."""
+@pytest.mark.parametrize("chunks", [(2, 5), (2, 2)])  # whole scan rows, and parts of rows
+@pytest.mark.parametrize("mean", [False, True])
+def test_lazy_compute_of_several_chunks_equals_eager(chunks, mean, monkeypatch):
+    """Lazy compute() integrates each chunk straight into its part of one result array, from
+    dask's threads (through a copy where that part is not contiguous)."""
     import dask.array as da
 
     import diffgpu
+    from diffgpu import mapping
 
     rng = np.random.default_rng(5)
     frames = rng.poisson(50, (6, 5, 40, 40)).astype("uint16")
     eager = diffgpu.DiffractionPatterns(frames)
-    lazy = diffgpu.DiffractionPatterns(da.from_array(frames, chunks=(2, 5, 40, 40))).as_lazy()
+    lazy = diffgpu.DiffractionPatterns(da.from_array(frames, chunks=chunks + (40, 40))).as_lazy()
     for s in (eager, lazy):
         s.calibration.center = (19.3, 20.6)
-    ref = eager.get_azimuthal_integral2d(npt=12, npt_azim=18)
-    out = lazy.get_azimuthal_integral2d(npt=12, npt_azim=18)
+    ref = eager.get_azimuthal_integral2d(npt=12, npt_azim=18, mean=mean)
+    out = lazy.get_azimuthal_integral2d(npt=12, npt_azim=18, mean=mean)
     assert out.data.npartitions > 1
+    used = []
+    into = mapping.compute_into
+    monkeypatch.setattr("diffgpu.signals._device.compute_into",
+                        lambda *a, **k: used.append(into(*a, **k)) or used[-1])
     out.compute(show_progressbar=False)
+    assert used == [True]  # computed in place, not block by block
     assert not out._lazy and isinstance(out.data, np.ndarray)
     np.testing.assert_array_equal(out.data, ref.data)
+    # any other graph: each block copied into the result
+    shifted = lazy.shift_diffraction(np.full((6, 5, 2), 0.5))
+    shifted.compute(show_progressbar=False)
+    assert used == [True, False]
+    np.testing.assert_array_equal(shifted.data, eager.shift_diffraction(np.full((6, 5, 2), 0.5)).data)
     sync = lazy.get_azimuthal_integral1d(npt=12)
     sync.compute(scheduler="synchronous", show_progressbar=False)  # HyperSpy's own path
     np.testing.assert_array_equal(sync.data, eager.get_azimuthal_integral1d(npt=12).data)

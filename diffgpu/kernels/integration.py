@@ -375,7 +375,7 @@ class IntegrationEngine:
         self._device = DeviceCache((self.matrix, self.coverage), _matrix_to_device)
 
     # -- applying ------------------------------------------------------------------
-    def apply(self, frames, mean=False, dtype=np.float32, threads=1):
+    def apply(self, frames, mean=False, dtype=np.float32, threads=1, out=None):
         """Integrate a stack ``(n, n_pixels)`` of frames; returns ``(n, n_bins)``.
 
         Parameters
@@ -391,18 +391,28 @@ class IntegrationEngine:
             ``float32`` (default) or ``float64``.
         threads : int
             Host threads (the kernel releases the GIL); ignored on a GPU.
+        out : numpy.ndarray, optional
+            C-contiguous ``(n, n_bins)`` array of ``dtype`` to write the result into (host
+            frames only), e.g. the part of a lazy computation's result that these frames
+            make.
         """
         dtype = np.dtype(dtype)
         if frames.ndim != 2 or frames.shape[1] != self.n_pixels:
             raise ValueError(f"frames must be (n, {self.n_pixels}); got {frames.shape}")
         if is_device_array(frames):
+            if out is not None:
+                raise TypeError("out= is for host frames; these are on a GPU")
             return self._apply_device(frames, mean, dtype)
-        return self._apply_host(frames, mean, dtype, threads)
+        if out is not None and (out.shape != (frames.shape[0], self.n_bins) or out.dtype != dtype
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous {(frames.shape[0], self.n_bins)} array "
+                             f"of {dtype}; got {out.shape} {out.dtype}")
+        return self._apply_host(frames, mean, dtype, threads, out)
 
-    def _apply_host(self, frames, mean, dtype, threads):
+    def _apply_host(self, frames, mean, dtype, threads, out=None):
         check_dtype(frames.dtype)
         n = frames.shape[0]
-        out = np.empty((n, self.n_bins), dtype)
+        out = np.empty((n, self.n_bins), dtype) if out is None else out
         bad = np.zeros(n, dtype=np.bool_)
         # big-endian (Merlin), float16, bool or strided frames: the kernel reads a converted
         # copy of CONVERT_BLOCK frames at a time, never of the whole stack

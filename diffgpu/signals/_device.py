@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..device import blas_for_dask, device_of, to_device_array, to_host_array
+from ..mapping import compute_into
 
 
 def to_device(signal):
@@ -114,14 +115,15 @@ class LazyDeviceMixin:
         With dask's local threaded scheduler, BLAS runs single-threaded meanwhile: dask
         already keeps every core busy, and BLAS threads on top of its threads slow it down.
         Host results of several chunks are written by the worker threads straight into
-        the result array (``dask.array.store``) instead of being joined at the end on one
-        thread: 2D integration to 256 x 720 bins, 196 -> 548 frames/s on 2 cores (the
-        join copied every result once more, into memory touched for the first time).
+        the result array (:func:`~diffgpu.mapping.compute_into`) instead of being joined at
+        the end on one thread: 2D integration to 256 x 720 bins, 196 -> 548 frames/s on 2
+        cores (the join copied every result once more, into memory touched for the first
+        time); an operation that can (2D integration) computes its results there in
+        place, and the result array is not hashed as ``dask.array.store`` hashes it.
         """
         import dask.array as da
         import dask.threaded
         from dask.base import get_scheduler
-        from hyperspy.misc import dask_utils
 
         data = self.data
         with blas_for_dask(data, kwargs.get("scheduler")):
@@ -132,8 +134,10 @@ class LazyDeviceMixin:
                 return super().compute(close_file=close_file,
                                        show_progressbar=show_progressbar, **kwargs)
             result = np.empty(data.shape, data.dtype)
-            dask_utils._compute(data, store_to=result, show_progressbar=show_progressbar,
-                                **kwargs)
+            # each block written into the result by the thread that made it, and by an
+            # operation that can, computed there in place (2D integration: polar patterns
+            # are larger than the frames)
+            compute_into(data, result, show_progressbar=show_progressbar, **kwargs)
         self.data = result
         if close_file:
             self.close_file()
