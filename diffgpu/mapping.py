@@ -48,15 +48,15 @@ def _distributed_client():
 def graph_constant(value):
     """``value`` as one node of a lazy graph, for every block to depend on.
 
-    With a distributed client in use, the node is computed on the cluster once
-    (``client.persist``) and later graphs refer to it: a second graph with the same constant
-    (templates, integration matrix, detector weights) sends nothing, and workers fetch it
-    from each other. The cluster keeps it while ``value`` lives; it is a task, not scattered
-    data, so the scheduler makes it again if the workers holding it are lost. What a worker
-    derives from a :class:`~diffgpu.device.DeviceCache` (its device copies, the templates'
-    search layout) is kept for the copies that reach it later. Otherwise a ``dask.delayed``
-    of the value. A graph built while a client is in use refers to that client's cluster:
-    compute it there (or build it again under another scheduler).
+    With a distributed client in use, the node is also computed on the cluster once per
+    constant and client (``client.persist``) and kept there while ``value`` lives: the
+    scheduler finds its key in memory when a graph with the same constant (templates,
+    integration matrix, detector weights) arrives, and workers fetch it from each other.
+    What a worker derives from a :class:`~diffgpu.device.DeviceCache` (its device copies,
+    the templates' search layout) is kept for the copies that reach it later. The node
+    keeps the value itself, so the graph can be computed by any scheduler (the threaded
+    one, or after the client is closed), and the scheduler can make it again if the workers
+    holding it are lost.
 
     Examples
     --------
@@ -77,8 +77,10 @@ def graph_constant(value):
         return node
     kept = held.get(client.id)
     if kept is None or kept.dask[kept.key].status in ("cancelled", "lost", "error"):
-        kept = held[client.id] = client.persist(node)
-    return kept
+        held[client.id] = client.persist(node)
+    # the node itself, not the future: any scheduler can compute the graph (the threaded one,
+    # or after the client is closed); the cluster finds its key already in memory
+    return node
 
 
 def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=(),

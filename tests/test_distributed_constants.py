@@ -46,8 +46,7 @@ def test_a_constant_is_sent_once_and_kept_on_the_workers(client):
     assert second.tolist() == [2] * 4
     node = graph_constant(const)
     assert node.key == graph_constant(const).key
-    assert list(node.dask.values())[0].status == "finished"  # on the cluster, not in the graph
-    assert any(node.key in keys for keys in client.has_what().values())
+    assert any(node.key in keys for keys in client.has_what().values())  # kept on the cluster
     # the workers drop it with the constant
     key = node.key
     del const, node
@@ -136,3 +135,19 @@ def test_workers_allocator_is_tuned_over_the_nannys_default(client):
     assert trim == str(__import__("dask").config.get(
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"))
     assert tuned == [True]
+
+
+def test_a_graph_built_with_a_client_computes_without_it():
+    import dask.array as da
+
+    frames = da.ones((4, 8, 8), chunks=(2, 8, 8))
+    const = DeviceCache(np.full(3, 2.0))
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        lazy = map_frames(frames, lambda f, k: f.sum(axis=(1, 2)) * k.host[0], (), np.float64,
+                          constants=(const,))
+        assert lazy.compute().tolist() == [128.0] * 4
+        assert lazy.compute(scheduler="threads").tolist() == [128.0] * 4
+        assert any(graph_constant(const).key in keys for keys in c.has_what().values())
+    assert lazy.compute().tolist() == [128.0] * 4  # the client is gone
