@@ -410,3 +410,11 @@ def test_bounded_memory_from_a_file(tmp_path):
     # float32 copies and the results: tens of MB, whatever the size of the file
     assert anon < 110 and filebacked < 40, (anon, filebacked, size_mb)
     assert size_mb > 150
+
+
+def test_an_int_of_chunks_is_frames_per_chunk_as_for_the_other_readers(tmp_path):
+    path = tmp_path / "scan.mib"
+    write_mib(path, _frames((4, 6, 16, 16), "uint16"))
+    s = diffgpu.load(path, chunks=12)  # about 12 frames: two scan rows of 6
+    assert s.data.chunks[:2] == ((2, 2), (6,))
+    assert diffgpu.load(path, chunks=3).data.chunks[:2] == ((1,) * 4, (6,))  # at least 8 frames

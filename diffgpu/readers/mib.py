@@ -476,10 +476,14 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
         chunks = chunks[:-2]  # chunks given for all axes: the frames stay whole
     if chunks is None or chunks == "auto":
         nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes)
+    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        # about this many frames per chunk, as diffgpu's other readers take an int (whole
+        # scan rows where they fit); until 2026-12-07 it meant scan rows here
+        nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes, workers=1,
+                                  target_bytes=int(chunks) * mib.pixel_bytes)
     else:
         nav_chunks = da.core.normalize_chunks(
-            chunks if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) else
-            ((chunks,) + (-1,) * (len(nav_shape) - 1) if isinstance(chunks, int) else chunks),
+            chunks if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) else chunks,
             shape=nav_shape, dtype=_NATIVE[itemsize])
     full = tuple(nav_chunks) + tuple((n,) for n in mib.frame_shape)
     stat = os.stat(mib.path)
@@ -529,8 +533,9 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
         Scan shape in HyperSpy's order ``(x, y)``; default: from the ``.hdr`` file, else a
         1D stack.
     chunks : int, tuple or "auto", optional
-        Navigation chunks (frames along the first scan axis, or a dask chunks tuple of the
-        navigation axes); default: :func:`diffgpu.chunking.frame_chunks`.
+        About this many frames per chunk (an int: whole scan rows where they fit, at least
+        8 frames), or a dask chunks tuple of the navigation axes (or of all four); default:
+        :func:`diffgpu.chunking.frame_chunks`.
     flip_rows : bool
         Flip every frame up/down so that row 0 is the top of the detector (default, as
         RosettaSciIO); False keeps the order stored in the file.
