@@ -210,3 +210,12 @@ def test_chunks_of_other_formats(tmp_path, fmt, monkeypatch):
     assert main(["virtual", str(path), "-o", str(out), "--disc", "3", "--chunks", "12",
                  "--no-progress"]) == 0
     assert seen["chunks"] == ((2, 2), (6,))
+
+
+def test_an_int_of_chunks_for_a_blockfile_keeps_frames_whole(tmp_path):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), lazy=False)
+    s.data = s.data.astype("uint8")
+    path = tmp_path / "scan.blo"
+    s.save(path, show_progressbar=False)
+    loaded = diffgpu.load(path, chunks=12)
+    assert loaded.data.chunks == ((2, 2), (6,), (32,), (32,))

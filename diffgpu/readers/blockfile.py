@@ -36,9 +36,9 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     filename : str
     lazy : bool
         Dask arrays read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
-    chunks : tuple, optional
-        Dask chunks of the four axes; default whole frames in
-        :func:`diffgpu.chunking.frame_chunks`'s navigation chunks.
+    chunks : int or tuple, optional
+        About this many frames per chunk (an int), or dask chunks of the four axes; default
+        whole frames in :func:`diffgpu.chunking.frame_chunks`'s navigation chunks.
     endianness : str
         Byte order of the header (``"<"``, as ASTAR writes it).
 
@@ -71,6 +71,10 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
                       f"{dp} x {dp} that the header announces ({need} bytes)")
     if chunks is None:
         chunks = frame_chunks((ny, nx), _FRAME_MARKER + dp * dp) + ((dp,), (dp,))
+    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
+        # about this many frames per chunk, as diffgpu's other readers take an int
+        chunks = frame_chunks((ny, nx), dp * dp, workers=1,
+                              target_bytes=int(chunks) * dp * dp) + ((dp,), (dp,))
     dicts = read_blo(filename, lazy=lazy, chunks=chunks if lazy else "auto",
                      endianness=endianness, **kwds)
     for d in dicts:
