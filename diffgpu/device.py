@@ -358,7 +358,8 @@ class DeviceCache:
         templates' search layout on the host).
 
         On a dask worker, copies of the constant that arrive with later graphs share what
-        earlier copies derived (and their device copies): see :data:`SHARED_CONSTANTS`.
+        earlier copies derived (and their device copies): see :data:`SHARED_CONSTANTS`
+        and :data:`SHARED_BYTES`.
 
         Examples
         --------
@@ -384,18 +385,36 @@ class DeviceCache:
         # and derived values of the last copies of this constant that arrived here, so that
         # they are made once per worker, not once per compute()
         with _SHARED_LOCK:
-            shared = _SHARED.pop(self._token, None) or (self._copies, self._derived, self._lock)
+            shared = _SHARED.pop(self._token, None) or (
+                self._copies, self._derived, self._lock, _nbytes(self.host))
             _SHARED[self._token] = shared
-            while len(_SHARED) > SHARED_CONSTANTS:
-                _SHARED.popitem(last=False)
-        self._copies, self._derived, self._lock = shared
+            # the most recent first, up to SHARED_CONSTANTS of them and SHARED_BYTES of host
+            # values (their device copies and derived values are of their size, or smaller)
+            total = 0
+            for i, token in enumerate(reversed(list(_SHARED))):
+                total += _SHARED[token][3]
+                if i and (i >= SHARED_CONSTANTS or total > SHARED_BYTES):
+                    del _SHARED[token]
+        self._copies, self._derived, self._lock = shared[:3]
 
 
 #: Constants received from other processes whose device copies and derived values a
-#: process keeps for later copies of them (the most recent ones; older ones are dropped).
+#: process keeps for later copies of them: the most recent ones, at most this many and at
+#: most :data:`SHARED_BYTES` of host values (the latest is always kept).
 SHARED_CONSTANTS = 4
+SHARED_BYTES = 1 << 30
 _SHARED = collections.OrderedDict()
 _SHARED_LOCK = threading.Lock()
+
+
+def _nbytes(value):
+    """Bytes of the arrays in ``value`` (arrays, SciPy sparse matrices, tuples, lists)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    parts = [getattr(value, name, None) for name in ("data", "indices", "indptr")]
+    return sum(p.nbytes for p in parts if isinstance(p, np.ndarray))
 
 
 def host_threads():

@@ -151,3 +151,22 @@ def test_a_graph_built_with_a_client_computes_without_it():
         assert lazy.compute(scheduler="threads").tolist() == [128.0] * 4
         assert any(graph_constant(const).key in keys for keys in c.has_what().values())
     assert lazy.compute().tolist() == [128.0] * 4  # the client is gone
+
+
+def test_a_process_keeps_the_state_of_few_and_small_received_constants(monkeypatch):
+    from diffgpu import device
+
+    monkeypatch.setattr(device, "_SHARED", __import__("collections").OrderedDict())
+    monkeypatch.setattr(device, "SHARED_BYTES", 3000)
+    consts = [DeviceCache(np.zeros(n)) for n in (100, 100, 200, 50)]  # 800, 800, 1600, 400 B
+    for c in consts:
+        pickle.loads(pickle.dumps(c))
+    # newest first while they fit in 3000 bytes: 400 + 1600 + 800; the oldest is dropped
+    assert list(device._SHARED) == [c._token for c in consts[1:]]
+    big = DeviceCache(np.zeros(10_000))
+    pickle.loads(pickle.dumps(big))  # larger than the limit on its own: kept, alone
+    assert list(device._SHARED) == [big._token]
+    monkeypatch.setattr(device, "SHARED_BYTES", 1 << 30)
+    for c in consts:
+        pickle.loads(pickle.dumps(c))
+    assert len(device._SHARED) == device.SHARED_CONSTANTS
