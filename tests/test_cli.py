@@ -196,6 +196,8 @@ def test_chunks_of_other_formats(tmp_path, fmt, monkeypatch):
 
     s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), lazy=False)
     s.data = s.data.astype("uint8") if fmt == "blo" else s.data
+    for ax in s.axes_manager.navigation_axes:
+        ax.units = "nm"  # what a blockfile records
     path = tmp_path / f"scan.{fmt}"
     s.save(path, show_progressbar=False)
     seen = {}
@@ -215,6 +217,8 @@ def test_chunks_of_other_formats(tmp_path, fmt, monkeypatch):
 def test_an_int_of_chunks_for_a_blockfile_keeps_frames_whole(tmp_path):
     s = diffgpu.data.synthetic_4dstem(nav_shape=(4, 6), sig_shape=(32, 32), lazy=False)
     s.data = s.data.astype("uint8")
+    for ax in s.axes_manager.navigation_axes:
+        ax.units = "nm"  # what a blockfile records
     path = tmp_path / "scan.blo"
     s.save(path, show_progressbar=False)
     loaded = diffgpu.load(path, chunks=12)
