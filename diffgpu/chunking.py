@@ -61,18 +61,31 @@ def _split(n, parts):
 
 
 def _distributed_client():
-    """True when a dask.distributed client is the default scheduler here."""
+    """The default dask.distributed client here, or None."""
     import sys
 
     if "distributed" not in sys.modules:  # never imported: no client
-        return False
+        return None
     try:
         from distributed import default_client
 
-        default_client()
-        return True
+        return default_client()
     except (ImportError, ValueError):
-        return False
+        return None
+
+
+def chunks_of_frames(nav_shape, frame_bytes, frames):
+    """Navigation chunks of about ``frames`` frames each: what ``chunks=N`` means for
+    diffgpu's readers and ``--chunks N`` for the command line (whole scan rows where they
+    fit; at least 8 frames while that stays below 64 MiB, as :func:`frame_chunks`).
+
+    Examples
+    --------
+    >>> from diffgpu.chunking import chunks_of_frames
+    >>> chunks_of_frames((4, 6), 2048, 12)
+    ((2, 2), (6,))
+    """
+    return frame_chunks(nav_shape, frame_bytes, workers=1, target_bytes=int(frames) * frame_bytes)
 
 
 def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_bytes=None):
@@ -120,7 +133,7 @@ def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_byte
         workers = host_threads()
     if target_bytes is None:
         target_bytes = (DEVICE_CHUNK_BYTES if device == "gpu" else
-                        CLUSTER_CHUNK_BYTES if _distributed_client() else HOST_CHUNK_BYTES)
+                        CLUSTER_CHUNK_BYTES if _distributed_client() is not None else HOST_CHUNK_BYTES)
     frame_bytes = max(int(frame_bytes), 1)
     n_frames = math.prod(nav_shape)
     if n_frames == 0:

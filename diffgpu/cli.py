@@ -183,20 +183,15 @@ def _with_chunks(args, s, nav):
     import numpy as np
 
     import diffgpu
-    from diffgpu.chunking import frame_chunks
+    from diffgpu.chunking import chunks_of_frames
     from diffgpu.io import _reader_for
-    from diffgpu.readers import hdf5
 
-    frame_bytes = int(np.prod(s.data.shape[-2:])) * s.data.dtype.itemsize
-    want = frame_chunks(s.data.shape[:-2], frame_bytes, workers=1,
-                        target_bytes=args.chunks * frame_bytes)
     reader = _reader_for(args.input)
-    if reader is hdf5.PLUGIN:  # frames per chunk, rounded to the file's compressed chunks
+    if reader is not None and not isinstance(reader, str):  # one of diffgpu's readers
         return diffgpu.load(args.input, lazy=True, chunks=args.chunks, **nav)
-    if reader is not None and not isinstance(reader, str):
-        frames = tuple((n,) for n in s.data.shape[-2:])
-        return diffgpu.load(args.input, lazy=True, chunks=want + frames, **nav)
-    s.data = s.data.rechunk(want + s.data.chunks[-2:])
+    frame_bytes = int(np.prod(s.data.shape[-2:])) * s.data.dtype.itemsize
+    s.data = s.data.rechunk(chunks_of_frames(s.data.shape[:-2], frame_bytes, args.chunks)
+                            + s.data.chunks[-2:])
     return s
 
 

@@ -9,38 +9,32 @@ to find out what a GPU function returns.
 
 from __future__ import annotations
 
-import sys
 import uuid
 import weakref
 from functools import partial
 
 import numpy as np
 
-from .chunking import MIN_CHUNK_FRAMES, _split
+from .chunking import MIN_CHUNK_FRAMES, _distributed_client, _split
 from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
 from .sources import block_runs, stored_frames, tune_allocator
 
 __all__ = ["compute_into", "graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
 
-# constant -> {client id: future of its copy on the workers}; an entry (and the workers'
-# copy) goes when the constant does
+# constant -> {client id: its node persisted on that client's cluster}; an entry (and the
+# cluster's copy) goes when the constant does
 _ON_WORKERS = weakref.WeakKeyDictionary()
 
 
-def _distributed_client():
+def _computing_client():
     """The distributed client that ``compute()`` would use now, or None (threads, processes,
     an asynchronous client, or distributed not imported)."""
-    if "distributed" not in sys.modules:
-        return None
     import dask
-    from distributed import default_client
 
-    try:
-        client = default_client()
-    except ValueError:
-        return None
-    if client.asynchronous or getattr(dask.base.get_scheduler(), "__self__", None) is not client:
+    client = _distributed_client()
+    if client is None or client.asynchronous or \
+            getattr(dask.base.get_scheduler(), "__self__", None) is not client:
         return None
     return client
 
@@ -68,7 +62,7 @@ def graph_constant(value):
     import dask
 
     node = dask.delayed(value, pure=True)
-    client = _distributed_client()
+    client = _computing_client()
     if client is None:
         return node
     try:
@@ -236,14 +230,20 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
                          f"{target.shape} {target.dtype}")
     recipe = _INTO.get(getattr(result, "name", None))
     name = f"into-{result.name}-{uuid.uuid4().hex}"  # not tokenized: that would hash the target
+
+    def run(write, first, *args):
+        """Compute ``write`` on the blocks of ``first`` (and ``args``): one byte per block."""
+        done = da.map_blocks(write, first, *args, dtype=np.int8,
+                             meta=np.empty((0,) * first.ndim, np.int8),
+                             chunks=tuple((1,) * len(c) for c in first.chunks), name=name)
+        dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
+
     if recipe is None:
         def put(block, block_info=None):
             target[tuple(slice(a, b) for a, b in block_info[0]["array-location"])] = block
             return np.zeros((1,) * block.ndim, np.int8)
 
-        done = result.map_blocks(put, dtype=np.int8, meta=np.empty((0,) * result.ndim, np.int8),
-                                 chunks=tuple((1,) * len(c) for c in result.chunks), name=name)
-        dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
+        run(put, result)
         return False
 
     data, aligned, consts, into, out_shape, n_rows = recipe
@@ -265,10 +265,7 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
             part[...] = out.reshape(part.shape)
         return np.zeros((1,) * block.ndim, np.int8)
 
-    done = da.map_blocks(write, data, *aligned, *consts, dtype=np.int8,
-                         meta=np.empty((0,) * data.ndim, np.int8),
-                         chunks=tuple((1,) * len(c) for c in data.chunks), name=name)
-    dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
+    run(write, data, *aligned, *consts)
     return True
 
 

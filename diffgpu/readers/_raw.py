@@ -99,13 +99,12 @@ def lazy_raw(frames, name, chunks=None):
     import dask.array as da
     from dask.base import tokenize
 
-    from ..chunking import frame_chunks
+    from ..chunking import chunks_of_frames, frame_chunks
 
     if chunks is None or chunks == "auto":
         nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes)
     elif isinstance(chunks, int):
-        nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes,
-                                  target_bytes=chunks * frames.frame_bytes, workers=1)
+        nav_chunks = chunks_of_frames(frames.nav_shape, frames.frame_bytes, chunks)
     else:
         nav_chunks = da.core.normalize_chunks(tuple(chunks)[:len(frames.nav_shape)],
                                               shape=frames.nav_shape, dtype=frames.dtype)

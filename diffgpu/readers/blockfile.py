@@ -50,7 +50,7 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     from rsciio.blockfile import file_reader as read_blo
     from rsciio.blockfile._api import get_header_dtype_list
 
-    from ..chunking import frame_chunks
+    from ..chunking import chunks_of_frames, frame_chunks
 
     filename = os.fspath(filename)
     header_dtype = np.dtype(get_header_dtype_list(endianness))
@@ -73,8 +73,7 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
         chunks = frame_chunks((ny, nx), _FRAME_MARKER + dp * dp) + ((dp,), (dp,))
     elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         # about this many frames per chunk, as diffgpu's other readers take an int
-        chunks = frame_chunks((ny, nx), dp * dp, workers=1,
-                              target_bytes=int(chunks) * dp * dp) + ((dp,), (dp,))
+        chunks = chunks_of_frames((ny, nx), dp * dp, chunks) + ((dp,), (dp,))
     dicts = read_blo(filename, lazy=lazy, chunks=chunks if lazy else "auto",
                      endianness=endianness, **kwds)
     for d in dicts:

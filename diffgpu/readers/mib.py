@@ -469,7 +469,7 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
     import dask.array as da
     from dask.base import tokenize
 
-    from ..chunking import frame_chunks
+    from ..chunking import chunks_of_frames, frame_chunks
 
     itemsize = mib.dtype.itemsize
     if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) + 2:
@@ -479,12 +479,9 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
     elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
         # about this many frames per chunk, as diffgpu's other readers take an int (whole
         # scan rows where they fit); until 2026-12-07 it meant scan rows here
-        nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes, workers=1,
-                                  target_bytes=int(chunks) * mib.pixel_bytes)
+        nav_chunks = chunks_of_frames(nav_shape, mib.pixel_bytes, chunks)
     else:
-        nav_chunks = da.core.normalize_chunks(
-            chunks if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) else chunks,
-            shape=nav_shape, dtype=_NATIVE[itemsize])
+        nav_chunks = da.core.normalize_chunks(chunks, shape=nav_shape, dtype=_NATIVE[itemsize])
     full = tuple(nav_chunks) + tuple((n,) for n in mib.frame_shape)
     stat = os.stat(mib.path)
     name = "mib-" + tokenize(os.path.abspath(mib.path), stat.st_size, stat.st_mtime_ns,
