@@ -395,7 +395,7 @@ def test_refine_kernel_scores_like_the_numpy_formulation(lib):
     grid = ((0.01, 0.02), (-179.5, 1.0))
     expected = score_rotations(p, mats, g, f2, k, smax, 0.3, *grid, radius)
     every = np.arange(len(g))
-    weights = _weights(f2, smax, 0.3)
+    weights = _weights(f2, 0.3)
     got = np.array([[_score_one(p[i], mats[i, j], g, *weights, every, len(g), k, smax, *grid[0],
                                 *grid[1], radius) for j in range(5)] for i in range(3)])
     np.testing.assert_allclose(got, expected, rtol=1e-4)
@@ -430,7 +430,7 @@ def test_search_arithmetic_azimuths_and_spot_weights():
     s = np.linspace(-smax * 0.9999, smax * 0.9999, 5001)
     f2 = np.array([0.5, 3.0, 70.0])
     for gamma in (0.15, 0.3, 1.0, 2.0):
-        f2g, table, per_u = _weights(f2, smax, gamma)
+        f2g, table, per_u = _weights(f2, gamma)
         np.testing.assert_allclose(f2g, f2 ** gamma, rtol=1e-14)
         rod = width / (np.pi * (width * width * s * s + 1)) * smax
         got = np.array([_rod_weight(table, per_u, width, v) for v in s])
@@ -459,7 +459,7 @@ def test_refine_kernels_read_rows_in_place_as_copies(lib):
     q = p[rows] - p[rows].mean(axis=2, keepdims=True)
     every = np.arange(len(model[0]))
     from diffgpu.kernels.refine import _score_one, _weights
-    weights = _weights(model[1], model[3], 0.3)
+    weights = _weights(model[1], 0.3)
     expected = [_score_one(q[i], mats[i], model[0], *weights, every, every.size, model[2],
                            model[3], *grid[0], *grid[1], model[4]) for i in range(4)]
     np.testing.assert_allclose(contrast_scores(p, mats[:, None], model, 0.3, *grid,

@@ -394,37 +394,36 @@ _ROD_NODES = 8192  # nodes of the tabulated rel-rod weight (linear reading: <= 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _weights(f2, smax, gamma):
+def _weights(f2, gamma):
     """What the score weighs each spot by, ``(|F|^2 rod(s)) ** gamma``, split so that no power
     is taken per spot: ``f2 ** gamma`` per reflection, and ``rod(s) ** gamma`` tabulated
     against ``u = (pi s / smax)^2`` in ``[0, pi^2]`` (|s| < smax), read linearly (its
     largest error, ``h^2 gamma (gamma + 1) / 8`` relative, is below 1.2e-6 for gamma <= 2).
-    Returns ``(f2g, table, nodes per unit of u)``."""
+    In ``u`` the rel-rod is ``1 / (1 + u)`` whatever ``smax``. Returns ``(f2g, table, nodes
+    per unit of u)``."""
     f2g = np.empty(f2.shape[0])
     for j in range(f2.shape[0]):
         f2g[j] = f2[j] ** gamma
-    width = math.pi / smax
-    scale = width * smax / math.pi  # rod(s) = scale / (1 + u)
     table = np.empty(_ROD_NODES + 1)
     per_u = _ROD_NODES / (math.pi * math.pi)
     for i in range(_ROD_NODES + 1):
-        table[i] = (scale / (1.0 + i / per_u)) ** gamma
+        table[i] = (1.0 / (1.0 + i / per_u)) ** gamma
     return f2g, table, per_u
 
 
 _WEIGHTS = {}
 
 
-def _spot_weights(f2, smax, gamma):
+def _spot_weights(f2, gamma):
     """:func:`_weights`, made once per model and exponent (8,193 powers: 0.12 ms, which every
     kernel call of a refinement paid again, a dozen per block of patterns)."""
     f2 = np.asarray(f2, dtype=np.float64)
-    key = (f2.tobytes(), float(smax), float(gamma))
+    key = (f2.tobytes(), float(gamma))
     got = _WEIGHTS.get(key)
     if got is None:
         if len(_WEIGHTS) >= 32:  # a few models and exponents per session
             _WEIGHTS.clear()
-        got = _WEIGHTS[key] = _weights(f2, float(smax), float(gamma))
+        got = _WEIGHTS[key] = _weights(f2, float(gamma))
     return got
 
 
@@ -597,7 +596,7 @@ def refine_rotations(p, matrices, model, gamma, radial, azimuthal, step=0.5, min
     out = np.empty_like(matrices)
     scores = np.empty(matrices.shape[0])
     _refine_host(np.ascontiguousarray(p, dtype=np.float32), _rows(rows, p, matrices), matrices,
-                 np.ascontiguousarray(g, dtype=np.float64), *_spot_weights(f2, smax, gamma),
+                 np.ascontiguousarray(g, dtype=np.float64), *_spot_weights(f2, gamma),
                  float(k), float(smax), float(radial[0]), float(radial[1]),
                  float(azimuthal[0]), float(azimuthal[1]), float(radius), float(step),
                  float(min_step), int(max_iter), out, scores)
@@ -788,7 +787,7 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal, rows=None):
     n, c = mats.shape[:2]
     out = np.empty((n, c))
     _contrast(q, _rows(rows, q, mats), mats, np.ascontiguousarray(g, dtype=np.float64),
-              *_spot_weights(f2, smax, gamma), float(k), float(smax),
+              *_spot_weights(f2, gamma), float(k), float(smax),
               float(radial[0]), float(radial[1]), float(azimuthal[0]), float(azimuthal[1]),
               float(radius), out)
     return out
