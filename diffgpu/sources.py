@@ -178,8 +178,7 @@ class StoredFrames:
         not views of ``words``)."""
         from .readers.errors import DetectorFileError
 
-        if not _TUNED:
-            tune_allocator()
+        tune_allocator()  # once per process
         size = self.word.itemsize
         begin = self.offset + start * self.stride
         end = begin + count * self.stride
