@@ -183,7 +183,7 @@ def tool_diffgpu(point, args, out):
     if frames_for(rate, args.seconds, point) > 1.5 * n:
         n = frames_for(rate, args.seconds, point)
         frames = make_frames(shape, point[1], n)
-    del s
+    s = None  # the probe signal goes before the timed ones are made
     out["frames"] = n
     eager = _signal(frames, point)
     lazy = _signal(frames, point, lazy=True)

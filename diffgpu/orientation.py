@@ -294,14 +294,14 @@ def _twin_alternative(p, best, phase, models, phase_list, gamma, radial, azimuth
         # an image that already predicts the best one's pattern (exactly down a zone axis)
         # is the twin as it is: refining it (half of the near-zone patterns) changes nothing
         loose = value[has] < exact_similarity
-        if loose.any():
-            found[loose], score[loose] = refine_rotations(p, found[loose], model, gamma, radial,
-                                                          azimuthal, step, min_step,
-                                                          rows=sel[loose])
+        if loose.any():  # (device patterns: refined there, the matrices and scores back)
+            got = refine_rotations(p, found[loose], model, gamma, radial, azimuthal, step,
+                                   min_step, rows=sel[loose])
+            found[loose], score[loose] = (to_host_array(a) for a in got)
         out[sel, :4] = matrix_quaternions(found.transpose(0, 2, 1))
         out[sel, 4] = score
-        out[sel, 5] = contrast_scores(p, found[:, None], model, gamma, radial, azimuthal,
-                                      rows=sel)[:, 0]
+        out[sel, 5] = to_host_array(contrast_scores(p, found[:, None], model, gamma, radial,
+                                                    azimuthal, rows=sel))[:, 0]
         out[sel, 6] = np.where(loose, model_similarity(best[sel], found, model, exponent, sigma),
                                value[has])
     return out
@@ -336,11 +336,14 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     """Shared implementation of :meth:`OrientationMatches.refine`: an in-memory
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult` on the host.
 
-    Host-only (numba): device-resident patterns are moved to the host explicitly, one block
-    at a time (:func:`~diffgpu.device.to_host_array` inside the mapped function), and once
-    for a sample of up to 32 patterns when the intensity exponent is estimated; each
-    block's result goes back to the patterns' device, so lazy graphs keep their CuPy meta,
-    and the joined result is moved to the host once at the end.
+    Device-resident patterns are refined on their GPU (:mod:`diffgpu.kernels.refine`'s
+    device kernels): per block, only the candidates' matrices, rows and scores cross (small
+    host arrays, moved explicitly), and the block's result goes back to the patterns' device,
+    so lazy graphs keep their CuPy meta; the joined result is moved to the host once at the
+    end. A sample of up to 32 patterns is moved to the host once, explicitly, to estimate the
+    intensity exponent and the spots' width (host kernels). The spot geometry of twins
+    (:func:`_twin_alternative`: images and similarities of noiseless patterns, no pattern
+    data) is computed on the host.
     """
     from .kernels.refine import (contrast_scores, estimate_exponent, estimate_spot_width,
                                  matrix_quaternions, prepare_patterns, quaternion_matrices,
@@ -411,21 +414,22 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     model_gamma = gamma * float(intensity_exponent)
 
     def refine(frames, mat, phase, todo, models):
-        xp = array_module(frames)  # the result goes back where the frames were
-        frames, mat, phase = to_host_array(frames), to_host_array(mat), to_host_array(phase)
+        # the patterns stay where they are (device blocks are prepared, searched and scored
+        # on their GPU); the per-candidate matrices and scores are small host arrays, moved
+        # explicitly to and from the kernels, and the result goes back where the frames were
+        xp = array_module(frames)
+        mat, phase = to_host_array(mat), to_host_array(phase)
         todo = to_host_array(todo).astype(bool)
         p = prepare_patterns(frames, gamma, smooth)
         n = frames.shape[0]
         mat = mat.reshape(n, n_best, 3, 3).copy()
         scores = np.full((n, n_best), -np.inf)
-        for rank in range(n_best):
-            for ph, model in models.items():
-                sel = np.flatnonzero((phase[:, rank] == ph) & todo[:, rank])
-                if not sel.size:
-                    continue
-                mat[sel, rank], scores[sel, rank] = refine_rotations(
-                    p, mat[sel, rank], model, model_gamma, radial, azimuthal, step, min_step,
-                    rows=sel)
+        for ph, model in models.items():  # every rank of a phase in one search
+            i, rank = np.nonzero((phase == ph) & todo)
+            if i.size:
+                got = refine_rotations(p, mat[i, rank], model, model_gamma, radial, azimuthal,
+                                       step, min_step, rows=i)
+                mat[i, rank], scores[i, rank] = (to_host_array(a) for a in got)
         # every candidate (refined or as matched) scored against the patterns less their
         # rings' background: what get_reliability compares
         contrast = np.zeros((n, n_best))
@@ -433,8 +437,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
             own = phase == ph
             if own.any():
                 rows = np.flatnonzero(own.any(axis=1))
-                part = contrast_scores(p, mat[rows], model, model_gamma, radial, azimuthal,
-                                       rows=rows)
+                part = to_host_array(contrast_scores(p, mat[rows], model, model_gamma, radial,
+                                                     azimuthal, rows=rows))
                 contrast[rows] = np.where(own[rows], part, contrast[rows])
         quats = matrix_quaternions(mat.transpose(0, 1, 3, 2))
         chosen = scores.argmax(axis=1)
@@ -448,8 +452,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
         return xp.asarray(out)
 
     def refine_eager(frames, mat, phase, todo, models):
-        """In memory: blocks of patterns on all cores."""
-        if frames.shape[0] <= 64:
+        """In memory: blocks of patterns on all cores (device patterns: one block)."""
+        if array_module(frames) is not np or frames.shape[0] <= 64:
             return refine(frames, mat, phase, todo, models)
         return _in_host_blocks(
             lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),

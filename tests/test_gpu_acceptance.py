@@ -68,3 +68,5 @@ def test_gpu_stages_keep_to_cupys_rules(acceptance, standin_gpu, monkeypatch, st
     json.dumps(out)  # what a stage process prints
     assert out and "error" not in out
     assert all(isinstance(v, (float, int, str)) for v in out.values())
+    if stage == "matching":  # refinement on the device too
+        assert "refinement small: median error (deg)" in out, out

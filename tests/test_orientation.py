@@ -471,10 +471,55 @@ def test_refine_kernels_read_rows_in_place_as_copies(lib):
         refine_rotations(p, mats, model, 0.3, *grid)
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_device_refinement_kernels_match_the_host_ones(standin_gpu, si, lib, monkeypatch, gamma):
+    """The refinement's device kernels (run here on the strict stand-in, and on NumPy through
+    the same code) against the numba ones: the same prepared patterns, the same search path
+    (to 1e-5 degrees: arctan2 against the numba kernels' polynomial), the same scores."""
+    from diffgpu.kernels import refine as R
+
+    np.random.seed(3)
+    rot = Rotation.random(12)
+    polar = _polar(diffgpu.data.orientation_patterns(si, rot, sig_shape=(128, 128),
+                                                     calibration=0.02))
+    raw = np.asarray(polar.data).reshape(-1, 64, 360)
+    raw[0, 3, 7], raw[1, 5, 9], raw[2, 0, 0] = np.nan, np.inf, -1.0  # count 0, as on the host
+    model = lib.kinematic_model()
+    grid = ((0.01, 0.02), (-179.5, 1.0))
+    p = R.prepare_patterns(raw, gamma, 1.0)
+    # started about a degree off the truth, patterns read through rows (some twice)
+    truth = rot.to_matrix().transpose(0, 2, 1)
+    start = np.einsum("nij,njk->nik", R.axis_rotations(np.full(12, 0.8))[:, 0], truth)
+    start = np.einsum("nij,njk->nik", R.axis_rotations(np.full(12, 0.6))[:, 4], start)
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 4, 4])
+    mats = np.concatenate([start, start[[4]], truth[[4]]])
+    host = R.refine_rotations(p, mats, model, gamma, *grid, rows=rows)
+    cp = standin_gpu
+    monkeypatch.setattr(R, "_XP_SPOTS", 2000)  # the scores in several blocks of rows
+    dev_p = R.prepare_patterns(cp.asarray(raw), gamma, 1.0)
+    assert isinstance(dev_p, cp.ndarray)
+    np.testing.assert_allclose(dev_p.get(), p, atol=1e-7)
+    dev = R.refine_rotations(dev_p, mats, model, gamma, *grid, rows=rows)
+    assert all(isinstance(a, cp.ndarray) for a in dev)
+    angles = [R._turn_angle(a, b) for a, b in zip(host[0], dev[0].get())]
+    assert max(angles) < 1e-5, angles
+    np.testing.assert_allclose(dev[1].get(), host[1], rtol=1e-6)
+    # the same kernels on NumPy arrays
+    on_host = R._refine_xp(np, p, rows, mats, R._device_model(np, model, gamma), *grid, 0.5,
+                           0.02, 60)
+    np.testing.assert_allclose(on_host[1], host[1], rtol=1e-6)
+    pairs = np.stack([host[0], mats], axis=1)
+    np.testing.assert_allclose(
+        R.contrast_scores(dev_p, pairs, model, gamma, *grid, rows=rows).get(),
+        R.contrast_scores(p, pairs, model, gamma, *grid, rows=rows), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="rows"):
+        R.refine_rotations(dev_p, mats, model, gamma, *grid, rows=cp.asarray(rows[:3]))
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_refine_takes_device_patterns(standin_gpu, si, lib, lazy):
-    """Plumbing only (stand-in device arrays): device-resident patterns are refined on the
-    host, with the same result."""
+    """Plumbing (stand-in device arrays): device-resident patterns are refined on the device,
+    with the host's result."""
     s = diffgpu.data.orientation_patterns(si, Rotation.random(4), sig_shape=(128, 128),
                                           calibration=0.02)
     polar = _polar(s)

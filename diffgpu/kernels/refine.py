@@ -18,7 +18,10 @@ radius): the correlation with a template of narrow spots.
 
 Host code: :func:`refine_rotations` runs a numba kernel, one pattern after another
 (``nogil``, so callers can run blocks of patterns in threads); :func:`score_rotations` is the
-same score in NumPy, for checking it.
+same score in NumPy, for checking it. Device patterns (CuPy) take the same search written
+against their array module (the end of this module): :func:`prepare_patterns`,
+:func:`refine_rotations` and :func:`contrast_scores` dispatch on the patterns' type and
+return device arrays.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import numba
 import numpy as np
 
+from ..device import array_module
 from .matching import positive_power
 
 __all__ = ["prepare_patterns", "score_rotations", "refine_rotations", "axis_rotations",
@@ -52,6 +56,9 @@ def prepare_patterns(patterns, gamma, smooth=0.5):
     """
     if np.ndim(patterns) != 3:
         raise ValueError(f"polar patterns must be (n, radial, azimuthal); got {np.shape(patterns)}")
+    xp = array_module(patterns)
+    if xp is not np:  # device blocks: prepared where they are
+        return _prepare_xp(xp, patterns, gamma, smooth)
     pw = positive_power(patterns, gamma, np.empty(np.shape(patterns), np.float32))
     out = np.empty_like(pw)
     _prepare(pw, _gauss_taps(smooth), out)
@@ -592,6 +599,11 @@ def refine_rotations(p, matrices, model, gamma, radial, azimuthal, step=0.5, min
     True
     """
     g, f2, k, smax, radius = model
+    xp = array_module(p)
+    if xp is not np:  # device patterns: searched there, matrices moved there if they are not
+        mats = xp.asarray(matrices, dtype=xp.float64)
+        return _refine_xp(xp, p, _rows_xp(xp, rows, p, mats), mats, _device_model(xp, model, gamma),
+                          radial, azimuthal, step, min_step, max_iter)
     matrices = np.ascontiguousarray(matrices, dtype=np.float64)
     out = np.empty_like(matrices)
     scores = np.empty(matrices.shape[0])
@@ -782,6 +794,11 @@ def contrast_scores(p, matrices, model, gamma, radial, azimuthal, rows=None):
     (True, True)
     """
     g, f2, k, smax, radius = model
+    xp = array_module(p)
+    if xp is not np:  # device patterns: scored there
+        mats = xp.asarray(matrices, dtype=xp.float64)
+        return _contrast_xp(xp, p, _rows_xp(xp, rows, p, mats), mats,
+                            _device_model(xp, model, gamma), radial, azimuthal)
     q = np.ascontiguousarray(p, dtype=np.float32)
     mats = np.ascontiguousarray(matrices, dtype=np.float64)
     n, c = mats.shape[:2]
@@ -1013,3 +1030,174 @@ def quaternion_matrices(quaternions):
                      2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
                      2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
                     axis=-1).reshape(q.shape[:-1] + (3, 3))
+
+
+# -- the same kernels on device blocks (CuPy), written against the patterns' array module ---
+#
+# Refinement on a GPU keeps the patterns there: they are prepared, searched and scored where
+# they are, and only the small per-candidate arrays (matrices in, matrices and scores out)
+# cross. The numba kernels above go pattern by pattern with early exits; here every pattern of
+# a block takes a step at once (all six trial turns scored together), over all reflections
+# (the numba kernels' ``_near`` subset leaves out only spots that cannot be excited, so the
+# scores are the same), until every pattern's step is below ``min_step``.
+
+_XP_SPOTS = 1 << 22  # candidate-reflection pairs scored at once: bounds the temporaries
+
+
+def _model_arrays(model, gamma):
+    """Host arrays of a model for the device kernels: ``g`` transposed ``(3, N)`` and the
+    weights of :func:`_spot_weights`."""
+    f2g, table, _ = _spot_weights(model[1], gamma)
+    return np.ascontiguousarray(np.asarray(model[0], dtype=np.float64).T), f2g, table
+
+
+def _arrays_to_device(cp, host):
+    return tuple(cp.asarray(a) for a in host)
+
+
+_DEVICE_MODELS = {}
+
+
+def _device_model(xp, model, gamma):
+    """``(gT, f2g, table, per_u, k, smax, radius)`` with the arrays on ``xp``'s device, moved
+    once per model, exponent and device (a :class:`~diffgpu.device.DeviceCache`)."""
+    from ..device import DeviceCache
+
+    g, f2, k, smax, radius = model
+    g = np.asarray(g, dtype=np.float64)
+    key = (g.tobytes(), np.asarray(f2, dtype=np.float64).tobytes(), float(gamma))
+    cache = _DEVICE_MODELS.get(key)
+    if cache is None:
+        if len(_DEVICE_MODELS) >= 32:
+            _DEVICE_MODELS.clear()
+        cache = _DEVICE_MODELS[key] = DeviceCache(_model_arrays(model, gamma), _arrays_to_device)
+    gT, f2g, table = cache.get(xp)
+    return gT, f2g, table, _ROD_NODES / (math.pi * math.pi), float(k), float(smax), float(radius)
+
+
+def _scores_xp(xp, p, rows, mats, dm, radial, azimuthal):
+    """Scores ``(m, c)`` of matrices ``(m, c, 3, 3)`` on patterns ``p[rows]``: the score of
+    :func:`_score_one` (rel-rod weights read from the same table; ``arctan2`` where the
+    numba kernel uses a polynomial good to 4e-7 degrees), in blocks of rows so that at most
+    about :data:`_XP_SPOTS` spots are held at once."""
+    m, c = mats.shape[:2]
+    gT = dm[0]
+    per = max(1, _XP_SPOTS // max(1, c * gT.shape[1]))
+    if m <= per:
+        return _scores_block(xp, p, rows, mats, dm, radial, azimuthal)
+    return xp.concatenate([_scores_block(xp, p, rows[a:a + per], mats[a:a + per], dm, radial,
+                                         azimuthal) for a in range(0, m, per)])
+
+
+def _scores_block(xp, p, rows, mats, dm, radial, azimuthal):
+    gT, f2g, table, per_u, k, smax, radius = dm
+    n_r, n_a = p.shape[1:]
+    v = xp.matmul(mats, gT)  # (m, c, 3, N): laboratory coordinates of every reflection
+    vx, vy, vz = v[..., 0, :], v[..., 1, :], v[..., 2, :]
+    r = xp.sqrt(vx * vx + vy * vy)
+    s = (k - xp.sqrt(xp.maximum(k * k - r * r, 0.0))) - vz
+    u = (math.pi / smax * s) ** 2 * per_u
+    i0 = xp.minimum(u, table.shape[0] - 2).astype(xp.int64)  # u >= 0: truncation is floor
+    rod = table[i0] + (u - i0) * (table[i0 + 1] - table[i0])
+    w = xp.where((xp.abs(s) < smax) & (r <= radius), f2g * rod, 0.0)
+    fr = (r - radial[0]) / radial[1]
+    r0 = xp.clip(xp.floor(fr), 0, n_r - 2)
+    ar = xp.clip(fr - r0, 0.0, 1.0)
+    fa = (xp.degrees(xp.arctan2(vy, vx)) - azimuthal[0]) / azimuthal[1]
+    a0 = xp.floor(fa)
+    t = fa - a0
+    t2 = t * t
+    t3 = t2 * t
+    keys = (-0.5 * t3 + t2 - 0.5 * t, 1.5 * t3 - 2.5 * t2 + 1.0,
+            -1.5 * t3 + 2.0 * t2 + 0.5 * t, 0.5 * t3 - 0.5 * t2)
+    a0 = a0.astype(xp.int64)
+    flat = p.reshape(-1)
+    base = (rows.astype(xp.int64)[:, None, None] * n_r + r0.astype(xp.int64)) * n_a
+    lo = hi = 0.0
+    for q, weight in enumerate(keys):  # the samples at azimuth bins a0 - 1 .. a0 + 2
+        at = base + (a0 + (q - 1)) % n_a
+        lo = lo + weight * xp.take(flat, at)
+        hi = hi + weight * xp.take(flat, at + n_a)
+    value = (1.0 - ar) * lo + ar * hi
+    return (w * value).sum(axis=-1) / xp.sqrt((w * w).sum(axis=-1) + 1e-30)
+
+
+def _turns_xp(xp, step):
+    """:func:`_turns` for a step per pattern: ``(n, 6, 3, 3)`` on ``xp``."""
+    a = xp.radians(step)
+    out = xp.zeros(step.shape + (6, 3, 3))
+    for j in range(6):
+        axis, sign = j // 2, 1.0 - 2.0 * (j % 2)
+        c, s = xp.cos(sign * a), xp.sin(sign * a)
+        u, w = (axis + 1) % 3, (axis + 2) % 3
+        out[:, j, axis, axis] = 1.0
+        out[:, j, u, u], out[:, j, u, w], out[:, j, w, u], out[:, j, w, w] = c, -s, s, c
+    return out
+
+
+def _refine_xp(xp, p, rows, matrices, dm, radial, azimuthal, step, min_step, max_iter):
+    """:func:`_refine_host`'s pattern search, every pattern stepping at once: each of the
+    patterns whose step is still at least ``min_step`` scores its six trial turns, moves to
+    the best if it scores higher, and otherwise halves its step (the same rule, the same
+    order of ties)."""
+    m = matrices.astype(xp.float64)  # a copy
+    n = m.shape[0]
+    best = _scores_xp(xp, p, rows, m[:, None], dm, radial, azimuthal)[:, 0]
+    st = xp.full(n, float(step))
+    live = xp.arange(n)
+    for _ in range(max_iter):
+        live = live[st[live] >= min_step]
+        if live.shape[0] == 0:
+            break
+        cand = xp.matmul(_turns_xp(xp, st[live]), m[live][:, None])  # (l, 6, 3, 3)
+        value = _scores_xp(xp, p, rows[live], cand, dm, radial, azimuthal)
+        j = value.argmax(axis=1)
+        top = xp.take_along_axis(value, j[:, None], axis=1)[:, 0]
+        up = top > best[live]
+        moved = live[up]
+        m[moved] = cand[xp.flatnonzero(up), j[up]]
+        best[moved] = top[up]
+        halve = live[~up]
+        st[halve] = st[halve] / 2
+    return m, best
+
+
+def _prepare_xp(xp, patterns, gamma, smooth):
+    """:func:`prepare_patterns` on ``xp``'s arrays (padding by repeated edge bins along the
+    radius and by wrapping around the azimuth, then the taps as shifted views)."""
+    x = patterns.astype(xp.float32)
+    x = xp.where(x > 0, x, xp.float32(0))  # NaN and negative bins count 0
+    x[x == xp.inf] = 0
+    if gamma != 1:
+        x = xp.where(x > 0, xp.power(x, xp.float32(gamma)), xp.float32(0))
+    taps = [float(w) for w in _gauss_taps(smooth)]
+    h = len(taps) // 2
+    n_r, n_a = x.shape[1:]
+    if h:
+        padded = xp.pad(x, ((0, 0), (h, h), (0, 0)), mode="edge")
+        x = sum(xp.float32(w) * padded[:, t:t + n_r] for t, w in enumerate(taps))
+        padded = xp.pad(x, ((0, 0), (0, 0), (h, h)), mode="wrap")
+        x = sum(xp.float32(w) * padded[:, :, t:t + n_a] for t, w in enumerate(taps))
+    norm = xp.sqrt((x.astype(xp.float64) ** 2).sum(axis=(1, 2)))
+    x *= xp.where(norm > 0, 1.0 / xp.where(norm > 0, norm, 1.0), 1.0).astype(xp.float32)[
+        :, None, None]
+    return x
+
+
+def _contrast_xp(xp, p, rows, matrices, dm, radial, azimuthal):
+    """:func:`contrast_scores` on ``xp``'s arrays: the rows' patterns less their rings' means
+    (taken in float64, as the numba kernel), scored by :func:`_scores_xp`."""
+    q = p[rows]
+    q = q - q.mean(axis=2, keepdims=True, dtype=xp.float64).astype(xp.float32)
+    return _scores_xp(xp, q, xp.arange(q.shape[0]), matrices.astype(xp.float64), dm, radial,
+                      azimuthal)
+
+
+def _rows_xp(xp, rows, p, matrices):
+    """:func:`_rows` for device kernels: ``rows`` on ``xp`` (checked where given on the host)."""
+    if rows is None or not isinstance(rows, xp.ndarray):
+        return xp.asarray(_rows(rows, p, matrices))
+    if rows.shape != (matrices.shape[0],):
+        raise ValueError(f"rows must give one of the {p.shape[0]} patterns for each of the "
+                         f"{matrices.shape[0]} matrices")
+    return rows.astype(xp.int64)

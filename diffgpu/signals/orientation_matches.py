@@ -211,9 +211,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         ----------
         polar : PolarPatterns or LazyPolarPatterns
             The patterns that were matched (same scan and calibration). Lazy patterns are
-            read chunk by chunk. Refinement is host-only (numba): device-resident patterns
-            are moved to the host explicitly, a block at a time (and a sample of up to 32
-            once, for ``intensity_exponent``), and the result is in host memory.
+            read chunk by chunk. Device-resident patterns are refined on their GPU: only
+            the candidates' matrices and scores cross, a block at a time (and a sample of up
+            to 32 patterns, once, for ``intensity_exponent``); the result is in host memory.
         library : TemplateLibrary
             The library the matches come from (its phases give the spot model).
         gamma : float, optional
