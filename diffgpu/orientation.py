@@ -65,16 +65,30 @@ def _in_host_blocks(run, n, block=64):
     return array_module(parts[0]).concatenate(parts)
 
 
+def _as_library(library):
+    """A :class:`TemplateLibrary`, or the one of a diffsims ``Simulation2D`` (made once per
+    simulation: :func:`~diffgpu.templates.library_for`)."""
+    if isinstance(library, TemplateLibrary):
+        return library
+    if hasattr(library, "rotations") and hasattr(library, "coordinates"):
+        return library_for(library)
+    raise TypeError(f"library must be a TemplateLibrary or a diffsims Simulation2D; got "
+                    f"{type(library).__name__}")
+
+
+def _check_gamma(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.integer, np.floating)) \
+            or not 0 < gamma <= 4:
+        raise ValueError(f"gamma (the intensity scaling, patterns ** gamma) must be in (0, 4]; "
+                         f"got {gamma!r}")
+
+
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
                     template_sigma=None, max_frequency=None):
     """Shared implementation of :meth:`PolarPatterns.get_orientation`: an
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult`."""
-    if not isinstance(library, TemplateLibrary):
-        if hasattr(library, "rotations") and hasattr(library, "coordinates"):
-            library = library_for(library)  # a diffsims Simulation2D: prepared once
-        else:
-            raise TypeError(f"library must be a TemplateLibrary or a diffsims Simulation2D; got "
-                            f"{type(library).__name__}")
+    library = _as_library(library)
+    _check_gamma(gamma)
     n_t = len(library)
     if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or n_best < 1:
         raise ValueError(f"n_best must be a positive integer; got {n_best!r}")
@@ -349,6 +363,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
                                  matrix_quaternions, prepare_patterns, quaternion_matrices,
                                  refine_rotations)
 
+    library = _as_library(library)  # (the simulation matched: its library is cached)
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
                          f"the matches' scan {matches.axes_manager.navigation_shape}")
@@ -359,6 +374,8 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     az, rad, to_a, to_deg = _polar_calibration(polar)
     radial = (float(rad.axis[0]) * to_a, float(rad.scale) * to_a)
     azimuthal = (float(az.axis[0]) * to_deg, float(az.scale) * to_deg)
+    if gamma is not None:
+        _check_gamma(gamma)
     gamma = float(matches.metadata.Matching.gamma if gamma is None else gamma)
     m = matches._host_matches()  # computed once; to_rotations() reuses it
     nav = m.shape[:-2]

@@ -142,6 +142,10 @@ class TemplateLibrary:
         self.reciprocal_radius = float(reciprocal_radius)
         if len(self.spots) == 0:
             raise ValueError("the template library is empty")
+        if not any(np.shape(t)[-1] for t in self.spots):
+            raise ValueError(f"no template of the library has a spot (within {reciprocal_radius:g}"
+                             " 1/Å and above the minimum intensity): raise reciprocal_radius or "
+                             "lower minimum_intensity")
         if self.rotations.size != len(self.spots) or self.phase_index.size != len(self.spots):
             raise ValueError("templates, rotations and phase indices differ in number")
         for p in self.phases:
@@ -231,6 +235,15 @@ class TemplateLibrary:
         from diffsims.generators.simulation_generator import SimulationGenerator
         from orix.sampling import get_sample_reduced_fundamental
 
+        for name, value in (("resolution", resolution), ("accelerating_voltage", accelerating_voltage),
+                            ("reciprocal_radius", reciprocal_radius),
+                            ("max_excitation_error", max_excitation_error)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not np.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number; got {value!r}")
+        if not 0 <= minimum_intensity < 1:
+            raise ValueError("minimum_intensity is a fraction of the strongest spot, in [0, 1); "
+                             f"got {minimum_intensity!r}")
         phases = phase if isinstance(phase, (list, tuple)) else [phase]
         for p in phases:
             if p.structure is None or len(p.structure) == 0:
@@ -240,11 +253,19 @@ class TemplateLibrary:
                                   minimum_intensity=minimum_intensity)
         rots = [get_sample_reduced_fundamental(resolution=resolution, point_group=p.point_group)
                 for p in phases]
-        sim = gen.calculate_diffraction2d(phases if len(phases) > 1 else phases[0],
-                                          rotation=rots if len(phases) > 1 else rots[0],
-                                          reciprocal_radius=reciprocal_radius,
-                                          max_excitation_error=max_excitation_error,
-                                          with_direct_beam=False)
+        try:
+            sim = gen.calculate_diffraction2d(phases if len(phases) > 1 else phases[0],
+                                              rotation=rots if len(phases) > 1 else rots[0],
+                                              reciprocal_radius=reciprocal_radius,
+                                              max_excitation_error=max_excitation_error,
+                                              with_direct_beam=False)
+        except ValueError as e:  # diffsims takes the maximum of an orientation's empty spots
+            if "zero-size array" not in str(e):
+                raise
+            raise ValueError(f"some orientations excite no reflection within reciprocal_radius="
+                             f"{reciprocal_radius:g} 1/Å (max_excitation_error="
+                             f"{max_excitation_error:g} 1/Å): raise reciprocal_radius (to the "
+                             "radius the data cover) or max_excitation_error") from None
         lib = cls.from_simulation(sim)
         lib.reciprocal_radius = float(reciprocal_radius)
         lib.accelerating_voltage = float(accelerating_voltage)

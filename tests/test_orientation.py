@@ -558,8 +558,82 @@ def test_plots(si, lib):
     polar = _polar(s)
     m = polar.get_orientation(lib)
     m.plot_ipf_map()
-    m.plot_match(polar, lib, index=(1, 0))
+    ax = m.plot_match(polar, lib, index=(1, 0))
+    # the pattern and the match of the same scan position (array order)
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(polar.data[1, 0]))
+    assert f"template {int(m.data[1, 0, 0, 0])}," in ax.get_title()
+    with pytest.raises(ValueError, match="2 scan coordinates"):
+        m.plot_match(polar, lib, index=0)
+    one = diffgpu.PolarPatterns(polar.data[1, 0], axes=polar.axes_manager._get_signal_axes_dicts())
+    one.get_orientation(lib).plot_match(one, lib)
     plt.close("all")
+
+
+def test_refine_with_wide_spots_and_few_radial_bins(si):
+    """A coarse library on 32 radial bins: the spot-width window no longer runs past the
+    radial axis (it was an IndexError); estimate_spot_width measures what fits."""
+    from diffgpu.kernels.refine import estimate_spot_width
+
+    np.random.seed(1)
+    coarse = TemplateLibrary.from_phase(si, resolution=45)
+    s = diffgpu.data.orientation_patterns(si, Rotation.random(2), sig_shape=(64, 64),
+                                          calibration=0.04, seed=1)
+    polar = s.get_azimuthal_integral2d(npt=32, npt_azim=360, radial_range=(0, 2.0), mean=True)
+    refined = polar.get_orientation(coarse).refine(polar, coarse)
+    assert np.isfinite(refined.metadata.Refined.score).all()
+    # one wide spot (sigma 3 bins) on 12 radial bins: measured in the widest window that fits
+    g = np.array([[0.5, 0.0, 0.0]])
+    r = 0.025 + 0.05 * np.arange(12)
+    p = np.zeros((1, 12, 360))
+    p[0, :, 0] = np.exp(-0.5 * ((r - 0.275) / 0.15) ** 2)
+    w = estimate_spot_width(p, np.eye(3)[None], (g, np.ones(1), 39.87, 0.05, 1.0),
+                            (0.025, 0.05), (0.5, 1.0))
+    assert np.isnan(w) or 0 < w < 0.3
+
+
+def test_refine_takes_the_simulation_matched(si):
+    from diffsims.generators.simulation_generator import SimulationGenerator
+    from orix.sampling import get_sample_reduced_fundamental
+
+    rots = get_sample_reduced_fundamental(resolution=6, point_group=si.point_group)
+    sim = SimulationGenerator(200).calculate_diffraction2d(si, rotation=rots,
+                                                           reciprocal_radius=1.2,
+                                                           with_direct_beam=False)
+    np.random.seed(2)
+    polar = _polar(diffgpu.data.orientation_patterns(si, Rotation.random(2), sig_shape=(128, 128),
+                                                     calibration=0.02))
+    m = polar.get_orientation(sim, n_best=2)
+    a = m.refine(polar, sim)
+    b = m.refine(polar, TemplateLibrary.from_simulation(sim))
+    np.testing.assert_allclose(a.metadata.Refined.rotations, b.metadata.Refined.rotations)
+
+
+def test_library_and_gamma_checks(si, lib):
+    for kw, match in ((dict(resolution=0), "resolution must be a positive"),
+                      (dict(resolution=float("nan")), "resolution must be a positive"),
+                      (dict(reciprocal_radius=0), "reciprocal_radius must be a positive"),
+                      (dict(accelerating_voltage=0), "accelerating_voltage must be"),
+                      (dict(max_excitation_error=0), "max_excitation_error must be"),
+                      (dict(minimum_intensity=1e9), "minimum_intensity is a fraction"),
+                      (dict(resolution=10, reciprocal_radius=0.2), "excite no reflection")):
+        with pytest.raises(ValueError, match=match):
+            TemplateLibrary.from_phase(si, **kw)
+    with pytest.raises(ValueError, match="no template of the library has a spot"):
+        TemplateLibrary([np.zeros((3, 0))], Rotation.identity(1), [0], [si], 1.0)
+    polar = _polar(diffgpu.data.orientation_patterns(si, Rotation.random(1), sig_shape=(128, 128),
+                                                     calibration=0.02))
+    for gamma in (0, -1, float("nan"), 5):
+        with pytest.raises(ValueError, match="gamma"):
+            polar.get_orientation(lib, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma"):
+        polar.get_orientation(lib).refine(polar, lib, gamma=-0.5)
+
+
+def test_phases_have_their_own_colours():
+    from diffgpu.signals.orientation_matches import _phase_list
+
+    phases, phase_list = _phase_list((("Cu", 225, "m-3m"), ("Fe", 229, "m-3m")))
+    assert [p.color for p in phases] == ["tab:blue", "tab:orange"]
 
 
 def test_bad_input(si, lib):

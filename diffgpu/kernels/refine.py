@@ -297,12 +297,16 @@ def estimate_spot_width(patterns, matrices, model, radial, azimuthal, n_spots=6)
     """
     p = np.asarray(patterns, dtype=np.float64)
     mats = np.asarray(matrices, dtype=np.float64).reshape(p.shape[0], 3, 3)
-    half = 5
+    widest = (p.shape[1] - 1) // 2  # a window of 2 half + 1 bins fits the radial axis
+    half = min(5, widest)
+    sigma = float("nan")
     for _ in range(5):  # wide spots: widen the window to +-4 sigma until it holds them
-        sigma = _spot_width_bins(p, mats, model, radial, azimuthal, n_spots, half)
-        if not np.isfinite(sigma) or 4 * sigma <= half:
+        if half < 1:
             break
-        half = int(math.ceil(4 * sigma)) + 1
+        sigma = _spot_width_bins(p, mats, model, radial, azimuthal, n_spots, half)
+        if not np.isfinite(sigma) or 4 * sigma <= half or half == widest:
+            break  # (spots wider than a quarter of the radial range: measured as they fit)
+        half = min(int(math.ceil(4 * sigma)) + 1, widest)
     return sigma * radial[1]
 
 

@@ -27,8 +27,12 @@ def _phase_list(described):
     every map and refinement asks for them); not to be changed by callers."""
     from orix.crystal_map import Phase, PhaseList
 
-    phases = [Phase(name, space_group=sg) if sg > 0 else Phase(name, point_group=pg)
-              for name, sg, pg in described]
+    # each phase its own colour (orix gives every new Phase tab:blue), tab10's as the phase map
+    colours = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink",
+                                    "gray", "olive", "cyan")]
+    phases = [Phase(name, space_group=sg, color=colours[i % 10]) if sg > 0
+              else Phase(name, point_group=pg, color=colours[i % 10])
+              for i, (name, sg, pg) in enumerate(described)]
     return phases, PhaseList(phases)
 
 
@@ -214,8 +218,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
             read chunk by chunk. Device-resident patterns are refined on their GPU: only
             the candidates' matrices and scores cross, a block at a time (and a sample of up
             to 32 patterns, once, for ``intensity_exponent``); the result is in host memory.
-        library : TemplateLibrary
-            The library the matches come from (its phases give the spot model).
+        library : TemplateLibrary or diffsims Simulation2D
+            The library the matches come from (its phases give the spot model), as it was
+            given to ``get_orientation`` (a simulation's library is made once and reused).
         gamma : float, optional
             Intensity scaling, as in matching (default: the one used for matching).
         smooth : float
@@ -493,15 +498,25 @@ class OrientationMatches(DeviceMixin, Signal2D):
         return ax
 
     def plot_match(self, polar, library, index=(), rank=0, ax=None):
-        """Plot the polar pattern at navigation ``index`` with its matched template's spots.
+        """Plot the polar pattern at scan ``index`` with its matched template's spots.
 
+        ``index`` is in array order (``(row, column)`` of a 2D scan, an int for a line scan,
+        ``()`` for a single pattern); ``library`` as given to ``get_orientation``.
         Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
 
+        from ..orientation import _as_library
+
+        library = _as_library(library)
+        index = (int(index),) if np.isscalar(index) else tuple(int(i) for i in index)
+        nav = self.axes_manager.navigation_dimension
+        if len(index) != nav:
+            raise ValueError(f"index must give {nav} scan coordinates (array order); got {index}")
         m = self._host_matches()[index][rank]
-        pattern = polar.inav[index] if index != () else polar
-        data = np.asarray(to_host_array(pattern.data.compute() if pattern._lazy else pattern.data))
+        pattern = polar.data[index]  # (array order, as the matches)
+        data = np.asarray(to_host_array(pattern.compute() if hasattr(pattern, "compute")
+                                        else pattern))
         az, rad = polar.axes_manager.signal_axes
         if ax is None:
             _, ax = plt.subplots()

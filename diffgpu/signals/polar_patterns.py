@@ -60,7 +60,7 @@ class PolarPatterns(DeviceMixin, Signal2D):
             is what tells nearby orientations apart: on simulated Si it indexed 92% of
             random orientations within 2 degrees, against 90% at 0.5 and about 70% at 1
             (kinematic intensities). Smaller values approach binary spot maps, which helps
-            when dynamical scattering makes intensities unreliable.
+            when dynamical scattering makes intensities unreliable. In (0, 4].
         template_sigma : float, optional
             Width (1/Å) of the template spots; default one radial bin.
         max_frequency : int, optional
