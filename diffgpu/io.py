@@ -121,14 +121,23 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: '{path}'")
+    if os.path.isdir(path):  # a .zspy store, perhaps named with a trailing slash
+        path = path.rstrip("/" + os.sep) or path
+    elif os.path.getsize(path) == 0:
+        raise DetectorFileError(path, "the file is empty (0 bytes)")
+    ours = False
     if "file_format" not in kwargs and "reader" not in kwargs:
         reader = _reader_for(path)
         if reader is not None:
             kwargs["file_format"] = reader
+            ours = not isinstance(reader, str)
+        else:
+            _check_extension(path)
     if os.path.splitext(path)[1].lower() == ".nxs":
         kwargs.setdefault("nxdata_only", True)  # the NXdata signals, not every axis dataset
     try:
-        loaded = hs.load(path, lazy=lazy, **kwargs)
+        with _own_reader_errors(ours):
+            loaded = hs.load(path, lazy=lazy, **kwargs)
     except DetectorFileError:
         raise  # already names the file and what is wrong with it
     except Exception as err:
@@ -141,6 +150,46 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     if isinstance(loaded, list):
         return [_ours(s, signal_type, path) for s in loaded]
     return _ours(loaded, signal_type, path)
+
+
+def _check_extension(path):
+    """An error naming the file where no reader takes its extension (HyperSpy's own error
+    for one is about dask's Delayed objects)."""
+    from rsciio import IO_PLUGINS
+
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    known = {e.lower() for plugin in IO_PLUGINS for e in plugin["file_extensions"]}
+    if ext not in known:
+        raise OSError(f"could not read '{path}': no reader takes "
+                      f"{'files without an extension' if not ext else 'the extension .' + ext} "
+                      "(diffgpu reads .mib, .h5, .xml + .raw (EMPAD), .dm3/.dm4, .blo, and "
+                      "RosettaSciIO's formats such as .hspy, .zspy, .emd, .nxs; name the format "
+                      "with file_format=...)")
+
+
+class _NoReportHint:
+    """Drops HyperSpy's "please report this error to the RosettaSciIO developers" for errors
+    of diffgpu's own readers (they are not RosettaSciIO's, and already say what is wrong)."""
+
+    def filter(self, record):
+        return "RosettaSciIO developers" not in record.getMessage()
+
+
+class _own_reader_errors:
+    def __init__(self, ours):
+        import logging
+
+        self.logger = logging.getLogger("hyperspy.io") if ours else None
+        self.hint = _NoReportHint()
+
+    def __enter__(self):
+        if self.logger is not None:
+            self.logger.addFilter(self.hint)
+
+    def __exit__(self, *exc):
+        if self.logger is not None:
+            self.logger.removeFilter(self.hint)
+        return False
 
 
 def _signal_dimension(signal):

@@ -418,6 +418,28 @@ def test_bad_software_formats(tmp_path):
     _raises(unknown)
 
 
+def test_bad_files_are_named_with_what_is_wrong(tmp_path, caplog):
+    for name in ("empty.mib", "empty.xml", "empty.zspy", "empty.hspy", "empty.blo"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(DetectorFileError, match="empty"):
+            diffgpu.load(tmp_path / name)
+    text = tmp_path / "notes.blo"
+    text.write_text("a text file, not a blockfile\n" * 40)
+    with pytest.raises(DetectorFileError, match="not a blockfile"):
+        diffgpu.load(text)
+    # HyperSpy's hint to report to RosettaSciIO is not given for diffgpu's own readers
+    assert "RosettaSciIO developers" not in caplog.text
+    for name, says in (("scan", "without an extension"), ("scan.xyz", "extension .xyz")):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+        with pytest.raises(OSError, match=says):
+            diffgpu.load(tmp_path / name)
+    # a .zspy store named with a trailing slash, as shell completion writes it
+    counts = _counts(NAV, (16, 16), "uint16")
+    _signal(counts).save(tmp_path / "scan.zspy", show_progressbar=False)
+    got = diffgpu.load(str(tmp_path / "scan.zspy") + "/")
+    np.testing.assert_array_equal(np.asarray(got.data), counts)
+
+
 def test_eager_load_of_own_readers(tmp_path):
     """lazy=False reads the same counts into memory (a DiffractionPatterns, not lazy)."""
     counts = _counts((2, 3), (128, 128), "<f4")

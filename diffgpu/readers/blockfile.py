@@ -58,6 +58,8 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     if size < header_dtype.itemsize:
         raise DetectorFileError(filename, f"{size} bytes: shorter than a blockfile header")
     header = np.fromfile(filename, dtype=header_dtype, count=1)[0]
+    if bytes(header["ID"]) != b"IMGBLO":
+        raise DetectorFileError(filename, "not a blockfile (it does not start with 'IMGBLO')")
     nx, ny, dp = int(header["NX"]), int(header["NY"]), int(header["DP_SZ"])
     offset = int(header["Data_offset_2"])
     need = offset + nx * ny * (_FRAME_MARKER + dp * dp)
