@@ -71,7 +71,9 @@ def center_of_mass(signal, mask=None, threshold=None):
     weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
     cx, cy = signal.calibration.center
 
+    # NaN and inf pixels count as 0, as in integration (and masked ones never count)
     data = map_weighted_sums(signal.data, weights, 3, out_shape=(2,), threshold=threshold,
+                             nonfinite="zero",
                              finish=lambda sums, xp: _com_from_sums(sums, xp, (cx, cy)))
     return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
 
@@ -111,9 +113,19 @@ def _windowed_com(frames, px, py, radius, xp, iterations=3):
     return px, py
 
 
-def _blur_position(frames, sigma, window):
-    xp = array_module(frames)
+def _usable(frames, valid, xp):
+    """The frames as float32 with NaN, inf and masked pixels (``valid`` False) set to 0, so
+    they pull the beam nowhere (a NaN would spoil a whole blurred or correlated frame)."""
     f = frames.astype(xp.float32)
+    keep = xp.isfinite(f) if frames.dtype.kind == "f" else None
+    if valid is not None:
+        keep = valid[None] if keep is None else keep & valid[None]
+    return f if keep is None else xp.where(keep, f, xp.float32(0))
+
+
+def _blur_position(f, sigma, window):
+    """(x, y) of the beam in the frames ``f`` (float32, already :func:`_usable`)."""
+    xp = array_module(f)
     blurred = _ndimage(xp).gaussian_filter(f, sigma=(0, sigma, sigma), mode="constant")
     n, ny, nx = f.shape
     peak = blurred.reshape(n, -1).argmax(axis=1)
@@ -128,10 +140,10 @@ def _disc_template(shape, radius):
                for corner in ((0.0, 0.0), (nx, 0.0), (0.0, ny), (nx, ny)))
 
 
-def _xcorr_position(frames, template, window):
-    """``template``: :func:`_disc_template`, on the frames' device."""
-    xp = array_module(frames)
-    f = frames.astype(xp.float32)
+def _xcorr_position(f, template, window):
+    """``f``: the frames, float32, already :func:`_usable`; ``template``:
+    :func:`_disc_template`, on the frames' device."""
+    xp = array_module(f)
     n, ny, nx = f.shape
     corr = xp.fft.irfft2(xp.fft.rfft2(f) * xp.conj(xp.fft.rfft2(template))[None], s=(ny, nx))
     peak = corr.reshape(n, -1).argmax(axis=1)
@@ -151,17 +163,26 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
         raise ValueError(f"method must be one of {methods}; got {method!r}")
     if method == "center_of_mass":
         return center_of_mass(signal, mask=mask, threshold=threshold)
+    if mask is not None or threshold is not None:
+        given = " and ".join(f"{n}=" for n, v in (("mask", mask), ("threshold", threshold))
+                             if v is not None)
+        raise TypeError(f"the options {given} are for method='center_of_mass' only, not "
+                        f"{method!r} (which looks only near the beam; to leave pixels out, "
+                        "set calibration.mask)")
     cx, cy = signal.calibration.center
+    bad = signal.calibration.mask
+    if bad is not None and bad.all():
+        raise ValueError("calibration.mask covers every pixel: there is no beam to find")
+    # masked pixels count as 0 (None: nothing masked, no constant to move to a GPU)
+    valid = None if bad is None or not bad.any() else DeviceCache(~bad)
     if method == "blur":
         if window is None:
             window = 4 * sigma
         if not (sigma > 0 and window > 0):
             raise ValueError(f"sigma and window must be positive; got {sigma}, {window}")
 
-        def find(frames):
-            px, py = _blur_position(frames, sigma, window)
-            xp = array_module(frames)
-            return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
+        def position(f, xp):
+            return _blur_position(f, sigma, window)
     else:
         if radius is None or not radius > 0:
             raise ValueError("method='cross_correlate' needs radius= (the direct beam's disc "
@@ -171,12 +192,21 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
 
         template = DeviceCache(_disc_template(signal.calibration.detector_shape, radius))
 
-        def find(frames, template=template):
-            xp = array_module(frames)
-            px, py = _xcorr_position(frames, template.get(xp), window)
-            return xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
+        def position(f, xp, template=template):
+            return _xcorr_position(f, template.get(xp), window)
 
-    data = map_frames(signal.data, find, (2,), np.float32)
+    def find(frames, *valid):
+        xp = array_module(frames)
+        f = _usable(frames, valid[0].get(xp) if valid else None, xp)
+        px, py = position(f, xp)
+        shifts = xp.stack([px - cx, py - cy], axis=1).astype(xp.float32)
+        # a frame with no positive intensity has no beam: NaN, as from center_of_mass (not
+        # the corner pixel an arg-max of zeros lands on)
+        found = f.reshape(f.shape[0], -1).max(axis=1) > 0
+        return xp.where(found[:, None], shifts, xp.float32(np.nan))
+
+    data = map_frames(signal.data, find, (2,), np.float32,
+                      constants=() if valid is None else (valid,))
     return _shifts_result(signal, data, "Direct beam position", method)
 
 

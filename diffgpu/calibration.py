@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 __all__ = ["Calibration", "electron_wavelength", "beam_energy_from_wavelength", "check_mask",
-           "detector_image"]
+           "detector_image", "uniform_signal_axes"]
 
 # CODATA 2018 constants, SI
 _H = 6.62607015e-34
@@ -115,8 +115,7 @@ class Calibration:
     # -- geometry kept in the axes ------------------------------------------------
     @property
     def _axes(self):
-        ax = self._signal.axes_manager.signal_axes
-        return ax[0], ax[1]  # x (columns), y (rows)
+        return uniform_signal_axes(self._signal)
 
     @property
     def detector_shape(self):
@@ -231,6 +230,33 @@ class Calibration:
             f"<Calibration: center=({cx:g}, {cy:g}) px, scale=({sx:g}, {sy:g}) {self.units}, "
             f"mask={masked}, beam={beam}>"
         )
+
+
+def uniform_signal_axes(signal):
+    """The signal's detector axes ``(x, y)`` (columns, rows), checked to be uniform.
+
+    Raises
+    ------
+    ValueError
+        If an axis is not uniform (an ``offset + i * scale`` axis): the centre, the pixel
+        size and every detector geometry are defined by them.
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> from diffgpu.calibration import uniform_signal_axes
+    >>> s = diffgpu.DiffractionPatterns(np.zeros((4, 5)))
+    >>> [ax.size for ax in uniform_signal_axes(s)]
+    [5, 4]
+    """
+    axes = signal.axes_manager.signal_axes
+    odd = [f"{i} ({'x' if i == 0 else 'y'})" for i, ax in enumerate(axes[:2])
+           if not getattr(ax, "is_uniform", True)]
+    if odd:
+        raise ValueError(f"diffgpu needs uniform detector axes (offset + index * scale); signal "
+                         f"axis {' and '.join(odd)} is not uniform: make it uniform first, e.g. "
+                         "with signal.axes_manager.signal_axes[i].convert_to_uniform_axis()")
+    return axes[0], axes[1]  # x (columns), y (rows)
 
 
 def _pair(value, name):

@@ -49,7 +49,10 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
     mask = check_mask(getattr(mask, "data", mask), shape)
     valid = DeviceCache((~mask).astype(np.float32))
     bad = DeviceCache(mask)
-    dtype = signal.data.dtype if signal.data.dtype.kind == "f" else np.dtype(np.float32)
+    # what the arithmetic below gives (float16 meets the float32 weights; any byte order
+    # becomes native), declared as such for a lazy result
+    dtype = np.result_type(signal.data.dtype.newbyteorder("="), np.float32) \
+        if signal.data.dtype.kind == "f" else np.dtype(np.float32)
 
     def fix(frames, valid, bad):
         xp = array_module(frames)
@@ -68,7 +71,7 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
                 num[:, yd, xd] += good[:, ys, xs]
                 den[yd, xd] += v[ys, xs]
         fill = num / xp.where(den > 0, den, 1)
-        return xp.where(b, fill, f)
+        return xp.where(b, fill, f).astype(dtype, copy=False)
 
     result = map_frames(signal.data, fix, shape, dtype, constants=(valid, bad))
     return with_new_data(signal, result, "Bad pixels corrected", inplace)

@@ -108,19 +108,17 @@ def detector_weights(signal, detector):
     """
     from hyperspy import roi as hs_roi
 
-    ax_x, ax_y = signal.axes_manager.signal_axes
+    from .calibration import uniform_signal_axes
+
+    ax_x, ax_y = uniform_signal_axes(signal)
     shape = (ax_y.size, ax_x.size)
     if isinstance(detector, hs_roi.CircleROI):
-        vals = [detector.cx, detector.cy, detector.r]
-        if any(not np.isfinite(v) for v in vals):
-            raise ValueError(f"CircleROI is not fully set: {detector}")
+        _check_roi_set(detector, ("cx", "cy", "r"))
         center = ((detector.cx - ax_x.offset) / ax_x.scale, (detector.cy - ax_y.offset) / ax_y.scale)
-        inner = detector.r_inner if np.isfinite(detector.r_inner) else 0.0
+        inner = detector.r_inner if _is_number(detector.r_inner) else 0.0
         w = disc_weights(shape, center, detector.r, (ax_x.scale, ax_y.scale), inner)
     elif isinstance(detector, hs_roi.RectangularROI):
-        vals = [detector.left, detector.top, detector.right, detector.bottom]
-        if any(not np.isfinite(v) for v in vals):
-            raise ValueError(f"RectangularROI is not fully set: {detector}")
+        _check_roi_set(detector, ("left", "top", "right", "bottom"))
         # calibrated edges -> pixel coordinates (pixel i is centred on i, spans i +- 0.5)
         left = (detector.left - ax_x.offset) / ax_x.scale
         right = (detector.right - ax_x.offset) / ax_x.scale
@@ -135,5 +133,29 @@ def detector_weights(signal, detector):
 
         w = detector_image(detector, shape, "detector mask")
     if not np.any(w):
-        raise ValueError(f"the virtual detector {detector!r} covers no pixel of the detector")
+        what = repr(detector) if isinstance(detector, hs_roi.BaseROI) else \
+            f"mask of shape {np.shape(w)} (all zero)"
+        raise ValueError(f"the virtual detector {what} covers no pixel of the detector")
     return w.astype(np.float32)
+
+
+def _is_number(value):
+    """A finite real number (HyperSpy leaves an unset ROI value as ``traits.Undefined``)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and bool(np.isfinite(value))
+
+
+# why HyperSpy leaves values of an ROI unset although they were given
+_UNSET_WHY = [({"r"}, "HyperSpy leaves a negative radius undefined"),
+              ({"right", "bottom"}, "HyperSpy leaves right and bottom undefined unless "
+                                    "right > left and bottom > top")]
+
+
+def _check_roi_set(roi, names):
+    """A clear error for an ROI with values unset (``Undefined``) or not finite."""
+    unset = [n for n in names if not _is_number(getattr(roi, n))]
+    if unset:
+        why = "".join(f" ({text})" for which, text in _UNSET_WHY if set(unset) <= which)
+        which = unset[0] if len(unset) == 1 else f"{', '.join(unset[:-1])} and {unset[-1]} are"
+        which = f"{which} is" if len(unset) == 1 else which
+        raise ValueError(f"{type(roi).__name__} {which} not set to a finite number{why}: "
+                         f"{roi!r}; a virtual detector needs all of {', '.join(names)}")

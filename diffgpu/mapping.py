@@ -427,7 +427,8 @@ def _run_stored(root, shape, runs, stored, func, out_shape, dtype, step, *consts
     return out.reshape(shape + out_shape)
 
 
-def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=None):
+def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=None,
+                      nonfinite="weighted"):
     """Weighted sums of every frame (virtual detectors, centre-of-mass moments), read in place
     from a detector file where it can be.
 
@@ -444,6 +445,10 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
         a centre of mass); ``out_shape`` is then the shape of its result per frame.
     threshold : float, optional
         Passed to :func:`diffgpu.kernels.reduce.weighted_sums`; frames are then decoded first.
+    nonfinite : {"weighted", "zero"}
+        What a NaN or inf pixel of float frames does (:func:`~diffgpu.kernels.reduce.weighted_sums`):
+        NaN in the sums that weight it, or counted as 0. A pixel of zero weight never
+        contributes.
 
     Returns
     -------
@@ -459,7 +464,10 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
     array([[ 6., 22., 38.],
            [54., 70., 86.]], dtype=float32)
     """
-    from .kernels.reduce import stored_words_supported, weighted_sums, weighted_sums_stored
+    from .kernels.reduce import NONFINITE, stored_words_supported, weighted_sums, weighted_sums_stored
+
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}")
 
     n_pix = data.shape[-1] * data.shape[-2]
     out_shape = (k,) if finish is None else tuple(out_shape)
@@ -480,7 +488,7 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
 
     def frames_func(frames, w):
         xp = array_module(frames)
-        sums = weighted_sums(frames.reshape(-1, n_pix), w.get(xp), threshold)
+        sums = weighted_sums(frames.reshape(-1, n_pix), w.get(xp), threshold, nonfinite)
         return sums if finish is None else finish(sums, xp)
 
     return map_frames(data, frames_func, out_shape, np.float32, constants=(weights,))

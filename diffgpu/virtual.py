@@ -18,16 +18,38 @@ def _describe(detector):
     return f"mask {np.shape(getattr(detector, 'data', detector))}"
 
 
+def _is_one_mask(detectors):
+    """Whether a list or tuple is one mask written as nested lists (rows of numbers or bools),
+    not a list of detectors: a list of ROIs or of 2D masks does not make a 2D number array."""
+    if len(detectors) == 0 or any(hasattr(d, "axes_manager") or hasattr(d, "shape")
+                                  or not isinstance(d, (list, tuple)) for d in detectors):
+        return False
+    try:
+        arr = np.asarray(detectors)
+    except (ValueError, TypeError):  # ragged
+        return False
+    return arr.ndim == 2 and arr.dtype.kind in "biuf"
+
+
 def virtual_images(signal, detectors, normalize=False):
     """Shared implementation of :meth:`DiffractionPatterns.get_virtual_image`: a
     ``virtual_images`` :class:`~diffgpu.results.OperationResult` (generic for scans that are
     not 2D)."""
-    single = not isinstance(detectors, (list, tuple))
+    single = not isinstance(detectors, (list, tuple)) or _is_one_mask(detectors)
     if single:
         detectors = [detectors]
     if len(detectors) == 0:
         raise ValueError("no virtual detector given")
     weights = np.stack([detector_weights(signal, d) for d in detectors])
+    bad = signal.calibration.mask
+    if bad is not None:
+        # masked pixels (bad pixels, a quad detector's gap) weigh nothing: whatever they hold,
+        # NaN included, is left out (map_weighted_sums never lets a zero weight contribute)
+        weights *= ~bad
+        empty = [i for i, w in enumerate(weights) if not w.any()]
+        if empty:
+            raise ValueError(f"the virtual detector {_describe(detectors[empty[0]])} covers only "
+                             "pixels of calibration.mask")
     if normalize:  # mean per unit pixel area instead of the sum
         weights /= weights.sum(axis=(1, 2), keepdims=True)
     k = len(detectors)

@@ -156,3 +156,114 @@ def test_gpu_beam_positions_and_centering_match_cpu(cupy, drifting, method, kw):
     centred_gpu.to_host()
     centred_gpu.compute()
     np.testing.assert_allclose(centred_gpu.data, centred_cpu.data, rtol=1e-5, atol=1e-3)
+
+
+def _beam_frames():
+    """Three 16 x 16 frames: a beam at (7.3, 8.6), the same beam, and nothing."""
+    yy, xx = np.mgrid[:16, :16]
+    beam = (100 * np.exp(-((xx - 7.3) ** 2 + (yy - 8.6) ** 2) / 4)).astype("float32")
+    return np.stack([beam, beam, np.zeros_like(beam)])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("method, kw", [("blur", {}), ("cross_correlate", {"radius": 2})])
+def test_blur_and_cross_correlation_leave_out_nan_and_masked_pixels(lazy, method, kw):
+    """A NaN pixel and a masked hot pixel far from the beam change nothing; a dark frame has
+    no beam (NaN), not one at the corner pixel."""
+    f = _beam_frames()
+    clean = diffgpu.DiffractionPatterns(f.copy())
+    clean.calibration.center = None
+    ref = clean.get_direct_beam_position(method=method, **kw).data[1]
+    f[0, 2, 3] = np.nan
+    f[1, 13, 2] = 1e6  # hot, but masked
+    s = diffgpu.DiffractionPatterns(f)
+    s.calibration.center = None
+    mask = np.zeros((16, 16), bool)
+    mask[13, 2] = True
+    s.calibration.mask = mask
+    if lazy:
+        s = s.as_lazy()
+    shifts = s.get_direct_beam_position(method=method, **kw)
+    got = shifts.data.compute() if lazy else shifts.data
+    np.testing.assert_allclose(got[:2], [ref, ref], atol=1e-5)
+    if method == "blur":
+        np.testing.assert_allclose(ref, [7.3 - 7.5, 8.6 - 7.5], atol=1e-3)
+    assert np.isnan(got[2]).all()
+
+
+def test_beam_finding_on_integer_frames_with_a_masked_pixel():
+    f = (_beam_frames() * 10).astype("uint16")
+    ref = diffgpu.DiffractionPatterns(f.copy()).get_direct_beam_position(method="blur").data
+    f[:2, 0, 15] = 60000
+    s = diffgpu.DiffractionPatterns(f)
+    s.calibration.mask = np.pad(np.ones((1, 1), bool), ((0, 15), (15, 0)))  # pixel (0, 15)
+    got = s.get_direct_beam_position(method="blur").data
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert np.isnan(got[2]).all()
+
+
+def test_center_of_mass_leaves_out_masked_and_non_finite_pixels():
+    """A NaN in a masked pixel does not spoil the centre of mass; an unmasked NaN or inf
+    pixel counts as 0 (as in integration), with or without a threshold, lazily or not."""
+    f = _beam_frames()
+    zeroed = f.copy()
+    zeroed[0, 2, 3] = 0
+    zeroed[1, 12, 12] = 0
+    ref_s = diffgpu.DiffractionPatterns(zeroed)
+    f[0, 2, 3] = np.nan
+    f[1, 12, 12] = np.inf
+    s = diffgpu.DiffractionPatterns(f)
+    for kw in ({}, {"threshold": 0.5}, {"mask": (7.5, 8.5, 6)}):
+        ref = ref_s.center_of_mass(**kw).data
+        np.testing.assert_allclose(s.center_of_mass(**kw).data, ref, atol=1e-5)
+        np.testing.assert_allclose(s.as_lazy().center_of_mass(**kw).data.compute(), ref, atol=1e-5)
+        assert np.isnan(ref[2]).all() and np.isfinite(ref[:2]).all()
+    mask = np.zeros((16, 16), bool)
+    mask[2, 3] = True
+    s.calibration.mask = mask
+    ref_s.calibration.mask = mask
+    np.testing.assert_allclose(s.center_of_mass().data, ref_s.center_of_mass().data, atol=1e-5)
+    # the frame whose only NaN is masked: the clean frame's centre with the same mask
+    clean = diffgpu.DiffractionPatterns(_beam_frames())
+    clean.calibration.mask = mask
+    np.testing.assert_allclose(s.center_of_mass().data[0], clean.center_of_mass().data[0],
+                               atol=1e-6)
+
+
+def test_mask_and_threshold_are_for_center_of_mass_only(drifting):
+    for method, kw in (("blur", {}), ("cross_correlate", {"radius": 2.88})):
+        with pytest.raises(TypeError, match="mask= are for method='center_of_mass' only"):
+            drifting.get_direct_beam_position(method=method, mask=(40, 40, 5), **kw)
+        with pytest.raises(TypeError, match="threshold= are for method='center_of_mass'"):
+            drifting.get_direct_beam_position(method=method, threshold=0.5, **kw)
+        with pytest.raises(TypeError, match="mask= and threshold="):
+            drifting.center_direct_beam(method=method, mask=(40, 40, 5), threshold=1, **kw)
+    s = diffgpu.DiffractionPatterns(_beam_frames())
+    s.calibration.mask = np.ones((16, 16), bool)
+    with pytest.raises(ValueError, match="covers every pixel"):
+        s.get_direct_beam_position(method="blur")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("method, kw", [("center_of_mass", {}), ("blur", {}),
+                                        ("cross_correlate", {"radius": 2})])
+def test_standin_device_beam_finding_with_nan_and_masked_pixels(standin_gpu, lazy, method, kw):
+    f = _beam_frames()
+    f[0, 2, 3] = np.nan
+    f[1, 13, 2] = 1e6
+    s = diffgpu.DiffractionPatterns(f)
+    mask = np.zeros((16, 16), bool)
+    mask[13, 2] = True
+    s.calibration.mask = mask
+    if lazy:
+        s = s.as_lazy()
+    ref = s.get_direct_beam_position(method=method, **kw)
+    ref = ref.data.compute() if lazy else ref.data
+    dev = s.deepcopy()
+    dev.to_device()
+    got = dev.get_direct_beam_position(method=method, **kw)
+    got.to_host()
+    if lazy:
+        got.compute()
+    np.testing.assert_allclose(got.data, ref, atol=1e-5)
+    assert np.isfinite(ref[:2]).all() and np.isnan(ref[2]).all()

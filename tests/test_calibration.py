@@ -94,3 +94,13 @@ def test_repr(s):
     s.calibration.beam_energy = 200
     text = repr(s.calibration)
     assert "center=(31.5, 19.5)" in text and "200 keV" in text
+
+
+def test_non_uniform_detector_axis_is_refused_clearly(s):
+    import hyperspy.api as hs
+
+    s.axes_manager.signal_axes[1].convert_to_non_uniform_axis()
+    for op in (lambda: s.calibration.center, lambda: s.get_azimuthal_integral1d(npt=4),
+               lambda: s.center_of_mass(), lambda: s.get_virtual_image(hs.roi.CircleROI(0, 0, 3))):
+        with pytest.raises(ValueError, match=r"diffgpu needs uniform detector axes.*axis 1 \(y\)"):
+            op()

@@ -63,3 +63,21 @@ def test_gpu_cleanup_matches_cpu(cupy):
     assert gpu.device == "gpu"
     gpu.to_host()
     np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, out", [("float16", "float32"), ("float32", "float32"),
+                                        ("float64", "float64"), (">f8", "float64"),
+                                        (">f4", "float32"), ("uint16", "float32"), (">u2", "float32")])
+def test_correct_bad_pixels_lazy_dtype_is_what_it_computes(dtype, out):
+    data = np.arange(2 * 8 * 8).reshape(2, 8, 8).astype(dtype)
+    bad = np.zeros((8, 8), bool)
+    bad[2, 2] = True
+    eager = diffgpu.DiffractionPatterns(data).correct_bad_pixels(mask=bad)
+    lazy = diffgpu.DiffractionPatterns(data).as_lazy().correct_bad_pixels(mask=bad)
+    assert eager.data.dtype == np.dtype(out)
+    assert lazy.data.dtype == np.dtype(out)
+    computed = lazy.data.compute()
+    assert computed.dtype == np.dtype(out)
+    np.testing.assert_allclose(computed, eager.data)
+    np.testing.assert_allclose(eager.data[:, 2, 2], data[:, 1:4, 1:4].astype(float).sum(axis=(1, 2)) / 8
+                               - data[:, 2, 2].astype(float) / 8, rtol=1e-3)

@@ -114,3 +114,161 @@ def test_gpu_virtual_images_match_cpu(cupy, lazy):
         gpu.compute()
     gpu.to_host()
     np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-5)
+
+
+def _masked_scan(dtype="float32"):
+    """A scan with a hot masked column, a NaN in a masked pixel and its mask."""
+    rng = np.random.default_rng(4)
+    data = rng.poisson(5.0, (2, 3, 16, 16)).astype(dtype)
+    data[..., :, 8] = 1000
+    mask = np.zeros((16, 16), bool)
+    mask[:, 8] = True
+    if np.dtype(dtype).kind == "f":
+        data[0, 1, 4, 8] = np.nan
+    s = diffgpu.DiffractionPatterns(data)
+    s.calibration.center = None
+    s.calibration.mask = mask
+    return s, data, mask
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16"])
+def test_virtual_images_leave_out_calibration_mask(dtype):
+    s, data, mask = _masked_scan(dtype)
+    rois = [hs.roi.RectangularROI(-20, -20, 20, 20), hs.roi.CircleROI(cx=0, cy=0, r=5),
+            np.ones((16, 16)).tolist()]
+    clean = np.where(mask, 0, data).astype(float)
+    ring = disc_weights((16, 16), (7.5, 7.5), 5) * ~mask
+    ref = np.stack([clean.sum(axis=(-2, -1)), (clean * ring).sum(axis=(-2, -1)),
+                    clean.sum(axis=(-2, -1))])
+    eager = s.get_virtual_image(rois)
+    np.testing.assert_allclose(eager.data, ref, rtol=1e-5)
+    lazy = s.as_lazy().get_virtual_image(rois)
+    lazy.compute()
+    np.testing.assert_allclose(lazy.data, ref, rtol=1e-5)
+    # normalised: the mean over the unmasked pixels
+    mean = s.get_virtual_image(hs.roi.RectangularROI(-20, -20, 20, 20), normalize=True).data
+    np.testing.assert_allclose(mean, clean.sum(axis=(-2, -1)) / (~mask).sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="covers only pixels of calibration.mask"):
+        s.get_virtual_image(hs.roi.RectangularROI(0, -3, 1, 3))  # column 8 only
+
+
+def test_unmasked_nan_spoils_only_the_detectors_that_weigh_it():
+    data = np.ones((3, 16, 16), "float32")
+    data[1, 2, 2] = np.nan  # outside the bright field, inside the annulus
+    data[2, 7, 7] = np.inf  # inside the bright field
+    s = diffgpu.DiffractionPatterns(data)
+    s.calibration.center = None
+    bf, adf = hs.roi.CircleROI(cx=0, cy=0, r=3), hs.roi.CircleROI(cx=0, cy=0, r=9, r_inner=5)
+    for lazy in (False, True):
+        img = (s.as_lazy() if lazy else s).get_virtual_image([bf, adf])
+        if lazy:
+            img.compute()
+        np.testing.assert_allclose(img.data[0, :2], np.pi * 9, rtol=1e-5)
+        assert np.isnan(img.data[0, 2]) and np.isnan(img.data[1, 1])
+        ring = disc_weights((16, 16), (7.5, 7.5), 9, inner_radius=5).sum()  # cut by the edges
+        np.testing.assert_allclose(img.data[1, [0, 2]], ring, rtol=1e-5)
+
+
+def test_weighted_sums_of_non_finite_frames_every_path():
+    from diffgpu.kernels.reduce import weighted_sums
+
+    rng = np.random.default_rng(2)
+    frames = rng.uniform(1, 2, (40, 12)).astype("float32")
+    frames[3, 0] = np.nan
+    frames[35, 5] = -np.inf
+    weights = np.zeros((12, 2), "float32")
+    weights[0, 0] = weights[1:, 1] = 1
+    clean = np.where(np.isfinite(frames), frames, 0).astype(float)
+    for dtype in ("float32", "float64", ">f4", "float16"):
+        f = frames.astype(dtype)
+        c = np.where(np.isfinite(f), f, 0).astype(float) if dtype == "float16" else clean
+        got = weighted_sums(f, weights)
+        ref = c @ weights
+        ref[3, 0] = ref[35, 1] = np.nan
+        np.testing.assert_allclose(got, ref, rtol=1e-3)
+        np.testing.assert_allclose(weighted_sums(f, weights, nonfinite="zero"), c @ weights,
+                                   rtol=1e-3)
+        # the threshold's mean counts non-finite pixels as 0 too
+        cut = c >= 0.9 * c.mean(axis=1, keepdims=True)
+        ref = np.where(cut, c, 0) @ weights
+        np.testing.assert_allclose(weighted_sums(f, weights, 0.9, nonfinite="zero"), ref, rtol=1e-3)
+        ref[3, 0] = ref[35, 1] = np.nan
+        np.testing.assert_allclose(weighted_sums(f, weights, 0.9), ref, rtol=1e-3)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        weighted_sums(frames, weights, nonfinite="ignore")
+
+
+def test_mib_read_in_place_leaves_out_the_mask_as_in_memory(tmp_path):
+    from diffgpu.readers.mib import write_mib
+    from diffgpu.sources import stored_frames
+
+    _, data, mask = _masked_scan("uint16")
+    path = str(tmp_path / "scan.mib")
+    write_mib(path, data)
+    s = diffgpu.load(path)
+    assert stored_frames(s.data) is not None  # read in place
+    s.calibration.center = None
+    s.calibration.mask = mask
+    mem = diffgpu.DiffractionPatterns(data)
+    mem.calibration.center = None
+    mem.calibration.mask = mask
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=5), hs.roi.RectangularROI(-20, -20, 20, 20)]
+    got = s.get_virtual_image(rois)
+    got.compute()
+    np.testing.assert_allclose(got.data, mem.get_virtual_image(rois).data, rtol=1e-6)
+    np.testing.assert_allclose(got.data[1], np.where(mask, 0, data).sum(axis=(-2, -1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("roi, match", [
+    (hs.roi.CircleROI(), r"CircleROI cx, cy and r are not set"),
+    (hs.roi.CircleROI(cx=0, cy=0, r=-4), r"CircleROI r is not set .*HyperSpy leaves a negative radius"),
+    (hs.roi.RectangularROI(3, 3, 0, 0), r"RectangularROI right and bottom are not set .*right > left"),
+    (hs.roi.CircleROI(cx=np.nan, cy=0, r=2), r"CircleROI cx is not set to a finite number"),
+])
+def test_undefined_rois_are_named(scan, roi, match):
+    with pytest.raises(ValueError, match=match):
+        scan.get_virtual_image(roi)
+    with pytest.raises(ValueError, match=match):
+        scan.as_lazy().get_virtual_image([hs.roi.CircleROI(cx=0, cy=0, r=3), roi])
+
+
+def test_nested_list_mask_is_one_detector(scan):
+    mask = np.zeros((48, 48), bool)
+    mask[20:30, 10:40] = True
+    ref = scan.get_virtual_image(mask).data
+    for nested in (mask.tolist(), mask.astype(int).tolist(), tuple(map(tuple, mask.tolist()))):
+        img = scan.get_virtual_image(nested)
+        assert img.data.shape == (5, 6)
+        np.testing.assert_allclose(img.data, ref)
+    two = scan.get_virtual_image([mask.tolist(), mask])  # a list of two masks
+    assert two.data.shape == (2, 5, 6)
+    with pytest.raises(ValueError, match=r"detector mask shape \(2, 3\) does not match"):
+        scan.get_virtual_image([[1, 0, 1], [0, 1, 0]])
+
+
+def test_all_zero_mask_error_names_its_shape_not_its_values(scan):
+    with pytest.raises(ValueError) as info:
+        scan.get_virtual_image(np.zeros((48, 48)))
+    assert "mask of shape (48, 48)" in str(info.value)
+    assert "array(" not in str(info.value) and len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_standin_device_virtual_images_leave_out_the_mask(standin_gpu, lazy):
+    s, data, mask = _masked_scan("float32")
+    s.data[1, 2, 3, 3] = np.nan  # unmasked, inside the rectangle, outside the disc
+    rois = [hs.roi.RectangularROI(-20, -20, 20, 20), hs.roi.CircleROI(cx=0, cy=0, r=3)]
+    if lazy:
+        s = s.as_lazy()
+    ref = s.get_virtual_image(rois)
+    if lazy:
+        ref.compute()
+    dev = s.deepcopy()
+    dev.to_device()
+    got = dev.get_virtual_image(rois)
+    got.to_host()
+    if lazy:
+        got.compute()
+    np.testing.assert_allclose(got.data, ref.data, rtol=1e-5)
+    assert np.isfinite(ref.data[:, 0, 1]).all()  # the masked NaN is left out
+    assert np.isnan(ref.data[0, 1, 2]) and np.isfinite(ref.data[1, 1, 2])

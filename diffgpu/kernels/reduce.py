@@ -16,12 +16,15 @@ import numpy as np
 from ..device import array_module
 from .decode import _swap
 
-__all__ = ["weighted_sums", "weighted_sums_stored", "stored_words_supported", "BLOCK"]
+__all__ = ["weighted_sums", "weighted_sums_stored", "stored_words_supported", "BLOCK", "NONFINITE"]
 
 BLOCK = 32  # frames converted and multiplied at a time: 32 x 256 x 256 float32 = 8 MiB
 
 
-def weighted_sums(frames, weights, threshold=None):
+NONFINITE = ("weighted", "zero")
+
+
+def weighted_sums(frames, weights, threshold=None, nonfinite="weighted"):
     """``frames @ weights`` in float32, a block of frames at a time.
 
     Parameters
@@ -33,6 +36,11 @@ def weighted_sums(frames, weights, threshold=None):
     threshold : float, optional
         Pixels below ``threshold`` times their frame's mean intensity count as zero
         (pyxem's convention).
+    nonfinite : {"weighted", "zero"}
+        What a NaN or inf pixel of a float frame does. ``"weighted"``: it makes NaN the sums
+        that give it a non-zero weight and leaves the others alone (a pixel of zero weight
+        never contributes, whatever it holds). ``"zero"``: it counts as 0 (as masked), also
+        in the frame's mean for ``threshold``. Integer frames cannot hold either.
 
     Returns
     -------
@@ -45,11 +53,21 @@ def weighted_sums(frames, weights, threshold=None):
     >>> weighted_sums(np.ones((2, 4), "uint16"), np.ones((4, 1), "float32"))
     array([[4.],
            [4.]], dtype=float32)
+    >>> frames = np.array([[1, 2, np.nan, 4]], "float32")
+    >>> weighted_sums(frames, np.array([[1, 1], [1, 0], [0, 1], [1, 1]], "float32"))
+    array([[ 7., nan]], dtype=float32)
+    >>> weighted_sums(frames, np.ones((4, 1), "float32"), nonfinite="zero")
+    array([[7.]], dtype=float32)
     """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}")
     xp = array_module(frames)
     n = frames.shape[0]
+    floats = frames.dtype.kind == "f"
     if frames.dtype == xp.float32 and threshold is None:
-        return frames @ weights  # nothing to convert: one product, as fast as BLAS goes
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN: dealt with below, not a warning
+            out = frames @ weights  # nothing to convert: one product, as fast as BLAS goes
+        return _redo_nonfinite(frames, weights, out, nonfinite)
     if (xp is np and threshold is None and frames.dtype.kind in "ui" and frames.dtype.isnative
             and weights.shape[1] <= 16):
         # integer counts (detector files): read as they are, no float32 copy; 4x the
@@ -66,9 +84,42 @@ def weighted_sums(frames, weights, threshold=None):
         if block.dtype != xp.float32:
             block = block.astype(xp.float32)
         if threshold is not None:
+            if floats:  # non-finite pixels count as 0 in the mean and the sums
+                bad = ~xp.isfinite(block)
+                block = xp.where(bad, xp.float32(0), block)
             cut = threshold * block.mean(axis=1, keepdims=True)
             block = xp.where(block >= cut, block, xp.float32(0))
-        xp.matmul(block, weights, out=out[i:i + BLOCK])
+        with np.errstate(invalid="ignore"):
+            xp.matmul(block, weights, out=out[i:i + BLOCK])
+        if threshold is not None and floats and nonfinite == "weighted":
+            out[i:i + BLOCK] = _poison(out[i:i + BLOCK], bad, weights, xp)
+    if floats and threshold is None:
+        out = _redo_nonfinite(frames, weights, out, nonfinite)
+    return out
+
+
+def _poison(sums, bad, weights, xp):
+    """``sums`` made NaN where the frame's non-finite pixels (``bad``, ``(n, pixels)``) have a
+    non-zero weight."""
+    hits = bad.astype(xp.float32) @ (weights != 0).astype(xp.float32)
+    return xp.where(hits > 0, xp.float32(np.nan), sums)
+
+
+def _redo_nonfinite(frames, weights, out, nonfinite):
+    """``out`` with the frames whose sums are not finite summed again as ``nonfinite`` says.
+
+    A NaN or inf pixel spoils every sum of its frame in the product (0 * NaN is NaN), so the
+    few frames with a non-finite sum are found from the sums, not by checking every pixel:
+    frames without one cost one look at ``(n, k)`` numbers (and on a GPU one scalar read)."""
+    xp = array_module(out)
+    redo = ~xp.all(xp.isfinite(out), axis=1)
+    if not bool(redo.any()):
+        return out
+    rows = xp.flatnonzero(redo)
+    sub = frames[rows].astype(xp.float32)
+    bad = ~xp.isfinite(sub)
+    sums = xp.where(bad, xp.float32(0), sub) @ weights
+    out[rows] = _poison(sums, bad, weights, xp) if nonfinite == "weighted" else sums
     return out
 
 

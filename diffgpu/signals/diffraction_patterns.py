@@ -254,8 +254,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         rois : ROI, array or list of them
             HyperSpy ``CircleROI`` (a disc, or an annulus with ``r_inner``) or
             ``RectangularROI``, in the signal's calibrated units, or detector-shaped
-            masks (bool, or float weights). Pixels are weighted by the exact fraction
-            of their area inside a circle, annulus or rectangle.
+            masks (bool, or float weights; a nested list of rows of numbers is one mask).
+            Pixels are weighted by the exact fraction of their area inside a circle,
+            annulus or rectangle. ``calibration.mask`` pixels are always left out (weight 0).
+            An ROI with values HyperSpy left undefined, or a detector that covers no
+            (unmasked) pixel, raises ``ValueError``.
         normalize : bool
             Divide by each detector's area (mean per pixel) instead of summing.
 
@@ -264,7 +267,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         VirtualImages or LazyVirtualImages
             Navigation axis ``detector`` (one image per ROI) and the scan as the signal;
             for a single ROI (not in a list), just its image. Lazy in gives lazy out,
-            device in gives device out. NaN pixels inside a detector give NaN.
+            device in gives device out. A NaN or inf pixel that a detector weighs (inside
+            it and not in ``calibration.mask``) makes that detector's value NaN for that
+            frame; pixels a detector does not weigh never affect it.
 
         Examples
         --------
@@ -304,7 +309,7 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         ----------
         mask : (x, y, r) or array-like, optional
             Where to take the centre of mass: a disc (pixels) or detector-shaped
-            weights. ``calibration.mask`` pixels are always left out.
+            weights. ``calibration.mask`` pixels are always left out, whatever they hold.
         threshold : float, optional
             Ignore pixels below ``threshold`` times each frame's mean intensity (as in
             pyxem), e.g. to suppress diffuse scattering.
@@ -313,6 +318,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         -------
         DirectBeamShifts or LazyDirectBeamShifts
             ``(x, y)`` shifts in pixels; NaN where a frame has no intensity in the region.
+            NaN and inf pixels count as 0 (left out, as in azimuthal integration), so one
+            bad pixel does not lose its frame.
 
         Examples
         --------
@@ -340,8 +347,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             pixels of it. ``"cross_correlate"``: the peak of the cross-correlation with a
             disc of ``radius`` pixels (the beam's size), refined within ``window``.
             The last two ignore the rest of the pattern, so rings and Bragg spots away from
-            the beam do not bias them.
-        mask, threshold : see :meth:`center_of_mass` (``"center_of_mass"`` only).
+            the beam do not bias them. All three count NaN, inf and ``calibration.mask``
+            pixels as 0.
+        mask, threshold : see :meth:`center_of_mass`
+            ``"center_of_mass"`` only: with another method they raise ``TypeError`` (leave
+            pixels out with ``calibration.mask`` instead).
         sigma : float
             Blur in pixels (``"blur"``).
         radius : float
@@ -352,7 +362,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         Returns
         -------
         DirectBeamShifts or LazyDirectBeamShifts
-            ``(x, y)`` in pixels from ``calibration.center``; lazy in, lazy out.
+            ``(x, y)`` in pixels from ``calibration.center``; lazy in, lazy out. NaN for a
+            frame with no positive intensity (nothing to find).
 
         Examples
         --------
@@ -548,8 +559,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
     def correct_bad_pixels(self, mask=None, inplace=False):
         """Replace bad pixels by the mean of their good 3 x 3 neighbours (lazily).
 
-        ``mask`` defaults to ``calibration.mask``. Float data keep their dtype; integer
-        data become float32.
+        ``mask`` defaults to ``calibration.mask``. float32 and float64 data keep their
+        dtype (in this machine's byte order); integer and float16 data become float32. A lazy
+        result declares the dtype it computes.
 
         Examples
         --------
