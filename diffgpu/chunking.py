@@ -41,7 +41,8 @@ import math
 
 import numpy as np
 
-__all__ = ["frame_chunks", "whole_frame_chunks", "HOST_CHUNK_BYTES", "DEVICE_CHUNK_BYTES",
+__all__ = ["frame_chunks", "whole_frame_chunks", "chunks_of_frames", "check_chunk_frames",
+           "HOST_CHUNK_BYTES", "DEVICE_CHUNK_BYTES",
            "CLUSTER_CHUNK_BYTES", "MIN_CHUNK_BYTES", "STORED_CHUNK_BYTES"]
 
 HOST_CHUNK_BYTES = 8 * 2**20
@@ -74,10 +75,40 @@ def _distributed_client():
         return None
 
 
+def check_chunk_frames(frames):
+    """``frames`` (frames per chunk, as ``chunks=N`` and ``--chunks N`` take it) as an int,
+    or a ``ValueError`` naming the problem: it must be a whole number of at least 1.
+
+    Examples
+    --------
+    >>> from diffgpu.chunking import check_chunk_frames
+    >>> check_chunk_frames(12)
+    12
+    >>> check_chunk_frames(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: chunks must be a positive number of frames per chunk; got 0
+    """
+    ok = not isinstance(frames, (bool, np.bool_))
+    try:
+        value = int(frames)
+        ok = ok and value == frames
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or value < 1:
+        raise ValueError(f"chunks must be a positive number of frames per chunk; got {frames!r}")
+    return value
+
+
 def chunks_of_frames(nav_shape, frame_bytes, frames):
     """Navigation chunks of about ``frames`` frames each: what ``chunks=N`` means for
     diffgpu's readers and ``--chunks N`` for the command line (whole scan rows where they
     fit; at least 8 frames while that stays below 64 MiB, as :func:`frame_chunks`).
+
+    Raises
+    ------
+    ValueError
+        If ``frames`` is not a whole number of at least 1 (:func:`check_chunk_frames`).
 
     Examples
     --------
@@ -85,7 +116,8 @@ def chunks_of_frames(nav_shape, frame_bytes, frames):
     >>> chunks_of_frames((4, 6), 2048, 12)
     ((2, 2), (6,))
     """
-    return frame_chunks(nav_shape, frame_bytes, workers=1, target_bytes=int(frames) * frame_bytes)
+    frames = check_chunk_frames(frames)
+    return frame_chunks(nav_shape, frame_bytes, workers=1, target_bytes=frames * frame_bytes)
 
 
 def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_bytes=None):

@@ -16,13 +16,20 @@
 Every command reads any format RosettaSciIO reads, lazily, and writes ``.zspy`` (zarr)
 chunk by chunk with a progress bar. Output is atomic: it is written under a temporary
 name next to OUTPUT and renamed only when complete, so an interrupted or failed run leaves
-no OUTPUT behind. Exit codes: 0 success, 2 bad arguments, 3 bad input (unreadable file,
-wrong shape), 4 no GPU where one was required, 1 anything else.
+no OUTPUT behind. The figures of ``--png``, ``--ipf`` and ``--reliability`` are part of
+the same output: their paths are checked before anything is computed (the directory must
+exist, the extension be a figure format, the file not exist unless ``--overwrite``), they
+are written under temporary names too, and OUTPUT and the figures are moved into place
+together only when all of them are complete. Output directories are never created: a
+missing one is an error. Exit codes: 0 success, 2 bad arguments, 3 bad input (unreadable
+file, wrong shape, an output path that cannot be written), 4 no GPU where one was required,
+1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -38,20 +45,38 @@ class InputError(Exception):
     """The input (file, shape, mask) cannot be processed."""
 
 
+def _positive_int(text):
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def _common(p):
     p.add_argument("input", help="input file (any format RosettaSciIO reads)")
-    p.add_argument("-o", "--output", required=True, help="output .zspy path")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .zspy path; its directory must exist (it is not created)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT (and the figure files asked for) if they exist")
     p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"),
-                   help="direct beam (x, y) in pixels (default: from the file's calibration)")
+                   help="direct beam (x, y) in pixels (default: from the file's calibration); "
+                        "outside the detector: a warning; more than one detector size outside "
+                        "it: an error")
     p.add_argument("--scale", type=float, help="detector pixel size in --units")
     p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
-    p.add_argument("--mask", help=".npy file: detector-shaped bool mask, True = excluded")
+    p.add_argument("--mask", help=".npy file: detector-shaped mask, True = excluded; a bool "
+                                  "array, or integers or floats that are all 0 or 1 (1 = excluded)")
     p.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
-                   help="scan shape (x, y) for files that do not say (.mib without .hdr)")
-    p.add_argument("--chunks", type=int, metavar="FRAMES",
-                   help="frames per chunk, about (whole scan rows where they fit; at least 8). "
-                        "Default: diffgpu's choice, which `diffgpu info FILE` prints")
+                   help="scan shape (x, y) for files that do not say: .mib without .hdr, EMPAD "
+                        ".raw, HDF5 frame stacks (other formats record it: an error there)")
+    p.add_argument("--chunks", type=_positive_int, metavar="FRAMES",
+                   help="about this many frames per chunk, a positive integer (whole scan rows "
+                        "where they fit; a chunk gets at least 8 frames while that stays below "
+                        "64 MiB). Default: diffgpu's choice, which `diffgpu info FILE` prints")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where to compute (auto: a GPU if one works)")
     p.add_argument("--scheduler", default="threads",
@@ -94,13 +119,17 @@ def build_parser():
                      help="'Si' (built in) or a CIF file; repeat for several phases")
     ori.add_argument("--resolution", type=float, default=1.0, help="library spacing, degrees")
     ori.add_argument("--reciprocal-radius", type=float, default=1.2,
-                     help="largest spot radius simulated, 1/Å (the data must reach it)")
+                     help="largest spot radius simulated, 1/Å: the detector must reach it "
+                          "from the centre (an error otherwise)")
     ori.add_argument("--voltage", type=float, default=200.0, help="accelerating voltage, kV")
     ori.add_argument("--npt", type=int, default=64, help="radial bins of the polar patterns")
     ori.add_argument("--n-best", type=int, default=1)
-    ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG")
+    ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG (or .pdf, "
+                     ".svg, ...; checked before the run: directory exists, not there unless "
+                     "--overwrite)")
     ori.add_argument("--reliability", help="also write a reliability map to this PNG (needs "
-                     "--n-best >= 2): near 0 where two different orientations fit as well")
+                     "--n-best >= 2; checked as --ipf): near 0 where two different orientations "
+                     "fit as well")
     ori.add_argument("--refine", action="store_true",
                      help="refine the best matches below the library's grid (reads the data twice); "
                      "with --n-best >= 2, close calls among the first 3 matches (near-twins, "
@@ -112,26 +141,30 @@ def build_parser():
     probe.add_argument("--template", help=".npy file: a measured vacuum probe image")
     ref = st.add_mutually_exclusive_group()
     ref.add_argument("--reference", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
-                     help="unstrained scan region rows ROW0:ROW1, columns COL0:COL1 (default: "
-                          "the median lattice of the whole scan)")
+                     help="unstrained scan region rows ROW0:ROW1, columns COL0:COL1, with "
+                          "0 <= ROW0 < ROW1 and 0 <= COL0 < COL1 inside the scan (default: the "
+                          "median lattice of the whole scan)")
     ref.add_argument("--reference-vectors", type=float, nargs=4,
                      metavar=("G1X", "G1Y", "G2X", "G2Y"),
                      help="reference lattice vectors in detector pixels")
     st.add_argument("--basis", type=float, nargs=4, metavar=("G1X", "G1Y", "G2X", "G2Y"),
-                    help="lattice vectors (pixels) to index the disks (default: found)")
+                    help="lattice vectors (pixels) to index the disks, non-zero and not "
+                         "parallel (default: found)")
     st.add_argument("--min-disks", type=int, default=6,
-                    help="positions with fewer indexed disks get NaN strain")
+                    help="positions with fewer indexed disks get NaN strain (at least 3: a "
+                         "lattice fit needs 3 disks not on one row)")
     st.add_argument("--relative-threshold", type=float, default=0.01,
                     help="weakest disk, as a fraction of each pattern's strongest")
     st.add_argument("--max-disks", type=int, default=128, help="disks kept per pattern")
-    st.add_argument("--png", help="also write the four strain maps to this PNG")
+    st.add_argument("--png", help="also write the four strain maps to this PNG (or .pdf, .svg, "
+                    "...; checked before the run: directory exists, not there unless --overwrite)")
     st.add_argument("--rings", metavar="FILE",
                     help="a ring pattern of a polycrystalline standard on the same detector (.npy "
                          "or any file diffgpu reads): calibrates scale and ellipticity first")
     rings = st.add_mutually_exclusive_group()
     rings.add_argument("--d-spacings", type=float, nargs="+", metavar="D",
-                       help="the standard's ring spacings in Å (with --rings)")
-    rings.add_argument("--ring-phase", help="the standard as 'Si' or a CIF file (with --rings)")
+                       help="the standard's ring spacings in Å (only with --rings)")
+    rings.add_argument("--ring-phase", help="the standard as 'Si' or a CIF file (only with --rings)")
     return parser
 
 
@@ -201,6 +234,8 @@ def _load(args):
     import diffgpu
 
     nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
+    if nav and os.path.exists(args.input):
+        _check_navigation_shape_applies(args.input)
     try:
         s = diffgpu.load(args.input, lazy=True, **nav)
         if isinstance(s, diffgpu.DiffractionPatterns) and args.chunks:
@@ -218,15 +253,101 @@ def _load(args):
     if args.units:
         s.calibration.units = args.units
     if args.center is not None:
+        _check_center(args.center, s.calibration.detector_shape)
         s.calibration.center = tuple(args.center)
     if args.mask:
         try:
-            s.calibration.mask = np.load(args.mask)
+            s.calibration.mask = _mask_array(np.load(args.mask, allow_pickle=False), args.mask)
         except (OSError, ValueError) as err:
             raise InputError(f"mask '{args.mask}': {err}") from err
     if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
         s.to_device()
     return s
+
+
+def _check_navigation_shape_applies(path):
+    """--navigation-shape is for readers that take it: .mib, EMPAD and HDF5 frame stacks."""
+    from .io import _reader_for
+
+    reader = _reader_for(path)
+    name = getattr(getattr(reader, "__loader__", None), "name", "")
+    if not name.endswith((".mib", ".empad", ".hdf5")):
+        raise InputError(f"--navigation-shape applies only to files that do not record the scan "
+                         f"shape (.mib without .hdr, EMPAD .raw, HDF5 frame stacks); '{path}' "
+                         "records it: leave the option out")
+
+
+def _check_center(center, detector_shape):
+    """A centre outside the detector: a warning; more than one detector size outside: an error
+    (almost certainly a mistake: x and y are detector pixels)."""
+    ny, nx = detector_shape
+    cx, cy = center
+    far = not (-nx <= cx <= 2 * nx - 1 and -ny <= cy <= 2 * ny - 1)
+    where = (f"--center {cx:g} {cy:g} lies outside the {nx} x {ny} detector (x 0..{nx - 1}, "
+             f"y 0..{ny - 1} pixels)")
+    if far:
+        raise InputError(f"{where}, by more than the detector's size: give the direct beam's "
+                         "pixel (x, y)")
+    if not (-0.5 <= cx <= nx - 0.5 and -0.5 <= cy <= ny - 0.5):
+        print(f"diffgpu: warning: {where}", file=sys.stderr)
+
+
+def _mask_array(mask, path):
+    """A --mask array as bool: bool as is; integers or floats only if every value is 0 or 1."""
+    import numpy as np
+
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype.kind in "iuf" and np.isin(mask, (0, 1)).all():
+        return mask.astype(bool)
+    bad = mask[~np.isin(mask, (0, 1))].ravel()[:1] if mask.dtype.kind in "iuf" else None
+    what = (f"{mask.dtype} values other than 0 and 1 (e.g. {bad[0]!r})" if bad is not None
+            and bad.size else f"{mask.dtype} values")
+    raise ValueError(f"a mask must be bool (True = excluded) or numbers that are all 0 or 1 "
+                     f"(1 = excluded); '{path}' holds {what}")
+
+
+def _figure_paths(args):
+    """``(option, path)`` of the auxiliary figures this run will write."""
+    return [(f"--{opt}", getattr(args, opt)) for opt in ("png", "ipf", "reliability")
+            if getattr(args, opt, None)]
+
+
+def _check_outputs(args):
+    """Every output path, before anything is read or computed: OUTPUT a ``.zspy`` path and
+    the figures of a format matplotlib writes, each in an existing directory, none there
+    already unless --overwrite, no two the same."""
+    seen = {}
+    for option, path in [("-o", args.output)] + _figure_paths(args):
+        full = os.path.abspath(path)
+        folder, ext = os.path.dirname(full), os.path.splitext(full)[1].lower()
+        if option == "-o":
+            if ext != ".zspy":
+                raise InputError(f"output must be a .zspy path; got '{path}'")
+        else:
+            formats = _figure_formats()
+            if ext[1:] not in formats:
+                raise InputError(f"{option} '{path}': the file name must end with a figure format "
+                                 f"({', '.join('.' + f for f in sorted(formats))}); got "
+                                 f"{ext or 'no extension'}")
+        if not os.path.isdir(folder):
+            raise InputError(f"{option} '{path}': the directory '{os.path.dirname(path) or '.'}' "
+                             "does not exist (diffgpu does not create directories: create it "
+                             "first)")
+        if full in seen:
+            raise InputError(f"{option} and {seen[full]} are the same file '{path}'")
+        seen[full] = option
+        if os.path.isdir(full) and option != "-o":
+            raise InputError(f"{option} '{path}' is a directory")
+        if os.path.exists(full) and not args.overwrite:
+            raise InputError(f"'{path}' exists (use --overwrite to replace it)")
+
+
+def _figure_formats():
+    """The file formats matplotlib's savefig writes here (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def _scheduler(args):
@@ -243,33 +364,100 @@ def _scheduler(args):
     return Client(args.scheduler)
 
 
-def _write_atomically(result, output, overwrite, progress):
-    """Save to a temporary name next to ``output``, then rename: never a half-written output."""
+def _partial_name(path):
+    """A temporary name next to ``path``, with the same extension."""
+    path = os.path.abspath(path)
+    ext = os.path.splitext(path)[1]
+    name = f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial{ext}"
+    return os.path.join(os.path.dirname(path), name)
+
+
+class _Figures:
+    """The auxiliary files of a run, written under temporary names (:meth:`path`) and moved
+    into place with the main output only when everything is complete."""
+
+    def __init__(self):
+        self.staged = []  # (temporary, final)
+        self.messages = []
+
+    def path(self, final):
+        tmp = _partial_name(final)
+        self.staged.append((tmp, os.path.abspath(final)))
+        return tmp
+
+    def save(self, fig, final, option):
+        """``fig.savefig`` to a temporary name for ``final``; an OSError says which option."""
+        tmp = self.path(final)
+        try:
+            fig.savefig(tmp, dpi=100, format=os.path.splitext(final)[1][1:].lower())
+        except OSError as err:
+            raise InputError(f"could not write {option} '{final}': {err}") from err
+
+    def discard(self):
+        for tmp, _ in self.staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _quiet(progress):
+    """Without --progress bars: RosettaSciIO saves arrays found in the metadata (e.g. a lazy
+    input's, loaded as dask arrays) with dask's progress bar whatever ``show_progressbar``
+    says; that bar writes to ``sys.stdout`` as it is made, so it goes to /dev/null here."""
+    if progress:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def _write_atomically(result, output, overwrite, progress, figures=None):
+    """Save to a temporary name next to ``output``, then rename: never a half-written output.
+
+    ``figures(path, staged)``, if given, writes the auxiliary files from the saved result at
+    ``path`` through ``staged`` (a :class:`_Figures`); the output and the figures are moved
+    into place together only when all are written, and nothing is left if any fails."""
     output = os.path.abspath(output)
     if not output.endswith(".zspy"):
         raise InputError(f"output must be a .zspy path; got '{output}'")
     if os.path.exists(output) and not overwrite:
         raise InputError(f"'{output}' exists (use --overwrite to replace it)")
-    name = f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.partial.zspy"
-    tmp = os.path.join(os.path.dirname(output), name)
+    if not os.path.isdir(os.path.dirname(output)):
+        raise InputError(f"the output directory '{os.path.dirname(output)}' does not exist "
+                         "(diffgpu does not create directories: create it first)")
+    tmp = _partial_name(output)
     import dask
 
     from .device import host_threads
 
+    staged = _Figures()
     # our own pool for dask's threaded scheduler, so that after an interruption the tasks
     # already running can be waited for before the partial output is removed
     pool = ThreadPoolExecutor(host_threads())
+    committed = []
     try:
         result.to_host()
-        with dask.config.set(pool=pool):
+        with dask.config.set(pool=pool), _quiet(progress):
             result.save(tmp, show_progressbar=progress, overwrite=True)
+        if figures is not None:
+            figures(tmp, staged)
         if os.path.exists(output):
             shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
         os.replace(tmp, output)
+        committed.append(output)
+        for part, final in staged.staged:
+            os.replace(part, final)
+            committed.append(final)
+    except BaseException:
+        for path in committed:  # this run's files only: no output that looks complete
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if os.path.exists(tmp):
             _remove_partial(tmp)
+        staged.discard()
+    return staged.messages
 
 
 def _remove_partial(path, settle=1.0, timeout=30.0):
@@ -328,6 +516,7 @@ def cmd_orientation(args):
 
     s = _load(args)
     phases = [_phase(p) for p in args.phase]
+    _check_reach(s, args.reciprocal_radius)
     library = TemplateLibrary.from_phase(phases if len(phases) > 1 else phases[0],
                                          resolution=args.resolution,
                                          accelerating_voltage=args.voltage,
@@ -338,9 +527,35 @@ def cmd_orientation(args):
                                        radial_range=(0, args.reciprocal_radius * per_unit * 1.05))
     matches = polar.get_orientation(library, n_best=args.n_best)
     result = (lambda: matches.refine(polar, library)) if args.refine else matches
-    code = _run(args, result, f"{s.axes_manager.navigation_size} patterns matched against "
-                              f"{len(library)} templates" + (" and refined" if args.refine else ""))
-    if code == 0 and (args.ipf or args.reliability):
+    return _run(args, result, f"{s.axes_manager.navigation_size} patterns matched against "
+                              f"{len(library)} templates" + (" and refined" if args.refine else ""),
+                figures=_orientation_figures(args) if args.ipf or args.reliability else None)
+
+
+def _check_reach(s, reciprocal_radius):
+    """The templates' radius must be inside the detector: as far as the farthest detector
+    corner from the centre (the API's check on the polar data, before anything is computed;
+    the command integrates up to 1.05 x the radius, beyond the detector if asked)."""
+    import numpy as np
+
+    per_unit = {"1/nm": 10.0}.get(s.calibration.units)
+    if s.calibration.units not in ("1/Å", "1/A", "1/nm"):
+        return  # the API says what is wrong with the units
+    ny, nx = s.calibration.detector_shape
+    (cx, cy), (sx, sy) = s.calibration.center, s.calibration.scale
+    corners = np.array([(x, y) for x in (-0.5, nx - 0.5) for y in (-0.5, ny - 0.5)])
+    reach = float(np.hypot((corners[:, 0] - cx) * sx, (corners[:, 1] - cy) * sy).max())
+    reach /= per_unit or 1.0
+    if reciprocal_radius > reach * (1 + 1e-6):
+        raise InputError(f"--reciprocal-radius {reciprocal_radius:g} 1/Å: the data reach only "
+                         f"{reach:.3g} 1/Å from the centre (detector {nx} x {ny} pixels of "
+                         f"{sx:g} {s.calibration.units}): give a --reciprocal-radius of at most "
+                         f"{reach:.3g}, or check --scale and --center")
+
+
+def _orientation_figures(args):
+    """Writes the --ipf and --reliability maps of a saved orientation result."""
+    def write(path, staged):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -348,41 +563,49 @@ def cmd_orientation(args):
 
         from . import load
 
-        done = load(args.output, lazy=False)
+        done = load(path, lazy=False)
         if args.ipf:
             ax = done.plot_ipf_map()
-            ax.figure.savefig(args.ipf, dpi=100)
-            plt.close(ax.figure)
-            print(f"IPF map -> {args.ipf}")
+            try:
+                staged.save(ax.figure, args.ipf, "--ipf")
+            finally:
+                plt.close(ax.figure)
+            staged.messages.append(f"IPF map -> {args.ipf}")
         if args.reliability:
             rel = done.get_reliability()
             fig, ax = plt.subplots()
-            if rel.data.ndim == 2:
-                fig.colorbar(ax.imshow(rel.data, cmap="gray", vmin=0), ax=ax)
-            else:
-                ax.plot(rel.data)
-                ax.set_xlabel("scan position")
-            if args.refine:  # 0: another orientation predicts the same pattern
-                ax.set_title("reliability (0: ambiguous, 1: resolved)")
-                what = f"ambiguous: {100 * (rel.data == 0).mean():.0f}%"
-            else:
-                ax.set_title("reliability: 1 - c(other orientation) / c(best)")
-                what = f"below 0.01: {100 * (rel.data < 0.01).mean():.0f}%"
-            fig.savefig(args.reliability, dpi=100)
-            plt.close(fig)
-            print(f"reliability map -> {args.reliability} ({what})")
-    return code
+            try:
+                if rel.data.ndim == 2:
+                    fig.colorbar(ax.imshow(rel.data, cmap="gray", vmin=0), ax=ax)
+                else:
+                    ax.plot(rel.data)
+                    ax.set_xlabel("scan position")
+                if args.refine:  # 0: another orientation predicts the same pattern
+                    ax.set_title("reliability (0: ambiguous, 1: resolved)")
+                    what = f"ambiguous: {100 * (rel.data == 0).mean():.0f}%"
+                else:
+                    ax.set_title("reliability: 1 - c(other orientation) / c(best)")
+                    what = f"below 0.01: {100 * (rel.data < 0.01).mean():.0f}%"
+                staged.save(fig, args.reliability, "--reliability")
+            finally:
+                plt.close(fig)
+            staged.messages.append(f"reliability map -> {args.reliability} ({what})")
+    return write
 
 
-def _run(args, result, what):
-    """Write ``result`` (a signal, or a callable making one under the chosen scheduler)."""
+def _run(args, result, what, figures=None):
+    """Write ``result`` (a signal, or a callable making one under the chosen scheduler) and
+    the auxiliary files of ``figures`` (see :func:`_write_atomically`)."""
     client = _scheduler(args)
     try:
         t0 = time.perf_counter()
         if callable(result):
             result = result()
-        _write_atomically(result, args.output, args.overwrite, not args.no_progress)
+        messages = _write_atomically(result, args.output, args.overwrite, not args.no_progress,
+                                     figures)
         print(f"{what} in {time.perf_counter() - t0:.1f} s -> {args.output}")
+        for message in messages:
+            print(message)
     finally:
         if client is not None:
             cluster = getattr(client, "cluster", None)
@@ -441,17 +664,17 @@ def cmd_strain(args):
         return vectors.get_strain_map(reference=reference, basis=basis, min_disks=args.min_disks)
 
     n = s.axes_manager.navigation_size
-    code = _run(args, strain_map, f"strain of {n} patterns")
-    if code == 0:
+
+    def figures(path, staged):
         from . import load
 
-        done = load(args.output, lazy=False)
+        done = load(path, lazy=False)
         failed = done.n_failed
         if failed:
-            print(f"{failed} of {n} positions have NaN strain (fewer than --min-disks "
-                  f"{args.min_disks} indexed disks)")
+            staged.messages.append(f"{failed} of {n} positions have NaN strain (fewer than "
+                                   f"--min-disks {args.min_disks} indexed disks)")
         if args.png and done.axes_manager.navigation_dimension != 2:
-            print("--png: the strain maps need a 2D scan; no figure written")
+            staged.messages.append("--png: the strain maps need a 2D scan; no figure written")
         elif args.png:
             import matplotlib
 
@@ -459,14 +682,47 @@ def cmd_strain(args):
             import matplotlib.pyplot as plt
 
             fig = done.plot()
-            fig.savefig(args.png, dpi=100)
-            plt.close(fig)
-            print(f"strain maps -> {args.png}")
-    return code
+            try:
+                staged.save(fig, args.png, "--png")
+            finally:
+                plt.close(fig)
+            staged.messages.append(f"strain maps -> {args.png}")
+
+    return _run(args, strain_map, f"strain of {n} patterns", figures=figures)
 
 
 COMMANDS = {"info": cmd_info, "demo": cmd_demo, "integrate": cmd_integrate,
             "virtual": cmd_virtual, "orientation": cmd_orientation, "strain": cmd_strain}
+
+
+def _check_strain_args(parser, args):
+    """Argument errors of ``strain`` (exit code 2) that argparse cannot see."""
+    from .strain import _check_fit_parameters, _check_vectors
+
+    if (args.d_spacings or args.ring_phase) and not args.rings:
+        parser.error(f"{'--d-spacings' if args.d_spacings else '--ring-phase'} describes the ring "
+                     "standard of --rings: give --rings FILE too (or leave it out)")
+    try:
+        _check_fit_parameters(args.min_disks, None, 3)
+    except ValueError:
+        parser.error(f"--min-disks must be at least 3 (a lattice fit of the origin, g1 and g2 "
+                     f"needs 3 disks not on one row); got {args.min_disks}")
+    if args.reference:
+        r0, r1, c0, c1 = args.reference
+        if not (0 <= r0 < r1 and 0 <= c0 < c1):
+            parser.error(f"--reference {r0} {r1} {c0} {c1}: the region is rows ROW0:ROW1 and "
+                         "columns COL0:COL1 with 0 <= ROW0 < ROW1 and 0 <= COL0 < COL1")
+    for option, values in (("--basis", args.basis), ("--reference-vectors", args.reference_vectors)):
+        if values is not None:
+            try:
+                _check_vectors(_pairs(values), option.lstrip("-"))
+            except ValueError as err:
+                parser.error(f"{option}: {err}")
+
+
+def _pairs(values):
+    """Four numbers as ``((g1x, g1y), (g2x, g2y))``."""
+    return [list(values[:2]), list(values[2:])]
 
 
 def _terminate(signum, frame):  # turn SIGTERM into an exception so clean-up runs
@@ -480,10 +736,14 @@ def main(argv=None):
     if args.command == "orientation" and args.reliability and args.n_best < 2:
         parser.error("--reliability compares the best match with the next ones: give --n-best 2 "
                      "or more (e.g. 5)")
+    if args.command == "strain":
+        _check_strain_args(parser, args)
     from .device import DeviceUnavailableError
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.command in ("integrate", "virtual", "orientation", "strain"):
+            _check_outputs(args)  # before anything is read or computed
         return COMMANDS[args.command](args)
     except InputError as err:
         print(f"diffgpu: error: {err}", file=sys.stderr)

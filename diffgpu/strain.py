@@ -73,13 +73,42 @@ def _region_index(reference, nav_shape):
         if reference.shape != tuple(nav_shape):
             raise ValueError(f"reference mask shape {reference.shape} does not match the scan "
                              f"{tuple(nav_shape)}")
+        if not reference.any():
+            raise ValueError("the reference region (a mask) selects no scan position: the mask "
+                             f"has no True value (scan shape {tuple(nav_shape)})")
         return flat[reference]
     idx = reference if isinstance(reference, tuple) else (reference,)
     try:
-        return np.atleast_1d(flat[idx]).ravel()
+        ids = np.atleast_1d(flat[idx]).ravel()
     except (IndexError, TypeError) as err:
         raise ValueError(f"reference region {reference!r} is not a valid index of the scan "
                          f"(shape {tuple(nav_shape)}, array order: rows first)") from err
+    if ids.size == 0:
+        region, why = _describe_region(idx, nav_shape)
+        raise ValueError(f"the reference region {region} selects no scan position{why} (scan "
+                         f"shape {tuple(nav_shape)}, array order: rows first)")
+    return ids
+
+
+def _describe_region(idx, nav_shape):
+    """A region index in words, and why it is empty: a slice outside the scan, or one whose
+    start is not before its stop."""
+    names = (("rows", "columns") if len(nav_shape) == 2
+             else tuple(f"axis {i}" for i in range(len(nav_shape))))
+    parts, reasons = [], []
+    for name, n, s in zip(names, nav_shape, idx):
+        if not isinstance(s, slice):
+            parts.append(f"{name} {s!r}")
+            continue
+        text = f"{name} {'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+        parts.append(text)
+        if len(range(*s.indices(n))) == 0:
+            if s.start is not None and (s.start >= n if (s.step or 1) > 0 else s.start < -n):
+                reasons.append(f"{text} lie outside the scan's {n} {name}")
+            else:
+                reasons.append(f"{text} is empty (its start is not before its stop)")
+    why = (": " + "; ".join(reasons)) if reasons else ""
+    return ("(" + ", ".join(parts) + ")") if parts else repr(idx), why
 
 
 def _frames(data, flat_ids):
@@ -175,6 +204,9 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
         (e.g. the reference region's, already in memory: ``region_vectors``, host vectors
         of the reference frames, saves computing them again for the basis).
     """
+    min_disks, tolerance, iterations = _check_fit_parameters(min_disks, tolerance, iterations)
+    if basis is not None:
+        basis = _check_vectors(basis, "basis")
     lmat = correction_matrix(calibration)
     center = np.asarray(calibration.get("center") or [0.0, 0.0], float)
     nav_shape = data.shape[:-2]
@@ -204,12 +236,7 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
                                  "threshold or choose another reference region")
             origin_q = np.median(np.array(strongest), axis=0)
     if basis is not None:
-        b = np.asarray(basis, float)
-        if b.shape != (2, 2) or not np.all(np.isfinite(b)):
-            raise ValueError(f"basis must be ((g1x, g1y), (g2x, g2y)) in pixels; got {basis!r}")
-        basis_q = lmat @ b.T
-        if abs(np.linalg.det(basis_q)) < 1e-9 * np.abs(basis_q).max() ** 2:
-            raise ValueError(f"basis vectors {b.tolist()} are parallel")
+        basis_q = lmat @ basis.T
     if origin is not None:
         origin_q = lmat @ (np.asarray(origin, float).reshape(2) - center)
     if tolerance is not None:
@@ -237,6 +264,51 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     if return_fitter:
         return fits, basis_q, origin_q, fit
     return fits, basis_q, origin_q
+
+
+def _check_vectors(vectors, name):
+    """``((g1x, g1y), (g2x, g2y))`` as a 2 x 2 float array, or a ValueError saying what is
+    wrong: not 2 x 2 finite numbers, a vector of zero length, or two parallel vectors."""
+    try:
+        b = np.asarray(vectors, float)
+    except (TypeError, ValueError):
+        b = np.full(0, np.nan)
+    if b.shape != (2, 2) or not np.all(np.isfinite(b)):
+        raise ValueError(f"{name} must be ((g1x, g1y), (g2x, g2y)), finite numbers in pixels; "
+                         f"got {vectors!r}")
+    lengths = np.hypot(b[:, 0], b[:, 1])
+    for i in range(2):
+        if not lengths[i] > 0:
+            raise ValueError(f"{name} vector g{i + 1} {b[i].tolist()} has zero length: give two "
+                             "non-zero lattice vectors in pixels")
+    if abs(b[0, 0] * b[1, 1] - b[0, 1] * b[1, 0]) < 1e-9 * lengths[0] * lengths[1]:
+        raise ValueError(f"{name} vectors {b.tolist()} are parallel (a degenerate lattice): give "
+                         "two lattice vectors that are not on one line")
+    return b
+
+
+def _check_fit_parameters(min_disks, tolerance, iterations):
+    """The lattice fit's ``min_disks``, ``tolerance`` and ``iterations``, or a ValueError."""
+    def whole(value):
+        return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)))
+
+    if not whole(min_disks) or min_disks < 3:
+        raise ValueError(f"min_disks must be an integer of at least 3 (a lattice fit of the "
+                         f"origin, g1 and g2 needs 3 disks not on one row); got {min_disks!r}")
+    if not whole(iterations) or iterations < 1:
+        raise ValueError(f"iterations (fit, reject and re-index passes) must be an integer of at "
+                         f"least 1; got {iterations!r}")
+    if tolerance is not None:
+        try:
+            ok = math.isfinite(float(tolerance)) and float(tolerance) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tolerance (largest distance of a kept disk from its lattice site, "
+                             f"pixels) must be a positive number, or None for the adaptive "
+                             f"default; got {tolerance!r}")
+        tolerance = float(tolerance)
+    return int(min_disks), tolerance, int(iterations)
 
 
 def _map_last2(data, func, size):
@@ -329,6 +401,9 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     axes : list of dict
     metadata : dict
     """
+    _check_fit_parameters(min_disks, tolerance, iterations)  # before any region is computed
+    if basis is not None:
+        basis = _check_vectors(basis, "basis")
     cal = dict(metadata.get("BraggDisks", {}).get("calibration") or {})
     if not cal:
         cal = {"center": [0.0, 0.0], "scale": [1.0, 1.0], "affine": None}
@@ -336,11 +411,15 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     kind = _kind(reference)
     ref_vectors = None
     if kind == "vectors":
-        ref_vectors = np.asarray(reference, float)
+        try:
+            ref_vectors = np.asarray(reference, float)
+        except (TypeError, ValueError):
+            ref_vectors = np.full(0, np.nan)
         if ref_vectors.shape != (2, 2) or not np.all(np.isfinite(ref_vectors)):
             raise ValueError("reference must be a scan region (slices, or a bool mask of the "
                              "scan), or lattice vectors ((g1x, g1y), (g2x, g2y)) in pixels; got "
                              f"{reference!r}")
+        ref_vectors = _check_vectors(ref_vectors, "reference")
         if basis is None:
             basis = ref_vectors
     region_vectors = None

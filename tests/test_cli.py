@@ -1,6 +1,7 @@
 """The diffgpu command line, end to end on small files."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,11 @@ def test_orientation(tmp_path, capsys):
     refined = tmp_path / "refined.zspy"
     assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(refined), "--phase", "Si",
                  "--resolution", "4", "--refine", "--n-best", "3", "--reliability", str(rel),
-                 "--no-progress"]) == 0
+                 "--no-progress"]) == 3  # an existing figure needs --overwrite, as OUTPUT does
+    assert "rel.png' exists" in capsys.readouterr().err and not refined.exists()
+    assert main(["orientation", str(tmp_path / "si.zspy"), "-o", str(refined), "--phase", "Si",
+                 "--resolution", "4", "--refine", "--n-best", "3", "--reliability", str(rel),
+                 "--no-progress", "--overwrite"]) == 0
     assert "ambiguous:" in capsys.readouterr().out
     r = diffgpu.load(refined, lazy=False)
     assert np.asarray(r.metadata.Refined.rotations).shape == (2, 2, 4)
@@ -223,3 +228,148 @@ def test_an_int_of_chunks_for_a_blockfile_keeps_frames_whole(tmp_path):
     s.save(path, show_progressbar=False)
     loaded = diffgpu.load(path, chunks=12)
     assert loaded.data.chunks == ((2, 2), (6,), (32,), (32,))
+
+
+@pytest.fixture(scope="module")
+def nbed_file(tmp_path_factory):
+    from diffgpu.synthetic_nbed import synthetic_nbed
+
+    path = tmp_path_factory.mktemp("nbed") / "nbed.zspy"
+    synthetic_nbed(nav_shape=(4, 5), sig_shape=(64, 64), dose=2e6).save(path,
+                                                                        show_progressbar=False)
+    return path
+
+
+def _leftovers(folder):
+    return sorted(p for p in os.listdir(folder) if "partial" in p)
+
+
+def test_figure_paths_are_checked_before_the_run(scan_file, nbed_file, tmp_path, capsys):
+    out = tmp_path / "s.zspy"
+    strain = ["strain", str(nbed_file), "-o", str(out), "--radius", "4", "--no-progress"]
+    assert main(strain + ["--png", str(tmp_path / "nodir" / "s.png")]) == 3
+    assert "'" + str(tmp_path / "nodir") + "' does not exist" in capsys.readouterr().err
+    assert main(strain + ["--png", str(tmp_path / "s.txt")]) == 3
+    assert "must end with a figure format" in capsys.readouterr().err
+    (tmp_path / "old.png").write_bytes(b"old")
+    assert main(strain + ["--png", str(tmp_path / "old.png")]) == 3
+    assert "old.png' exists (use --overwrite" in capsys.readouterr().err
+    assert main(strain + ["--png", str(out)]) == 3  # the same file as OUTPUT
+    capsys.readouterr()
+    ori = ["orientation", str(scan_file), "-o", str(out), "--phase", "Si", "--n-best", "2"]
+    assert main(ori + ["--ipf", str(tmp_path / "missingdir" / "ipf.png")]) == 3
+    assert main(ori + ["--ipf", str(tmp_path / "ipf.txt")]) == 3
+    assert main(ori + ["--reliability", str(tmp_path / "nodir" / "rel.png")]) == 3
+    assert "--reliability" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["old.png"]  # nothing written, not even partly
+
+
+def test_a_failed_figure_leaves_no_output(nbed_file, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def refuse(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    out, png = tmp_path / "s.zspy", tmp_path / "s.png"
+    args = ["strain", str(nbed_file), "-o", str(out), "--radius", "4", "--png", str(png),
+            "--no-progress"]
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", refuse)
+        assert main(args) == 3
+    assert "could not write --png" in capsys.readouterr().err
+    assert not out.exists() and not png.exists() and _leftovers(tmp_path) == []
+    assert main(args) == 0 and out.exists() and png.exists()
+    before = diffgpu.load(out, lazy=False).data
+    with monkeypatch.context() as m:  # --overwrite: the earlier output stays as it was
+        m.setattr(matplotlib.figure.Figure, "savefig", refuse)
+        assert main(args + ["--overwrite"]) == 3
+    np.testing.assert_array_equal(diffgpu.load(out, lazy=False).data, before)
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_output_directory_is_an_error(scan_file, tmp_path, capsys):
+    out = tmp_path / "missing_dir" / "x" / "a.zspy"
+    assert main(["integrate", str(scan_file), "-o", str(out), "--npt", "8"]) == 3
+    err = capsys.readouterr().err
+    assert "'" + str(tmp_path / "missing_dir" / "x") + "' does not exist" in err
+    assert not (tmp_path / "missing_dir").exists()
+
+
+@pytest.mark.parametrize("chunks", ["0", "-5", "x"])
+def test_chunks_must_be_a_positive_integer(scan_file, tmp_path, chunks):
+    with pytest.raises(SystemExit) as exc:
+        main(["integrate", str(scan_file), "-o", str(tmp_path / "a.zspy"), "--chunks", chunks])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("chunks", [0, -5, 2.5, True])
+def test_readers_refuse_chunks_that_are_not_positive(tmp_path, chunks):
+    from diffgpu.chunking import chunks_of_frames
+    from diffgpu.readers.mib import write_mib
+
+    path = tmp_path / "scan.mib"
+    write_mib(path, np.zeros((2, 3, 16, 16), "uint16"))
+    with pytest.raises(ValueError, match="chunks must be a positive number of frames"):
+        chunks_of_frames((2, 3), 512, chunks)
+    if not isinstance(chunks, (bool, float)):  # the .mib reader takes an int as frames
+        # diffgpu.load reports a reader's error as an OSError naming the file and the reason
+        with pytest.raises((ValueError, OSError), match="chunks must be a positive number of "
+                                                        "frames per chunk; got -?[05]"):
+            diffgpu.load(path, chunks=chunks)
+
+
+def test_center_mask_and_navigation_shape_are_checked(scan_file, tmp_path, capsys):
+    out = tmp_path / "a.zspy"
+    base = ["integrate", str(scan_file), "-o", str(out), "--npt", "8", "--npt-azim", "8",
+            "--no-progress"]
+    assert main(base + ["--center", "1e9", "1e9"]) == 3
+    assert "lies outside the 48 x 48 detector" in capsys.readouterr().err
+    assert main(base + ["--center", "50", "20"]) == 0  # just outside: a warning
+    assert "warning: --center 50 20 lies outside" in capsys.readouterr().err
+    shutil.rmtree(out)
+    half = np.zeros((48, 48))
+    half[0, 0] = 0.5
+    np.save(tmp_path / "half.npy", half)
+    assert main(base + ["--mask", str(tmp_path / "half.npy")]) == 3
+    assert "values other than 0 and 1" in capsys.readouterr().err
+    ones = np.zeros((48, 48))
+    ones[:2] = 1.0  # floats that are 0 or 1: accepted, 1 = excluded
+    np.save(tmp_path / "ones.npy", ones)
+    assert main(base + ["--mask", str(tmp_path / "ones.npy")]) == 0
+    assert main(base + ["--overwrite", "--navigation-shape", "3", "3"]) == 3
+    err = capsys.readouterr().err
+    assert "--navigation-shape applies only to" in err and "TypeError" not in err
+
+
+def test_ring_spacings_need_rings(nbed_file, tmp_path, capsys):
+    for extra in (["--d-spacings", "2.35", "2.04"], ["--ring-phase", "Si"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["strain", str(nbed_file), "-o", str(tmp_path / "s.zspy"), "--radius", "4"]
+                 + extra)
+        assert exc.value.code == 2
+        assert "give --rings FILE too" in capsys.readouterr().err
+
+
+def test_orientation_radius_beyond_the_detector(tmp_path, capsys):
+    s = diffgpu.DiffractionPatterns(np.zeros((2, 3, 64, 64), np.float32))
+    s.calibration.center = (31.5, 31.5)
+    s.calibration.scale = 0.04
+    s.calibration.units = "1/Å"
+    s.save(tmp_path / "ori.zspy", show_progressbar=False)
+    out = tmp_path / "o.zspy"
+    assert main(["orientation", str(tmp_path / "ori.zspy"), "-o", str(out), "--phase", "Si",
+                 "--resolution", "5", "--reciprocal-radius", "3", "--no-progress"]) == 3
+    assert "the data reach only 1.81 1/Å" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_progress_means_no_progress_bar(tmp_path, capsys):
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 3), sig_shape=(32, 32), lazy=False)
+    s.metadata.set_item("Extra.positions", np.arange(6.0).reshape(2, 3))  # an array in metadata
+    s.save(tmp_path / "scan.hspy", show_progressbar=False)
+    args = ["integrate", str(tmp_path / "scan.hspy"), "--npt", "8", "--npt-azim", "8"]
+    assert main(args + ["-o", str(tmp_path / "a.zspy"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Completed" not in out and "integrated 6 patterns" in out
+    assert main(args + ["-o", str(tmp_path / "b.zspy")]) == 0
+    assert "Completed" in capsys.readouterr().out  # the bar, when asked for

@@ -1,6 +1,7 @@
 """Lattice fits and strain maps: accuracy on simulated data, conventions, bad input, lazy,
 device path; and the calibration from a ring standard."""
 
+import os
 import warnings
 
 import numpy as np
@@ -481,3 +482,86 @@ def test_cli_strain_with_a_ring_standard(tmp_path, capsys):
                        / np.sqrt(np.linalg.det(np.linalg.inv(d))), atol=1e-3)
     rms = _rms(done.data - _truth(s))
     assert np.all(rms[:3] < 3e-4), rms
+
+
+def test_zero_or_degenerate_basis_is_a_clear_error(strained_vectors):
+    for basis in (((0, 0), (0, 0)), ((0, 0), (0, 15))):
+        with pytest.raises(ValueError, match="zero length"):
+            strained_vectors.get_strain_map(basis=basis)
+    with pytest.raises(ValueError, match="zero length"):
+        strained_vectors.get_strain_map(reference=((0, 0), (0, 15)))
+    # the kernel itself, for callers that pass it a basis directly
+    pos = np.zeros((1, 4, 2))
+    with pytest.raises(ValueError, match="degenerate"):
+        fit_lattices(pos, np.ones((1, 4)), np.zeros((2, 2)), np.zeros(2))
+
+
+@pytest.mark.parametrize("region, words", [
+    ((slice(0, 0), slice(0, 2)), "rows 0:0 is empty"),
+    ((slice(2, 0), slice(0, 2)), "rows 2:0 is empty"),
+    ((slice(10, 12), slice(0, 2)), "rows 10:12 lie outside the scan's 8 rows"),
+    (np.zeros((8, 8), bool), "the mask has no True value"),
+])
+def test_empty_reference_region_says_so(strained_vectors, region, words):
+    with pytest.raises(ValueError, match="selects no scan position") as err:
+        strained_vectors.get_strain_map(reference=region)
+    assert not isinstance(err.value, BasisError) and words in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(iterations=0), "iterations"), (dict(iterations=1.5), "iterations"),
+    (dict(tolerance=0), "tolerance"), (dict(tolerance=-1.0), "tolerance"),
+    (dict(tolerance=float("nan")), "tolerance"),
+    (dict(min_disks=0), "min_disks"), (dict(min_disks=2), "min_disks"),
+])
+def test_fit_parameters_are_checked(strained_vectors, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        strained_vectors.get_strain_map(reference=REF, **kwargs)
+    with pytest.raises(ValueError, match=words):
+        strained_vectors.fit_lattice(**kwargs)
+
+
+def test_smallest_valid_fit_parameters_work(strained_vectors):
+    strain = strained_vectors.get_strain_map(reference=REF, min_disks=3, iterations=1,
+                                             tolerance=0.5)
+    assert np.isfinite(strain.data).all()
+
+
+def test_lazy_component_stays_lazy(strained):
+    import dask
+
+    lazy = strained.as_lazy().find_bragg_disks(radius=4.0).get_strain_map(
+        basis=(strained.metadata.Synthetic.g1, strained.metadata.Synthetic.g2),
+        reference=(strained.metadata.Synthetic.g1, strained.metadata.Synthetic.g2))
+    computed = []
+
+    class Count(dask.callbacks.Callback):
+        def _start(self, dsk):
+            computed.append(1)
+
+    with Count():
+        exx = lazy.get_component("exx")
+    assert computed == [] and exx._lazy and exx.axes_manager.signal_dimension == 2
+    assert exx.data.shape == (8, 8)
+    lazy.compute()
+    exx.compute()
+    np.testing.assert_array_equal(exx.data, lazy.data[..., 0])
+
+
+def test_cli_strain_bad_parameters(tmp_path, capsys):
+    from diffgpu.cli import main
+
+    src = tmp_path / "nbed.zspy"
+    synthetic_nbed(nav_shape=(4, 5), sig_shape=(64, 64), dose=2e6).save(src)
+    out = tmp_path / "s.zspy"
+    base = ["strain", str(src), "-o", str(out), "--radius", "4", "--no-progress"]
+    for extra, words in ((["--basis", "0", "0", "0", "0"], "zero length"),
+                         (["--basis", "10", "0", "20", "0"], "parallel"),
+                         (["--reference", "2", "0", "0", "2"], "0 <= ROW0 < ROW1"),
+                         (["--min-disks", "-3"], "--min-disks must be at least 3")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+    assert main(base + ["--reference", "10", "12", "0", "2"]) == 3
+    assert "rows 10:12 lie outside the scan's 4 rows" in capsys.readouterr().err
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if "partial" in p] == []

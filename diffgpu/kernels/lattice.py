@@ -44,7 +44,8 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     weights : array ``(n, K)``
         Non-negative weights (NaN or 0: unused).
     basis : array ``(2, 2)``
-        Starting basis, columns ``g1``, ``g2``.
+        Starting basis, columns ``g1``, ``g2``: non-zero and not parallel (a host basis that
+        is not raises ``ValueError``).
     origin : array ``(2,)``
         Starting origin (where ``h = k = 0``).
     min_disks : int
@@ -73,6 +74,12 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     [50.0, 40.0, 10.0, 1.0, -1.0, 9.0]
     """
     xp = array_module(positions)
+    if isinstance(basis, np.ndarray):  # a host basis is checked here (a device one by its caller)
+        b = np.asarray(basis, dtype=np.float64)
+        det = b[0, 0] * b[1, 1] - b[0, 1] * b[1, 0] if b.shape == (2, 2) else np.nan
+        if not (np.all(np.isfinite(b)) and np.isfinite(det) and det != 0):
+            raise ValueError(f"basis {b.tolist()} (columns g1, g2) is degenerate: a vector of "
+                             "zero length, two parallel vectors or non-finite numbers")
     if xp is np:  # the same arithmetic frame by frame, compiled (5-8x faster than NumPy's
         # temporaries over (frames, disks); equal to the array path within rounding, tested)
         p = np.ascontiguousarray(positions, dtype=np.float64)

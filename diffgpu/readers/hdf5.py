@@ -509,7 +509,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     """
     import dask.array as da
 
-    from ..chunking import frame_chunks
+    from ..chunking import check_chunk_frames, frame_chunks
 
     unknown = set(kwds) - {"mmap_mode", "print_info"}
     if unknown:
@@ -546,7 +546,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     if chunks is None and hdf5_chunk == 1:
         nav_chunks = frame_chunks(nav, frame_bytes)
     else:  # whole HDF5 chunks, about as many frames as diffgpu's choice (or the caller's)
-        per = (int(chunks) if chunks is not None
+        per = (check_chunk_frames(chunks) if chunks is not None
                else math.prod(c[0] for c in frame_chunks(nav, frame_bytes)))
         nav_chunks = _nav_chunks(nav, frame_bytes, hdf5_chunk, per * frame_bytes)
     data = da.from_array(frames, chunks=tuple(nav_chunks) + tuple(frame_shape), asarray=False,

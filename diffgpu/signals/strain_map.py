@@ -58,15 +58,25 @@ class StrainMap(DeviceMixin, Signal1D):
 
     def get_component(self, name):
         """One map (``"exx"``, ``"eyy"``, ``"exy"`` or ``"theta"``) as a HyperSpy Signal2D
-        (or Signal1D for a line scan), e.g. to save as TIFF."""
+        (or Signal1D for a line scan), e.g. to save as TIFF; on the host. A lazy strain map
+        gives a lazy component (nothing is computed, as :meth:`to_frame`)."""
         if name not in _FIELDS:
             raise ValueError(f"component must be one of {_FIELDS}; got {name!r}")
         from hyperspy.signals import BaseSignal
 
-        img = self._host()[..., _FIELDS.index(name)]
         axes = [dict(d, navigate=False) for d in self.axes_manager._get_navigation_axes_dicts()]
-        out = BaseSignal(img, axes=axes).transpose(signal_axes=len(axes)) if axes else \
-            BaseSignal(img)
+        if self._lazy:
+            from hyperspy.signals import LazySignal
+
+            # a graph step: this component's values only, moved to the host block by block
+            img = to_host_array(self.data[..., _FIELDS.index(name)])
+            if img.dtype != np.float64:
+                img = img.astype(np.float64)
+            make = LazySignal
+        else:
+            img = self._host()[..., _FIELDS.index(name)]
+            make = BaseSignal
+        out = make(img, axes=axes).transpose(signal_axes=len(axes)) if axes else make(img)
         out.metadata.General.title = f"{name} of {self.metadata.General.title}"
         return out
 
