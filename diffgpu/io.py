@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .readers.errors import DetectorFileError
@@ -105,7 +106,8 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     OSError
         If no reader could read it; the message names the file and the reason.
     ValueError
-        If the data cannot be one of diffgpu's signals (e.g. 3 signal dimensions).
+        If the data cannot be one of diffgpu's signals (e.g. 3 signal dimensions), or
+        ``chunks`` is a number but not a positive whole number of frames.
 
     Examples
     --------
@@ -125,6 +127,10 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         path = path.rstrip("/" + os.sep) or path
     elif os.path.getsize(path) == 0:
         raise DetectorFileError(path, "the file is empty (0 bytes)")
+    if isinstance(kwargs.get("chunks"), (int, float, np.number)):  # (bool included)
+        from .chunking import check_chunk_frames
+
+        check_chunk_frames(kwargs["chunks"])  # frames per chunk: a ValueError, not an OSError
     ours = False
     if "file_format" not in kwargs and "reader" not in kwargs:
         reader = _reader_for(path)

@@ -872,3 +872,38 @@ def test_two_stage_search_is_exact_where_high_frequencies_dominate():
     np.testing.assert_array_equal(two[..., 0], full[..., 0])
     np.testing.assert_array_equal(two[..., 3], full[..., 3])
     np.testing.assert_allclose(two[..., 1], full[..., 1], atol=1e-5)
+
+
+def test_gathered_bounds_skip_the_padding_of_ragged_rows():
+    """The fused kernel of the two-stage search: on the real entries of ragged rows, the
+    products and bounds of the separate kernels (plus the residual term); -inf bounds and
+    zero products on the padding, which it never computes."""
+    from diffgpu.kernels.matching import (_bounds_four, _gathered_bounds_host,
+                                          _gathered_products_host)
+
+    rng = np.random.default_rng(2)
+    n, K, R, n_t, width = 5, 6, 10, 30, 7
+    spec = rng.normal(size=(n, K, 2, R)).astype(np.float32)
+    major = rng.normal(size=(n_t, K, 2, R)).astype(np.float32)
+    ids = rng.integers(0, n_t, (n, width))
+    counts = np.array([7, 0, 3, 1, 5])
+    weights = rng.uniform(0.1, 1, K).astype(np.float32)
+    A, B, C, D = np.empty((4, K, n, width), np.float32)
+    _gathered_products_host(spec, major, ids, A, B, C, D)
+    expected = _bounds_four(A, B, C, D, weights, np)
+    wp = rng.uniform(0, 1, (K, n)).astype(np.float32)
+    t_res = rng.uniform(0, 1, (K, n_t)).astype(np.float32)
+    extra = np.einsum("kn,knc->nc", wp, t_res[:, ids])
+    real = np.arange(width)[None] < counts[:, None]
+    got = np.empty((4, K, n, width), np.float32)
+    bound = np.empty((2, n, width), np.float32)
+    none = np.empty((0, 0), np.float32)
+    _gathered_bounds_host(spec, major, ids, counts, weights, none, none, bound, *got)
+    np.testing.assert_allclose(bound[:, real], expected[:, real], rtol=1e-5)
+    assert np.all(bound[:, ~real] == -np.inf)
+    np.testing.assert_allclose(got[:, :, real], np.stack([A, B, C, D])[:, :, real], rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(got[:, :, ~real] == 0)
+    empty = np.empty((0, 0, 0), np.float32)
+    _gathered_bounds_host(spec, major, ids, counts, weights, wp, t_res, bound, *[empty] * 4)
+    np.testing.assert_allclose(bound[:, real], (expected + extra[None])[:, real], rtol=1e-5)

@@ -581,6 +581,57 @@ def _gathered_products_host(spec, major, chosen, A, B, C, D):
                 A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = ac, bd, bc, ad
 
 
+@numba.njit(nogil=True, fastmath=True, cache=True)
+def _gathered_bounds_host(spec, major, chosen, counts, weights, wp, t_res, bound, A, B, C, D):
+    """:func:`_gathered_products_host` for the first ``counts[i]`` templates of each row
+    (the rest of a ragged row is padding: its bounds are -inf and, where the products are
+    kept, they are 0), with the bounds of :func:`_bounds_four` made as the products are:
+    ``bound`` ``(2, n, width)``, direct and mirrored, each plus ``sum_k wp[k, i] t_res[k, t]``
+    (the residual term of the bounds in the radial basis; ``wp`` of shape ``(0, 0)`` for
+    none). The products are written to ``A .. D`` where they are ``(K, n, width)`` (pass
+    empty arrays where only the bounds are wanted)."""
+    n, width = chosen.shape
+    K, R = major.shape[1], major.shape[3]
+    keep = A.shape[0] == K
+    residual = wp.shape[0] == K
+    for i in range(n):
+        for j in range(width):
+            if j >= counts[i]:  # padding
+                bound[0, i, j] = -np.inf
+                bound[1, i, j] = -np.inf
+                if keep:
+                    for k in range(K):
+                        A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = 0, 0, 0, 0
+                continue
+            t = chosen[i, j]
+            direct = 0.0
+            mirrored = 0.0
+            for k in range(K):
+                ac = np.float32(0)
+                ad = np.float32(0)
+                bc = np.float32(0)
+                bd = np.float32(0)
+                for r in range(R):
+                    a, b = spec[i, k, 0, r], spec[i, k, 1, r]
+                    c, d = major[t, k, 0, r], major[t, k, 1, r]
+                    ac += a * c
+                    ad += a * d
+                    bc += b * c
+                    bd += b * d
+                if keep:
+                    A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = ac, bd, bc, ad
+                s2 = ac * ac + bd * bd + bc * bc + ad * ad
+                q2 = np.float32(2) * (ac * bd - bc * ad)
+                direct += weights[k] * math.sqrt(max(s2 + q2, np.float32(0)))
+                mirrored += weights[k] * math.sqrt(max(s2 - q2, np.float32(0)))
+                if residual:
+                    extra = wp[k, i] * t_res[k, t]
+                    direct += extra
+                    mirrored += extra
+            bound[0, i, j] = direct
+            bound[1, i, j] = mirrored
+
+
 def _low_frequency_bounds(ab, packed, n_t, weights, K1, xp):
     """:func:`_bounds` over the ``K1`` lowest frequencies only, for every template: ``(2, n, n_t)``."""
     n_tiles, tile = packed.shape[0], packed.shape[-1] // 2
@@ -649,13 +700,16 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
     best_score = np.full((n, n_best), -np.inf, dtype=np.float32)
     best_info = np.zeros((n, n_best, 3), dtype=np.float32)
 
-    def correlate(ids, valid):
+    none = np.empty((0, 0), np.float32)  # no residual term / no products kept
+    none3 = np.empty((0, 0, 0), np.float32)
+
+    def correlate(ids, counts):
+        """Correlate fully the first ``counts[i]`` templates ``ids[i]`` of every pattern."""
         nonlocal best_score, best_info
         c = ids.shape[1]
         A, B, C, D = np.empty((4, K, n, c), dtype=np.float32)
-        _gathered_products_host(spec, major, ids, A, B, C, D)
-        exact = _bounds_four(A, B, C, D, weights, np)  # (2, n, c)
-        exact[:, ~valid] = -np.inf
+        exact = np.empty((2, n, c), dtype=np.float32)
+        _gathered_bounds_host(spec, major, ids, counts, weights, none, none, exact, A, B, C, D)
         for sign, side in ((1.0, exact[0]), (-1.0, exact[1])):
             best_score, best_info = _search((A, B, C, D), side, sign, 0, best_score, best_info,
                                             n_azim, n_corr, np, ids=ids)
@@ -664,26 +718,28 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
     ids = np.argpartition(-top, first - 1, axis=1)[:, :first] if first < n_t else \
         np.broadcast_to(np.arange(n_t), (n, n_t))
     ids = np.ascontiguousarray(ids)
-    correlate(ids, np.ones(ids.shape, bool))
+    correlate(ids, np.full(n, ids.shape[1], np.int64))
     if first < n_t:
         rest = top > best_score[:, -1:]
         rest[np.arange(n)[:, None], ids] = False
-        more, valid = _ragged(rest)
+        more, counts = _ragged(rest)
+        # (rows are ragged: a few patterns near many alike templates pass far more than the
+        # median, 503 against 13 of 25,651; the kernels skip the padding, which was 7-19x the
+        # work of the real candidates there)
         if more.shape[1] and projection is not None:  # tighten: all frequencies, in the basis
-            c = more.shape[1]
-            A, B, C, D = np.empty((4, K, n, c), dtype=np.float32)
+            tight = np.empty((2,) + more.shape, dtype=np.float32)
             # contiguous copies: on views of the first m_bound columns the loop is not vectorised
-            _gathered_products_host(np.ascontiguousarray(spec_basis[..., :m1]),
-                                    projection.bounding, more, A, B, C, D)
-            tight = _bounds_four(A, B, C, D, weights, np).max(axis=0)  # (n, c)
-            tight += np.einsum("kn,knc->nc", wp, t_residual[:, more])
+            _gathered_bounds_host(np.ascontiguousarray(spec_basis[..., :m1]),
+                                  projection.bounding, more, counts, weights,
+                                  np.ascontiguousarray(wp, dtype=np.float32),
+                                  t_residual, tight, none3, none3, none3, none3)
+            pick = tight.max(axis=0) > best_score[:, -1:]  # (padding: -inf)
             rest[:] = False
             rows = np.broadcast_to(np.arange(n)[:, None], more.shape)
-            pick = valid & (tight > best_score[:, -1:])
             rest[rows[pick], more[pick]] = True
-            more, valid = _ragged(rest)
+            more, counts = _ragged(rest)
         if more.shape[1]:
-            correlate(more, valid)
+            correlate(more, counts)
     return _pack(best_score, best_info, np)
 
 
@@ -694,14 +750,14 @@ def _spectra_by_pattern(ab, K, n):
 
 def _ragged(chosen):
     """Boolean ``(n, t)`` -> column indices ``(n, w)`` of each row's True entries, left-aligned,
-    and which of them are real (``w`` is the largest count; the rest is padding)."""
+    and how many each row has (``w`` is the largest count; the rest is padding)."""
     counts = chosen.sum(axis=1)
     width = int(counts.max()) if counts.size else 0
     more = np.zeros((chosen.shape[0], width), dtype=np.int64)
     valid = np.arange(width)[None] < counts[:, None]
     rows, cols = np.nonzero(chosen)  # row-major: each row's columns in order
     more[valid] = cols
-    return more, valid
+    return more, counts.astype(np.int64)
 
 
 def _match_prefiltered(ab, packed, major, n_t, weights, n_best, n_azim, n_corr, keep, xp):
