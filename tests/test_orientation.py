@@ -116,9 +116,12 @@ def test_crystal_map_and_save_load(si, lib, tmp_path):
                                              calibration=0.02)
     s.data = pats.data.reshape(2, 3, 128, 128)
     s.calibration.center = pats.calibration.center
+    s.data[1, 2] = 0  # an empty frame: nothing to index
     m = _polar(s).get_orientation(lib, n_best=2)
     xmap = m.to_crystal_map()
     assert xmap.shape == (2, 3) and xmap.phases.names[-1] == "Si"
+    assert xmap.phase_id.tolist() == [0, 0, 0, 0, 0, -1]  # orix's "not_indexed"
+    assert m._phases()[1].ids == [0]  # the cached phase list is left as it was
     assert np.allclose(xmap.prop["correlation"][:, 0], m.data[..., 0, 2].ravel())
     assert np.allclose(xmap.prop["reliability"], m.get_reliability().data.ravel())
     m.save(tmp_path / "m.zspy")

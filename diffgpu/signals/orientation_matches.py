@@ -154,7 +154,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """An orix ``CrystalMap``: best orientations, phases, scores, mirror flags, positions.
 
         Properties: ``correlation``, ``mirror`` and ``template`` (all ``n_best`` ranks), and
-        with ``n_best >= 2`` the ``reliability`` of :meth:`get_reliability`.
+        with ``n_best >= 2`` the ``reliability`` of :meth:`get_reliability`. Positions where
+        nothing matched (best correlation not above 0: an empty, all-NaN or vacuum frame) get
+        phase id -1, orix's "not_indexed".
         """
         from orix.crystal_map import CrystalMap
 
@@ -177,7 +179,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
         if n_best >= 2:  # how clearly the best orientation wins (see get_reliability)
             props["reliability"] = self.get_reliability().data.ravel()
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
-        return CrystalMap(rotations=rot, phase_id=flat[:, 0, 1].astype(int), phase_list=phase_list,
+        phase_id = np.where(flat[:, 0, 2] > 0, flat[:, 0, 1], -1).astype(int)
+        return CrystalMap(rotations=rot, phase_id=phase_id, phase_list=phase_list.deepcopy(),
                           prop=props, scan_unit=unit, **coords)
 
     def refine(self, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
