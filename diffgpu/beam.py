@@ -155,12 +155,25 @@ def _xcorr_position(f, template, window):
     return _windowed_com(c, px, py, window, xp)
 
 
-def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=None, sigma=2.0,
+# the options each method takes besides its own (any other given is a mistake, not ignored)
+_OPTIONS = {"center_of_mass": ("mask", "threshold"), "blur": ("sigma", "window"),
+            "cross_correlate": ("radius", "window")}
+
+
+def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=None, sigma=None,
                          radius=None, window=None):
     """Shared implementation of :meth:`DiffractionPatterns.get_direct_beam_position`."""
-    methods = ("center_of_mass", "blur", "cross_correlate")
+    methods = tuple(_OPTIONS)
     if method not in methods:
         raise ValueError(f"method must be one of {methods}; got {method!r}")
+    given = {"sigma": sigma, "radius": radius, "window": window}
+    stray = [k for k, v in given.items() if v is not None and k not in _OPTIONS[method]]
+    if stray:
+        raise TypeError(f"{', '.join(k + '=' for k in stray)} {'does' if len(stray) == 1 else 'do'}"
+                        f" not apply to method={method!r} (it takes "
+                        f"{', '.join(k + '=' for k in _OPTIONS[method])})")
+    if sigma is None:
+        sigma = 2.0
     if method == "center_of_mass":
         return center_of_mass(signal, mask=mask, threshold=threshold)
     if mask is not None or threshold is not None:

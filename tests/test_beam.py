@@ -242,6 +242,13 @@ def test_mask_and_threshold_are_for_center_of_mass_only(drifting):
     s.calibration.mask = np.ones((16, 16), bool)
     with pytest.raises(ValueError, match="covers every pixel"):
         s.get_direct_beam_position(method="blur")
+    # the other methods' options are refused too, never silently ignored
+    for method, kw, stray in (("center_of_mass", {"sigma": 3}, "sigma="),
+                              ("center_of_mass", {"radius": 2, "window": 4}, "radius=, window="),
+                              ("blur", {"radius": 2}, "radius="),
+                              ("cross_correlate", {"radius": 2, "sigma": 1}, "sigma=")):
+        with pytest.raises(TypeError, match=f"{stray} do"):
+            drifting.get_direct_beam_position(method=method, **kw)
 
 
 @pytest.mark.parametrize("lazy", [False, True])

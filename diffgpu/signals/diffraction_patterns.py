@@ -335,7 +335,7 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         return as_signal(center_of_mass(self, mask=mask, threshold=threshold))
 
     def get_direct_beam_position(self, method="center_of_mass", mask=None, threshold=None,
-                                 sigma=2.0, radius=None, window=None):
+                                 sigma=None, radius=None, window=None):
         """Sub-pixel position of the direct beam in every pattern, as shifts from the centre.
 
         Parameters
@@ -352,8 +352,10 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         mask, threshold : see :meth:`center_of_mass`
             ``"center_of_mass"`` only: with another method they raise ``TypeError`` (leave
             pixels out with ``calibration.mask`` instead).
-        sigma : float
-            Blur in pixels (``"blur"``).
+        sigma : float, optional
+            Blur in pixels (``"blur"``; default 2). An option given to a method that does not
+            take it (``sigma`` or ``radius`` with ``"center_of_mass"``, ...) raises
+            ``TypeError``.
         radius : float
             Beam disc radius in pixels (``"cross_correlate"``, required).
         window : float, optional
