@@ -881,8 +881,7 @@ def test_gathered_bounds_skip_the_padding_of_ragged_rows():
     """The fused kernel of the two-stage search: on the real entries of ragged rows, the
     products and bounds of the separate kernels (plus the residual term); -inf bounds and
     zero products on the padding, which it never computes."""
-    from diffgpu.kernels.matching import (_bounds_four, _gathered_bounds_host,
-                                          _gathered_products_host)
+    from diffgpu.kernels.matching import _bounds_four, _gathered_bounds_host
 
     rng = np.random.default_rng(2)
     n, K, R, n_t, width = 5, 6, 10, 30, 7
@@ -891,8 +890,9 @@ def test_gathered_bounds_skip_the_padding_of_ragged_rows():
     ids = rng.integers(0, n_t, (n, width))
     counts = np.array([7, 0, 3, 1, 5])
     weights = rng.uniform(0.1, 1, K).astype(np.float32)
-    A, B, C, D = np.empty((4, K, n, width), np.float32)
-    _gathered_products_host(spec, major, ids, A, B, C, D)
+    picked = major[ids]  # (n, width, K, 2, R): the products in NumPy
+    A, B, C, D = (np.einsum("ikr,ijkr->kij", spec[:, :, p], picked[:, :, :, q]) for p, q in
+                  ((0, 0), (1, 1), (1, 0), (0, 1)))  # ac, bd, bc, ad
     expected = _bounds_four(A, B, C, D, weights, np)
     wp = rng.uniform(0, 1, (K, n)).astype(np.float32)
     t_res = rng.uniform(0, 1, (K, n_t)).astype(np.float32)

@@ -558,34 +558,12 @@ def _search(products, bound, sign, t0, best_score, best_info, n_azim, n_corr, xp
 
 
 @numba.njit(nogil=True, fastmath=True, cache=True)
-def _gathered_products_host(spec, major, chosen, A, B, C, D):
-    """The four real products of every pattern with its own chosen templates, read straight
-    from the template-major spectra (a transposed gather cost 6 ms per pattern)."""
-    n, keep = chosen.shape
-    K, R = major.shape[1], major.shape[3]
-    for i in range(n):
-        for j in range(keep):
-            t = chosen[i, j]
-            for k in range(K):
-                ac = np.float32(0)
-                ad = np.float32(0)
-                bc = np.float32(0)
-                bd = np.float32(0)
-                for r in range(R):
-                    a, b = spec[i, k, 0, r], spec[i, k, 1, r]
-                    c, d = major[t, k, 0, r], major[t, k, 1, r]
-                    ac += a * c
-                    ad += a * d
-                    bc += b * c
-                    bd += b * d
-                A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = ac, bd, bc, ad
-
-
-@numba.njit(nogil=True, fastmath=True, cache=True)
 def _gathered_bounds_host(spec, major, chosen, counts, weights, wp, t_res, bound, A, B, C, D):
-    """:func:`_gathered_products_host` for the first ``counts[i]`` templates of each row
-    (the rest of a ragged row is padding: its bounds are -inf and, where the products are
-    kept, they are 0), with the bounds of :func:`_bounds_four` made as the products are:
+    """The four real products of every pattern with its own chosen templates, read straight
+    from the template-major spectra (a transposed gather cost 6 ms per pattern), for the
+    first ``counts[i]`` templates of each row (the rest of a ragged row is padding: its
+    bounds are -inf and, where the products are kept, they are 0), with the bounds of
+    :func:`_bounds_four` made as the products are:
     ``bound`` ``(2, n, width)``, direct and mirrored, each plus ``sum_k wp[k, i] t_res[k, t]``
     (the residual term of the bounds in the radial basis; ``wp`` of shape ``(0, 0)`` for
     none). The products are written to ``A .. D`` where they are ``(K, n, width)`` (pass
@@ -779,7 +757,9 @@ def _match_prefiltered(ab, packed, major, n_t, weights, n_best, n_azim, n_corr, 
     spec = xp.ascontiguousarray(xp.moveaxis(ab.reshape(K, 2, n, R), 2, 0))  # (n, K, 2, R)
     if xp is np:
         A, B, C, D = np.empty((4, K, n, keep), dtype=np.float32)
-        _gathered_products_host(spec, major, chosen, A, B, C, D)
+        none = np.empty((0, 0), np.float32)
+        _gathered_bounds_host(spec, major, chosen, np.full(n, keep, np.int64), weights, none,
+                              none, np.empty((2, n, keep), np.float32), A, B, C, D)
     else:
         picked = major[chosen]  # (n, keep, K, 2, R)
         picked = xp.ascontiguousarray(picked.transpose(0, 2, 4, 3, 1)).reshape(n, K, R, 2 * keep)
