@@ -355,3 +355,30 @@ def test_map_frames_names_a_result_off_the_frames_device(standin_gpu):
     s.to_device()
     with pytest.raises(TypeError, match=r"numpy.ndarray for frames on the GPU"):
         s.map_frames(lambda f: f.get().max(axis=(1, 2)), output_shape=()).compute()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_map_frames_never_wraps_into_the_default_dtype(lazy):
+    """The default dtype (the signal's, uint16 here) takes only results it holds exactly: the
+    frame sums (uint64) would wrap and halves (float64) truncate; a declared dtype is used."""
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(16, 16), lazy=lazy)
+    frames = np.asarray(s.data.compute() if lazy else s.data)
+
+    def run(out):
+        return out.data.compute() if lazy else out.data
+
+    for func, shape in ((lambda f: f.sum(axis=(1, 2)), ()), (lambda f: f * 0.5, None)):
+        with pytest.raises(TypeError, match="default dtype uint16 .* cannot hold"):
+            run(s.map_frames(func, output_shape=shape))
+    sums = run(s.map_frames(lambda f: f.sum(axis=(1, 2)), output_shape=(), dtype="int64"))
+    np.testing.assert_array_equal(sums, frames.sum(axis=(-2, -1)))
+    maxima = run(s.map_frames(lambda f: f.max(axis=(1, 2)), output_shape=()))
+    np.testing.assert_array_equal(maxima, frames.max(axis=(-2, -1)))  # uint16: as it is
+    with pytest.raises(TypeError, match="imaginary part"):
+        run(s.map_frames(lambda f: f * 1j, dtype="float32"))
+    with pytest.raises(TypeError, match="dtype must be a number"):
+        s.map_frames(lambda f: f, dtype="U3")
+    with pytest.raises(ValueError, match="must not be negative"):
+        s.map_frames(lambda f: f, output_shape=(-3,))
+    pairs = run(s.map_frames(lambda f: f[:, 0, :3], output_shape=3))  # an int: one axis
+    np.testing.assert_array_equal(pairs, frames[..., 0, :3])

@@ -13,7 +13,7 @@ from ._wrap import as_signal
 __all__ = ["DiffractionPatterns", "LazyDiffractionPatterns"]
 
 
-def _checked_output(out, frames, output_shape, dtype, function):
+def _checked_output(out, frames, output_shape, dtype, function, declared=True):
     """The result of a user's ``map_frames`` function for ``frames``, checked: an array of the
     frames' kind (NumPy or CuPy) and shape ``(n, *output_shape)``, in ``dtype``. A wrong one
     would otherwise surface later, far from its cause (dask joining blocks of another shape,
@@ -34,7 +34,19 @@ def _checked_output(out, frames, output_shape, dtype, function):
         raise ValueError(f"map_frames: {name} returned shape {tuple(out.shape)} for "
                          f"{frames.shape[0]} frames; expected {expected} (set output_shape= "
                          "to the shape of one frame's result)")
-    return out if out.dtype == dtype else out.astype(dtype)
+    if out.dtype == dtype:
+        return out
+    # a declared dtype is the caller's choice; the default (the signal's own) takes only what
+    # it holds exactly (a uint16 signal's frame sums are uint64: cast, they would wrap)
+    if not declared and not np.can_cast(out.dtype, dtype, casting="safe"):
+        raise TypeError(f"map_frames: {name} returned {out.dtype}, which the default dtype "
+                        f"{dtype} (the signal's) cannot hold without loss; pass dtype= (e.g. "
+                        f"dtype={str(out.dtype)!r})")
+    if out.dtype.kind == "c" and dtype.kind != "c":
+        raise TypeError(f"map_frames: {name} returned {out.dtype}; the declared dtype {dtype} "
+                        "would drop the imaginary part (declare a complex dtype, or return "
+                        "the real part or the magnitude)")
+    return out.astype(dtype)
 
 
 class DiffractionPatterns(DeviceMixin, Signal2D):
@@ -183,7 +195,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         output_shape : tuple of int, optional
             Result per frame; default the detector shape (an image-to-image operation).
         dtype : dtype, optional
-            Result dtype; default the signal's.
+            Result dtype; default the signal's, which then must hold the function's results
+            exactly (a ``TypeError`` names the dtype to declare otherwise: the frame sums of
+            a uint16 signal are uint64, and cast to uint16 they would wrap).
         signal_type : str, optional
             Signal type of the result (default: ``"diffraction_patterns"`` when the
             output has the detector's shape, else HyperSpy's generic signal). Move a
@@ -200,7 +214,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             kind (a NumPy array for frames on a GPU, a list, ...), as each block is computed.
         ValueError
             When its result for ``n`` frames is not of shape ``(n, *output_shape)``. A
-            result in another dtype than ``dtype`` is converted to it.
+            result in another dtype than a declared ``dtype`` is converted to it (but not
+            complex to real: ``TypeError``).
 
         Examples
         --------
@@ -220,15 +235,24 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         from ..mapping import map_frames
 
         detector = tuple(self.data.shape[-2:])
-        output_shape = detector if output_shape is None else tuple(output_shape)
-        dtype = self.data.dtype.newbyteorder("=") if dtype is None else dtype
-        dtype = np.dtype(dtype)
+        if output_shape is None:
+            output_shape = detector
+        elif isinstance(output_shape, (int, np.integer)) and not isinstance(output_shape, bool):
+            output_shape = (int(output_shape),)
+        else:
+            output_shape = tuple(int(n) for n in output_shape)
+        if any(n < 0 for n in output_shape):
+            raise ValueError(f"output_shape must not be negative; got {output_shape}")
+        declared = dtype is not None
+        dtype = np.dtype(dtype) if declared else self.data.dtype.newbyteorder("=")
+        if dtype.kind not in "biufc":
+            raise TypeError(f"dtype must be a number or bool type; got {dtype}")
 
         def run(frames):
             # frames in native byte order (a copy per block only for big-endian files such as
             # Merlin's), so numba and CuPy functions take them
             out = function(native_byte_order(frames), **kwargs)
-            return _checked_output(out, frames, output_shape, dtype, function)
+            return _checked_output(out, frames, output_shape, dtype, function, declared)
 
         result = map_frames(self.data, run, output_shape, dtype)
         if output_shape == detector and signal_type in (None, "diffraction_patterns"):
