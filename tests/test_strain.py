@@ -336,6 +336,38 @@ def test_ring_calibration_bad_input():
         calibrate_from_rings(img)
     with pytest.raises(ValueError, match="2D"):
         calibrate_from_rings(np.zeros(5), d_spacings=GOLD)
+    for kw, match in ((dict(d_spacings=[2.3546, 2.3546]), "repeat"),
+                      (dict(d_spacings=GOLD, iterations=0), "iterations"),
+                      (dict(d_spacings=GOLD, n_rings=1), "n_rings"),
+                      (dict(d_spacings=GOLD, ring_width=0), "ring_width"),
+                      (dict(d_spacings=GOLD, center=(np.nan, 3)), "center must be"),
+                      (dict(d_spacings=GOLD, center=(500, 500)), "center must be"),
+                      (dict(d_spacings=GOLD, mask=np.zeros((10, 10), bool)), "mask shape")):
+        with pytest.raises(ValueError, match=match):
+            calibrate_from_rings(img, **kw)
+    with pytest.raises(ValueError, match="no positive intensity"):
+        calibrate_from_rings(np.zeros((64, 64)), d_spacings=GOLD)
+
+
+def test_ring_calibration_finds_the_centre_where_the_centroid_is_not():
+    """The first centre is where the rings are sharpest, not the intensity centroid, which an
+    off-centre pattern, a masked half or one hot pixel pulled by up to 26 pixels (the fit then
+    failed or settled on a wrong centre)."""
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    off = ring_pattern((192, 192), center=(60.0, 130.0), scale=0.012, d_spacings=GOLD)
+    np.testing.assert_allclose(calibrate_from_rings(off, d_spacings=GOLD).center, (60, 130),
+                               atol=0.05)
+    img = ring_pattern((192, 192), center=(97.3, 94.1), scale=0.016, d_spacings=GOLD)
+    hot = img.copy()
+    hot[5, 5] = img.max() * 100
+    cal = calibrate_from_rings(hot, d_spacings=GOLD)
+    np.testing.assert_allclose(cal.center, (97.3, 94.1), atol=0.05)
+    assert cal.scale == pytest.approx(0.016, rel=2e-3)
+    half = np.zeros(img.shape, bool)
+    half[:, 97:] = True
+    np.testing.assert_allclose(calibrate_from_rings(img, d_spacings=GOLD, mask=half).center,
+                               (97.3, 94.1), atol=0.5)
 
 
 # -- command line ------------------------------------------------------------------------
