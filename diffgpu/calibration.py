@@ -18,6 +18,7 @@ therefore keep the centre right without any bookkeeping.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -40,8 +41,7 @@ def electron_wavelength(beam_energy_kev):
     >>> round(electron_wavelength(200.0), 5)
     0.02508
     """
-    if not beam_energy_kev > 0:
-        raise ValueError(f"beam_energy must be positive (keV); got {beam_energy_kev!r}")
+    beam_energy_kev = _positive_finite(beam_energy_kev, "beam_energy", "keV")
     ev = beam_energy_kev * 1e3 * _E
     return _H / math.sqrt(2 * _M0 * ev * (1 + ev / (2 * _M0 * _C**2))) * 1e10
 
@@ -55,8 +55,7 @@ def beam_energy_from_wavelength(wavelength_angstrom):
     >>> round(beam_energy_from_wavelength(0.025079), 2)
     200.0
     """
-    if not wavelength_angstrom > 0:
-        raise ValueError(f"wavelength must be positive (Å); got {wavelength_angstrom!r}")
+    wavelength_angstrom = _positive_finite(wavelength_angstrom, "wavelength", "Å")
     p = _H / (wavelength_angstrom * 1e-10)  # momentum
     mc2 = _M0 * _C**2
     kinetic = math.sqrt((p * _C) ** 2 + mc2**2) - mc2
@@ -80,15 +79,18 @@ class Calibration:
         Setting the scale keeps the centre (in pixels) where it was.
     units : str or None
         Units of the signal axes, e.g. ``"px"``, ``"1/nm"``, ``"1/Å"`` (None where
-        unset; a pair ``(x, y)`` if the two axes differ).
+        unset; a pair ``(x, y)`` if the two axes differ). Set a string for both axes,
+        a pair ``(x, y)`` (strings or None) for each, or None to unset them.
     mask : numpy.ndarray of bool or None
         Detector-shaped ``(rows, columns)``; **True marks pixels to exclude**
-        (bad pixels, beam stop), as in NumPy masked arrays and pyxem.
+        (bad pixels, beam stop), as in NumPy masked arrays and pyxem. Set a bool
+        array, or numbers that are all 0 or 1 (1 = excluded); None removes it.
     beam_energy : float or None
-        Accelerating voltage in keV (``metadata.Acquisition_instrument.TEM.beam_energy``).
+        Accelerating voltage in keV (``metadata.Acquisition_instrument.TEM.beam_energy``):
+        a positive, finite number; None removes it.
     wavelength : float or None
         Relativistic electron wavelength in Å, derived from ``beam_energy``;
-        setting it sets ``beam_energy``.
+        setting it (positive, finite) sets ``beam_energy``; None removes both.
     affine : 2x2 numpy.ndarray or None
         Distortion correction applied to ``(x - cx, y - cy)`` before the scale (e.g. an
         elliptical pattern made circular), used by azimuthal integration (when no
@@ -157,8 +159,18 @@ class Calibration:
 
     @units.setter
     def units(self, value):
-        for ax in self._axes:
-            ax.units = str(value)
+        import traits.api as t
+
+        if value is None or isinstance(value, str):
+            pair = (value, value)
+        elif (isinstance(value, (tuple, list)) and len(value) == 2
+              and all(u is None or isinstance(u, str) for u in value)):
+            pair = tuple(value)
+        else:
+            raise TypeError(f"units must be a string (both axes), None (unset) or a pair (x, y) "
+                            f"of them; got {value!r}")
+        for ax, u in zip(self._axes, pair):
+            ax.units = t.Undefined if u is None else u  # HyperSpy's "unset"
 
     # -- distortion, mask and beam, kept in metadata ------------------------------
     @property
@@ -207,8 +219,8 @@ class Calibration:
             if self._signal.metadata.has_item(key):
                 del self._signal.metadata.Acquisition_instrument.TEM.beam_energy
             return
-        electron_wavelength(value)  # validates
-        self._signal.metadata.set_item(key, float(value))
+        value = _positive_finite(value, "beam_energy", "keV")
+        self._signal.metadata.set_item(key, value)
 
     @property
     def wavelength(self):
@@ -217,7 +229,7 @@ class Calibration:
 
     @wavelength.setter
     def wavelength(self, value):
-        self.beam_energy = beam_energy_from_wavelength(value)
+        self.beam_energy = None if value is None else beam_energy_from_wavelength(value)
 
     def __repr__(self):
         cx, cy = self.center
@@ -259,8 +271,21 @@ def uniform_signal_axes(signal):
     return axes[0], axes[1]  # x (columns), y (rows)
 
 
+def _positive_finite(value, name, unit):
+    """``value`` as a float, checked to be a real number, positive and finite."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number ({unit}); got {value!r} "
+                        f"({type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite ({unit}); got {value!r}")
+    return float(value)
+
+
 def _pair(value, name):
-    arr = np.asarray(value, dtype=float).ravel()
+    try:
+        arr = np.asarray(value, dtype=float).ravel()
+    except (TypeError, ValueError):  # e.g. a string: say what is expected
+        arr = np.array([])
     if arr.size == 1:
         arr = np.repeat(arr, 2)
     if arr.size != 2 or not np.all(np.isfinite(arr)):
@@ -274,14 +299,16 @@ def check_mask(mask, detector_shape):
     Parameters
     ----------
     mask : array-like
-        ``(rows, columns)`` array; non-zero / True marks excluded pixels.
+        ``(rows, columns)`` array: bool (True marks excluded pixels), or integers or
+        floats that are all 0 or 1 (1 marks excluded pixels).
     detector_shape : tuple of int
         ``(rows, columns)`` of one frame.
 
     Raises
     ------
     ValueError
-        If the shape differs from the detector's.
+        If the shape differs from the detector's, or the values are not bool or all 0 or 1
+        (e.g. 0.5 or NaN: as bool they would silently exclude every such pixel).
 
     Examples
     --------
@@ -298,7 +325,17 @@ def check_mask(mask, detector_shape):
             f"mask shape {mask.shape} does not match the detector shape {tuple(detector_shape)} "
             "(rows, columns)"
         )
-    return mask.astype(bool, copy=False)
+    if mask.dtype == bool:
+        return mask
+    # the same rule as the command line's --mask
+    ok = mask.dtype.kind in "iuf"
+    bad = mask[~np.isin(mask, (0, 1))].ravel()[:1] if ok else None
+    if not ok or bad.size:
+        what = f"{mask.dtype} values other than 0 and 1 (e.g. {bad[0].item()!r})" if ok else \
+            f"{mask.dtype} values"
+        raise ValueError("a mask must be bool (True = excluded) or numbers that are all 0 or 1 "
+                         f"(1 = excluded); got {what}")
+    return mask.astype(bool)
 
 
 def detector_image(value, detector_shape, name):

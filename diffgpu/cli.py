@@ -70,9 +70,10 @@ def _common(p):
     p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
     p.add_argument("--mask", help=".npy file: detector-shaped mask, True = excluded; a bool "
                                   "array, or integers or floats that are all 0 or 1 (1 = excluded)")
-    p.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
-                   help="scan shape (x, y) for files that do not say: .mib without .hdr, EMPAD "
-                        ".raw, HDF5 frame stacks (other formats record it: an error there)")
+    p.add_argument("--navigation-shape", type=_positive_int, nargs="+", metavar="N",
+                   help="scan shape (x, y), positive integers, for files that do not say: .mib "
+                        "without .hdr, EMPAD .raw, HDF5 frame stacks (other formats record it: "
+                        "an error there)")
     p.add_argument("--chunks", type=_positive_int, metavar="FRAMES",
                    help="about this many frames per chunk, a positive integer (whole scan rows "
                         "where they fit; a chunk gets at least 8 frames while that stays below "
@@ -86,13 +87,18 @@ def _common(p):
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="diffgpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"diffgpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, CUDA devices, dask-cuda; or how a FILE is read")
     info.add_argument("file", nargs="?", help="a data file: format, dtype and byte order, shape, "
                       "the reader's chunks and diffgpu's, header fields")
-    info.add_argument("--navigation-shape", type=int, nargs="+", metavar="N",
-                      help="scan shape (x, y) for files that do not say (.mib without .hdr)")
+    info.add_argument("--navigation-shape", type=_positive_int, nargs="+", metavar="N",
+                      help="scan shape (x, y), positive integers, for files that do not say "
+                           "(.mib without .hdr, EMPAD .raw, HDF5 frame stacks; other formats "
+                           "record it: an error there)")
     demo = sub.add_parser("demo", help="the main job on built-in synthetic data (PNG figure)")
     demo.add_argument("-o", "--output", default="demo-output")
     demo.add_argument("--nav", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
@@ -172,6 +178,10 @@ def cmd_info(args):
     if args.file:
         from .fileinfo import describe
 
+        if os.path.exists(args.file):
+            _check_not_a_plain_directory(args.file)
+            if args.navigation_shape:
+                _check_navigation_shape_applies(args.file)
         try:
             rows = describe(args.file, navigation_shape=args.navigation_shape)
         except (OSError, ValueError) as err:
@@ -234,8 +244,10 @@ def _load(args):
     import diffgpu
 
     nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
-    if nav and os.path.exists(args.input):
-        _check_navigation_shape_applies(args.input)
+    if os.path.exists(args.input):
+        _check_not_a_plain_directory(args.input)
+        if nav:
+            _check_navigation_shape_applies(args.input)
     try:
         s = diffgpu.load(args.input, lazy=True, **nav)
         if isinstance(s, diffgpu.DiffractionPatterns) and args.chunks:
@@ -263,6 +275,16 @@ def _load(args):
     if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
         s.to_device()
     return s
+
+
+def _check_not_a_plain_directory(path):
+    """The one directory diffgpu reads is a .zspy (zarr) store; say so before a reader
+    fails on another one with a message about file names."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, marker))
+                                       for marker in (".zgroup", ".zarray", "zarr.json")):
+        raise InputError(f"'{path}' is a directory but not a .zspy store (no .zgroup or "
+                         "zarr.json in it): give a data file, or a .zspy directory saved by "
+                         "HyperSpy or diffgpu")
 
 
 def _check_navigation_shape_applies(path):

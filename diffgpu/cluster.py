@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import numbers
 import os
+import warnings
+import weakref
 
 from .device import DeviceUnavailableError, devices, require_gpu
 
 __all__ = ["start_cluster"]
+
+# the clusters start_cluster started, to warn before a second one is started beside them
+_started = weakref.WeakSet()
+
+
+@functools.lru_cache(maxsize=None)
+def _client_class():
+    """A :class:`distributed.Client` whose ``with`` block also closes the cluster that
+    :func:`start_cluster` started for it (a plain Client closes only itself)."""
+    from distributed import Client
+
+    class ClusterClient(Client):
+        """Client of a cluster started by :func:`diffgpu.start_cluster`; leaving a ``with``
+        block closes the client and that cluster (its worker processes included)."""
+
+        def __exit__(self, exc_type, exc_value, traceback):
+            cluster = self.cluster
+            try:
+                super().__exit__(exc_type, exc_value, traceback)
+            finally:
+                if cluster is not None:
+                    cluster.close()
+
+    return ClusterClient
+
+
+def _check_count(value, name):
+    """None, or a positive integer (0 workers would leave every compute waiting forever)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (or None for dask's choice); "
+                         f"got {value!r}")
+
+
+def _running(cluster):
+    from distributed.core import Status
+
+    return getattr(cluster, "status", None) == Status.running
 
 
 def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory_limit="auto",
@@ -23,15 +66,22 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
 
     The dashboard link is printed (unless ``quiet``); in Jupyter the returned
     client also shows it. Close with ``client.close(); client.cluster.close()``
-    or use it as a context manager.
+    or use it as a context manager: leaving the ``with`` block closes the client
+    and the cluster (its worker processes too).
+
+    Each call starts a new cluster. If one started by an earlier call is still
+    running, a :class:`RuntimeWarning` says so (two clusters share this machine's
+    CPUs, GPUs and memory, and the newest client becomes dask's default): close the
+    earlier one first.
 
     Parameters
     ----------
     device : {"auto", "gpu", "cpu"}
         Which kind of cluster.
     n_workers, threads_per_worker : int, optional
-        CPU cluster sizing (default: dask's choice for this machine). For a GPU
-        cluster ``n_workers`` is the number of visible GPUs and cannot be more.
+        CPU cluster sizing, positive integers (default: dask's choice for this
+        machine). For a GPU cluster ``n_workers`` is the number of visible GPUs
+        and cannot be more.
     memory_limit : str or int
         Host memory limit per worker (``"auto"``, ``"4GB"``, ...).
     processes : bool
@@ -45,11 +95,20 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
     Returns
     -------
     distributed.Client
+        A subclass whose ``with`` block also closes the cluster.
 
     Raises
     ------
     DeviceUnavailableError
         ``device="gpu"`` without a usable GPU or without dask-cuda.
+    ValueError
+        An unknown ``device``, or ``n_workers`` / ``threads_per_worker`` not a
+        positive integer.
+
+    Warns
+    -----
+    RuntimeWarning
+        A cluster started by an earlier call is still running.
 
     Examples
     --------
@@ -59,11 +118,26 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
     >>> client.submit(sum, [1, 2, 3]).result()
     6
     >>> client.close(); client.cluster.close()
+    >>> with diffgpu.start_cluster(device="cpu", n_workers=1, processes=False,
+    ...                            quiet=True, dashboard_address=":0") as client:
+    ...     client.submit(sum, [1, 2]).result()
+    3
+    >>> client.cluster.status.name
+    'closed'
     """
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     if device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"device must be 'auto', 'gpu' or 'cpu'; got {device!r}")
+    _check_count(n_workers, "n_workers")
+    _check_count(threads_per_worker, "threads_per_worker")
+    running = [c for c in list(_started) if _running(c)]
+    if running:
+        warnings.warn(f"diffgpu.start_cluster: a cluster it started is already running "
+                      f"({running[0]!r}, scheduler {running[0].scheduler_address}); starting a "
+                      "second one beside it. Close the first with client.close(); "
+                      "client.cluster.close() (or start it with `with`), or keep using its "
+                      "client", RuntimeWarning, stacklevel=2)
     has_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
     use_gpu = False
     if device == "gpu":
@@ -96,7 +170,8 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                memory_limit=memory_limit, processes=processes, **kwargs)
         kind = f"LocalCluster with {len(cluster.workers)} CPU worker(s)"
-    client = Client(cluster)
+    _started.add(cluster)
+    client = _client_class()(cluster)
     if not quiet:
         print(f"diffgpu: started a {kind}; dashboard: {client.dashboard_link}")
     return client

@@ -54,6 +54,8 @@ def test_invalid_values(s):
         s.calibration.center = (1, 2, 3)
     with pytest.raises(ValueError, match="center must be"):
         s.calibration.center = (np.nan, 2)
+    with pytest.raises(ValueError, match="center must be one finite number or a pair"):
+        s.calibration.center = "ab"
     with pytest.raises(ValueError, match="beam_energy must be positive"):
         s.calibration.beam_energy = -200
 
@@ -104,3 +106,48 @@ def test_non_uniform_detector_axis_is_refused_clearly(s):
                lambda: s.center_of_mass(), lambda: s.get_virtual_image(hs.roi.CircleROI(0, 0, 3))):
         with pytest.raises(ValueError, match=r"diffgpu needs uniform detector axes.*axis 1 \(y\)"):
             op()
+
+
+def test_units_none_clears_and_pair_sets_each_axis(s):
+    s.calibration.units = ("1/nm", "1/Å")
+    assert s.calibration.units == ("1/nm", "1/Å")
+    assert [ax.units for ax in s.axes_manager.signal_axes] == ["1/nm", "1/Å"]
+    s.calibration.units = None
+    assert s.calibration.units is None
+    s.calibration.units = ["px", None]
+    assert s.calibration.units == ("px", None)
+    for bad in (5, ("1/nm",), ("a", "b", "c"), ("1/nm", 2)):
+        with pytest.raises(TypeError, match="units must be a string"):
+            s.calibration.units = bad
+    assert s.calibration.units == ("px", None)  # unchanged by a refused value
+
+
+def test_beam_energy_and_wavelength_setters_refuse_bad_values(s):
+    for value in (np.inf, np.nan, 0):
+        with pytest.raises(ValueError, match=r"beam_energy must be positive and finite \(keV\)"):
+            s.calibration.beam_energy = value
+        with pytest.raises(ValueError, match=r"wavelength must be positive and finite \(Å\)"):
+            s.calibration.wavelength = value
+    for value in ("200", True, [200]):
+        with pytest.raises(TypeError, match="beam_energy must be a number"):
+            s.calibration.beam_energy = value
+    assert s.calibration.beam_energy is None
+    s.calibration.beam_energy = np.int64(300)
+    assert s.calibration.beam_energy == 300.0
+    s.calibration.wavelength = None  # as beam_energy = None
+    assert s.calibration.beam_energy is None and s.calibration.wavelength is None
+
+
+def test_mask_must_be_bool_or_all_zero_or_one(s):
+    for value, shown in ((np.full((40, 64), 0.5), "0.5"), (np.full((40, 64), np.nan), "nan"),
+                         (np.full((40, 64), 2, dtype="uint8"), "2")):
+        with pytest.raises(ValueError, match=rf"a mask must be bool .* all 0 or 1 .*\(e\.g\. "
+                                             rf"{shown}\)"):
+            s.calibration.mask = value
+    with pytest.raises(ValueError, match="a mask must be bool"):
+        s.calibration.mask = np.full((40, 64), "x")
+    assert s.calibration.mask is None
+    ones = np.zeros((40, 64))
+    ones[0] = 1.0  # floats that are 0 or 1: 1 = excluded
+    s.calibration.mask = ones
+    assert s.calibration.mask.dtype == bool and s.calibration.mask.sum() == 64

@@ -371,3 +371,33 @@ def test_no_progress_means_no_progress_bar(tmp_path, capsys):
     assert "Completed" not in out and "integrated 6 patterns" in out
     assert main(args + ["-o", str(tmp_path / "b.zspy")]) == 0
     assert "Completed" in capsys.readouterr().out  # the bar, when asked for
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffgpu {diffgpu.__version__}"
+
+
+def test_info_file_errors_are_clear(scan_file, tmp_path, capsys):
+    from diffgpu.readers.mib import write_mib
+
+    # a file that records its scan shape: the message the other subcommands give, exit 3
+    assert main(["info", str(scan_file), "--navigation-shape", "4", "6"]) == 3
+    err = capsys.readouterr().err
+    assert "--navigation-shape applies only to" in err and "TypeError" not in err
+    for shape in (["0", "12"], ["-4", "3"]):  # positive integers: a bad argument, exit 2
+        with pytest.raises(SystemExit) as exc:
+            main(["info", str(scan_file), "--navigation-shape", *shape])
+        assert exc.value.code == 2
+        assert "--navigation-shape: must be at least 1" in capsys.readouterr().err
+    folder = tmp_path / "not_a_store"
+    folder.mkdir()
+    assert main(["info", str(folder)]) == 3
+    assert "is a directory but not a .zspy store" in capsys.readouterr().err
+    # one-byte words have no byte order
+    write_mib(tmp_path / "u8.mib", np.zeros((2, 3, 16, 16), np.uint8), depth="U08")
+    assert main(["info", str(tmp_path / "u8.mib")]) == 0
+    out = capsys.readouterr().out
+    assert "U08 (stored |u1: single bytes, no byte order)" in out and "big-endian" not in out

@@ -47,3 +47,45 @@ def test_gpu_cluster_one_worker_per_gpu(cupy):
     finally:
         client.close()
         client.cluster.close()
+
+
+@pytest.mark.parametrize("kw", [dict(n_workers=0), dict(n_workers=-1), dict(n_workers=1.5),
+                                dict(n_workers=True), dict(threads_per_worker=0)])
+def test_worker_counts_must_be_positive(kw):
+    # 0 workers would start a cluster on which every compute waits forever
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        diffgpu.start_cluster(device="cpu", processes=False, quiet=True, dashboard_address=":0",
+                              **kw)
+
+
+def _cpu_cluster():
+    return diffgpu.start_cluster(device="cpu", n_workers=1, threads_per_worker=1,
+                                 processes=False, quiet=True, dashboard_address=":0")
+
+
+def test_context_manager_closes_the_cluster_too():
+    from distributed.core import Status
+
+    with _cpu_cluster() as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        cluster = client.cluster
+    assert client.status == "closed" and cluster.status == Status.closed
+
+
+def test_second_cluster_warns_while_the_first_runs():
+    import warnings
+
+    first = _cpu_cluster()
+    try:
+        with pytest.warns(RuntimeWarning, match="a cluster it started is already running"):
+            second = _cpu_cluster()
+        second.close()
+        second.cluster.close()
+    finally:
+        first.close()
+        first.cluster.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # none running now: no warning
+        with _cpu_cluster():
+            pass

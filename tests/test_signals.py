@@ -209,3 +209,24 @@ def test_as_lazy_gives_diffgpus_chunks_of_whole_frames():
     # chunks a user gives are kept
     given = diffgpu.DiffractionPatterns(frames).as_lazy(chunks=(8, 32, 96, 96))
     assert given.data.chunks[0] == (8,) * 4
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fit_plane_needs_an_x_y_signal_axis(lazy):
+    shifts = diffgpu.DirectBeamShifts(np.zeros((3, 4, 3)))
+    if lazy:
+        shifts = shifts.as_lazy()
+    with pytest.raises(ValueError, match=r"signal axis to hold the shift \(x, y\), 2 values; "
+                                         r"this signal's signal shape is \(3,\)"):
+        shifts.fit_plane()
+
+
+def test_strain_to_frame_angle_must_be_finite():
+    m = diffgpu.StrainMap(np.array([[0.01, 0.0, 0.0, 0.0]]))
+    for angle in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="angle must be a finite number of degrees"):
+            m.to_frame(angle)
+    for angle in (None, [90], True, "x"):
+        with pytest.raises(ValueError, match="angle must be a number of degrees or 'g1'"):
+            m.to_frame(angle)
+    assert m.to_frame(np.float32(90)).data.round(6).tolist() == [[0.0, 0.01, -0.0, 0.0]]

@@ -45,6 +45,12 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
         DirectBeamShifts
             The fitted shifts at every scan position (eager, on the host).
 
+        Raises
+        ------
+        ValueError
+            If the signal axis does not hold the two values ``(x, y)``, the scan is not 1D
+            or 2D, ``mask`` does not have the scan's shape, or too few positions are valid.
+
         Examples
         --------
         >>> import numpy as np, diffgpu
@@ -54,6 +60,10 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
         >>> np.allclose(sh.fit_plane().data, data)
         True
         """
+        sig_shape = self.axes_manager.signal_shape
+        if sig_shape != (2,):  # before a lazy signal is computed
+            raise ValueError(f"fit_plane needs the signal axis to hold the shift (x, y), 2 values; "
+                             f"this signal's signal shape is {sig_shape}")
         data = np.asarray(to_host_array(self.data.compute() if self._lazy else self.data),
                           dtype=float)
         nav_shape = data.shape[:-1]

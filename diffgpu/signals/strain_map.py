@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 from hyperspy._signals.lazy_signal1d import LazySignal1D
 from hyperspy._signals.signal1d import Signal1D
@@ -85,6 +88,12 @@ class StrainMap(DeviceMixin, Signal1D):
 
         ``angle`` may be ``"g1"`` to align x' with the reference's first lattice vector.
 
+        Raises
+        ------
+        ValueError
+            If ``angle`` is not a finite number of degrees, nor ``"g1"`` with the
+            reference in ``metadata.Strain``.
+
         Examples
         --------
         >>> import numpy as np, diffgpu
@@ -100,7 +109,12 @@ class StrainMap(DeviceMixin, Signal1D):
                                  "reference in metadata.Strain)")
             gx, gy = self.metadata.Strain.reference_g1_px
             angle = float(np.degrees(np.arctan2(gy, gx)))
-        data = rotate_strain(self.data, float(angle))
+        elif isinstance(angle, (bool, np.bool_)) or not isinstance(angle, numbers.Real):
+            raise ValueError(f"angle must be a number of degrees or 'g1'; got {angle!r}")
+        angle = float(angle)
+        if not math.isfinite(angle):  # NaN would make every strain NaN
+            raise ValueError(f"angle must be a finite number of degrees; got {angle!r}")
+        data = rotate_strain(self.data, angle)
         out = self._deepcopy_with_new_data(data)
         prev = out.metadata.get_item("Strain.frame_angle_deg", 0.0)
         out.metadata.set_item("Strain.frame_angle_deg", float(prev) + float(angle))
