@@ -41,7 +41,10 @@ import math
 
 import numpy as np
 
+from .readers.errors import ReaderArgumentError
+
 __all__ = ["frame_chunks", "whole_frame_chunks", "chunks_of_frames", "check_chunk_frames",
+           "navigation_chunks",
            "HOST_CHUNK_BYTES", "DEVICE_CHUNK_BYTES",
            "CLUSTER_CHUNK_BYTES", "MIN_CHUNK_BYTES", "STORED_CHUNK_BYTES"]
 
@@ -118,6 +121,65 @@ def chunks_of_frames(nav_shape, frame_bytes, frames):
     """
     frames = check_chunk_frames(frames)
     return frame_chunks(nav_shape, frame_bytes, workers=1, target_bytes=frames * frame_bytes)
+
+
+def navigation_chunks(chunks, nav_shape, frame_bytes):
+    """Dask chunks of the navigation axes for a reader's ``chunks=`` (the frames stay whole).
+
+    Parameters
+    ----------
+    chunks : None, "auto", int or tuple
+        None or ``"auto"``: :func:`frame_chunks`'s choice; a number: about that many frames
+        per chunk (:func:`chunks_of_frames`); a tuple: dask's chunks of the navigation axes,
+        or of all axes (the detector's two entries are then ignored).
+    nav_shape : tuple of int
+        Navigation shape in array order.
+    frame_bytes : int
+        Bytes of one frame.
+
+    Returns
+    -------
+    tuple of tuple of int
+
+    Raises
+    ------
+    ValueError
+        If a number is not a positive whole number of frames;
+        :class:`~diffgpu.readers.errors.ReaderArgumentError` (a ``ValueError``) if a tuple has
+        neither one entry per navigation axis nor one per axis, or is not dask chunks.
+
+    Examples
+    --------
+    >>> from diffgpu.chunking import navigation_chunks
+    >>> navigation_chunks((1, 5), (3, 5), 512)
+    ((1, 1, 1), (5,))
+    >>> navigation_chunks((2, 5, 16, 16), (3, 5), 512)
+    ((2, 1), (5,))
+    """
+    import dask.array as da
+
+    nav_shape = tuple(int(n) for n in nav_shape)
+    if chunks is None or (isinstance(chunks, str) and chunks == "auto"):
+        return frame_chunks(nav_shape, frame_bytes)
+    if not isinstance(chunks, (tuple, list)):
+        return chunks_of_frames(nav_shape, frame_bytes, chunks)
+    chunks = tuple(chunks)
+    if len(chunks) == len(nav_shape) + 2:
+        chunks = chunks[:-2]  # chunks given for all axes: the frames stay whole
+    if len(chunks) != len(nav_shape):
+        raise ReaderArgumentError(
+            f"chunks={chunks!r} has {len(chunks)} entries; the scan {nav_shape} (array order) "
+            f"needs one per navigation axis ({len(nav_shape)}), or one per axis "
+            f"({len(nav_shape) + 2})")
+    for c in chunks:
+        if isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c < 1 and c != -1:
+            raise ReaderArgumentError(f"chunks={chunks!r}: a chunk size must be a positive "
+                                      f"number of frames (or -1 for the whole axis); got {c}")
+    try:
+        return da.core.normalize_chunks(chunks, shape=nav_shape, dtype=np.uint8)
+    except (TypeError, ValueError) as err:
+        raise ReaderArgumentError(f"chunks={chunks!r} are not dask chunks of the scan "
+                                  f"{nav_shape} (array order): {err}") from err
 
 
 def frame_chunks(nav_shape, frame_bytes, workers=None, device="cpu", target_bytes=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .readers.errors import DetectorFileError
+from .readers.errors import DetectorFileError, ReaderArgumentError
 
 __all__ = ["load", "as_diffraction_patterns"]
 
@@ -93,6 +93,9 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     **kwargs
         Passed to :func:`hyperspy.api.load` and the reader (``navigation_shape=(x, y)``,
         ``chunks=``, ``dataset=`` for HDF5, ``file_format=`` to choose the reader, ...).
+        ``chunks`` (about N frames per chunk, or dask's chunks of the navigation axes; the
+        frames stay whole) also applies to RosettaSciIO formats whose reader takes none
+        (``.hspy``, ``.zspy``, EMD, NeXus): their lazy data are rechunked after opening.
 
     Returns
     -------
@@ -107,7 +110,12 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         If no reader could read it; the message names the file and the reason.
     ValueError
         If the data cannot be one of diffgpu's signals (e.g. 3 signal dimensions), or
-        ``chunks`` is a number but not a positive whole number of frames.
+        ``chunks`` is a number but not a positive whole number of frames, or a tuple that is
+        not dask's chunks of the navigation axes;
+        :class:`~diffgpu.readers.errors.ReaderArgumentError` for a ``navigation_shape`` of the
+        wrong form.
+    TypeError
+        For a keyword one of diffgpu's readers does not take.
 
     Examples
     --------
@@ -141,11 +149,20 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             _check_extension(path)
     if os.path.splitext(path)[1].lower() == ".nxs":
         kwargs.setdefault("nxdata_only", True)  # the NXdata signals, not every axis dataset
+    rechunk = None
+    if kwargs.get("chunks") is not None and not ours and not _takes_chunks(path, kwargs):
+        # RosettaSciIO's reader takes no chunks (.hspy, .zspy, EMD, NeXus): diffgpu's chunks
+        # of whole frames are cut once the file is open
+        rechunk = kwargs.pop("chunks")
     try:
         with _own_reader_errors(ours):
             loaded = hs.load(path, lazy=lazy, **kwargs)
-    except DetectorFileError:
-        raise  # already names the file and what is wrong with it
+    except (DetectorFileError, ReaderArgumentError):
+        raise  # already names the file and what is wrong with it, or the argument
+    except TypeError as err:
+        if ours:
+            raise  # diffgpu's readers: a keyword they do not take, not the file's fault
+        raise OSError(f"could not read '{path}': {type(err).__name__}: {err}") from err
     except Exception as err:
         raise OSError(f"could not read '{path}': {type(err).__name__}: {err}") from err
     if isinstance(loaded, list):
@@ -154,8 +171,57 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         if usable and len(usable) < len(loaded):
             loaded = usable[0] if len(usable) == 1 else usable
     if isinstance(loaded, list):
-        return [_ours(s, signal_type, path) for s in loaded]
-    return _ours(loaded, signal_type, path)
+        return [_rechunked(_ours(s, signal_type, path), rechunk) for s in loaded]
+    return _rechunked(_ours(loaded, signal_type, path), rechunk)
+
+
+def _takes_chunks(path, kwargs):
+    """Whether the RosettaSciIO reader that HyperSpy picks for ``path`` takes ``chunks=``
+    (True where unsure: the keyword then goes to the reader as before)."""
+    import importlib
+    import inspect
+
+    from rsciio import IO_PLUGINS
+
+    fmt = kwargs.get("file_format", kwargs.get("reader"))
+    if fmt is not None and not isinstance(fmt, str):  # a reader module
+        readers = [getattr(fmt, "file_reader", None)]
+    else:
+        key = (fmt or os.path.splitext(path)[1].lstrip(".")).lower()
+        plugins = [p for p in IO_PLUGINS if key == p["name"].lower()
+                   or key in (a.lower() for a in p.get("name_aliases", ()))]
+        if not plugins and fmt is None:
+            plugins = [p for p in IO_PLUGINS if key in (e.lower() for e in p["file_extensions"])]
+        readers = []
+        for p in plugins:
+            try:
+                readers.append(importlib.import_module(p["api"]).file_reader)
+            except ImportError:
+                readers.append(None)
+    try:
+        return not readers or any(r is None or "chunks" in inspect.signature(r).parameters
+                                  for r in readers)
+    except (TypeError, ValueError):  # no signature to read
+        return True
+
+
+def _rechunked(signal, chunks):
+    """``signal`` with its lazy data cut into chunks of whole frames: about ``chunks`` frames
+    each (a number, :func:`~diffgpu.chunking.chunks_of_frames`) or dask's chunks of the
+    navigation axes (a tuple); ``signal`` itself for ``chunks=None`` or data in memory."""
+    if chunks is None or not signal._lazy:
+        return signal
+    from .chunking import navigation_chunks
+
+    am = signal.axes_manager
+    nav = sorted(am.navigation_axes, key=lambda a: a.index_in_array)
+    frame_bytes = int(np.prod(am.signal_shape)) * signal.data.dtype.itemsize
+    along = navigation_chunks(chunks, [a.size for a in nav], frame_bytes)
+    new = [(n,) for n in signal.data.shape]  # signal axes whole
+    for axis, c in zip(nav, along):
+        new[axis.index_in_array] = c
+    signal.data = signal.data.rechunk(tuple(new))
+    return signal
 
 
 def _check_extension(path):

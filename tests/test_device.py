@@ -382,3 +382,10 @@ def test_map_frames_never_wraps_into_the_default_dtype(lazy):
         s.map_frames(lambda f: f, output_shape=(-3,))
     pairs = run(s.map_frames(lambda f: f[:, 0, :3], output_shape=3))  # an int: one axis
     np.testing.assert_array_equal(pairs, frames[..., 0, :3])
+
+
+def test_map_frames_result_is_the_same_kind_eager_and_lazy():
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(16, 16), lazy=False)
+    eager = s.map_frames(lambda f: f[:, 0, :3], output_shape=(3,))
+    lazy = s.as_lazy().map_frames(lambda f: f[:, 0, :3], output_shape=(3,))
+    assert type(eager).__name__ == "Signal1D" and type(lazy).__name__ == "LazySignal1D"

@@ -123,6 +123,23 @@ def test_hyperspy_formats(tmp_path, ext, dtype):
     check_hyperspy_load(path, counts)
 
 
+@pytest.mark.parametrize("ext", ["hspy", "zspy"])
+def test_hyperspy_formats_take_chunks(tmp_path, ext, caplog):
+    """RosettaSciIO's .hspy/.zspy readers take no chunks: diffgpu rechunks to whole frames."""
+    counts = _counts((3, 5), (16, 16), "uint16")
+    path = tmp_path / f"scan.{ext}"
+    _signal(counts).as_lazy().save(path, chunks=(1, 2, 8, 8), show_progressbar=False)
+    for chunks, nav_chunks in ((3, ((1, 1, 1), (5,))), ((1, 5), ((1, 1, 1), (5,))),
+                               ((3, 1, 16, 16), ((3,), (1,) * 5))):
+        s = diffgpu.load(path, chunks=chunks)
+        assert s.data.chunks == nav_chunks + ((16,), (16,))
+        np.testing.assert_array_equal(s.data.compute(), counts)
+    assert "RosettaSciIO developers" not in caplog.text
+    assert type(diffgpu.load(path, chunks=3, lazy=False)).__name__ == "DiffractionPatterns"
+    with pytest.raises(ValueError, match="chunks must be a positive number"):
+        diffgpu.load(path, chunks=0)
+
+
 def test_blockfile(tmp_path):
     counts = _counts(NAV, (32, 32), "uint8")  # the format stores uint8 frames
     path = tmp_path / "scan.blo"
@@ -134,6 +151,9 @@ def test_blockfile(tmp_path):
     assert s.calibration.beam_energy is None  # not recorded (0 in the header)
     assert "beam=unknown" in repr(s.calibration)
     check_hyperspy_load(path, counts)
+    # a tuple is the navigation chunks, as for the other readers; the frames stay whole
+    for chunks in ((1, 4), (1, 4, 16, 16)):
+        assert diffgpu.load(path, chunks=chunks).data.chunks == ((1, 1, 1), (4,), (32,), (32,))
     # ASTAR records the beam energy in V (RosettaSciIO's writer leaves it 0): set it in the header
     from rsciio.blockfile._api import get_header_dtype_list
 
@@ -237,6 +257,26 @@ def test_dectris_chunks_follow_hdf5_chunks(tmp_path):
     np.testing.assert_array_equal(s.data.compute(), counts)
 
 
+def test_hdf5_tuple_chunks(tmp_path):
+    """A tuple is dask's chunks of the navigation axes, as for the other readers; whole frames."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    counts = _counts((3, 5), (16, 16), "uint16")
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=counts.reshape(-1, 16, 16), chunks=(1, 16, 16))
+    s = diffgpu.load(path, navigation_shape=(5, 3), chunks=(1, 5))
+    assert s.data.chunks == ((1, 1, 1), (5,), (16,), (16,))
+    np.testing.assert_array_equal(s.data.compute(), counts)
+    # Dectris chunks of 4 frames: the chunks asked for, the frames read right
+    master = write_dectris(tmp_path, counts, frames_per_file=8, chunk=4)
+    s = diffgpu.load(master, navigation_shape=(5, 3), chunks=((2, 1), (3, 2), 16, 16))
+    assert s.data.chunks == ((2, 1), (3, 2), (16,), (16,))
+    np.testing.assert_array_equal(s.data.compute(), counts)
+    with pytest.raises(ValueError, match="chunks"):
+        diffgpu.load(master, navigation_shape=(5, 3), chunks=(1, 2, 3))
+    assert hdf5plugin  # the Dectris layout is bitshuffle/LZ4
+
+
 def test_dectris_pixel_mask(tmp_path):
     counts = _counts(NAV, (16, 16), "uint16")
     bad = np.zeros((16, 16), bool)
@@ -281,6 +321,38 @@ def test_dm4(tmp_path, dtype, endian):
     check_hyperspy_load(path, counts, file_format=dm_reader)
     if endian == "<":  # HyperSpy's own choice by extension reads these too
         check_hyperspy_load(path, counts)
+
+
+@pytest.mark.parametrize("nav", [(1, 4), (4, 1), (1, 1)])
+def test_dm4_keeps_size_one_scan_axes(tmp_path, nav):
+    """A 1 x N, N x 1 or 1 x 1 scan keeps its scan shape, as the other readers keep it
+    (RosettaSciIO drops size-1 axes)."""
+    counts = _counts(nav, (24, 20), "uint16")
+    path = tmp_path / "line.dm4"
+    write_dm4(path, counts, nav_scale=1.5, nav_units="nm")
+    for lazy in (True, False):
+        s = diffgpu.load(path, lazy=lazy)
+        assert s.axes_manager.navigation_shape == nav[::-1]
+        np.testing.assert_array_equal(np.asarray(s.data), counts)
+
+
+def test_dm4_navigation_shape_and_keywords(tmp_path):
+    counts = _counts((1, 6), (16, 16), "uint16")
+    path = tmp_path / "line.dm4"
+    write_dm4(path, counts, nav_scale=1.5, nav_units="nm")
+    s = diffgpu.load(path, navigation_shape=(3, 2), chunks=(1, 3))
+    assert s.axes_manager.navigation_shape == (3, 2) and s.data.chunks[:2] == ((1, 1), (3,))
+    assert s.axes_manager.navigation_axes[0].scale == 1.5  # the file's scan step
+    np.testing.assert_array_equal(s.data.compute(), counts.reshape(2, 3, 16, 16))
+    assert diffgpu.load(path, navigation_shape=(6, 1)).axes_manager.navigation_shape == (6, 1)
+    _raises(path, "holds 6 frames", "needs 4", navigation_shape=(4, 1))
+    # the argument is named, the file not blamed
+    for kwargs, err, says in ((dict(navigation_shape=(0, 6)), ValueError, "positive"),
+                              (dict(chunks=(1, 2, 3)), ValueError, "3 entries"),
+                              (dict(first_frame=2), TypeError, "first_frame")):
+        with pytest.raises(err, match=says) as info:
+            diffgpu.load(path, **kwargs)
+        assert "corrupt" not in str(info.value)
 
 
 EMPAD_XML = """<root name="{name}"><timestamp timestamp="1774471672.586728" \

@@ -75,6 +75,22 @@ def test_line_scan_gives_a_plain_signal():
     np.testing.assert_allclose(img.data[0], 256)
 
 
+@pytest.mark.parametrize("rois", [hs.roi.CircleROI(cx=8, cy=8, r=4),
+                                  [hs.roi.CircleROI(cx=8, cy=8, r=4), np.eye(16)]])
+def test_line_scan_is_the_same_kind_of_signal_eager_and_lazy(rois):
+    """A line scan's virtual image is a Signal1D eagerly as lazily (was BaseSignal eagerly)."""
+    from hyperspy._signals.lazy_signal1d import LazySignal1D
+
+    s = diffgpu.DiffractionPatterns(np.ones((6, 16, 16), dtype="uint16"))
+    eager = s.get_virtual_image(rois)
+    lazy = s.as_lazy().get_virtual_image(rois)
+    assert type(eager) is hs.signals.Signal1D
+    assert type(lazy) is LazySignal1D
+    assert eager.axes_manager.signal_shape == lazy.axes_manager.signal_shape == (6,)
+    lazy.compute()
+    np.testing.assert_allclose(lazy.data, eager.data)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (hs.roi.Point1DROI(3), TypeError, "not a supported virtual detector"),
     (np.ones((10, 48)), ValueError, r"detector mask shape \(10, 48\) does not match"),

@@ -99,15 +99,9 @@ def lazy_raw(frames, name, chunks=None):
     import dask.array as da
     from dask.base import tokenize
 
-    from ..chunking import chunks_of_frames, frame_chunks
+    from ..chunking import navigation_chunks
 
-    if chunks is None or chunks == "auto":
-        nav_chunks = frame_chunks(frames.nav_shape, frames.frame_bytes)
-    elif isinstance(chunks, int):
-        nav_chunks = chunks_of_frames(frames.nav_shape, frames.frame_bytes, chunks)
-    else:
-        nav_chunks = da.core.normalize_chunks(tuple(chunks)[:len(frames.nav_shape)],
-                                              shape=frames.nav_shape, dtype=frames.dtype)
+    nav_chunks = navigation_chunks(chunks, frames.nav_shape, frames.frame_bytes)
     stat = os.stat(frames.path)
     token = tokenize(frames.path, stat.st_mtime, stat.st_size, frames.offset, frames.shape,
                      frames.stride, str(frames.dtype), nav_chunks)
@@ -117,7 +111,8 @@ def lazy_raw(frames, name, chunks=None):
     if frames.stride % frames.dtype.itemsize or frames.offset % frames.dtype.itemsize:
         return data  # records not at whole words: operations decode chunks as usual
     # frame-wise operations read the stored words in place, in the chunks asked for if any
-    asked = None if chunks is None or chunks == "auto" else nav_chunks
+    auto = chunks is None or (isinstance(chunks, str) and chunks == "auto")
+    asked = None if auto else nav_chunks
     return register(data, StoredFrames(os.path.abspath(frames.path), frames.offset, frames.stride,
                                        0, frames.dtype, frames.frame_shape, frames.nav_shape,
                                        nav_chunks=asked))

@@ -37,8 +37,9 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     lazy : bool
         Dask arrays read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
     chunks : int or tuple, optional
-        About this many frames per chunk (an int), or dask chunks of the four axes; default
-        whole frames in :func:`diffgpu.chunking.frame_chunks`'s navigation chunks.
+        About this many frames per chunk (an int), or dask chunks of the navigation axes (or
+        of all four; the frames stay whole); default whole frames in
+        :func:`diffgpu.chunking.frame_chunks`'s navigation chunks.
     endianness : str
         Byte order of the header (``"<"``, as ASTAR writes it).
 
@@ -50,7 +51,7 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     from rsciio.blockfile import file_reader as read_blo
     from rsciio.blockfile._api import get_header_dtype_list
 
-    from ..chunking import chunks_of_frames, frame_chunks
+    from ..chunking import frame_chunks, navigation_chunks
 
     filename = os.fspath(filename)
     header_dtype = np.dtype(get_header_dtype_list(endianness))
@@ -73,9 +74,8 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
                       f"{dp} x {dp} that the header announces ({need} bytes)")
     if chunks is None:
         chunks = frame_chunks((ny, nx), _FRAME_MARKER + dp * dp) + ((dp,), (dp,))
-    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
-        # about this many frames per chunk, as diffgpu's other readers take an int
-        chunks = chunks_of_frames((ny, nx), dp * dp, chunks) + ((dp,), (dp,))
+    else:  # as diffgpu's other readers take chunks: about N frames, or the navigation chunks
+        chunks = navigation_chunks(chunks, (ny, nx), dp * dp) + ((dp,), (dp,))
     dicts = read_blo(filename, lazy=lazy, chunks=chunks if lazy else "auto",
                      endianness=endianness, **kwds)
     for d in dicts:

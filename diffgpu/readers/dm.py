@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._raw import RawFrames, lazy_raw
-from .errors import DetectorFileError
+from .errors import DetectorFileError, ReaderArgumentError
 
 __all__ = ["file_reader", "byte_order", "PLUGIN"]
 
@@ -46,8 +46,12 @@ def byte_order(filename):
     return "<" if flag == 1 else ">"
 
 
-def file_reader(filename, lazy=False, chunks=None, **kwds):
-    """Read a DM3/DM4 file (RosettaSciIO's reader interface; its keywords pass through).
+def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds):
+    """Read a DM3/DM4 file (RosettaSciIO's reader interface).
+
+    A stack of frames keeps the scan shape the file records, size-1 scan axes included
+    (a 1 x N scan is ``(N, 1|...)``, as diffgpu's other readers give it; RosettaSciIO drops
+    them).
 
     Parameters
     ----------
@@ -58,8 +62,13 @@ def file_reader(filename, lazy=False, chunks=None, **kwds):
     chunks : int or tuple, optional
         Frames per dask chunk or navigation chunks of stacks of frames; default
         :func:`diffgpu.chunking.frame_chunks`.
+    navigation_shape : tuple of int, optional
+        The scan shape of the stacks of frames in HyperSpy's order ``(x, y)``, for frames
+        the file stores as another shape (e.g. a stack of N frames that is a scan); its
+        product must be the file's number of frames. Navigation axes of a new shape are
+        calibrated with the file's scan step where all its scan axes share one.
     **kwds
-        Passed to :func:`rsciio.digitalmicrograph.file_reader` (``optimize``, ...).
+        ``order`` and ``optimize``: passed to :func:`rsciio.digitalmicrograph.file_reader`.
 
     Returns
     -------
@@ -68,12 +77,26 @@ def file_reader(filename, lazy=False, chunks=None, **kwds):
 
     Raises
     ------
+    TypeError
+        For a keyword this reader does not take.
+    ValueError
+        For a ``navigation_shape`` that is not positive whole numbers, or given for a file
+        without a stack of frames.
     DetectorFileError
         Naming the file and what is wrong: not a DM file, a tag tree that cannot be
-        parsed (truncated or corrupt), pixel data that reach past the end of the file.
+        parsed (truncated or corrupt), pixel data that reach past the end of the file, a
+        ``navigation_shape`` that does not hold the file's frames.
     """
     from rsciio.digitalmicrograph import file_reader as read_tags
 
+    # checked here: read_tags' own TypeError would be reported as a corrupt file below
+    unknown = set(kwds) - {"order", "optimize", "mmap_mode", "print_info"}
+    if unknown:
+        raise TypeError(f"unknown keyword arguments for the DigitalMicrograph reader: "
+                        f"{sorted(unknown)} (it takes navigation_shape, chunks, order and "
+                        "optimize)")
+    kwds = {k: v for k, v in kwds.items() if k in ("order", "optimize")}
+    nav = None if navigation_shape is None else _navigation_shape(navigation_shape)
     filename = os.fspath(filename)
     endian = byte_order(filename)
     try:
@@ -83,12 +106,17 @@ def file_reader(filename, lazy=False, chunks=None, **kwds):
                                           f"({type(err).__name__}: {err}); truncated or corrupt?") \
             from err
     size = os.path.getsize(filename)
+    stacks = 0
     for d in dicts:
         data = d["data"]
         image = d["original_metadata"].get("ImageList", {}).get("TagGroup0", {})
         where = image.get("ImageData", {}).get("Data")
         dtype = np.dtype(data.dtype)
         plain = dtype.kind in "biuf" and dtype.names is None
+        if data.ndim >= 3:
+            # a stack of frames keeps the file's scan shape: no size-1 scan axis dropped
+            d["post_process"] = [f for f in d.get("post_process", [])
+                                 if "squeeze" not in getattr(f, "__code__", _NO_CODE).co_names]
         if isinstance(where, dict) and "offset" in where and plain:
             offset = int(where["offset"])
             n_bytes = int(np.prod(data.shape)) * dtype.itemsize
@@ -98,14 +126,60 @@ def file_reader(filename, lazy=False, chunks=None, **kwds):
                               f"the end of the file ({size} bytes): truncated?")
             stored = dtype.newbyteorder(endian)
             if data.ndim >= 3 and kwds.get("order") in (None, "C"):
-                frames = RawFrames(filename, offset, data.shape[:-2], data.shape[-2:], stored)
+                stacks += 1
+                scan = data.shape[:-2]
+                if nav is not None and nav != scan:
+                    _reshape_navigation(filename, d, nav)
+                    scan = nav
+                frames = RawFrames(filename, offset, scan, data.shape[-2:], stored)
                 d["data"] = lazy_raw(frames, "dm", chunks)
             elif stored != dtype:  # RosettaSciIO read the pixels in the machine's byte order
                 d["data"] = data.view(stored)
         if not lazy:
             d["data"] = np.asarray(d["data"].compute() if hasattr(d["data"], "compute")
                                    else d["data"])
+    if nav is not None and not stacks:
+        raise ReaderArgumentError(
+            f"navigation_shape applies to a stack of frames stored in C order; '{filename}' "
+            f"holds none (images of shapes {[tuple(d['data'].shape) for d in dicts]})")
     return dicts
+
+
+_NO_CODE = SimpleNamespace(co_names=())  # post-processing callables without Python code
+
+
+def _navigation_shape(navigation_shape):
+    """``navigation_shape`` (HyperSpy's ``(x, y)``) in array order, checked."""
+    try:
+        xy = tuple(int(n) for n in np.atleast_1d(navigation_shape))
+        ok = bool(xy) and all(n == v for n, v in zip(xy, np.atleast_1d(navigation_shape)))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or min(xy) < 1:
+        raise ReaderArgumentError(f"navigation_shape must be positive whole numbers (x, y); "
+                                  f"got {navigation_shape!r}")
+    return xy[::-1]
+
+
+def _reshape_navigation(filename, d, nav):
+    """Give the signal dictionary ``d`` the scan shape ``nav`` (array order) in place."""
+    axes = d["axes"]
+    n_nav = len(axes) - 2
+    frames = int(np.prod([a["size"] for a in axes[:n_nav]]))
+    if int(np.prod(nav)) != frames:
+        raise DetectorFileError(
+            filename, f"the file holds {frames} frames; navigation_shape={nav[::-1]} needs "
+                      f"{int(np.prod(nav))}")
+    # the file's scan step carries over where its scan axes share one
+    steps = {(float(a.get("scale", 1.0)), str(a.get("units", ""))) for a in axes[:n_nav]}
+    scale, units = steps.pop() if len(steps) == 1 else (1.0, "")
+    names = ("y", "x") if len(nav) == 2 else ("frame",) if len(nav) == 1 else \
+        tuple(f"scan{i}" for i in range(len(nav)))
+    new = [{"name": name, "size": n, "scale": scale, "offset": 0.0, "units": units,
+            "navigate": True, "index_in_array": i} for i, (name, n) in enumerate(zip(names, nav))]
+    for j, a in enumerate(axes[n_nav:]):
+        new.append(dict(a, index_in_array=len(nav) + j))
+    d["axes"] = new
 
 
 #: what :func:`diffgpu.load` hands ``hs.load(file_format=...)``: this reader under its module's

@@ -1,8 +1,9 @@
-"""The error diffgpu's readers raise for files they cannot read as what they claim to be."""
+"""The errors diffgpu's readers raise: for files they cannot read as what they claim to be,
+and for arguments that do not fit (which are not the file's fault)."""
 
 from __future__ import annotations
 
-__all__ = ["DetectorFileError"]
+__all__ = ["DetectorFileError", "ReaderArgumentError"]
 
 
 class DetectorFileError(ValueError):
@@ -24,3 +25,16 @@ class DetectorFileError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"'{self.path}': {problem}")
+
+
+class ReaderArgumentError(ValueError):
+    """An argument a reader cannot use (a ``navigation_shape`` or ``chunks`` of the wrong form).
+
+    :func:`diffgpu.load` raises it as it is, not as an ``OSError`` about the file.
+
+    Examples
+    --------
+    >>> from diffgpu.readers.errors import ReaderArgumentError
+    >>> isinstance(ReaderArgumentError("chunks=(0, 5): ..."), ValueError)
+    True
+    """

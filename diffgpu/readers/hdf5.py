@@ -479,9 +479,10 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         becomes a square scan, and anything else a 1D stack.
     dataset : str, optional
         Path of the dataset in the file (see :func:`find_frames`).
-    chunks : int, optional
-        Frames per dask chunk along the scan (rounded to whole HDF5 chunks); by default
-        :func:`diffgpu.chunking.frame_chunks`'s choice, rounded to whole HDF5 chunks.
+    chunks : int or tuple, optional
+        Frames per dask chunk along the scan (rounded to whole HDF5 chunks), or dask's chunks
+        of the navigation axes (or of all axes; the frames stay whole), taken as given; by
+        default :func:`diffgpu.chunking.frame_chunks`'s choice, rounded to whole HDF5 chunks.
 
     Returns
     -------
@@ -509,7 +510,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     """
     import dask.array as da
 
-    from ..chunking import check_chunk_frames, frame_chunks
+    from ..chunking import check_chunk_frames, frame_chunks, navigation_chunks
 
     unknown = set(kwds) - {"mmap_mode", "print_info"}
     if unknown:
@@ -543,7 +544,13 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     direct = [_direct_index(f, p) for f, p, _ in parts] if file_nav is None else None
     frames = _Frames(parts, nav, frame_shape, dtype, source=filename, direct=direct)
     frame_bytes = int(np.prod(frame_shape)) * dtype.itemsize
-    if chunks is None and hdf5_chunk == 1:
+    if isinstance(chunks, str) and chunks == "auto":
+        chunks = None
+    if isinstance(chunks, (tuple, list)):
+        # dask's chunks of the navigation axes, as asked (a compressed chunk split between two
+        # dask chunks is decoded by both: correct, only slower)
+        nav_chunks = navigation_chunks(chunks, nav, frame_bytes)
+    elif chunks is None and hdf5_chunk == 1:
         nav_chunks = frame_chunks(nav, frame_bytes)
     else:  # whole HDF5 chunks, about as many frames as diffgpu's choice (or the caller's)
         per = (check_chunk_frames(chunks) if chunks is not None

@@ -59,7 +59,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..sources import StoredFrames, block_runs, register
-from .errors import DetectorFileError
+from .errors import DetectorFileError, ReaderArgumentError
 
 __all__ = ["file_reader", "inspect", "MIBFile", "write_mib", "DEPTHS", "PLUGIN"]
 
@@ -356,9 +356,11 @@ class MIBFile:
             try:
                 xy = tuple(int(v) for v in np.atleast_1d(navigation_shape))
             except (TypeError, ValueError):
-                raise ValueError(f"navigation_shape must be a tuple of ints; got {navigation_shape!r}")
+                raise ReaderArgumentError(
+                    f"navigation_shape must be a tuple of ints; got {navigation_shape!r}")
             if not xy or min(xy) < 1:
-                raise ValueError(f"navigation_shape must be positive integers; got {navigation_shape!r}")
+                raise ReaderArgumentError(
+                    f"navigation_shape must be positive integers; got {navigation_shape!r}")
             if math.prod(xy) != n:
                 raise DetectorFileError(
                     self.path, f"navigation_shape {xy} (x, y) needs {math.prod(xy):,} frames but the "
@@ -396,7 +398,9 @@ class MIBFile:
     def fields(self):
         """Header fields worth showing (``diffgpu info``), as a dict."""
         h = self.header
-        out = {"pixel depth": f"{self.depth} (stored {self.dtype.str}: big-endian)",
+        # one-byte words (U08) have no byte order
+        order = "single bytes, no byte order" if self.dtype.itemsize == 1 else "big-endian"
+        out = {"pixel depth": f"{self.depth} (stored {self.dtype.str}: {order})",
                "counter depth (bits)": h.get("counter_depth", f"{_COUNTER_DEPTH[self.depth]} (assumed)"),
                "chips / layout": f"{h['chips']} / {self.layout}",
                "header bytes": self.header_bytes,

@@ -19,7 +19,8 @@ def _classes():
 
 def as_signal(result, replace=None):
     """The signal of ``result``: diffgpu's class for its signal type (lazy or not), or
-    HyperSpy's generic signal for ``signal_type=""``.
+    HyperSpy's class for its dimensions (``Signal1D``, ``Signal2D``, ``BaseSignal``; the
+    same eagerly and lazily) for ``signal_type=""``.
 
     With ``replace=signal``, that signal becomes the result in place (HyperSpy's
     ``inplace=True``) and None is returned.
@@ -44,6 +45,9 @@ def as_signal(result, replace=None):
         from hyperspy.signals import BaseSignal
 
         out = BaseSignal(result.data, **kwargs)
+        # HyperSpy's class for the dimensions (Signal1D, ...), as as_lazy() assigns it: the
+        # same kind of signal eagerly and lazily
+        out._assign_subclass()
         if result.lazy and not out._lazy:
             out = out.as_lazy()
     if replace is not None:

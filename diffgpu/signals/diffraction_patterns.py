@@ -262,6 +262,7 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         axes = self.axes_manager._get_navigation_axes_dicts() + [
             {"size": n, "navigate": False} for n in output_shape]
         out = BaseSignal(result, axes=axes) if axes else BaseSignal(result)
+        out._assign_subclass()  # (Signal1D, ...: the class as_lazy() would give it)
         out.metadata.General.title = self.metadata.General.title
         if self._lazy and not out._lazy:
             out = out.as_lazy()
