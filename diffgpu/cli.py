@@ -779,6 +779,10 @@ def main(argv=None):
     except ValueError as err:  # bad parameters found by the operations themselves
         print(f"diffgpu: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except BrokenPipeError:  # `diffgpu info FILE | head`: the reader stopped, not an error
+        # (stdout is pointed at devnull so that Python's flush at exit does not fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
 
