@@ -165,6 +165,20 @@ def _beam_frames():
     return np.stack([beam, beam, np.zeros_like(beam)])
 
 
+def _with_bad_pixels(f, lazy):
+    """Frames ``f`` with a NaN pixel in frame 0 and a hot pixel in frame 1 that
+    ``calibration.mask`` leaves out; the centre at the detector's middle."""
+    f = f.copy()
+    f[0, 2, 3] = np.nan
+    f[1, 13, 2] = 1e6  # hot, but masked
+    s = diffgpu.DiffractionPatterns(f)
+    s.calibration.center = None
+    mask = np.zeros(f.shape[-2:], bool)
+    mask[13, 2] = True
+    s.calibration.mask = mask
+    return s.as_lazy() if lazy else s
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("method, kw", [("blur", {}), ("cross_correlate", {"radius": 2})])
 def test_blur_and_cross_correlation_leave_out_nan_and_masked_pixels(lazy, method, kw):
@@ -174,15 +188,7 @@ def test_blur_and_cross_correlation_leave_out_nan_and_masked_pixels(lazy, method
     clean = diffgpu.DiffractionPatterns(f.copy())
     clean.calibration.center = None
     ref = clean.get_direct_beam_position(method=method, **kw).data[1]
-    f[0, 2, 3] = np.nan
-    f[1, 13, 2] = 1e6  # hot, but masked
-    s = diffgpu.DiffractionPatterns(f)
-    s.calibration.center = None
-    mask = np.zeros((16, 16), bool)
-    mask[13, 2] = True
-    s.calibration.mask = mask
-    if lazy:
-        s = s.as_lazy()
+    s = _with_bad_pixels(f, lazy)
     shifts = s.get_direct_beam_position(method=method, **kw)
     got = shifts.data.compute() if lazy else shifts.data
     np.testing.assert_allclose(got[:2], [ref, ref], atol=1e-5)
@@ -255,15 +261,7 @@ def test_mask_and_threshold_are_for_center_of_mass_only(drifting):
 @pytest.mark.parametrize("method, kw", [("center_of_mass", {}), ("blur", {}),
                                         ("cross_correlate", {"radius": 2})])
 def test_standin_device_beam_finding_with_nan_and_masked_pixels(standin_gpu, lazy, method, kw):
-    f = _beam_frames()
-    f[0, 2, 3] = np.nan
-    f[1, 13, 2] = 1e6
-    s = diffgpu.DiffractionPatterns(f)
-    mask = np.zeros((16, 16), bool)
-    mask[13, 2] = True
-    s.calibration.mask = mask
-    if lazy:
-        s = s.as_lazy()
+    s = _with_bad_pixels(_beam_frames(), lazy)
     ref = s.get_direct_beam_position(method=method, **kw)
     ref = ref.data.compute() if lazy else ref.data
     dev = s.deepcopy()
