@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._raw import RawFrames, lazy_raw
-from .errors import DetectorFileError, ReaderArgumentError
+from .errors import DetectorFileError, ReaderArgumentError, navigation_shape_array_order
 
 __all__ = ["file_reader", "byte_order", "PLUGIN"]
 
@@ -96,7 +96,8 @@ def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds
                         f"{sorted(unknown)} (it takes navigation_shape, chunks, order and "
                         "optimize)")
     kwds = {k: v for k, v in kwds.items() if k in ("order", "optimize")}
-    nav = None if navigation_shape is None else _navigation_shape(navigation_shape)
+    nav = None if navigation_shape is None else \
+        navigation_shape_array_order(navigation_shape)
     filename = os.fspath(filename)
     endian = byte_order(filename)
     try:
@@ -146,19 +147,6 @@ def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds
 
 
 _NO_CODE = SimpleNamespace(co_names=())  # post-processing callables without Python code
-
-
-def _navigation_shape(navigation_shape):
-    """``navigation_shape`` (HyperSpy's ``(x, y)``) in array order, checked."""
-    try:
-        xy = tuple(int(n) for n in np.atleast_1d(navigation_shape))
-        ok = bool(xy) and all(n == v for n, v in zip(xy, np.atleast_1d(navigation_shape)))
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok or min(xy) < 1:
-        raise ReaderArgumentError(f"navigation_shape must be positive whole numbers (x, y); "
-                                  f"got {navigation_shape!r}")
-    return xy[::-1]
 
 
 def _reshape_navigation(filename, d, nav):

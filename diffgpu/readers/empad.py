@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._raw import RawFrames, lazy_raw
-from .errors import DetectorFileError, ReaderArgumentError
+from .errors import DetectorFileError, navigation_shape_array_order
 
 __all__ = ["file_reader", "is_empad", "read_xml", "FRAME_SHAPE", "RAW_FRAME_SHAPE", "PLUGIN"]
 
@@ -210,9 +210,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
                                           f"(looked for '{raw}')")
     nav = info.get("nav_shape")
     if navigation_shape is not None:
-        nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]
-        if not nav or min(nav) < 1:
-            raise ReaderArgumentError(f"navigation_shape must be positive numbers; got {navigation_shape!r}")
+        nav = navigation_shape_array_order(navigation_shape)
     n = int(np.prod(nav))
     stride = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
     size = os.path.getsize(raw)

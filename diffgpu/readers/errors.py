@@ -3,7 +3,7 @@ and for arguments that do not fit (which are not the file's fault)."""
 
 from __future__ import annotations
 
-__all__ = ["DetectorFileError", "ReaderArgumentError"]
+__all__ = ["DetectorFileError", "ReaderArgumentError", "navigation_shape_array_order"]
 
 
 class DetectorFileError(ValueError):
@@ -38,3 +38,26 @@ class ReaderArgumentError(ValueError):
     >>> isinstance(ReaderArgumentError("chunks=(0, 5): ..."), ValueError)
     True
     """
+
+
+def navigation_shape_array_order(navigation_shape):
+    """A reader's ``navigation_shape`` (HyperSpy's order, ``(x, y)``) checked and in array
+    order (``(y, x)``): positive whole numbers, or :class:`ReaderArgumentError`.
+
+    Examples
+    --------
+    >>> navigation_shape_array_order((4, 3))
+    (3, 4)
+    """
+    import numpy as np
+
+    given = np.atleast_1d(navigation_shape)
+    try:
+        xy = tuple(int(n) for n in given)
+        ok = bool(xy) and all(n == v for n, v in zip(xy, given)) and min(xy) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ReaderArgumentError(f"navigation_shape must be positive whole numbers (x, y); "
+                                  f"got {navigation_shape!r}")
+    return xy[::-1]

@@ -37,7 +37,7 @@ except ImportError:  # a declared dependency; without it only compressed reads f
 import numpy as np
 
 from ._raw import _read_region
-from .errors import DetectorFileError
+from .errors import DetectorFileError, navigation_shape_array_order
 
 __all__ = ["file_reader", "find_frames", "sniff", "PLUGIN"]
 
@@ -526,7 +526,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         frame_shape = shape
     n_frames = sum(n for _, _, n in parts)
     if navigation_shape is not None:
-        nav = tuple(int(n) for n in np.atleast_1d(navigation_shape))[::-1]  # array order
+        nav = navigation_shape_array_order(navigation_shape)
         if int(np.prod(nav)) != n_frames:
             raise DetectorFileError(
                 filename, f"the file holds {n_frames} frames; navigation_shape="

@@ -59,7 +59,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..sources import StoredFrames, block_runs, register
-from .errors import DetectorFileError, ReaderArgumentError
+from .errors import DetectorFileError, navigation_shape_array_order
 
 __all__ = ["file_reader", "inspect", "MIBFile", "write_mib", "DEPTHS", "PLUGIN"]
 
@@ -353,14 +353,7 @@ class MIBFile:
         """
         n = self.n_frames
         if navigation_shape is not None:
-            try:
-                xy = tuple(int(v) for v in np.atleast_1d(navigation_shape))
-            except (TypeError, ValueError):
-                raise ReaderArgumentError(
-                    f"navigation_shape must be a tuple of ints; got {navigation_shape!r}")
-            if not xy or min(xy) < 1:
-                raise ReaderArgumentError(
-                    f"navigation_shape must be positive integers; got {navigation_shape!r}")
+            xy = navigation_shape_array_order(navigation_shape)[::-1]
             if math.prod(xy) != n:
                 raise DetectorFileError(
                     self.path, f"navigation_shape {xy} (x, y) needs {math.prod(xy):,} frames but the "
@@ -473,19 +466,12 @@ def lazy_frames(mib, nav_shape, chunks=None, flip_rows=True):
     import dask.array as da
     from dask.base import tokenize
 
-    from ..chunking import chunks_of_frames, frame_chunks
+    from ..chunking import navigation_chunks
 
     itemsize = mib.dtype.itemsize
-    if isinstance(chunks, tuple) and len(chunks) == len(nav_shape) + 2:
-        chunks = chunks[:-2]  # chunks given for all axes: the frames stay whole
-    if chunks is None or chunks == "auto":
-        nav_chunks = frame_chunks(nav_shape, mib.pixel_bytes)
-    elif isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool):
-        # about this many frames per chunk, as diffgpu's other readers take an int (whole
-        # scan rows where they fit); until 2026-12-07 it meant scan rows here
-        nav_chunks = chunks_of_frames(nav_shape, mib.pixel_bytes, chunks)
-    else:
-        nav_chunks = da.core.normalize_chunks(chunks, shape=nav_shape, dtype=_NATIVE[itemsize])
+    # (an int: about this many frames per chunk, as diffgpu's other readers take it; until
+    # 2026-12-07 it meant scan rows here)
+    nav_chunks = navigation_chunks(chunks, nav_shape, mib.pixel_bytes)
     full = tuple(nav_chunks) + tuple((n,) for n in mib.frame_shape)
     stat = os.stat(mib.path)
     name = "mib-" + tokenize(os.path.abspath(mib.path), stat.st_size, stat.st_mtime_ns,
