@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -94,8 +96,8 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         Passed to :func:`hyperspy.api.load` and the reader (``navigation_shape=(x, y)``,
         ``chunks=``, ``dataset=`` for HDF5, ``file_format=`` to choose the reader, ...).
         ``chunks`` (about N frames per chunk, or dask's chunks of the navigation axes; the
-        frames stay whole) also applies to RosettaSciIO formats whose reader takes none
-        (``.hspy``, ``.zspy``, EMD, NeXus): their lazy data are rechunked after opening.
+        frames stay whole) also applies to the formats RosettaSciIO reads (``.hspy``,
+        ``.zspy``, EMD, NeXus, ...): their lazy data are rechunked after opening.
 
     Returns
     -------
@@ -149,11 +151,9 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             _check_extension(path)
     if os.path.splitext(path)[1].lower() == ".nxs":
         kwargs.setdefault("nxdata_only", True)  # the NXdata signals, not every axis dataset
-    rechunk = None
-    if kwargs.get("chunks") is not None and not ours and not _takes_chunks(path, kwargs):
-        # RosettaSciIO's reader takes no chunks (.hspy, .zspy, EMD, NeXus): diffgpu's chunks
-        # of whole frames are cut once the file is open
-        rechunk = kwargs.pop("chunks")
+    # RosettaSciIO's readers take no chunks (.hspy, .zspy) or chunks of every axis: diffgpu's
+    # chunks of whole frames are cut once the file is open
+    rechunk = None if ours else kwargs.pop("chunks", None)
     try:
         with _own_reader_errors(ours):
             loaded = hs.load(path, lazy=lazy, **kwargs)
@@ -173,36 +173,6 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     if isinstance(loaded, list):
         return [_rechunked(_ours(s, signal_type, path), rechunk) for s in loaded]
     return _rechunked(_ours(loaded, signal_type, path), rechunk)
-
-
-def _takes_chunks(path, kwargs):
-    """Whether the RosettaSciIO reader that HyperSpy picks for ``path`` takes ``chunks=``
-    (True where unsure: the keyword then goes to the reader as before)."""
-    import importlib
-    import inspect
-
-    from rsciio import IO_PLUGINS
-
-    fmt = kwargs.get("file_format", kwargs.get("reader"))
-    if fmt is not None and not isinstance(fmt, str):  # a reader module
-        readers = [getattr(fmt, "file_reader", None)]
-    else:
-        key = (fmt or os.path.splitext(path)[1].lstrip(".")).lower()
-        plugins = [p for p in IO_PLUGINS if key == p["name"].lower()
-                   or key in (a.lower() for a in p.get("name_aliases", ()))]
-        if not plugins and fmt is None:
-            plugins = [p for p in IO_PLUGINS if key in (e.lower() for e in p["file_extensions"])]
-        readers = []
-        for p in plugins:
-            try:
-                readers.append(importlib.import_module(p["api"]).file_reader)
-            except ImportError:
-                readers.append(None)
-    try:
-        return not readers or any(r is None or "chunks" in inspect.signature(r).parameters
-                                  for r in readers)
-    except (TypeError, ValueError):  # no signature to read
-        return True
 
 
 def _rechunked(signal, chunks):
@@ -247,21 +217,17 @@ class _NoReportHint:
         return "RosettaSciIO developers" not in record.getMessage()
 
 
-class _own_reader_errors:
-    def __init__(self, ours):
-        import logging
-
-        self.logger = logging.getLogger("hyperspy.io") if ours else None
-        self.hint = _NoReportHint()
-
-    def __enter__(self):
-        if self.logger is not None:
-            self.logger.addFilter(self.hint)
-
-    def __exit__(self, *exc):
-        if self.logger is not None:
-            self.logger.removeFilter(self.hint)
-        return False
+@contextlib.contextmanager
+def _own_reader_errors(ours):
+    """:class:`_NoReportHint` on HyperSpy's loader while ``ours`` (one of diffgpu's readers)."""
+    logger = logging.getLogger("hyperspy.io")
+    hint = _NoReportHint()
+    if ours:
+        logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hint)
 
 
 def _signal_dimension(signal):
