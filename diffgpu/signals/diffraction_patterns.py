@@ -257,15 +257,12 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         result = map_frames(self.data, run, output_shape, dtype)
         if output_shape == detector and signal_type in (None, "diffraction_patterns"):
             return self._deepcopy_with_new_data(result)
-        from hyperspy.signals import BaseSignal
+        from ..results import OperationResult
 
         axes = self.axes_manager._get_navigation_axes_dicts() + [
             {"size": n, "navigate": False} for n in output_shape]
-        out = BaseSignal(result, axes=axes) if axes else BaseSignal(result)
-        out._assign_subclass()  # (Signal1D, ...: the class as_lazy() would give it)
-        out.metadata.General.title = self.metadata.General.title
-        if self._lazy and not out._lazy:
-            out = out.as_lazy()
+        out = as_signal(OperationResult(result, axes, {"General": {
+            "title": self.metadata.General.title}}, "", lazy=self._lazy))
         if signal_type:
             out.set_signal_type(signal_type)
         return out
