@@ -327,7 +327,7 @@ def check_mask(mask, detector_shape):
         )
     if mask.dtype == bool:
         return mask
-    # the same rule as the command line's --mask
+    # (the command line's --mask goes through here too)
     ok = mask.dtype.kind in "iuf"
     bad = mask[~np.isin(mask, (0, 1))].ravel()[:1] if ok else None
     if not ok or bad.size:

@@ -269,7 +269,8 @@ def _load(args):
         s.calibration.center = tuple(args.center)
     if args.mask:
         try:
-            s.calibration.mask = _mask_array(np.load(args.mask, allow_pickle=False), args.mask)
+            # (the calibration's check: bool, or numbers that are all 0 or 1)
+            s.calibration.mask = np.load(args.mask, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise InputError(f"mask '{args.mask}': {err}") from err
     if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
@@ -312,21 +313,6 @@ def _check_center(center, detector_shape):
                          "pixel (x, y)")
     if not (-0.5 <= cx <= nx - 0.5 and -0.5 <= cy <= ny - 0.5):
         print(f"diffgpu: warning: {where}", file=sys.stderr)
-
-
-def _mask_array(mask, path):
-    """A --mask array as bool: bool as is; integers or floats only if every value is 0 or 1."""
-    import numpy as np
-
-    if mask.dtype == bool:
-        return mask
-    if mask.dtype.kind in "iuf" and np.isin(mask, (0, 1)).all():
-        return mask.astype(bool)
-    bad = mask[~np.isin(mask, (0, 1))].ravel()[:1] if mask.dtype.kind in "iuf" else None
-    what = (f"{mask.dtype} values other than 0 and 1 (e.g. {bad[0]!r})" if bad is not None
-            and bad.size else f"{mask.dtype} values")
-    raise ValueError(f"a mask must be bool (True = excluded) or numbers that are all 0 or 1 "
-                     f"(1 = excluded); '{path}' holds {what}")
 
 
 def _figure_paths(args):
