@@ -306,6 +306,57 @@ def test_ring_calibration_scale_and_ellipticity(distortion):
     np.testing.assert_allclose(cal.scale * cal.affine, m_true, atol=1e-3 * 0.0105)
 
 
+def _stretch(ratio, degrees):
+    """A determinant-one distortion whose rings' long axis is ``ratio`` x the short one."""
+    t = np.radians(degrees)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return rot @ np.diag([ratio**0.5, ratio**-0.5]) @ rot.T
+
+
+def _ring_truth(distortion, scale):
+    ev = np.linalg.eigvalsh(scale * np.linalg.inv(distortion))
+    return np.sqrt(ev[0] * ev[1]), ev[1] / ev[0] - 1
+
+
+@pytest.mark.parametrize("case", ["ellipticity 12%", "ellipticity 20% on 512", "background 5x",
+                                  "half masked", "wide overlapping rings", "texture, no ellipse"])
+def test_ring_calibration_hard_cases(case):
+    """Cases where centroids along rays failed or were biased: rings elliptical enough to
+    smear a circular profile, a flat background far above the rings, half the detector
+    masked, rings wider than a quarter of their spacing, a 3-fold texture on round rings."""
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    shape, scale, center, mask = (256, 256), 0.0105, (131.3, 122.8), None
+    kw = dict(distortion=np.eye(2), dose=5e7, seed=2)
+    if case == "ellipticity 12%":
+        kw["distortion"] = _stretch(1.12, 30)
+    elif case == "ellipticity 20% on 512":
+        shape, scale, center = (512, 512), 0.006, (259.3, 250.8)
+        kw["distortion"] = _stretch(1.2, 77)
+    elif case == "background 5x":
+        kw.update(background=5.0, distortion=_stretch(1.03, 40))
+    elif case == "half masked":
+        shape, scale, center = (192, 192), 0.016, (99.3, 90.8)
+        mask = np.zeros(shape, bool)
+        mask[:, :96] = True
+        kw["distortion"] = _stretch(1.03, 40)
+    elif case == "wide overlapping rings":  # 111/200 4 px apart, 311/222 2.3 px, width 2.5
+        shape, scale, center = (192, 192), 0.016, (99.3, 90.8)
+        kw.update(width=2.5, distortion=_stretch(1.03, 40))
+    img = ring_pattern(shape, center=center, scale=scale, d_spacings=GOLD, **kw)
+    if case == "texture, no ellipse":
+        img = ring_pattern(shape, center=center, scale=scale, d_spacings=GOLD, dose=None)
+        y, x = np.indices(shape)
+        r, phi = np.hypot(x - center[0], y - center[1]), np.arctan2(y - center[1], x - center[0])
+        img = img * (1 + 0.5 * np.cos(3 * phi + 1)) + 30 * np.exp(-r**2 / 18) + 2 / (1 + (r / 10)**2)
+        img = np.random.default_rng(0).poisson(img * 2000).astype(np.float32)
+    cal = calibrate_from_rings(img, d_spacings=GOLD, mask=mask)
+    true_scale, true_ellipticity = _ring_truth(kw["distortion"], scale)
+    assert cal.scale == pytest.approx(true_scale, rel=1e-3)
+    assert abs(cal.ellipticity - true_ellipticity) < 1e-3
+    np.testing.assert_allclose(cal.center, center, atol=0.1)
+
+
 def test_ring_calibration_from_a_phase_feeds_integration_and_strain():
     from diffgpu.ring_calibration import calibrate_from_rings, ring_d_spacings
 
