@@ -413,17 +413,21 @@ def _decoded(words, stored, *consts, func):
 
 
 def _run_stored(root, shape, runs, stored, func, out_shape, dtype, step, *consts):
-    if len(runs) == 1 and runs[0][1] <= step:  # one map: func's result is the block
+    def call(words):
+        return func(words, stored, *consts)
+
+    step = stored.read_step(step, int(np.prod(out_shape)) * np.dtype(dtype).itemsize)
+    if len(runs) == 1 and runs[0][1] <= step:  # func's result is the block
         start, count = runs[0]
-        out = stored.with_words(start, count, lambda words: func(words, stored, *consts))
+        out = stored.with_words(start, count, call)
         return np.asarray(out, dtype=dtype).reshape(shape + out_shape)
+    steps = [(s, min(step, start + count - s)) for start, count in runs
+             for s in range(start, start + count, step)]
     out = np.empty((int(np.prod(shape)),) + out_shape, dtype=dtype)
     i = 0
-    for start, count in runs:
-        for s in range(start, start + count, step):
-            n = min(step, start + count - s)
-            out[i:i + n] = stored.with_words(s, n, lambda words: func(words, stored, *consts))
-            i += n
+    for (_, n), part in zip(steps, stored.each_words(steps, call)):
+        out[i:i + n] = part
+        i += n
     return out.reshape(shape + out_shape)
 
 

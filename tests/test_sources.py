@@ -214,3 +214,126 @@ def test_first_read_of_stored_frames_tunes_the_allocator_once_unless_told_not_to
     got = json.loads(out.strip().splitlines()[-1])
     assert got["before"] == []
     assert got["after"] == [got["glibc"] and not env]
+
+
+@pytest.fixture
+def read_as(monkeypatch):
+    """Set DIFFGPU_READ for one test, with the per-file decisions forgotten."""
+    from diffgpu import sources
+
+    def set_mode(mode):
+        monkeypatch.setenv("DIFFGPU_READ", mode)
+        monkeypatch.setattr(sources, "_DIRECT", {})
+
+    return set_mode
+
+
+@pytest.mark.parametrize("mode", ["direct", "mapped"])
+def test_direct_and_mapped_reads_give_the_same_frames_and_results(tmp_path, read_as, mode,
+                                                                  monkeypatch):
+    import hyperspy.api as hs
+
+    from diffgpu import sources
+
+    calls = []
+    real = sources._DirectReads.read
+    monkeypatch.setattr(sources._DirectReads, "read",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 4000, (5, 7, 24, 40)).astype(np.uint16)  # records not 4 KiB aligned
+    path = str(tmp_path / "scan.mib")
+    write_mib(path, counts.reshape(-1, 24, 40))
+    read_as(mode)
+    s = diffgpu.load(path, navigation_shape=(7, 5), chunks=(2, 3))
+    np.testing.assert_array_equal(s.data.compute(), counts)
+    mem = diffgpu.DiffractionPatterns(counts)
+    for sig in (s, mem):
+        sig.calibration.center = (19.5, 11.5)
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=5), hs.roi.CircleROI(cx=0, cy=0, r=12, r_inner=6)]
+    np.testing.assert_allclose(s.get_virtual_image(rois).data.compute(),
+                               mem.get_virtual_image(rois).data, rtol=1e-6)
+    np.testing.assert_allclose(s.get_azimuthal_integral1d(npt=8).data.compute(),
+                               mem.get_azimuthal_integral1d(npt=8).data, rtol=1e-5)
+    assert bool(calls) == (mode == "direct")
+
+
+def test_direct_read_buffer_is_never_overwritten_under_a_view(tmp_path, read_as):
+    """A func that keeps a view of the words (against with_words' advice) keeps its data:
+    the next read gets a new buffer."""
+    path = str(tmp_path / "frames.raw")
+    np.arange(4 * 6, dtype="<u2").tofile(path)
+    read_as("direct")
+    stored = StoredFrames(path, 0, 12, 2, "<u2", (2, 2), (4,))
+    kept = stored.with_words(0, 2, lambda w: w)  # a view, kept
+    again = stored.with_words(2, 2, lambda w: w.copy())
+    np.testing.assert_array_equal(kept, np.arange(12).reshape(2, 6))
+    np.testing.assert_array_equal(again, np.arange(12, 24).reshape(2, 6))
+
+
+def test_direct_reads_fall_back_to_mapped_where_refused(tmp_path, read_as, monkeypatch):
+    """A file system without O_DIRECT (tmpfs refuses the open with EINVAL): mapped reads,
+    the same frames."""
+    import errno
+
+    from diffgpu import sources
+
+    path = str(tmp_path / "frames.raw")
+    np.arange(3 * 4, dtype="<u2").tofile(path)
+    real_open = os.open
+
+    def no_direct(p, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *a)
+
+    read_as("direct")
+    monkeypatch.setattr(sources.os, "open", no_direct)
+    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (3,))
+    assert stored.with_words(0, 3, lambda w: w.sum()) == sum(range(12))
+    assert sources._DIRECT[path] is False
+
+
+def test_read_mode_names_the_setting(monkeypatch):
+    from diffgpu.sources import read_mode
+
+    monkeypatch.setenv("DIFFGPU_READ", "fast")
+    with pytest.raises(ValueError, match="DIFFGPU_READ='fast'"):
+        read_mode()
+
+
+def test_each_words_reads_ahead_in_order_and_stops_cleanly(tmp_path, read_as):
+    path = str(tmp_path / "frames.raw")
+    np.arange(10 * 6, dtype="<u2").tofile(path)
+    stored = StoredFrames(path, 0, 12, 2, "<u2", (2, 2), (10,))
+    steps = [(0, 3), (3, 3), (6, 1), (7, 3)]
+    for mode in ("direct", "mapped"):
+        read_as(mode)
+        sums = list(stored.each_words(steps, lambda w: w[:, 2:].sum(axis=1)))
+        np.testing.assert_array_equal(np.concatenate(sums),
+                                      np.arange(60).reshape(10, 6)[:, 2:].sum(axis=1))
+        it = stored.each_words(steps, lambda w: int(w.sum()))
+        assert next(it) == sum(range(18))
+        it.close()  # the reads ahead are dropped, nothing raised
+
+
+def test_each_words_falls_back_to_mapped_where_refused(tmp_path, read_as, monkeypatch):
+    import errno
+
+    from diffgpu import sources
+
+    path = str(tmp_path / "frames.raw")
+    np.arange(4 * 4, dtype="<u2").tofile(path)
+    real_open = os.open
+
+    def no_direct(p, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *a)
+
+    read_as("direct")
+    monkeypatch.setattr(sources.os, "open", no_direct)
+    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (4,))
+    got = [int(s) for s in stored.each_words([(0, 2), (2, 2)], lambda w: w.sum())]
+    assert got == [sum(range(8)), sum(range(8, 16))]
+    assert sources._DIRECT[path] is False
