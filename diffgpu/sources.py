@@ -10,6 +10,9 @@ file's bytes cross the memory bus once, without a decoded copy of the chunk that
 operation reads again (from a ``.mib`` in the page cache, 1.75x the frames per CPU-second
 of decode-then-reduce; see ``benchmarks/NOTES.md``).
 
+Regions are mapped (read ahead by the kernel) or, with ``DIFFGPU_READ=direct``, read with
+``O_DIRECT`` around the page cache (:func:`read_mode`).
+
 Only the array a reader returned qualifies: any further dask operation (slicing,
 rechunking, ``to_device``) gives a new graph name, and the operation takes the ordinary
 path on decoded frames.
