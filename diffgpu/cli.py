@@ -137,7 +137,7 @@ def build_parser():
                      "--n-best >= 2; checked as --ipf): near 0 where two different orientations "
                      "fit as well")
     ori.add_argument("--refine", action="store_true",
-                     help="refine the best matches below the library's grid (reads the data twice); "
+                     help="refine the best matches below the library's grid (same pass over the data); "
                      "with --n-best >= 2, close calls among the first 3 matches (near-twins, "
                      "similar phases) are refined too and the better fit kept")
     st = sub.add_parser("strain", help="strain maps from Bragg disks (nanobeam diffraction)")

@@ -13,7 +13,7 @@ from .mapping import map_frames
 from .results import OperationResult
 from .templates import TemplateLibrary, library_for
 
-__all__ = ["get_orientation", "refine_orientations"]
+__all__ = ["get_orientation", "refine_orientations", "match_quaternions"]
 
 _PER_ANGSTROM = {"1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
                  "1/nm": 0.1, "nm^-1": 0.1}
@@ -344,6 +344,48 @@ def _candidate_similarity(cand_q, phases, models, gamma, sigma, phase_list):
     return out.reshape(phases.shape)
 
 
+_MIRROR = np.diag([1.0, -1.0, 1.0])
+
+
+def match_quaternions(m, library_rotations):
+    """Quaternions (crystal orientation, diffsims' convention) of template matches.
+
+    Parameters
+    ----------
+    m : array ``(..., n_best, 5)``
+        Matches as :meth:`~diffgpu.PolarPatterns.get_orientation` records them: template
+        index, phase, score, in-plane angle (degrees), and a negative fifth column for a
+        mirrored template.
+    library_rotations : array ``(templates, 4)``
+        The library's quaternions.
+
+    Returns
+    -------
+    numpy.ndarray ``(..., n_best, 4)``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.orientation import match_quaternions
+    >>> m = np.array([[[0, 0, 1.0, 90.0, 1.0]]])    # template 0 (identity) turned 90 degrees
+    >>> np.round(match_quaternions(m, np.array([[1.0, 0, 0, 0]])), 4).tolist()
+    [[[0.7071, 0.0, 0.0, -0.7071]]]
+    """
+    from .kernels.refine import matrix_quaternions, quaternion_matrices
+
+    m = np.asarray(m, dtype=np.float64)
+    idx = m[..., 0].astype(np.int64)
+    mats = quaternion_matrices(np.asarray(library_rotations, dtype=np.float64))[idx]
+    mirrored = m[..., 4] < 0
+    mats = np.where(mirrored[..., None, None], _MIRROR @ mats @ _MIRROR, mats)
+    g = -np.deg2rad(m[..., 3])  # a pattern turned by +gamma is R * Rz(-gamma) in diffsims
+    c, s = np.cos(g), np.sin(g)
+    rz = np.zeros(g.shape + (3, 3))
+    rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
+    # (orix's from_matrix returns the wrong half turn for exactly symmetric matrices)
+    return matrix_quaternions(mats @ rz)
+
+
 def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None, candidates=3,
                         margin=0.1, intensity_exponent=None):
@@ -377,51 +419,67 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     if gamma is not None:
         _check_gamma(gamma)
     gamma = float(matches.metadata.Matching.gamma if gamma is None else gamma)
-    m = matches._host_matches()  # computed once; to_rotations() reuses it
-    nav = m.shape[:-2]
+    lib_q = np.asarray(matches.metadata.Library.rotations, dtype=np.float64)
+    phase_list = matches._phases()[0]
+    nav = tuple(matches.data.shape[:-2])
+    n_best, n_cols = (int(n) for n in matches.data.shape[-2:])
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
             or candidates < 1:
         raise ValueError(f"candidates must be a positive integer; got {candidates!r}")
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1); got {margin!r}")
-    n_best = m.shape[-2]
     c = min(int(candidates), n_best)
-    start = matches.to_rotations().data.reshape(nav + (n_best, 4))
-    # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
-    mats = quaternion_matrices(start).swapaxes(-1, -2).reshape(nav + (9 * n_best,))
-    phases = m[..., 1].reshape(nav + (n_best,))
-    # the other candidates are refined only where their correlation comes within `margin`
-    # of the best's: near-twins and close phases, decided by the full spot model. Besides
-    # the first `c`, the best-ranked match of another orientation: the alternative that
-    # get_reliability weighs against the best (on the library's grid, 0.5 degrees off, a
-    # twin's predicted pattern differs from the truth's where refined it would not)
-    contender = m[..., 2] >= (1 - margin) * m[..., :1, 2]
-    contender[..., 0] = True
-    phase_list = matches._phases()[0]
-    far = distinct_candidates(start.reshape(-1, n_best, 4), m[..., 1].reshape(-1, n_best),
-                              phase_list).reshape(nav + (n_best,))
-    first_far = np.zeros_like(far)
-    np.put_along_axis(first_far, far.argmax(axis=-1)[..., None], True, axis=-1)
-    # (candidates near the best converge to its optimum: refining them cost a third of the
-    # time and changed nothing measurable once the distinct ones are refined)
-    rank = np.arange(n_best)
-    contender &= ((rank < c) & (far | (rank == 0))) | (first_far & far)
-    models = {int(p): library.kinematic_model(int(p), accelerating_voltage, max_excitation_error)
-              for p in np.unique(phases)}
     if intensity_exponent is not None and not 0 < intensity_exponent <= 4:
         raise ValueError(f"intensity_exponent must be in (0, 4]; got {intensity_exponent!r}")
+    # lazy matches not computed yet are computed with the refinement, in one graph: each
+    # chunk of polar patterns is made once (from a file: read once) for both
+    one_pass = hasattr(matches.data, "dask") and hasattr(polar.data, "dask") and \
+        getattr(matches, "_computed", (None,))[0] != matches.data.name
+    m_rows = matches.data if one_pass else matches._host_matches()
+    models = {p: library.kinematic_model(p, accelerating_voltage, max_excitation_error)
+              for p in range(len(phase_list))}
+
+    def candidate_rows(mb):
+        """For matches ``(n, n_best, columns)``: the matrices to start from (``(n, n_best, 3,
+        3)``, crystal -> laboratory), phases, and which candidates to refine."""
+        start = match_quaternions(mb, lib_q)
+        # crystal -> laboratory matrices: diffsims puts g of rotation R at ~R * g
+        mats = quaternion_matrices(start).swapaxes(-1, -2)
+        phases = mb[..., 1]
+        # the other candidates are refined only where their correlation comes within
+        # `margin` of the best's: near-twins and close phases, decided by the full spot
+        # model. Besides the first `c`, the best-ranked match of another orientation: the
+        # alternative that get_reliability weighs against the best (on the library's grid,
+        # 0.5 degrees off, a twin's predicted pattern differs from the truth's where refined
+        # it would not)
+        contender = mb[..., 2] >= (1 - margin) * mb[..., :1, 2]
+        contender[..., 0] = True
+        far = distinct_candidates(start, phases, phase_list)
+        first_far = np.zeros_like(far)
+        np.put_along_axis(first_far, far.argmax(axis=-1)[..., None], True, axis=-1)
+        # (candidates near the best converge to its optimum: refining them cost a third of
+        # the time and changed nothing measurable once the distinct ones are refined)
+        rank = np.arange(n_best)
+        contender &= ((rank < c) & (far | (rank == 0))) | (first_far & far)
+        return mats, phases, contender
+
     # up to 32 patterns spread over the scan (a slice: one explicit move to the host for
     # device-resident patterns), at their best matches, of the phase most of them have: the
     # intensity exponent (unless given) and the spots' width are estimated from them
     flat = int(np.prod(nav))
     every = max(1, flat // 32)
     sample = polar.data.reshape((flat,) + polar.data.shape[-2:])[::every][:32]
-    sample = np.asarray(to_host_array(sample.compute() if hasattr(sample, "compute")
-                                      else sample))
-    ph = phases.reshape(-1, n_best)[::every][:32, 0].astype(np.int64)
+    m_sample = m_rows.reshape((flat, n_best, n_cols))[::every][:32]
+    if hasattr(sample, "dask") or hasattr(m_sample, "dask"):
+        import dask
+
+        sample, m_sample = dask.compute(sample, m_sample)
+    sample = np.asarray(to_host_array(sample))
+    m_sample = np.asarray(to_host_array(m_sample), dtype=np.float64)
+    ph = m_sample[:, 0, 1].astype(np.int64)
     main = int(np.bincount(ph).argmax())
     pick = ph == main
-    at = mats.reshape(-1, n_best, 3, 3)[::every][:32, 0][pick]
+    at = candidate_rows(m_sample)[0][:, 0][pick]
     if intensity_exponent is None:
         intensity_exponent = estimate_exponent(sample[pick], at, models[main], radial,
                                                azimuthal, smooth)
@@ -430,16 +488,17 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     sigma = max(radial[1], spot_width) if np.isfinite(spot_width) else radial[1]
     model_gamma = gamma * float(intensity_exponent)
 
-    def refine(frames, mat, phase, todo, models):
+    def refine(frames, mb, models):
         # the patterns stay where they are (device blocks are prepared, searched and scored
-        # on their GPU); the per-candidate matrices and scores are small host arrays, moved
-        # explicitly to and from the kernels, and the result goes back where the frames were
+        # on their GPU); the matches, the per-candidate matrices and scores are small host
+        # arrays, moved explicitly to and from the kernels, and the result goes back where
+        # the frames were
         xp = array_module(frames)
-        mat, phase = to_host_array(mat), to_host_array(phase)
-        todo = to_host_array(todo).astype(bool)
-        p = prepare_patterns(frames, gamma, smooth)
         n = frames.shape[0]
-        mat = mat.reshape(n, n_best, 3, 3).copy()
+        mb = np.asarray(to_host_array(mb), dtype=np.float64).reshape(n, n_best, n_cols)
+        mat, phase, todo = candidate_rows(mb)
+        mat = mat.copy()
+        p = prepare_patterns(frames, gamma, smooth)
         scores = np.full((n, n_best), -np.inf)
         for ph, model in models.items():  # every rank of a phase in one search
             i, rank = np.nonzero((phase == ph) & todo)
@@ -468,21 +527,29 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
                               chosen[:, None]], axis=1)
         return xp.asarray(out)
 
-    def refine_eager(frames, mat, phase, todo, models):
+    def refine_eager(frames, mb, models):
         """In memory: blocks of patterns on all cores (device patterns: one block)."""
         if array_module(frames) is not np or frames.shape[0] <= 64:
-            return refine(frames, mat, phase, todo, models)
-        return _in_host_blocks(
-            lambda a, b: refine(frames[a:b], mat[a:b], phase[a:b], todo[a:b], models),
-            frames.shape[0])
+            return refine(frames, mb, models)
+        return _in_host_blocks(lambda a, b: refine(frames[a:b], mb[a:b], models),
+                               frames.shape[0])
 
     width = 6 * n_best + 8
     data = map_frames(polar.data, refine, (width,), np.float64, constants=(models,),
-                      per_frame=(mats, phases, contender.astype(np.float64)),
+                      per_frame=(m_rows.reshape(nav + (n_best * n_cols,)),),
                       eager_func=refine_eager)
-    if hasattr(data, "compute"):
-        data = data.compute()
+    if one_pass:
+        import dask
+
+        data, m = dask.compute(data, matches.data)
+        m = np.asarray(to_host_array(m), dtype=np.float64)
+        matches._computed = (matches.data.name, m)  # what _host_matches() keeps
+    else:
+        m = m_rows
+        if hasattr(data, "compute"):
+            data = data.compute()
     data = np.asarray(to_host_array(data))
+    start = match_quaternions(m, lib_q)
     chosen = data[..., -1].astype(np.int64)
     # all n_best candidates: refined rotation and score where refined, else as matched (NaN)
     refined_s = data[..., 4 * n_best:5 * n_best]

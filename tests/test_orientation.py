@@ -914,3 +914,46 @@ def test_gathered_bounds_skip_the_padding_of_ragged_rows():
     empty = np.empty((0, 0, 0), np.float32)
     _gathered_bounds_host(spec, major, ids, counts, weights, wp, t_res, bound, *[empty] * 4)
     np.testing.assert_allclose(bound[:, real], (expected + extra[None])[:, real], rtol=1e-5)
+
+
+def test_lazy_refinement_makes_each_chunk_once_with_the_matches(si, lib):
+    """Lazy matches not yet computed are computed with the refinement in one graph: each
+    chunk of frames is made once for both (plus the chunks holding the 32 sampled patterns),
+    not once for the matches and again for the refinement; the result is the two-pass one."""
+    import threading
+
+    import dask.array as da
+
+    np.random.seed(3)
+    truth = Rotation.random(256)
+    s = diffgpu.data.orientation_patterns(si, truth, sig_shape=(128, 128), calibration=0.02,
+                                          seed=3)
+    frames = np.asarray(s.data).reshape(16, 16, 128, 128)
+    made, lock = [], threading.Lock()
+
+    def count(block):
+        with lock:
+            made.append(block.shape)
+        return block
+
+    def lazy():
+        data = da.from_array(frames, chunks=(2, 2, 128, 128)).map_blocks(count, dtype=frames.dtype)
+        out = diffgpu.LazyDiffractionPatterns(data)
+        out.calibration.scale = 0.02
+        out.calibration.units = "1/Å"
+        return out.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28),
+                                            mean=True)
+
+    polar = lazy()
+    n_chunks = polar.data.npartitions
+    one = polar.get_orientation(lib, n_best=3).refine(polar, lib)
+    assert n_chunks <= len(made) < 2 * n_chunks, (len(made), n_chunks)
+    made.clear()
+    polar = lazy()
+    matches = polar.get_orientation(lib, n_best=3)
+    matches.to_rotations()  # computed first: then refined in a second pass
+    two = matches.refine(polar, lib)
+    assert len(made) >= 2 * n_chunks
+    np.testing.assert_array_equal(np.asarray(one.data), np.asarray(two.data))
+    for key in ("candidate_rotations", "candidate_scores", "contrast_scores", "changed_match"):
+        np.testing.assert_array_equal(one.metadata.Refined[key], two.metadata.Refined[key])

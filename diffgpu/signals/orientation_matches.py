@@ -14,8 +14,6 @@ from ._wrap import as_signal
 
 __all__ = ["OrientationMatches", "LazyOrientationMatches"]
 
-_MIRROR = np.diag([1.0, -1.0, 1.0])
-
 
 # metadata.Refined arrays with one entry per candidate (the ranks of the matches)
 _PER_CANDIDATE = {"candidate_rotations", "candidate_scores", "contrast_scores", "similarity"}
@@ -108,23 +106,14 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """
         from orix.quaternion import Rotation
 
-        from ..kernels.refine import matrix_quaternions
+        from ..orientation import match_quaternions
 
         m = self._host_matches()
         every = self.metadata.get_item("Refined.candidate_rotations")
         if every is not None:  # the candidates refined below the library's grid
             return Rotation(np.asarray(every).reshape(m.shape[:-1] + (4,)))
-        lib = Rotation(np.asarray(self.metadata.Library.rotations))
-        idx = m[..., 0].astype(np.int64)
-        mats = lib.to_matrix()[idx]  # (..., n_best, 3, 3)
-        mirrored = m[..., 4] < 0
-        mats = np.where(mirrored[..., None, None], _MIRROR @ mats @ _MIRROR, mats)
-        g = -np.deg2rad(m[..., 3])  # a pattern turned by +gamma is R * Rz(-gamma) in diffsims
-        c, s = np.cos(g), np.sin(g)
-        rz = np.zeros(g.shape + (3, 3))
-        rz[..., 0, 0], rz[..., 0, 1], rz[..., 1, 0], rz[..., 1, 1], rz[..., 2, 2] = c, -s, s, c, 1
-        # (orix's from_matrix returns the wrong half turn for exactly symmetric matrices)
-        rot = Rotation(matrix_quaternions(mats @ rz).reshape(-1, 4)).reshape(*g.shape)
+        q = match_quaternions(m, np.asarray(self.metadata.Library.rotations))
+        rot = Rotation(q.reshape(-1, 4)).reshape(*m.shape[:-1])
         refined = self.metadata.get_item("Refined.rotations")
         if refined is not None:  # (refined before candidates were kept): the best match
             q = rot.data.copy()
@@ -218,9 +207,11 @@ class OrientationMatches(DeviceMixin, Signal2D):
         ----------
         polar : PolarPatterns or LazyPolarPatterns
             The patterns that were matched (same scan and calibration). Lazy patterns are
-            read chunk by chunk. Device-resident patterns are refined on their GPU: only
-            the candidates' matrices and scores cross, a block at a time (and a sample of up
-            to 32 patterns, once, for ``intensity_exponent``); the result is in host memory.
+            read chunk by chunk; lazy matches not computed yet are computed in the same
+            pass (each chunk of patterns made once for both). Device-resident patterns are
+            refined on their GPU: only the candidates' matrices and scores cross, a block at
+            a time (and a sample of up to 32 patterns, once, for ``intensity_exponent``);
+            the result is in host memory.
         library : TemplateLibrary or diffsims Simulation2D
             The library the matches come from (its phases give the spot model), as it was
             given to ``get_orientation`` (a simulation's library is made once and reused).
