@@ -205,6 +205,8 @@ class _DirectReads:
 
 
 _DIRECT_READS = _DirectReads()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's read threads
+    os.register_at_fork(after_in_child=_DIRECT_READS.__init__)
 _DIRECT_STEP_BYTES = 16 * 2**20  # direct reads per step of a task
 _DIRECT_DEPTH = 3  # reads a task keeps in flight (one queue-deep read did not keep the disk busy)
 

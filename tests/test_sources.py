@@ -337,3 +337,24 @@ def test_each_words_falls_back_to_mapped_where_refused(tmp_path, read_as, monkey
     got = [int(s) for s in stored.each_words([(0, 2), (2, 2)], lambda w: w.sum())]
     assert got == [sum(range(8)), sum(range(8, 16))]
     assert sources._DIRECT[path] is False
+
+
+def test_direct_reads_work_in_a_forked_child(tmp_path, read_as):
+    """The read-ahead threads are the parent's: a forked worker makes its own."""
+    import multiprocessing
+
+    path = str(tmp_path / "frames.raw")
+    np.arange(8 * 4, dtype="<u2").tofile(path)
+    read_as("direct")
+    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (8,))
+    assert [int(x) for x in stored.each_words([(0, 4), (4, 4)], lambda w: w.sum())] == \
+        [sum(range(16)), sum(range(16, 32))]  # the parent's pool is started
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_sums_of_steps, (path,)).get(timeout=60)
+    assert got == [sum(range(16)), sum(range(16, 32))]
+
+
+def _sums_of_steps(path):
+    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (8,))
+    return [int(x) for x in stored.each_words([(0, 4), (4, 4)], lambda w: w.sum())]
