@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_DEVICE = 0, 1, 2, 3, 4
@@ -445,7 +446,11 @@ def _write_atomically(result, output, overwrite, progress, figures=None):
     committed = []
     try:
         result.to_host()
-        with dask.config.set(pool=pool), _quiet(progress):
+        with dask.config.set(pool=pool), _quiet(progress), warnings.catch_warnings():
+            # RosettaSciIO's .zspy writer uses a zarr store zarr 2.18 deprecates: a
+            # FutureWarning on every batch run that says nothing about the user's data
+            warnings.filterwarnings("ignore", message="The NestedDirectoryStore is deprecated",
+                                    category=FutureWarning)
             result.save(tmp, show_progressbar=progress, overwrite=True)
         if figures is not None:
             figures(tmp, staged)
