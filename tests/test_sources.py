@@ -271,15 +271,16 @@ def test_direct_read_buffer_is_never_overwritten_under_a_view(tmp_path, read_as)
     np.testing.assert_array_equal(again, np.arange(12, 24).reshape(2, 6))
 
 
-def test_direct_reads_fall_back_to_mapped_where_refused(tmp_path, read_as, monkeypatch):
+@pytest.mark.parametrize("how", ["with_words", "each_words"])
+def test_direct_reads_fall_back_to_mapped_where_refused(tmp_path, read_as, monkeypatch, how):
     """A file system without O_DIRECT (tmpfs refuses the open with EINVAL): mapped reads,
-    the same frames."""
+    the same frames, one region at a time or in steps read ahead."""
     import errno
 
     from diffgpu import sources
 
     path = str(tmp_path / "frames.raw")
-    np.arange(3 * 4, dtype="<u2").tofile(path)
+    np.arange(4 * 4, dtype="<u2").tofile(path)
     real_open = os.open
 
     def no_direct(p, flags, *a):
@@ -289,8 +290,12 @@ def test_direct_reads_fall_back_to_mapped_where_refused(tmp_path, read_as, monke
 
     read_as("direct")
     monkeypatch.setattr(sources.os, "open", no_direct)
-    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (3,))
-    assert stored.with_words(0, 3, lambda w: w.sum()) == sum(range(12))
+    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (4,))
+    if how == "with_words":
+        assert stored.with_words(0, 4, lambda w: w.sum()) == sum(range(16))
+    else:
+        got = [int(s) for s in stored.each_words([(0, 2), (2, 2)], lambda w: w.sum())]
+        assert got == [sum(range(8)), sum(range(8, 16))]
     assert sources._DIRECT[path] is False
 
 
@@ -315,28 +320,6 @@ def test_each_words_reads_ahead_in_order_and_stops_cleanly(tmp_path, read_as):
         it = stored.each_words(steps, lambda w: int(w.sum()))
         assert next(it) == sum(range(18))
         it.close()  # the reads ahead are dropped, nothing raised
-
-
-def test_each_words_falls_back_to_mapped_where_refused(tmp_path, read_as, monkeypatch):
-    import errno
-
-    from diffgpu import sources
-
-    path = str(tmp_path / "frames.raw")
-    np.arange(4 * 4, dtype="<u2").tofile(path)
-    real_open = os.open
-
-    def no_direct(p, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(p, flags, *a)
-
-    read_as("direct")
-    monkeypatch.setattr(sources.os, "open", no_direct)
-    stored = StoredFrames(path, 0, 8, 0, "<u2", (2, 2), (4,))
-    got = [int(s) for s in stored.each_words([(0, 2), (2, 2)], lambda w: w.sum())]
-    assert got == [sum(range(8)), sum(range(8, 16))]
-    assert sources._DIRECT[path] is False
 
 
 def test_direct_reads_work_in_a_forked_child(tmp_path, read_as):
