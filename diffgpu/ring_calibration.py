@@ -150,17 +150,18 @@ def _sharpest_center(img, weight, guess, half_range, step, affine=None):
     return np.array(where, float)
 
 
-def _robust_center(img, weight, affine=None, start=None):
+def _robust_center(img, weight, affine=None, start=None, near=False):
     """A first centre for the ring fit: coarse then fine :func:`_sharpest_center` around
     the middle of the detector (over a quarter of its size either way), or around
-    ``start`` (over a sixteenth)."""
+    ``start`` (over an eighth; a sixteenth when ``near``)."""
     ny, nx = img.shape
     size = max(nx, ny)
     if start is None:
         c = _sharpest_center(img, weight, ((nx - 1) / 2, (ny - 1) / 2), size / 4,
                              max(1.0, size / 48), affine)
     else:
-        c = _sharpest_center(img, weight, start, size / 16, max(1.0, size / 96), affine)
+        c = _sharpest_center(img, weight, start, size / (16 if near else 8),
+                             max(1.0, size / 96), affine)
     c = _sharpest_center(img, weight, c, max(1.0, size / 48), 1.0, affine)
     return _sharpest_center(img, weight, c, 1.0, 0.25, affine)
 
@@ -279,6 +280,31 @@ def _match_scale(radii, weights, inv_d, tol=0.02):
     return best[1]
 
 
+def _refine_scale(prof, step, inv_d, f, width, rmax, span=0.08):
+    """The scale (pixels per 1/Å) within ``span`` of ``f`` at which Gaussian rings of
+    ``width`` at ``inv_d * scale`` best match the radial profile (its smooth background
+    removed). Peaks of the profile alone put the first scale 6% off where rings merge
+    (rings 8-17 px from the centre, 1.2 px wide), too far for the fits that follow."""
+    from scipy.ndimage import gaussian_filter1d
+
+    radius = (np.arange(len(prof)) + 0.5) * step
+    hp = prof - gaussian_filter1d(prof, 6 * width / step)
+    scales = f * np.exp(np.linspace(-span, span, 641))
+    best, where = -np.inf, f
+    for trial in scales:
+        r = inv_d * trial
+        r = r[(r > 4) & (r < rmax - 2 * width)]
+        if len(r) < 2:
+            continue
+        model = np.exp(-0.5 * ((radius[:, None] - r[None, :]) / width) ** 2).sum(1)
+        model -= gaussian_filter1d(model, 6 * width / step)
+        norm = np.sqrt(np.sum(model * model))
+        score = np.sum(model * hp) / norm if norm > 0 else -np.inf
+        if score > best:
+            best, where = score, trial
+    return where
+
+
 def _ring_points(img, weight, center, minv, g, width, n_rays=180, step=0.2):
     """Points on the ring |M (p - c)| = g: along rays from ``center``, the centroid of the
     background-subtracted profile near the predicted radius."""
@@ -389,8 +415,24 @@ def _fit_ring_model(img, weight, params, g_rings, sigma, max_pixels=25000):
 
     theta0 = np.concatenate([np.asarray(params, float), np.full(n_rings, np.log(sigma))])
     sol = least_squares(resid, theta0, x_scale="jac", max_nfev=60)
-    q = sol.x[:5]
-    return q
+    # each ring's amplitude (mean over the azimuth nodes) and how many standard errors it
+    # stands above zero, at the fitted geometry
+    ring_cols, bg_cols = columns(sol.x[:5], np.exp(sol.x[5:]))
+    design = np.concatenate([ring_cols, bg_cols], 1)
+    gram = design.T @ design
+    gram[np.diag_indices_from(gram)] += 1e-9 * np.trace(gram) / len(gram)
+    inv = np.linalg.inv(gram)
+    coef = inv @ (design.T @ v)
+    rss = float(np.sum((design @ coef - v) ** 2))
+    var = rss / max(len(v) - design.shape[1], 1)
+    avg = np.zeros((n_rings, design.shape[1]))
+    support = np.diag(gram)[:n_rings * n_nodes].reshape(n_rings, n_nodes)
+    for i in range(n_rings):  # over the azimuths that have pixels (not a masked half)
+        seen = support[i] > 0.01 * support[i].max()
+        avg[i, i * n_nodes:(i + 1) * n_nodes] = seen / max(seen.sum(), 1)
+    amp = avg @ coef
+    se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", avg, inv, avg) * var, 1e-300))
+    return sol.x[:5], dict(zip(g_rings.tolist(), zip(amp.tolist(), (amp / se).tolist())))
 
 
 def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask=None,
@@ -407,9 +449,10 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     phase : orix Phase, optional
         Instead of ``d_spacings``: the allowed reflections of this phase.
     center : (float, float), optional
-        First guess of the centre (x, y) in pixels; default the point about which the
-        rings are sharpest (a search over the middle half of the detector, unmasked pixels
-        only, the brightest 0.1% clipped).
+        First guess of the centre (x, y) in pixels, searched around (an eighth of the
+        detector either way); default the point about which the rings are sharpest (a
+        search over the middle half of the detector, unmasked pixels only, the brightest
+        0.1% clipped).
     mask : 2D bool array, optional
         True = pixel excluded (beam stop, bad pixels).
     ring_width : float, optional
@@ -428,7 +471,9 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     Raises
     ------
     ValueError
-        Fewer than two rings could be matched to the given spacings.
+        Fewer than two rings could be matched to the given spacings, or a ring of the
+        given spacings is missing where the fit of the others puts it (its fitted
+        amplitude within 4 standard errors of zero, or below 2% of the strongest ring's).
 
     Examples
     --------
@@ -482,24 +527,27 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     # the brightest 0.1% clipped (the direct beam's core, hot pixels): one hot pixel made a
     # peak of the radial profile that the ring spacings were then matched to
     img = np.minimum(img, np.percentile(img[weight > 0], 99.9))
-    a0 = None
-    if center is None:
-        # strongly elliptical rings are not sharpest about their centre in a circular
-        # profile (15 px off at 20% on a 512 px detector): centre and distortion in turn
-        center = _robust_center(img, weight)
-        for _ in range(3):
-            a1 = _ellipse_affine(img, weight, center, a0)
-            if np.max(np.abs(a1 - np.eye(2))) < 2e-3 or (
-                    a0 is not None and np.max(np.abs(a1 - a0)) < 1e-3):
-                a0 = a1
-                break
-            a0 = a1
-            center = _robust_center(img, weight, a0, center)
-    c = np.asarray(center, float)
     ny, nx = img.shape
-    if c.shape != (2,) or not np.all(np.isfinite(c)) or not (0 <= c[0] <= nx - 1
-                                                             and 0 <= c[1] <= ny - 1):
-        raise ValueError(f"center must be (x, y) on the {nx} x {ny} detector; got {center!r}")
+    if center is not None:
+        c = np.asarray(center, float)
+        if c.shape != (2,) or not np.all(np.isfinite(c)) or not (0 <= c[0] <= nx - 1
+                                                                 and 0 <= c[1] <= ny - 1):
+            raise ValueError(f"center must be (x, y) on the {nx} x {ny} detector; got "
+                             f"{center!r}")
+    # a first guess is searched around (a given one 25 px off was kept as it was, with a
+    # 17% ellipticity to fit its rings); strongly elliptical rings are not sharpest about
+    # their centre in a circular profile (15 px off at 20% on a 512 px detector): centre
+    # and distortion in turn
+    a0 = None
+    c = _robust_center(img, weight, start=None if center is None else c)
+    for _ in range(3):
+        a1 = _ellipse_affine(img, weight, c, a0)
+        if np.max(np.abs(a1 - np.eye(2))) < 2e-3 or (
+                a0 is not None and np.max(np.abs(a1 - a0)) < 1e-3):
+            a0 = a1
+            break
+        a0 = a1
+        c = _robust_center(img, weight, a0, c, near=True)
     # rings made round first (their direction-dependent radius), so strongly elliptical
     # rings neither smear the profile nor leave the windows the ring points are sought in
     a0 = _ellipse_affine(img, weight, c, a0)
@@ -512,15 +560,6 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     f = _match_scale(radii, prom, 1.0 / d)
     if f is None:
         raise ValueError("the rings do not match the given d-spacings: check d_spacings/phase")
-    rmax = min(c[0], c[1], nx - 1 - c[0], ny - 1 - c[1])
-    stretch = np.linalg.norm(np.linalg.inv(a0), 2)  # a ring's longest radius / its mean
-    on_detector = [g for g in 1.0 / d if 4 < g * f and g * f * stretch < rmax - 4]
-    if n_rings is not None:
-        on_detector = on_detector[: int(n_rings)]
-    if len(on_detector) < 2:
-        raise ValueError(f"fewer than two of the given rings fit on the detector (scale "
-                         f"{1 / f:.4g} 1/Å per pixel, centre {c[0]:.1f}, {c[1]:.1f}): check "
-                         f"d_spacings/phase and the centre")
     if ring_width is None:  # the peaks' median width at half their prominence (so a diffuse
         # background under the rings does not count; the median: not a merged pair), as sigma
         from scipy.ndimage import gaussian_filter1d
@@ -528,6 +567,16 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
 
         fwhm = np.median(peak_widths(gaussian_filter1d(prof, 1.0), peaks, rel_height=0.5)[0])
         ring_width = max(1.0, fwhm * step / 2.355)
+    rmax = min(c[0], c[1], nx - 1 - c[0], ny - 1 - c[1])
+    stretch = np.linalg.norm(np.linalg.inv(a0), 2)  # a ring's longest radius / its mean
+    f = _refine_scale(prof, step, 1.0 / d, f, ring_width, rmax / stretch)
+    on_detector = [g for g in 1.0 / d if 4 < g * f and g * f * stretch < rmax - 4]
+    if n_rings is not None:
+        on_detector = on_detector[: int(n_rings)]
+    if len(on_detector) < 2:
+        raise ValueError(f"fewer than two of the given rings fit on the detector (scale "
+                         f"{1 / f:.4g} 1/Å per pixel, centre {c[0]:.1f}, {c[1]:.1f}): check "
+                         f"d_spacings/phase and the centre")
     # ring points (centroids along rays) only on rings at least four widths from any other
     # reflection (two where fewer than two such are left, with a narrower window)
     all_r = np.sort(1.0 / d) * f
@@ -570,7 +619,7 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     # too near a neighbour for their centroids to be used are modelled side by side)
     near = [g for g in 1.0 / d if min(on_detector) - 4 * ring_width / f < g
             < max(on_detector) + 4 * ring_width / f]
-    q = _fit_ring_model(img, weight, params, near, ring_width / f)
+    q, amplitudes = _fit_ring_model(img, weight, params, near, ring_width / f)
     m_model = np.array([[q[2], q[3]], [q[3], q[4]]])
     # kept only if it stays near where it started (a model that wandered is not a result)
     tol = 1.0 if len(use) >= 2 else 2.5
@@ -578,7 +627,9 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
             np.max(np.abs(m_model - m)) < 0.02 * tol * np.max(np.abs(m)):
         params, c, m = q, q[:2], m_model
         use = on_detector
-    elif len(use) < 2:
+    else:
+        amplitudes = {}  # (of a geometry not kept)
+    if len(use) < 2:
         raise ValueError(f"fewer than two of the given rings fit on the detector, resolved from "
                          f"their neighbours (scale {1 / f:.4g} 1/Å per pixel, ring width "
                          f"{ring_width:.2g} px): check d_spacings/phase and the centre")
@@ -587,6 +638,16 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
         raise ValueError("the fitted ring geometry is not an ellipse: check the d-spacings")
     scale = float(math.sqrt(w[0] * w[1]))
     affine = m / scale
+    # every ring fitted must be there: a wrong d-spacing that the others' fit carries along
+    # lands where the pattern has none (its amplitude within the noise, or tiny)
+    top = max((a for a, _ in amplitudes.values()), default=0.0)
+    missing = [g for g in use if g in amplitudes and (amplitudes[g][1] < 4 or
+                                                      amplitudes[g][0] < 0.02 * top)]
+    if missing:
+        raise ValueError(
+            f"no ring at d = {', '.join(f'{1 / g:.4g}' for g in missing)} Å where the fit of the "
+            f"others puts it (scale {scale:.4g} 1/Å per pixel): check d_spacings/phase (a "
+            f"spacing this pattern lacks, or a wrong one), or limit the rings with n_rings=")
     p_all, g_all, resid = ring_point_fit(params, use)  # how far the ring points lie off
     res = resid(params) * g_all / scale  # in pixels, roughly
     big = vecs[:, 0]  # smallest eigenvalue of M: the rings' long axis

@@ -357,6 +357,22 @@ def test_ring_calibration_hard_cases(case):
     np.testing.assert_allclose(cal.center, center, atol=0.1)
 
 
+def test_ring_calibration_refuses_a_ring_the_pattern_lacks_and_finds_a_far_centre():
+    """A wrong d-spacing that the fit of the others carried along (a result with no error
+    before) is named; a given centre 25 px off is searched from, not kept; a 64 x 64
+    detector (rings 8-17 px out, merged in the profile) within 0.5%."""
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    img = ring_pattern((256, 256), center=(130.3, 124.8), scale=0.0105, d_spacings=GOLD)
+    with pytest.raises(ValueError, match="no ring at d = 1.7 Å"):
+        calibrate_from_rings(img, d_spacings=[3.0, 2.5, 1.7])
+    cal = calibrate_from_rings(img, d_spacings=GOLD, center=(110, 140))
+    np.testing.assert_allclose(cal.center, (130.3, 124.8), atol=0.02)
+    assert cal.scale == pytest.approx(0.0105, rel=1e-3)
+    small = ring_pattern((64, 64), center=(30.2, 33.1), scale=0.05, d_spacings=GOLD)
+    assert calibrate_from_rings(small, d_spacings=GOLD).scale == pytest.approx(0.05, rel=5e-3)
+
+
 def test_ring_calibration_from_a_phase_feeds_integration_and_strain():
     from diffgpu.ring_calibration import calibrate_from_rings, ring_d_spacings
 
