@@ -343,14 +343,18 @@ def _fit_ring_model(img, weight, params, g_rings, sigma, max_pixels=25000):
 
     ``params`` = (cx, cy, m00, m01, m11) to start from; ``g_rings`` the rings' ``1 / d``
     (1/Å), ``sigma`` their first width (1/Å). The model at pixel ``p`` with
-    ``rho = |M (p - c)|`` and azimuth ``phi`` of ``M (p - c)``:
+    ``rho = |M (p - c)|`` and ``phi`` the pixel's azimuth about the first centre:
     ``sum_i A_i(phi) exp(-(rho - g_i)^2 / 2 s_i^2) + B(rho, phi)``, with ``A_i`` linear
     in ``phi`` between 16 nodes (texture), ``B`` linear in ``rho`` between knots a few widths
-    apart, times ``1, cos phi, sin phi``. Amplitudes and background (linear) and
-    geometry and widths (non-linear) are fitted in turn. A ring's centroid along a ray is
-    biased where its window cuts noise or a neighbour's tail; the model has neither
-    (a flat background five times the rings' height biased the centroids' scale by 0.15%;
-    rings nearer than four widths could not be used at all).
+    apart, times ``1, cos phi, sin phi``. Geometry and widths are fitted by non-linear
+    least squares, the amplitudes and the background solved for (linear) at each trial
+    (variable projection). A ring's centroid along a ray is biased where its window cuts
+    noise or a neighbour's tail; the model has neither (a flat background five times the
+    rings' height biased the centroids' scale by 0.15%; rings nearer than four widths could
+    not be used at all).
+
+    Returns the fitted ``(cx, cy, m00, m01, m11)`` and, per ring ``g``, its amplitude (the
+    mean over the azimuths that have pixels) and how many standard errors that is above 0.
     """
     from scipy.optimize import least_squares
 
@@ -396,33 +400,30 @@ def _fit_ring_model(img, weight, params, g_rings, sigma, max_pixels=25000):
         out[np.arange(len(t)), i0 + 1] = fr
         return out
 
-    def columns(q, widths):
-        rho = geometry(q, xx, yy)
-        az = hats(phi, n_nodes, periodic=True)
-        gauss = np.exp(-0.5 * ((rho[:, None] - g_rings[None, :]) / widths[None, :]) ** 2)
-        ring_cols = (gauss[:, :, None] * az[:, None, :]).reshape(len(v), -1)
-        bh = hats(rho, knots)
-        bg_cols = np.concatenate([bh, bh * np.cos(phi)[:, None], bh * np.sin(phi)[:, None]], 1)
-        return ring_cols, bg_cols
+    az = hats(phi, n_nodes, periodic=True)  # (fixed: made once, not at every trial)
+    turn = np.stack([np.ones_like(phi), np.cos(phi), np.sin(phi)], axis=1)
 
-    def resid(theta):  # linear parameters solved for at each geometry (variable projection)
-        ring_cols, bg_cols = columns(theta[:5], np.exp(theta[5:]))
+    def linear_fit(theta):
+        """The design at geometry and widths ``theta``, its (regularised) Gram matrix and
+        the amplitudes and background that fit the pixels best."""
+        rho = geometry(theta[:5], xx, yy)
+        gauss = np.exp(-0.5 * ((rho[:, None] - g_rings[None, :]) / np.exp(theta[5:])) ** 2)
+        ring_cols = (gauss[:, :, None] * az[:, None, :]).reshape(len(v), -1)
+        bg_cols = (hats(rho, knots)[:, None, :] * turn[:, :, None]).reshape(len(v), -1)
         design = np.concatenate([ring_cols, bg_cols], 1)
         gram = design.T @ design
         gram[np.diag_indices_from(gram)] += 1e-9 * np.trace(gram) / len(gram)
-        coef = np.linalg.solve(gram, design.T @ v)
+        return design, gram, np.linalg.solve(gram, design.T @ v)
+
+    def resid(theta):
+        design, _, coef = linear_fit(theta)
         return design @ coef - v
 
     theta0 = np.concatenate([np.asarray(params, float), np.full(n_rings, np.log(sigma))])
     sol = least_squares(resid, theta0, x_scale="jac", max_nfev=60)
-    # each ring's amplitude (mean over the azimuth nodes) and how many standard errors it
-    # stands above zero, at the fitted geometry
-    ring_cols, bg_cols = columns(sol.x[:5], np.exp(sol.x[5:]))
-    design = np.concatenate([ring_cols, bg_cols], 1)
-    gram = design.T @ design
-    gram[np.diag_indices_from(gram)] += 1e-9 * np.trace(gram) / len(gram)
+    # each ring's amplitude and how many standard errors it stands above zero, at the fit
+    design, gram, coef = linear_fit(sol.x)
     inv = np.linalg.inv(gram)
-    coef = inv @ (design.T @ v)
     rss = float(np.sum((design @ coef - v) ** 2))
     var = rss / max(len(v) - design.shape[1], 1)
     avg = np.zeros((n_rings, design.shape[1]))
@@ -538,19 +539,18 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     # 17% ellipticity to fit its rings); strongly elliptical rings are not sharpest about
     # their centre in a circular profile (15 px off at 20% on a 512 px detector): centre
     # and distortion in turn
+    # (the rings are made round first, so that strongly elliptical rings neither smear the
+    # profile nor leave the windows the ring points are sought in)
     a0 = None
     c = _robust_center(img, weight, start=None if center is None else c)
-    for _ in range(3):
+    for turn in range(4):
         a1 = _ellipse_affine(img, weight, c, a0)
-        if np.max(np.abs(a1 - np.eye(2))) < 2e-3 or (
-                a0 is not None and np.max(np.abs(a1 - a0)) < 1e-3):
-            a0 = a1
-            break
+        settled = np.max(np.abs(a1 - np.eye(2))) < 2e-3 or (
+            a0 is not None and np.max(np.abs(a1 - a0)) < 1e-3)
         a0 = a1
+        if settled or turn == 3:  # (the distortion at the last centre)
+            break
         c = _robust_center(img, weight, a0, c, near=True)
-    # rings made round first (their direction-dependent radius), so strongly elliptical
-    # rings neither smear the profile nor leave the windows the ring points are sought in
-    a0 = _ellipse_affine(img, weight, c, a0)
     prof, step = _radial_profile(img, weight, c, affine=a0)
     peaks, prom = _profile_peaks(prof)
     if len(peaks) < 2:
