@@ -368,6 +368,12 @@ class StoredFrames:
         read-only map of the file that is unmapped when ``func`` returns (or, if a view of it
         is still referenced, when the last view is freed: ``func`` should return new arrays,
         not views of ``words``)."""
+        if _reads_direct(self.path):  # one step of each_words (its reads and fallback)
+            steps = self.each_words([(start, count)], func)
+            try:
+                return next(steps)
+            finally:
+                steps.close()
         tune_allocator()  # once per process
         size = self.word.itemsize
         begin = self.offset + start * self.stride
@@ -376,21 +382,6 @@ class StoredFrames:
         try:
             have = os.fstat(fd).st_size
             self._check_span(have, start, count)
-            if _reads_direct(self.path):
-                try:
-                    raw, buf = _DIRECT_READS.read(self.path, begin, end)
-                except OSError as err:
-                    if err.errno != errno.EINVAL:
-                        raise
-                    _DIRECT[self.path] = False  # refused by this file system: mapped from now
-                else:
-                    words = buf.view(self.dtype).reshape(count, self.stride // size)
-                    del buf
-                    try:
-                        return func(words)
-                    finally:
-                        del words
-                        _DIRECT_READS.release(raw)
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
             m = mmap.mmap(fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ)
         finally:
