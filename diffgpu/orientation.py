@@ -433,9 +433,10 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
         raise ValueError(f"intensity_exponent must be in (0, 4]; got {intensity_exponent!r}")
     # lazy matches not computed yet are computed with the refinement, in one graph: each
     # chunk of polar patterns is made once (from a file: read once) for both
-    one_pass = hasattr(matches.data, "dask") and hasattr(polar.data, "dask") and \
-        getattr(matches, "_computed", (None,))[0] != matches.data.name
-    m_rows = matches.data if one_pass else matches._host_matches()
+    m_rows = matches._computed_matches()
+    one_pass = m_rows is None and hasattr(polar.data, "dask")
+    if m_rows is None:
+        m_rows = matches.data if one_pass else matches._host_matches()
     models = {p: library.kinematic_model(p, accelerating_voltage, max_excitation_error)
               for p in range(len(phase_list))}
 
@@ -542,8 +543,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
         import dask
 
         data, m = dask.compute(data, matches.data)
-        m = np.asarray(to_host_array(m), dtype=np.float64)
-        matches._computed = (matches.data.name, m)  # what _host_matches() keeps
+        m = matches._keep_matches(m)
     else:
         m = m_rows
         if hasattr(data, "compute"):

@@ -86,12 +86,23 @@ class OrientationMatches(DeviceMixin, Signal2D):
     def _host_matches(self):
         """The matches in host memory, float64. Lazy matches are computed once per graph (dask
         names a graph by its content), not again by every method that needs them."""
+        computed = self._computed_matches()
+        if computed is None:
+            computed = self._keep_matches(self.data.compute())
+        return computed
+
+    def _computed_matches(self):
+        """The matches in host memory if they are (eager, or lazy and computed for this
+        graph), else None."""
         if not self._lazy:
             return np.asarray(to_host_array(self.data), dtype=np.float64)
         name, computed = getattr(self, "_computed", (None, None))
-        if name != self.data.name:
-            computed = np.asarray(to_host_array(self.data.compute()), dtype=np.float64)
-            self._computed = (self.data.name, computed)
+        return computed if name == self.data.name else None
+
+    def _keep_matches(self, computed):
+        """Keep ``computed`` (this lazy graph's result) for :meth:`_host_matches`."""
+        computed = np.asarray(to_host_array(computed), dtype=np.float64)
+        self._computed = (self.data.name, computed)
         return computed
 
     def _phases(self):
