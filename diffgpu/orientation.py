@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
-from .kernels.matching import (match_patterns, pack_into, packed_norms, packed_shape,
-                               prepare_templates, radial_projection, template_major)
+from .kernels.matching import (GROUP_MIN_TEMPLATES, match_patterns, pack_into, packed_norms,
+                               packed_shape, prepare_templates, radial_projection, template_groups,
+                               template_major)
 from .mapping import map_frames
 from .results import OperationResult
 from .templates import TemplateLibrary, library_for
@@ -25,14 +26,27 @@ def _templates_to_device(cp, host):
     return cp.asarray(packed), n_t
 
 
+def _host_search(host):
+    """``[None, norms, projection, groups]``: what the host's search needs besides the packed
+    spectra (the template-major copy, None here, is made where it is needed). Libraries of
+    at least ``GROUP_MIN_TEMPLATES`` templates are also grouped (:func:`template_groups`),
+    and then the norms are kept only as the groups hold them."""
+    norms, projection = packed_norms(*host), radial_projection(*host)
+    groups = None
+    if projection is not None and host[1] >= GROUP_MIN_TEMPLATES:
+        groups = template_groups(projection, norms)
+        norms = None
+    return [None, norms, projection, groups]
+
+
 def _host_spectra(templates, major=False):
-    """``(packed, n_t, major, norms, projection)`` for the host's two-stage search. The
-    norms, the radial projection and, where the search needs it (no exact projection, or
-    ``major`` for the prefilter), the template-major copy are made where they are used,
-    once per process, so a GPU worker never holds them and a cluster does not ship them."""
+    """``(packed, n_t, major, norms, projection, groups)`` for the host's two-stage search.
+    The norms, the radial projection, the groups and, where the search needs it (no exact
+    projection, or ``major`` for the prefilter), the template-major copy are made where they
+    are used, once per process, so a GPU worker never holds them and a cluster does not ship
+    them."""
     packed, n_t = templates.host
-    extra = templates.derived("host search", lambda host: [None, packed_norms(*host),
-                                                           radial_projection(*host)])
+    extra = templates.derived("host search", _host_search)
     if extra[0] is None and (major or extra[2] is None or not extra[2].exact):
         extra[0] = template_major(packed, n_t)  # two threads may both make it: no harm
     return templates.host + tuple(extra)

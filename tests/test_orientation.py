@@ -62,6 +62,22 @@ def test_random_orientations_are_indexed(si, lib):
     assert np.mean(ang < 3.0) >= 0.8, np.round(ang, 1)
 
 
+def test_grouped_library_gives_the_same_matches(si, lib, monkeypatch):
+    """Libraries of GROUP_MIN_TEMPLATES templates or more are searched a group at a time
+    (25,651 templates: ~2x faster); the matches are the same as without groups."""
+    import diffgpu.orientation as orientation
+
+    np.random.seed(4)
+    polar = _polar(diffgpu.data.orientation_patterns(si, Rotation.random(16), sig_shape=(128, 128),
+                                                     calibration=0.02))
+    plain = polar.get_orientation(lib, n_best=3)
+    monkeypatch.setattr(orientation, "GROUP_MIN_TEMPLATES", 0)
+    fresh = TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
+    grouped = polar.get_orientation(fresh, n_best=3)
+    (templates,) = [c for c in fresh._render_cache.values()]
+    assert orientation._host_spectra(templates)[5] is not None  # the search had groups
+    np.testing.assert_array_equal(grouped.data, plain.data)
+
 def test_n_best_ordering_and_fields(si, lib):
     s = diffgpu.data.orientation_patterns(si, Rotation.random(3), sig_shape=(128, 128),
                                           calibration=0.02)
@@ -811,7 +827,70 @@ def test_search_in_the_radial_basis_equals_brute_force(n_best, first_per, monkey
         np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])
         np.testing.assert_allclose(got[..., 1:3], full[..., 1:3], atol=1e-5)
     assert (got[:6, 0, 0] == np.arange(6)).all() and (got[6:12, 0, 3] == -1).all()
+    # groups of alike templates first (large libraries): groups of 4, of 7 (some short), and
+    # groups drawn at random (loose: the members' bounds must still hold)
+    norms = spectral_norms(major)
+    projection = radial_projection(packed, n_t)
+    shuffled = rng.permutation(n_t)
+    for size, drawn in ((4, False), (7, False), (5, True)):
+        if drawn:
+            monkeypatch.setattr(matching, "_balanced_groups",
+                                lambda X, size: np.array_split(shuffled, -(-n_t // size)))
+        groups = matching.template_groups(projection, norms, size=size)
+        assert sorted(groups.order.tolist()) == list(range(n_t))
+        got = match_patterns(patterns, (packed, n_t, major, None, projection, groups),
+                             n_best=n_best, gamma=0.5)
+        np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])
+        np.testing.assert_allclose(got[..., 1:3], full[..., 1:3], atol=1e-5)
 
+
+@pytest.mark.parametrize("drawn", [False, True])
+def test_grouped_search_equals_the_full_search_on_low_frequencies(drawn, monkeypatch):
+    """With every frequency in the first stage (no Cauchy-Schwarz tail to carry a group), a
+    group passes on its centre's bound and its members' spread alone: groups of alike
+    templates and groups drawn at random (far apart) must both miss nothing."""
+    import diffgpu.kernels.matching as matching
+    from diffgpu.kernels.matching import (match_patterns, pack_templates, prepare_templates,
+                                          radial_projection, spectral_norms, template_groups,
+                                          template_major)
+
+    rng = np.random.default_rng(8)
+    R, N, n_t, K = 64, 90, 240, 12
+    r, theta = np.arange(R)[:, None], np.arange(N)[None]
+
+    def draw(spots):  # on a crystal's rings, so that the radial basis is small
+        out = np.zeros((R, N), np.float32)
+        for at, az, height in spots:
+            d = (theta - az + N / 2) % N - N / 2
+            out += height * np.exp(-0.5 * ((r - at) / 1.5) ** 2 - 0.5 * (d / 4.0) ** 2)
+        return out
+
+    def spots():
+        return [(rng.choice([9.0, 15.5, 22.0, 31.0, 44.5]), rng.uniform(0, N), rng.uniform(0.2, 1))
+                for _ in range(4)]
+
+    # four alike templates each (a library's neighbours: the spots moved and weighted a little)
+    rendered = np.array([draw([(at + rng.uniform(-0.3, 0.3), az + rng.uniform(-1, 1),
+                                h * rng.uniform(0.8, 1.2)) for at, az, h in base])
+                         for base in [spots() for _ in range(n_t // 4)] for _ in range(4)])
+    rendered /= np.linalg.norm(rendered.reshape(n_t, -1), axis=1)[:, None, None]
+    patterns = np.concatenate([np.roll(rendered[::37], 11, axis=-1),
+                               [draw(spots()) + rng.uniform(0, 0.05, (R, N)) for _ in range(5)]]
+                              ).astype(np.float32)
+    packed, n_t = pack_templates(*prepare_templates(rendered, K), max_tile=64)
+    major = template_major(packed, n_t)
+    projection = radial_projection(packed, n_t)
+    if drawn:
+        shuffled = rng.permutation(n_t)
+        monkeypatch.setattr(matching, "_balanced_groups",
+                            lambda X, size: np.array_split(shuffled, -(-n_t // size)))
+    groups = template_groups(projection, spectral_norms(major), size=4)
+    for n_best in (1, 3):
+        full = match_patterns(patterns, (packed, n_t), n_best=n_best, gamma=0.5)
+        got = match_patterns(patterns, (packed, n_t, major, None, projection, groups),
+                             n_best=n_best, gamma=0.5)
+        np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])
+        np.testing.assert_allclose(got[..., 1:3], full[..., 1:3], atol=1e-5)
 
 def test_one_blas_thread_limits_and_restores_blas():
     from diffgpu.device import _blas_controller, one_blas_thread
