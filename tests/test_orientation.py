@@ -78,6 +78,7 @@ def test_grouped_library_gives_the_same_matches(si, lib, monkeypatch):
     assert orientation._host_spectra(templates)[5] is not None  # the search had groups
     np.testing.assert_array_equal(grouped.data, plain.data)
 
+
 def test_n_best_ordering_and_fields(si, lib):
     s = diffgpu.data.orientation_patterns(si, Rotation.random(3), sig_shape=(128, 128),
                                           calibration=0.02)
@@ -891,6 +892,7 @@ def test_grouped_search_equals_the_full_search_on_low_frequencies(drawn, monkeyp
                              n_best=n_best, gamma=0.5)
         np.testing.assert_array_equal(got[..., [0, 3]], full[..., [0, 3]])
         np.testing.assert_allclose(got[..., 1:3], full[..., 1:3], atol=1e-5)
+
 
 def test_one_blas_thread_limits_and_restores_blas():
     from diffgpu.device import _blas_controller, one_blas_thread
