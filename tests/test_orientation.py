@@ -266,6 +266,34 @@ def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kin
         polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=0)
 
 
+def test_refined_reliability_is_zero_where_no_crystal_is_seen(si, lib):
+    """Vacuum (direct beam on a flat background), an amorphous ring, shot noise and a constant
+    frame: some template always matches best, and their best matches are neighbours of each
+    other as on a crystal's pattern. After refinement they came out as resolved (1); the best
+    orientation does not stand out from unrelated ones there, and the reliability is 0."""
+    np.random.seed(5)
+    real = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
+                                             calibration=0.02).data
+    rng = np.random.default_rng(0)
+    r = np.hypot(*(np.indices((128, 128)) - 63.5))
+    blank = np.stack([rng.poisson(5000 * np.exp(-(r / 3) ** 2) + 20),
+                      rng.poisson(200 * np.exp(-((r - 40) / 6) ** 2) + 20),
+                      rng.poisson(np.full((128, 128), 30.0)), np.full((128, 128), 50)])
+    s = diffgpu.DiffractionPatterns(np.concatenate([real, blank.astype(real.dtype)]))
+    s.calibration.center, s.calibration.scale, s.calibration.units = (63.5, 63.5), 0.02, "1/Å"
+    polar = _polar(s)
+    refined = polar.get_orientation(lib, n_best=5).refine(polar, lib)
+    rel = refined.get_reliability()
+    z = np.asarray(refined.metadata.Refined.significance)
+    assert np.all(rel.data[6:] == 0), rel.data
+    assert not np.any(z[6:] >= 4) and np.all(z[:6] > 5), z
+    assert rel.metadata.Reliability.no_crystal == 4
+    resolved = (rel.data[:6] > 0).sum()
+    assert resolved >= 4 and rel.metadata.Reliability.ambiguous == 6 - resolved
+    # the threshold is the caller's
+    assert np.any(refined.get_reliability(min_significance=-np.inf).data[6:9] > 0.1)
+
+
 def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):
     """Issue 14, item 3: after refinement, 0 marks patterns whose best and alternative
     orientations predict the same pattern (and only those); resolved patterns, near-twins

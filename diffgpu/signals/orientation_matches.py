@@ -281,7 +281,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
                                              accelerating_voltage, max_excitation_error,
                                              candidates, margin, intensity_exponent))
 
-    def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995):
+    def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995, min_significance=4.0):
         """How clearly the best match beats the best *different* orientation: a scan map in [0, 1].
 
         The alternative is the best-ranked match whose orientation is more than
@@ -307,8 +307,15 @@ class OrientationMatches(DeviceMixin, Signal2D):
           pattern looks like the best orientation's and not like the alternative's; near 0
           it lies halfway between two patterns that do differ.
 
-        - **1** also where none of the ``n_best`` matches is another orientation: nothing
-          among the candidates competes (a larger ``n_best`` looks further).
+        - Where none of the ``n_best`` matches (nor a twin) is another orientation, the
+          alternative is the best-scoring of 16 fixed orientations unrelated to the best (a
+          larger ``n_best`` looks further among the templates).
+        - **0: no crystal seen.** The best orientation's contrast score stands less than
+          ``min_significance`` standard deviations above those of the unrelated orientations
+          (``metadata.Refined.significance``): the pattern does not show its spots (vacuum,
+          amorphous material, noise), although some template always matches best. Simulated
+          Si patterns stood 8-16 deviations above; vacuum, an amorphous ring and shot noise
+          1-3.
 
         Before refinement, when none of the ``n_best`` matches is far enough away, the last
         one's correlation is used, so the value is a lower bound. Needs ``n_best >= 2``;
@@ -321,12 +328,15 @@ class OrientationMatches(DeviceMixin, Signal2D):
         indistinguishable : float
             After refinement: alternatives whose noiseless pattern correlates at least this
             well with the best's make the pattern ambiguous (reliability 0).
+        min_significance : float
+            After refinement: patterns whose best orientation stands out less than this from
+            unrelated ones show no crystal (reliability 0).
 
         Returns
         -------
         hyperspy.signals.Signal2D or Signal1D
             The map, with the scan's axes; after refinement ``metadata.Reliability`` gives
-            the number of ambiguous positions.
+            the numbers of ambiguous positions and of positions without a crystal seen.
 
         Examples
         --------
@@ -390,7 +400,12 @@ class OrientationMatches(DeviceMixin, Signal2D):
                 # any other orientation predicting the same pattern makes it ambiguous
                 ambiguous = (far & (sim >= indistinguishable)).any(axis=1) & ~none_far
                 margin = np.where(ambiguous, 0.0, margin / np.maximum(1 - rho, 1e-12))
-                margin[none_far] = 1.0  # no other orientation among the candidates
+                margin[none_far] = 1.0  # no other orientation at all (results before 12/2026)
+                significance = R.get_item("significance")
+                unseen = np.zeros(len(flat), bool)
+                if significance is not None:  # (results refined before 2026-12-07 lack it)
+                    unseen = ~(np.asarray(significance).reshape(-1) >= min_significance)
+                    margin[unseen] = 0.0
             else:
                 c_best = flat[:, 0, 2]
                 margin = 1 - flat[rows, far.argmax(axis=1), 2] / np.where(c_best > 0, c_best,
@@ -404,7 +419,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         out = cls(rel, axes=axes)
         out.metadata.General.title = f"Reliability of {self.metadata.General.title}".strip()
         if refined:
-            out.metadata.set_item("Reliability.ambiguous", int(ambiguous.sum()))
+            out.metadata.set_item("Reliability.ambiguous", int((ambiguous & ~unseen).sum()))
+            out.metadata.set_item("Reliability.no_crystal", int(unseen.sum()))
+            out.metadata.set_item("Reliability.min_significance", float(min_significance))
             out.metadata.set_item("Reliability.indistinguishable", float(indistinguishable))
         return out
 
