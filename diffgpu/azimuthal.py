@@ -81,10 +81,28 @@ def _range(value, name, lower=None, span=None):
     return lo, hi
 
 
+def _common_units(cal):
+    """The detector's units and scale ``(x, y)``, both in the x axis's unit.
+
+    A y scale in another reciprocal-length unit (1/Å and 1/nm) is converted; other
+    differing units cannot be, and are refused rather than read as the x axis's unit.
+    """
+    units, (sx, sy) = cal.units, cal.scale
+    if not isinstance(units, tuple):
+        return units, (sx, sy)
+    ux, uy = units
+    if ux not in _ANGSTROM_PER_UNIT or uy not in _ANGSTROM_PER_UNIT:
+        raise ValueError(f"the detector axes have different units, x {ux!r} and y {uy!r}, and "
+                         "only 1/Å and 1/nm can be converted into each other: set "
+                         "calibration.scale and calibration.units in one unit for both axes")
+    # a reciprocal length q in 1/uy is q * (length of ux / length of uy) in 1/ux
+    return ux, (sx, sy * _ANGSTROM_PER_UNIT[ux] / _ANGSTROM_PER_UNIT[uy])
+
+
 def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, radial_unit,
               curved_ewald, affine):
     cal = signal.calibration
-    units = cal.units[0] if isinstance(cal.units, tuple) else cal.units
+    units, scale = _common_units(cal)
     if azimuth_unit not in ("deg", "rad"):
         raise ValueError(f"azimuth_unit must be 'deg' or 'rad'; got {azimuth_unit!r}")
     to_deg = 1.0 if azimuth_unit == "deg" else 180.0 / math.pi
@@ -119,7 +137,7 @@ def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, 
         affine = tuple(affine.ravel().tolist())
 
     geom = PolarGeometry(
-        detector_shape=cal.detector_shape, center=tuple(cal.center), scale=tuple(cal.scale),
+        detector_shape=cal.detector_shape, center=tuple(cal.center), scale=scale,
         npt=npt, npt_azim=npt_azim, radial_range=(0.0, 1.0), azimuth_range=az, affine=affine,
         radial_unit=unit, wavelength=wavelength, curved=bool(curved_ewald),
     )

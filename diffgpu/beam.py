@@ -123,14 +123,79 @@ def _usable(frames, valid, xp):
     return f if keep is None else xp.where(keep, f, xp.float32(0))
 
 
+def _half_maximum_run(line, at, level, xp):
+    """The stretch of each ``line`` (n, m) at or above ``level`` (n,) that holds index ``at``
+    (n,), with its ends interpolated linearly between pixels (at the detector's edge: the
+    last pixel's outer edge). Returns its middle, half length, and the index nearest the
+    middle that is inside it (``at`` for the next line across)."""
+    n, m = line.shape
+    idx = xp.arange(m)[None]
+    below = line < level[:, None]
+    lo = xp.where(below & (idx < at[:, None]), idx, -1).max(axis=1)
+    hi = xp.where(below & (idx > at[:, None]), idx, m).min(axis=1)
+    rows = xp.arange(n)
+    a, b = line[rows, xp.clip(lo, 0, m - 1)], line[rows, xp.clip(lo + 1, 0, m - 1)]
+    c, d = line[rows, xp.clip(hi - 1, 0, m - 1)], line[rows, xp.clip(hi, 0, m - 1)]
+    left = xp.where(lo >= 0, lo + (level - a) / xp.where(b > a, b - a, xp.float32(1)),
+                    xp.float32(-0.5))
+    right = xp.where(hi < m, hi - 1 + (c - level) / xp.where(c > d, c - d, xp.float32(1)),
+                     xp.float32(m - 0.5))
+    left, right = left.astype(xp.float32), right.astype(xp.float32)
+    middle = (left + right) / 2
+    inside = xp.clip(xp.rint(middle).astype(xp.int64), lo + 1, hi - 1)
+    return middle, (right - left) / 2, inside
+
+
+def _disc_com(f, px, py, radius, xp):
+    """Centre of mass of each whole frame within a disc of its own ``radius`` around
+    (px, py); where it holds no intensity, (px, py)."""
+    n, ny, nx = f.shape
+    x, y = xp.arange(nx, dtype=xp.float32), xp.arange(ny, dtype=xp.float32)
+    inside = (((y[None] - py[:, None]) ** 2)[:, :, None] + ((x[None] - px[:, None]) ** 2)[:, None, :]
+              <= (radius ** 2)[:, None, None])
+    w = xp.where(inside, f, xp.float32(0))
+    total = w.sum(axis=(1, 2))
+    safe = xp.where(total > 0, total, xp.float32(1))
+    return (xp.where(total > 0, (w.sum(axis=1) * x).sum(axis=1) / safe, px),
+            xp.where(total > 0, (w.sum(axis=2) * y).sum(axis=1) / safe, py))
+
+
 def _blur_position(f, sigma, window):
-    """(x, y) of the beam in the frames ``f`` (float32, already :func:`_usable`)."""
+    """(x, y) of the beam in the frames ``f`` (float32, already :func:`_usable`).
+
+    A beam whose half-maximum extent does not fit in ``window`` around the blurred maximum
+    (a bright-field disc: blurred, it is a plateau whose maximum may be anywhere on it, and
+    a window inside it has no edge to pull it to the middle) is found instead from the
+    middle of its half-maximum extent along a row and a column through it, refined by the
+    centre of mass in a disc that holds all of it. Each frame is judged on its own, with
+    the same result on either device: a GPU computes both ways for every frame (choosing
+    there would read a value back), the host only the one it needs.
+    """
     xp = array_module(f)
     blurred = _ndimage(xp).gaussian_filter(f, sigma=(0, sigma, sigma), mode="constant")
     n, ny, nx = f.shape
-    peak = blurred.reshape(n, -1).argmax(axis=1)
-    py, px = (peak // nx).astype(xp.float32), (peak % nx).astype(xp.float32)
-    return _windowed_com(f, px, py, window, xp)
+    flat = blurred.reshape(n, -1)
+    peak = flat.argmax(axis=1)
+    iy, ix = peak // nx, peak % nx
+    py, px = iy.astype(xp.float32), ix.astype(xp.float32)
+    small = _windowed_com(f, px, py, window, xp)
+
+    level = xp.float32(0.5) * flat.max(axis=1)
+    rows = xp.arange(n)
+    for _ in range(2):  # row, column, row, column: the second pair runs through the middle
+        cx, half_x, ix = _half_maximum_run(blurred[rows, iy, :], ix, level, xp)
+        cy, half_y, iy = _half_maximum_run(blurred[rows, :, ix], iy, level, xp)
+    extent = xp.maximum(half_x, half_y)
+    large = extent + xp.hypot(cx - px, cy - py) + 1 > window
+    radius = extent + xp.float32(2 * sigma + 1)
+    if xp is np:  # the host picks those frames for free (a device would have to read back)
+        wide = cx.copy(), cy.copy()
+        pick = np.flatnonzero(large)
+        if pick.size:
+            wide[0][pick], wide[1][pick] = _disc_com(f[pick], cx[pick], cy[pick], radius[pick], xp)
+    else:
+        wide = _disc_com(f, cx, cy, radius, xp)
+    return tuple(xp.where(large, w, s) for w, s in zip(wide, small))
 
 
 def _disc_template(shape, radius):
@@ -197,9 +262,16 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
         def position(f, xp):
             return _blur_position(f, sigma, window)
     else:
-        if radius is None or not radius > 0:
+        if radius is None:
             raise ValueError("method='cross_correlate' needs radius= (the direct beam's disc "
                              "radius in pixels)")
+        if not radius > 0:
+            raise ValueError(f"radius must be positive (the direct beam's disc radius in "
+                             f"pixels); got {radius}")
+        ny, nx = signal.calibration.detector_shape
+        if 2 * radius > min(ny, nx):  # the template's wrapped copies would overlap
+            raise ValueError(f"radius={radius} px is too large for the {ny} x {nx} px detector: "
+                             f"the disc's diameter must fit on it (radius at most {min(ny, nx) / 2:g})")
         if window is None:
             window = radius
 
@@ -241,14 +313,25 @@ def _shift_array(signal, shifts):
     return data
 
 
+def _scan_shaped(value, nav_shape, name):
+    """One shift component broadcast to the scan shape, or a ValueError naming both shapes."""
+    value = np.asarray(to_host_array(_array_of(value)), float)
+    try:
+        return np.broadcast_to(value, nav_shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {value.shape} does not fit the scan shape {nav_shape}: "
+                         "give one number or an array of the scan shape (or one that broadcasts "
+                         "to it)") from None
+
+
 def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
     """Shared implementation of :meth:`DiffractionPatterns.shift_diffraction`."""
     nav_shape = tuple(signal.data.shape[:-2])
     if shift_y is None:
         shifts = _shift_array(signal, shift_x)
     else:
-        sx = np.broadcast_to(np.asarray(to_host_array(_array_of(shift_x)), float), nav_shape)
-        sy = np.broadcast_to(np.asarray(to_host_array(_array_of(shift_y)), float), nav_shape)
+        sx, sy = (_scan_shaped(value, nav_shape, name)
+                  for value, name in ((shift_x, "shift_x"), (shift_y, "shift_y")))
         shifts = np.stack([sx, sy], axis=-1).astype(np.float32)
     if not signal._lazy:
         shifts = to_host_array(shifts)

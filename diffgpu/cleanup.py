@@ -11,10 +11,45 @@ from .mapping import map_frames, with_new_data
 __all__ = ["find_bad_pixels", "correct_bad_pixels", "flat_field"]
 
 
-def find_bad_pixels(signal, threshold=5.0, set_mask=False):
-    """Shared implementation of :meth:`DiffractionPatterns.find_bad_pixels`."""
+def _neighbour_median(pattern):
+    """Median of each pixel's 8 neighbours (edges repeated), of the finite ones only.
+
+    As :func:`scipy.ndimage.median_filter` (the upper median of an even count, rank
+    ``count // 2``); NaN where no neighbour is finite.
+    """
     import scipy.ndimage as ndi
 
+    footprint = np.ones((3, 3), bool)
+    footprint[1, 1] = False
+    finite = np.isfinite(pattern)
+    if finite.all():  # the common case, in compiled code
+        return ndi.median_filter(pattern, footprint=footprint, mode="nearest")
+    ny, nx = pattern.shape
+    padded = np.pad(np.where(finite, pattern, np.nan), 1, mode="edge")
+    around = np.stack([padded[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx]
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+    ranked = np.sort(around, axis=0)  # NaN last
+    count = np.isfinite(ranked).sum(axis=0)
+    local = np.take_along_axis(ranked, (count // 2)[None], axis=0)[0]
+    return np.where(count > 0, local, np.nan)
+
+
+def find_bad_pixels(signal, threshold=5.0, set_mask=False):
+    """Shared implementation of :meth:`DiffractionPatterns.find_bad_pixels`.
+
+    Hot and dead pixels are judged on the mean pattern; a pixel that is NaN or inf in any
+    frame (so in the mean) is bad too, and left out of its neighbours' medians.
+
+    Examples
+    --------
+    >>> import numpy as np, diffgpu
+    >>> from diffgpu.cleanup import find_bad_pixels
+    >>> d = np.random.default_rng(0).uniform(50, 100, (2, 16, 16)).astype("float32")
+    >>> d[0, 4, 5] = np.nan
+    >>> d[:, 9, 9] = 5000
+    >>> np.argwhere(find_bad_pixels(diffgpu.DiffractionPatterns(d))).tolist()
+    [[4, 5], [9, 9]]
+    """
     if not threshold > 0:
         raise ValueError(f"threshold must be positive; got {threshold}")
     mean = signal.mean(axis=signal.axes_manager.navigation_axes) \
@@ -24,14 +59,14 @@ def find_bad_pixels(signal, threshold=5.0, set_mask=False):
         data = data.compute()
     pattern = np.asarray(to_host_array(data), dtype=np.float64)
     # median of the 8 neighbours: follows rings and disc edges, ignores a lone pixel
-    footprint = np.ones((3, 3), bool)
-    footprint[1, 1] = False
-    local = ndi.median_filter(pattern, footprint=footprint, mode="nearest")
-    positive = pattern[pattern > 0]
+    local = _neighbour_median(pattern)
+    finite = np.isfinite(pattern)
+    positive = pattern[finite & (pattern > 0)]
     floor = float(np.median(positive)) if positive.size else 1.0
-    hot = pattern > threshold * np.maximum(local, 0.1 * floor)
-    dead = (pattern == 0) & (local > 0)
-    bad = hot | dead
+    with np.errstate(invalid="ignore"):  # NaN medians (no finite neighbour) compare False
+        hot = pattern > threshold * np.maximum(local, 0.1 * floor)
+        dead = (pattern == 0) & (local > 0)
+    bad = hot | dead | ~finite
     if set_mask:
         current = signal.calibration.mask
         signal.calibration.mask = bad if current is None else (current | bad)
@@ -58,7 +93,8 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
         xp = array_module(frames)
         v, b = valid.get(xp), bad.get(xp)
         f = frames.astype(dtype)
-        good = f * v
+        # where(), not f * v: a NaN or inf bad pixel times 0 is NaN, which would spread
+        good = xp.where(b, xp.zeros((), dtype), f)
         num = xp.zeros_like(good)
         den = xp.zeros_like(v)
         ny, nx = shape

@@ -321,3 +321,30 @@ def test_the_engine_is_one_graph_node_shared_by_all_blocks():
     engines = [k for k in graph if "IntegrationEngine" in str(k)]
     assert len(engines) == 1  # sent to each worker once, not with each of the 8 tasks
     assert p.data.npartitions == 8
+
+
+def test_axes_in_different_reciprocal_units_are_converted_to_the_x_unit():
+    rng = np.random.default_rng(7)
+    data = rng.random((2, 40, 48)).astype("float32")
+    same = signal(data, (23.0, 18.5), scale=(0.1, 0.2))
+    same.calibration.units = "1/nm"
+    mixed = signal(data, (23.0, 18.5), scale=(0.1, 0.02))
+    mixed.calibration.units = ("1/nm", "1/Å")
+    for s in (same, mixed):
+        s.calibration.beam_energy = 200
+    for kwargs in (dict(npt=16), dict(npt=16, npt_azim=12), dict(npt=16, curved_ewald=True),
+                   dict(npt=16, radial_unit="2theta_deg")):
+        get = "get_azimuthal_integral2d" if "npt_azim" in kwargs else "get_azimuthal_integral1d"
+        ref, out = getattr(same, get)(**kwargs), getattr(mixed, get)(**kwargs)
+        np.testing.assert_allclose(out.data, ref.data, rtol=1e-5)
+        ref_ax, out_ax = ref.axes_manager.signal_axes[0], out.axes_manager.signal_axes[0]
+        assert (out_ax.units, out_ax.scale) == (ref_ax.units, pytest.approx(ref_ax.scale))
+    assert out.metadata.Integration.scale == pytest.approx([0.1, 0.2])
+
+
+@pytest.mark.parametrize("units", [("1/nm", "px"), ("px", "mrad"), ("1/Å", None)])
+def test_axes_in_units_that_cannot_be_converted_are_refused(units):
+    s = signal(np.ones((1, 16, 16), dtype="float32"), (7.5, 7.5), scale=(0.1, 0.02))
+    s.calibration.units = units
+    with pytest.raises(ValueError, match=f"{units[0]!r}.*{units[1]!r}"):
+        s.get_azimuthal_integral1d(npt=4)

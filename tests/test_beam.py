@@ -1,5 +1,7 @@
 """Centre of mass, direct-beam position, plane fit, shifting and centring."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -272,3 +274,86 @@ def test_standin_device_beam_finding_with_nan_and_masked_pixels(standin_gpu, laz
         got.compute()
     np.testing.assert_allclose(got.data, ref, atol=1e-5)
     assert np.isfinite(ref[:2]).all() and np.isnan(ref[2]).all()
+
+
+def _flat_discs(centers, radius, shape=(64, 64), noise=False):
+    """Frames each holding one flat, saturated disc (a bright-field disc) at its centre."""
+    from diffgpu.detectors import disc_weights
+
+    f = np.stack([100 * disc_weights(shape, c, radius) for c in centers]).astype("float32")
+    if noise:
+        f = np.random.default_rng(0).poisson(f / 2).astype("float32")
+    s = diffgpu.DiffractionPatterns(f)
+    s.calibration.center = (0, 0)
+    return s
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("radius, noise", [(20, False), (20, True), (7, False), (12, False)])
+def test_blur_finds_a_beam_larger_than_its_window(lazy, radius, noise):
+    """A flat disc blurred has no single maximum (a plateau wider than the default window
+    of 4 sigma): the beam's centre is still found."""
+    centers = [(35.3, 29.6), (29.8, 33.1), (31.5, 31.5)]
+    s = _flat_discs(centers, radius, noise=noise)
+    s = s.as_lazy() if lazy else s
+    got = s.get_direct_beam_position("blur").data
+    got = got.compute() if lazy else got
+    np.testing.assert_allclose(got, centers, atol=0.1 if noise else 0.02)
+
+
+def test_blur_on_large_and_small_beams_in_one_block():
+    """Each frame is judged on its own: a small beam's result is what it is alone."""
+    large = _flat_discs([(35.3, 29.6)], 20)
+    small = diffgpu.DiffractionPatterns(np.pad(_beam_frames()[:1], ((0, 0), (20, 28), (10, 38))))
+    small.calibration.center = (0, 0)
+    both = diffgpu.DiffractionPatterns(np.concatenate([large.data, small.data]))
+    both.calibration.center = (0, 0)
+    got = both.get_direct_beam_position("blur").data
+    np.testing.assert_allclose(got[0], [35.3, 29.6], atol=0.02)
+    np.testing.assert_array_equal(got[1], small.get_direct_beam_position("blur").data[0])
+    np.testing.assert_allclose(got[1], [17.3, 28.6], atol=1e-3)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_standin_device_blur_on_a_large_beam(standin_gpu, lazy):
+    s = _flat_discs([(35.3, 29.6), (29.8, 33.1)], 20, noise=True)
+    s = s.as_lazy() if lazy else s
+    ref = s.get_direct_beam_position("blur").data
+    ref = ref.compute() if lazy else ref
+    dev = s.deepcopy()
+    dev.to_device()
+    got = dev.get_direct_beam_position("blur")
+    got.to_host()
+    if lazy:
+        got.compute()
+    np.testing.assert_allclose(got.data, ref, atol=1e-4)
+
+
+def test_cross_correlate_radius_must_be_positive_and_fit_on_the_detector():
+    s = _flat_discs([(35.3, 29.6)], 20)
+    with pytest.raises(ValueError, match=r"radius must be positive .*; got 0"):
+        s.get_direct_beam_position("cross_correlate", radius=0)
+    with pytest.raises(ValueError, match=r"radius=100.*64 x 64"):
+        s.get_direct_beam_position("cross_correlate", radius=100)
+    with pytest.raises(ValueError, match=r"radius=33"):
+        s.get_direct_beam_position("cross_correlate", radius=33)
+    np.testing.assert_allclose(s.get_direct_beam_position("cross_correlate", radius=32).data[0],
+                               [35.3, 29.6], atol=1)
+
+
+@pytest.mark.parametrize("shift_x, shift_y", [(np.zeros(4), np.zeros(4)), (0.5, np.zeros((2, 3))),
+                                              (np.zeros((3, 1)), 0.0)])
+def test_shift_diffraction_names_the_shapes_that_do_not_fit(shift_x, shift_y):
+    s = diffgpu.DiffractionPatterns(np.zeros((3, 8, 8), "float32"))
+    bad = np.shape(shift_x) if np.ndim(shift_x) else np.shape(shift_y)
+    name = "shift_x" if np.ndim(shift_x) else "shift_y"
+    with pytest.raises(ValueError, match=rf"{name} of shape {re.escape(str(bad))}.*scan shape \(3,\)"):
+        s.shift_diffraction(shift_x, shift_y)
+
+
+@pytest.mark.parametrize("shifts", [np.zeros((2, 2)), np.zeros((3, 3)), np.zeros(3)])
+def test_shift_frames_wants_one_shift_per_frame(shifts):
+    from diffgpu.kernels.shift import shift_frames
+
+    with pytest.raises(ValueError, match=rf"shape \(3, 2\).*got {re.escape(str(shifts.shape))}"):
+        shift_frames(np.ones((3, 4, 4)), shifts)

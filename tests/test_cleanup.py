@@ -81,3 +81,81 @@ def test_correct_bad_pixels_lazy_dtype_is_what_it_computes(dtype, out):
     np.testing.assert_allclose(computed, eager.data)
     np.testing.assert_allclose(eager.data[:, 2, 2], data[:, 1:4, 1:4].astype(float).sum(axis=(1, 2)) / 8
                                - data[:, 2, 2].astype(float) / 8, rtol=1e-3)
+
+
+def _nan_and_hot_neighbours():
+    data = np.ones((2, 8, 8), "float32")
+    data[:, 3, 3] = np.nan
+    data[:, 3, 4] = 1000.0
+    data[1, 3, 3] = -np.inf
+    data[1, 4, 4] = np.inf
+    bad = np.zeros((8, 8), bool)
+    bad[3, 3] = bad[3, 4] = bad[4, 4] = True
+    return diffgpu.DiffractionPatterns(data), bad
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_non_finite_bad_pixel_does_not_spoil_its_bad_neighbours(lazy):
+    s, bad = _nan_and_hot_neighbours()
+    s = s.as_lazy() if lazy else s
+    out = s.correct_bad_pixels(mask=bad)
+    data = out.data.compute() if lazy else out.data
+    np.testing.assert_array_equal(data, np.ones((2, 8, 8), "float32"))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_non_finite_bad_pixel_does_not_spoil_its_bad_neighbours_on_a_device(standin_gpu, lazy):
+    s, bad = _nan_and_hot_neighbours()
+    s = s.as_lazy() if lazy else s
+    s.to_device()
+    out = s.correct_bad_pixels(mask=bad)
+    assert out.device == "gpu"
+    out.to_host()
+    if lazy:
+        out.compute()
+    np.testing.assert_array_equal(out.data, np.ones((2, 8, 8), "float32"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_non_finite_pixels_are_bad_and_their_neighbours_judged_on_finite_values(value, lazy):
+    rng = np.random.default_rng(3)
+    data = (rng.random((2, 33, 41)) * 100).astype("float32")
+    data[0, 10, 12] = value  # in one frame only
+    data[1, 0, 0] = value  # at the corner
+    s = diffgpu.DiffractionPatterns(data)
+    s = s.as_lazy() if lazy else s
+    np.testing.assert_array_equal(np.argwhere(s.find_bad_pixels()), [[0, 0], [10, 12]])
+
+
+def test_a_hot_pixel_next_to_a_nan_is_still_found():
+    rng = np.random.default_rng(4)
+    data = (rng.random((3, 32, 32)) * 100).astype("float32")
+    data[:, 10, 12] = np.nan
+    data[:, 10, 13] = 5000.0
+    data[:, 11, 12] = 0.0  # dead
+    bad = diffgpu.DiffractionPatterns(data).find_bad_pixels()
+    np.testing.assert_array_equal(np.argwhere(bad), [[10, 12], [10, 13], [11, 12]])
+
+
+def test_neighbour_median_of_finite_values_ranks_as_scipy():
+    import scipy.ndimage as ndi
+
+    from diffgpu.cleanup import _neighbour_median
+
+    rng = np.random.default_rng(5)
+    pattern = rng.random((9, 11))
+    footprint = np.ones((3, 3), bool)
+    footprint[1, 1] = False
+    np.testing.assert_array_equal(_neighbour_median(pattern),
+                                  ndi.median_filter(pattern, footprint=footprint, mode="nearest"))
+    pattern[2, 3] = np.nan
+    pattern[0, 0] = -np.inf
+
+    def upper_median_of_finite(values):
+        values = np.sort(values[np.isfinite(values)])
+        return values[values.size // 2] if values.size else np.nan
+
+    ref = ndi.generic_filter(pattern, upper_median_of_finite, footprint=footprint, mode="nearest")
+    np.testing.assert_array_equal(_neighbour_median(pattern), ref)
+    assert np.isnan(_neighbour_median(np.full((3, 3), np.nan))).all()

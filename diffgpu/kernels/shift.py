@@ -54,6 +54,9 @@ def shift_frames(frames, shifts):
     """
     xp = array_module(frames)
     shifts = np.asarray(shifts.get() if hasattr(shifts, "get") else shifts, dtype=float)
+    if shifts.shape != (frames.shape[0], 2):  # the compiled loop reads them unchecked
+        raise ValueError(f"shifts must have the shape {(frames.shape[0], 2)} (one (dx, dy) per "
+                         f"frame of the {tuple(frames.shape)} frames); got {shifts.shape}")
     out = xp.empty(frames.shape, dtype=xp.float32)
     if xp is np:
         _shift_host(kernel_ready(np.asarray(frames)), np.ascontiguousarray(shifts), out)
