@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -54,6 +55,17 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _finite_positive(text):
+    """argparse type: a finite number above 0 (a radius)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number; got {value:g}")
     return value
 
 
@@ -116,10 +128,12 @@ def build_parser():
 
     virt = sub.add_parser("virtual", help="virtual images (discs, annuli) in one pass")
     _common(virt)
-    virt.add_argument("--disc", type=float, action="append", default=[], metavar="R",
-                      help="a disc detector of radius R around the centre (calibrated units)")
+    virt.add_argument("--disc", type=_finite_positive, action="append", default=[], metavar="R",
+                      help="a disc detector of radius R around the centre (calibrated units), "
+                           "a finite number above 0")
     virt.add_argument("--annulus", type=float, nargs=2, action="append", default=[],
-                      metavar=("R_IN", "R_OUT"), help="an annular detector around the centre")
+                      metavar=("R_IN", "R_OUT"), help="an annular detector around the centre: "
+                      "R_IN < distance <= R_OUT, with 0 <= R_IN < R_OUT finite")
     ori = sub.add_parser("orientation", help="orientation mapping by template matching")
     _common(ori)
     ori.add_argument("--phase", required=True, action="append",
@@ -240,8 +254,6 @@ def _with_chunks(args, s, nav):
 
 
 def _load(args):
-    import numpy as np
-
     import diffgpu
 
     nav = {} if not args.navigation_shape else {"navigation_shape": tuple(args.navigation_shape)}
@@ -269,14 +281,34 @@ def _load(args):
         _check_center(args.center, s.calibration.detector_shape)
         s.calibration.center = tuple(args.center)
     if args.mask:
+        mask = _load_npy(args.mask, "mask")
         try:
             # (the calibration's check: bool, or numbers that are all 0 or 1)
-            s.calibration.mask = np.load(args.mask, allow_pickle=False)
-        except (OSError, ValueError) as err:
+            s.calibration.mask = mask
+        except ValueError as err:
             raise InputError(f"mask '{args.mask}': {err}") from err
     if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
         s.to_device()
     return s
+
+
+def _load_npy(path, what):
+    """The array of a ``.npy`` file given as ``what`` (``--mask``, ``--template``), or an
+    InputError saying what is wrong: numpy calls a text file "pickled (object) data"."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise InputError(f"{what} '{path}': {err.strerror or err}") from err
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{what} '{path}' is not a .npy file (no NumPy .npy header): save the "
+                         "array with numpy.save")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{what} '{path}': {err}") from err
 
 
 def _check_not_a_plain_directory(path):
@@ -438,6 +470,7 @@ def _write_atomically(result, output, overwrite, progress, figures=None):
     import dask
 
     from .device import host_threads
+    from .signals import to_host
 
     staged = _Figures()
     # our own pool for dask's threaded scheduler, so that after an interruption the tasks
@@ -445,7 +478,8 @@ def _write_atomically(result, output, overwrite, progress, figures=None):
     pool = ThreadPoolExecutor(host_threads())
     committed = []
     try:
-        result.to_host()
+        # diffgpu's to_host, which takes any signal (HyperSpy's refuses lazy data)
+        to_host(result)
         with dask.config.set(pool=pool), _quiet(progress), warnings.catch_warnings():
             # RosettaSciIO's .zspy writer uses a zarr store zarr 2.18 deprecates: a
             # FutureWarning on every batch run that says nothing about the user's data
@@ -658,10 +692,7 @@ def cmd_strain(args):
         _calibrate_from_rings(s, args)
     template = None
     if args.template:
-        try:
-            template = np.load(args.template)
-        except (OSError, ValueError) as err:
-            raise InputError(f"template '{args.template}': {err}") from err
+        template = _load_npy(args.template, "template")
     vectors = s.find_bragg_disks(radius=args.radius, template=template,
                                  relative_threshold=args.relative_threshold,
                                  max_disks=args.max_disks)
@@ -733,6 +764,20 @@ def _check_strain_args(parser, args):
                 parser.error(f"{option}: {err}")
 
 
+def _check_virtual_args(parser, args):
+    """Argument errors of ``virtual`` (exit code 2) that argparse cannot see: HyperSpy's
+    CircleROI would quietly make an annulus with R_IN >= R_OUT a disc."""
+    for r_in, r_out in args.annulus:
+        given = f"--annulus {r_in:g} {r_out:g}"
+        if not (math.isfinite(r_in) and math.isfinite(r_out)):
+            parser.error(f"{given}: R_IN and R_OUT must be finite numbers")
+        if r_in < 0:
+            parser.error(f"{given}: R_IN must be 0 or more (0 for a disc)")
+        if r_in >= r_out:
+            parser.error(f"{given}: R_IN must be smaller than R_OUT (an annulus is "
+                         "R_IN < distance <= R_OUT)")
+
+
 def _pairs(values):
     """Four numbers as ``((g1x, g1y), (g2x, g2y))``."""
     return [list(values[:2]), list(values[2:])]
@@ -751,6 +796,8 @@ def main(argv=None):
                      "or more (e.g. 5)")
     if args.command == "strain":
         _check_strain_args(parser, args)
+    if args.command == "virtual":
+        _check_virtual_args(parser, args)
     from .device import DeviceUnavailableError
 
     previous = signal.signal(signal.SIGTERM, _terminate)

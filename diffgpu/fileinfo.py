@@ -29,6 +29,44 @@ def _byte_order(dtype):
     return f"{dtype.name} ({dtype.str}: {order}{native})"
 
 
+def _readers(signal):
+    """``(the reader that read this file, the reader that first read the data)`` from
+    ``General.FileIO`` (a file diffgpu or HyperSpy saved keeps its input's entries, so the
+    first is not this file's); None where not recorded."""
+    entries = signal.metadata.get_item("General.FileIO", None)
+    entries = entries.as_dictionary() if entries is not None else {}
+    loads = [entries[k].get("io_plugin") for k in sorted(entries, key=lambda k: int(k))
+             if str(k).isdigit() and entries[k].get("operation") == "load"]
+    loads = [str(p) for p in loads if p]
+    return (loads[-1], loads[0]) if loads else (None, None)
+
+
+# how the array's axes read, by diffgpu's signal type
+_SIGNAL_AXES = {"diffraction_patterns": "detector rows, columns", "polar_patterns": "radius, azimuth",
+                "radial_profiles": "radius"}
+
+
+def _array_axes(signal):
+    """What the array's axes are, in array order: ``scan rows, scan columns, then detector
+    rows, columns`` for 4D-STEM data."""
+    am = signal.axes_manager
+    nav, sig = am.navigation_dimension, len(am.signal_axes)
+    stype = signal.metadata.get_item("Signal.signal_type", "")
+    if stype == "virtual_images":  # the scan is the signal, one image per detector
+        stack = sig == 1 and am.signal_axes[0].name == "frame"
+        first = "detectors" if nav else ""
+        then = {2: "scan rows, scan columns", 1: "frames" if stack else "scan positions"}.get(
+            sig, "scan axes")
+    else:
+        stack = nav == 1 and am.navigation_axes[0].name == "frame"
+        first = {0: "", 1: "frames" if stack else "scan positions",
+                 2: "scan rows, scan columns"}.get(nav, f"{nav} navigation axes (slowest first)")
+        names = [a.name if isinstance(a.name, str) else "" for a in
+                 sorted(am.signal_axes, key=lambda a: a.index_in_array)]
+        then = _SIGNAL_AXES.get(stype) or (", ".join(n or "?" for n in names) or "no signal axes")
+    return f"{first}, then {then}" if first else then
+
+
 def describe(path, navigation_shape=None):
     """Rows ``(what, value)`` describing how diffgpu reads ``path``.
 
@@ -81,8 +119,10 @@ def describe(path, navigation_shape=None):
         mib = MIBFile(path)
         rows.append(("format", "Merlin .mib (Quantum Detectors), diffgpu.readers.mib"))
     else:
-        plugin = signals[0].metadata.get_item("General.FileIO.0.io_plugin", "")
-        rows.append(("format", f"{ext or '(no extension)'} read by {plugin or 'HyperSpy/RosettaSciIO'}"))
+        plugin, first = _readers(signals[0])
+        origin = f" (saved from data read by {first})" if first and first != plugin else ""
+        rows.append(("format", f"{ext or '(no extension)'} read by "
+                               f"{plugin or 'HyperSpy/RosettaSciIO'}{origin}"))
     rows.append(("file", f"{path} ({os.path.getsize(path) / 1e9:.3g} GB)" if os.path.isfile(path)
                  else path))
     for k, sig in enumerate(signals):
@@ -100,8 +140,7 @@ def describe(path, navigation_shape=None):
         am = sig.axes_manager
         nav = ", ".join(str(n) for n in am.navigation_shape)
         rows.append(("shape" + tag, f"({nav}|{', '.join(str(n) for n in am.signal_shape)})"))
-        rows.append(("array shape" + tag, f"{tuple(data.shape)} (navigation rows first, then "
-                                          "detector rows, columns)"))
+        rows.append(("array shape" + tag, f"{tuple(data.shape)} ({_array_axes(sig)})"))
         rows.append(("size" + tag, f"{data.nbytes / 1e9:.3g} GB in memory as {data.dtype.name}"))
         if hasattr(data, "chunks"):
             rows.append(("reader's chunks" + tag, _chunks_line(data.chunks, data.dtype.itemsize)))

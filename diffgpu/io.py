@@ -108,10 +108,15 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    IsADirectoryError
+        If ``path`` is a directory but not a ``.zspy`` (zarr) store.
     OSError
         If no reader could read it; the message names the file and the reason.
     ValueError
-        If the data cannot be one of diffgpu's signals (e.g. 3 signal dimensions), or
+        :class:`~diffgpu.readers.errors.DetectorFileError` for a file that holds no frames,
+        a ``.zspy`` path that is a file (what its first bytes look like is named), or a
+        file a reader finds bad. Also if the data cannot be one of diffgpu's signals (e.g. 3
+        signal dimensions), or
         ``chunks`` is a number but not a positive whole number of frames, or a tuple that is
         not dask's chunks of the navigation axes;
         :class:`~diffgpu.readers.errors.ReaderArgumentError` for a ``navigation_shape`` of the
@@ -135,8 +140,14 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         raise FileNotFoundError(f"no such file: '{path}'")
     if os.path.isdir(path):  # a .zspy store, perhaps named with a trailing slash
         path = path.rstrip("/" + os.sep) or path
+        _check_store(path)
     elif os.path.getsize(path) == 0:
         raise DetectorFileError(path, "the file is empty (0 bytes)")
+    elif os.path.splitext(path)[1].lower() == ".zspy":  # zarr's error: "FSPathExistNotDir: %r"
+        looks = _looks_like(path)
+        raise DetectorFileError(path, "is a file, not a .zspy store (a .zspy is a directory, as "
+                                      "HyperSpy and diffgpu write it)"
+                                + (f"; it looks like {looks}" if looks else ""))
     if isinstance(kwargs.get("chunks"), (int, float, np.number)):  # (bool included)
         from .chunking import check_chunk_frames
 
@@ -170,9 +181,49 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         usable = [s for s in loaded if _signal_dimension(s) in _SIGNAL_TYPES]
         if usable and len(usable) < len(loaded):
             loaded = usable[0] if len(usable) == 1 else usable
+    for s in loaded if isinstance(loaded, list) else [loaded]:
+        _check_not_empty(s, path)
     if isinstance(loaded, list):
         return [_rechunked(_ours(s, signal_type, path), rechunk) for s in loaded]
     return _rechunked(_ours(loaded, signal_type, path), rechunk)
+
+
+def _check_store(path):
+    """The one directory diffgpu reads is a zarr store (.zspy): another one is named as a
+    directory, not blamed on its name ("no reader takes files without an extension")."""
+    if not any(os.path.exists(os.path.join(path, m)) for m in (".zgroup", ".zarray", "zarr.json")):
+        raise IsADirectoryError(f"'{path}' is a directory, not a data file nor a .zspy store (no "
+                                ".zgroup or zarr.json in it): give a data file, or a .zspy "
+                                "directory saved by HyperSpy or diffgpu")
+
+
+# the first bytes of the formats diffgpu reads -> what the file then looks like
+_MAGIC = [(b"MQ1,", "a Merlin .mib file"),
+          (b"\x89HDF\r\n\x1a\n", "an HDF5 file (.h5, .hspy, .emd, .nxs)"),
+          (b"IMGBLO", "a blockfile (.blo)"),
+          (b"\x00\x00\x00\x03", "a DigitalMicrograph .dm3 file"),
+          (b"\x00\x00\x00\x04", "a DigitalMicrograph .dm4 file"),
+          (b"PK\x03\x04", "a zip file (a zipped zarr store? open it with zarr.storage.ZipStore "
+                          "and pass that to hyperspy.api.load)")]
+
+
+def _looks_like(path):
+    """What the first bytes of ``path`` say it is (``"a Merlin .mib file"``, ...), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+
+
+def _check_not_empty(signal, path):
+    """A signal of no data (a stack of 0 frames) is refused when it is loaded: operations on
+    it fail later (a division by its size) or write what cannot be read back."""
+    if signal.data.size:
+        return
+    what = "no frames" if 0 in signal.axes_manager.navigation_shape else "frames of no pixels"
+    raise DetectorFileError(path, f"the file holds {what} (array shape {tuple(signal.data.shape)})")
 
 
 def _rechunked(signal, chunks):
@@ -277,6 +328,20 @@ def _reader_for(path):
     return None
 
 
+def _our_class(signal, signal_type):
+    """``signal`` as diffgpu's class for its signal type and number of signal axes where
+    HyperSpy gave it another (its generic ``Signal1D`` for the virtual images of a one-axis
+    scan, :class:`~diffgpu.VirtualProfiles`, where HyperSpy's registry lacks that class)."""
+    from .signals._wrap import signal_class
+
+    # (the number of signal axes: HyperSpy's signal_dimension is 0 for one axis of size 1)
+    cls = signal_class(signal_type, len(signal.axes_manager.signal_axes), signal._lazy)
+    if cls is not None and not isinstance(signal, cls):
+        signal.__class__ = cls  # as HyperSpy's _assign_subclass does
+        signal.__init__(signal.data, full_initialisation=False)
+    return signal
+
+
 def _ours(signal, signal_type, path):
     if _frames_last(signal):
         signal = signal.transpose(signal_axes=2)
@@ -288,7 +353,7 @@ def _ours(signal, signal_type, path):
     if signal_type is None:
         current = signal.metadata.get_item("Signal.signal_type", "")
         if current in _OURS:
-            return signal
+            return _our_class(signal, current)
         dim = signal.axes_manager.signal_dimension
         if dim not in _SIGNAL_TYPES:
             raise ValueError(

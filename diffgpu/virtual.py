@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .detectors import detector_weights
@@ -16,6 +18,31 @@ def _describe(detector):
     if hasattr(detector, "cx") or hasattr(detector, "left"):
         return repr(detector)
     return f"mask {np.shape(getattr(detector, 'data', detector))}"
+
+
+def _check_radii(detector):
+    """A ``CircleROI``'s radii, where they are numbers: ``r`` finite and positive, ``r_inner``
+    finite, 0 or more and smaller than ``r``. (Unset values are named by
+    :func:`~diffgpu.detectors.detector_weights`; HyperSpy itself leaves a negative ``r``
+    unset.)"""
+    from hyperspy import roi as hs_roi
+
+    if not isinstance(detector, hs_roi.CircleROI):
+        return
+    r, inner = detector.r, detector.r_inner
+    if isinstance(r, numbers.Real) and not (np.isfinite(r) and r > 0):
+        raise ValueError(f"CircleROI r must be a finite positive number; got {r:g}: {detector!r}")
+    if not isinstance(inner, numbers.Real):
+        return
+    if not np.isfinite(inner):
+        raise ValueError(f"CircleROI r_inner must be a finite number (0 for a disc); got "
+                         f"{inner:g}: {detector!r}")
+    if inner < 0:
+        raise ValueError(f"CircleROI r_inner must be 0 or more (0 for a disc); got {inner:g}: "
+                         f"{detector!r}")
+    if isinstance(r, numbers.Real) and inner >= r:
+        raise ValueError(f"CircleROI r_inner ({inner:g}) must be smaller than r ({r:g}): an "
+                         f"annulus is r_inner < distance <= r; {detector!r}")
 
 
 def _is_one_mask(detectors):
@@ -33,13 +60,16 @@ def _is_one_mask(detectors):
 
 def virtual_images(signal, detectors, normalize=False):
     """Shared implementation of :meth:`DiffractionPatterns.get_virtual_image`: a
-    ``virtual_images`` :class:`~diffgpu.results.OperationResult` (generic for scans that are
-    not 2D)."""
+    ``virtual_images`` :class:`~diffgpu.results.OperationResult` for scans of one or two
+    navigation axes (images, or profiles along a line scan or stack of frames), generic for
+    a single frame or a scan of three axes or more."""
     single = not isinstance(detectors, (list, tuple)) or _is_one_mask(detectors)
     if single:
         detectors = [detectors]
     if len(detectors) == 0:
         raise ValueError("no virtual detector given")
+    for d in detectors:
+        _check_radii(d)
     weights = np.stack([detector_weights(signal, d) for d in detectors])
     bad = signal.calibration.mask
     if bad is not None:
@@ -71,7 +101,7 @@ def virtual_images(signal, detectors, normalize=False):
         result, axes = result[0], axes[1:]
     metadata = {
         "General": {"title": f"Virtual image of {signal.metadata.General.title}".strip()},
-        "Signal": {"signal_type": "virtual_images" if len(scan_axes) == 2 else ""},
+        "Signal": {"signal_type": "virtual_images" if len(scan_axes) in (1, 2) else ""},
         "VirtualDetectors": {"detectors": [_describe(d) for d in detectors],
                              "normalized": bool(normalize)},
     }

@@ -405,3 +405,140 @@ def test_info_file_errors_are_clear(scan_file, tmp_path, capsys):
     assert main(["info", str(tmp_path / "u8.mib")]) == 0
     out = capsys.readouterr().out
     assert "U08 (stored |u1: single bytes, no byte order)" in out and "big-endian" not in out
+
+
+@pytest.mark.parametrize("radii, says", [
+    (["--annulus", "10", "5"], "--annulus 10 5: R_IN must be smaller than R_OUT"),
+    (["--annulus", "5", "5"], "--annulus 5 5: R_IN must be smaller than R_OUT"),
+    (["--disc", "3", "--annulus", "-1", "5"], "--annulus -1 5: R_IN must be 0 or more"),
+    (["--annulus", "2", "inf"], "--annulus 2 inf: R_IN and R_OUT must be finite numbers"),
+    (["--disc", "inf"], "--disc: must be a finite positive number; got inf"),
+    (["--disc", "nan"], "--disc: must be a finite positive number; got nan"),
+    (["--disc", "0"], "--disc: must be a finite positive number; got 0"),
+    (["--disc", "-2"], "--disc: must be a finite positive number; got -2"),
+])
+def test_virtual_radii_are_argument_errors(scan_file, tmp_path, capsys, radii, says):
+    """An annulus with R_IN >= R_OUT was computed as a disc (HyperSpy drops such an r_inner),
+    and --disc inf was blamed on a negative radius."""
+    out = tmp_path / "v.zspy"
+    with pytest.raises(SystemExit) as exc:
+        main(["virtual", str(scan_file), "-o", str(out), "--no-progress"] + radii)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "HyperSpy" not in err
+    assert not out.exists()
+
+
+def test_virtual_of_scans_with_one_navigation_axis(tmp_path):
+    """A .mib without .hdr, --navigation-shape N and a one-frame HDF5 stack: virtual images
+    are VirtualProfiles, written as integrate writes its results (was a crash: HyperSpy's
+    Signal1D.to_host refuses lazy data)."""
+    import h5py
+    import hyperspy.api as hs
+
+    from diffgpu.readers.mib import write_mib
+
+    frames = np.random.default_rng(3).integers(0, 50, (6, 24, 24)).astype("uint16")
+    write_mib(tmp_path / "stack.mib", frames, hdr=False)  # no .hdr: a stack of 6 frames
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["a"] = frames[:1]
+    rois = [hs.roi.CircleROI(cx=0, cy=0, r=3), hs.roi.CircleROI(cx=0, cy=0, r=10, r_inner=4)]
+    for k, (name, extra, n) in enumerate([("stack.mib", [], 6),
+                                          ("stack.mib", ["--navigation-shape", "6"], 6),
+                                          ("one.h5", [], 1)]):
+        out = tmp_path / f"v{k}.zspy"
+        assert main(["virtual", str(tmp_path / name), "-o", str(out), "--disc", "3",
+                     "--annulus", "4", "10", "--no-progress"] + extra) == 0
+        images = diffgpu.load(out, lazy=False)
+        assert type(images) is diffgpu.VirtualProfiles and images.data.shape == (2, n)
+        ref = diffgpu.load(tmp_path / name, lazy=False).get_virtual_image(rois)
+        np.testing.assert_allclose(images.data, ref.data, rtol=1e-6)
+
+
+def test_virtual_of_a_single_frame_and_of_a_3d_scan(tmp_path):
+    """Scans of 0 and 3 navigation axes give HyperSpy's generic signals: written too."""
+    import hyperspy.api as hs
+
+    for nav in ((), (2, 2, 3)):
+        path = tmp_path / f"nav{len(nav)}.zspy"
+        diffgpu.DiffractionPatterns(np.ones(nav + (16, 16), np.float32)).save(
+            path, show_progressbar=False)
+        out = tmp_path / f"v{len(nav)}.zspy"
+        assert main(["virtual", str(path), "-o", str(out), "--disc", "2", "--annulus", "3", "5",
+                     "--no-progress"]) == 0
+        assert hs.load(out).data.shape == (2,) + nav
+
+
+def test_a_file_without_frames_is_bad_input(tmp_path, capsys):
+    import h5py
+
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.zeros((0, 8, 8))
+    out = tmp_path / "o.zspy"
+    for command in (["virtual", str(path), "--disc", "3"], ["integrate", str(path), "--1d"]):
+        assert main(command + ["-o", str(out), "--no-progress"]) == 3
+        err = capsys.readouterr().err
+        assert "'" + str(path) + "': the dataset 'a' holds no frames" in err, err
+        assert not out.exists()
+    assert main(["info", str(path)]) == 3
+    assert "holds no frames" in capsys.readouterr().err
+
+
+def test_info_of_a_result_says_what_read_it_and_its_axes(tmp_path, capsys):
+    """`diffgpu info` of a result read the input's reader from the metadata the result
+    inherited, and described every array as detector rows and columns."""
+    from diffgpu.readers.mib import write_mib
+
+    write_mib(tmp_path / "scan.mib", np.ones((2, 3, 16, 16), np.uint16))
+    results = {"o1": ["--1d", "--npt", "8"], "o2": ["--npt", "8", "--npt-azim", "12"]}
+    for name, extra in results.items():
+        assert main(["integrate", str(tmp_path / "scan.mib"), "-o", str(tmp_path / f"{name}.zspy"),
+                     "--no-progress"] + extra) == 0
+    capsys.readouterr()
+    expected = {"o1": "(2, 3, 8) (scan rows, scan columns, then radius)",
+                "o2": "(2, 3, 8, 12) (scan rows, scan columns, then radius, azimuth)"}
+    for name, array in expected.items():
+        assert main(["info", str(tmp_path / f"{name}.zspy")]) == 0
+        rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()
+                    if line.startswith(("format", "array shape")))
+        assert rows["format"].strip() == (".zspy read by rsciio.zspy (saved from data read by "
+                                          "diffgpu.readers.mib)")
+        assert rows["array"].split(None, 1)[1].strip() == array
+    assert main(["info", str(tmp_path / "scan.mib")]) == 0
+    out = capsys.readouterr().out
+    assert "(2, 3, 16, 16) (scan rows, scan columns, then detector rows, columns)" in out
+
+
+def test_messages_name_the_problem(tmp_path, capsys):
+    import h5py
+
+    from diffgpu.readers.mib import write_mib
+
+    out = str(tmp_path / "o.zspy")
+    with h5py.File(tmp_path / "stack.h5", "w") as f:
+        f["a"] = np.ones((6, 8, 8))
+    # a navigation shape that does not fit: plain numbers, not np.int64(7)
+    assert main(["integrate", str(tmp_path / "stack.h5"), "-o", out, "--navigation-shape", "7",
+                 "4"]) == 3
+    err = capsys.readouterr().err
+    assert "navigation_shape=(7, 4) needs 28" in err and "np." not in err
+    # a .mib file renamed .zspy
+    write_mib(tmp_path / "scan.mib", np.ones((2, 3, 16, 16), np.uint16))
+    shutil.copy(tmp_path / "scan.mib", tmp_path / "renamed.zspy")
+    assert main(["integrate", str(tmp_path / "renamed.zspy"), "-o", out]) == 3
+    err = capsys.readouterr().err
+    assert "is a file, not a .zspy store" in err and "a Merlin .mib file" in err, err
+    assert "FSPathExistNotDir" not in err
+    # a directory named like a data file
+    (tmp_path / "folder.mib").mkdir()
+    assert main(["integrate", str(tmp_path / "folder.mib"), "-o", out]) == 3
+    assert "is a directory" in capsys.readouterr().err
+    # a text file as the mask
+    (tmp_path / "mask.txt").write_text("1 0 1\n")
+    assert main(["integrate", str(tmp_path / "scan.mib"), "-o", out, "--mask",
+                 str(tmp_path / "mask.txt")]) == 3
+    err = capsys.readouterr().err
+    assert "mask '" + str(tmp_path / "mask.txt") + "' is not a .npy file" in err, err
+    assert "pickled" not in err
+    assert not os.path.exists(out)

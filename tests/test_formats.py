@@ -622,3 +622,71 @@ def test_py4dstem_emd1(tmp_path, ext):
     s = check_main_job(path, counts)
     assert s.calibration.scale == pytest.approx((0.02, 0.02))
     assert s.axes_manager.navigation_axes[0].scale == pytest.approx(1.5)
+
+
+def test_files_without_frames_are_refused_at_load(tmp_path):
+    """A stack of 0 frames loaded as a signal of navigation size 0: `diffgpu virtual` then
+    divided by zero and `integrate --1d` wrote an output that could not be read back."""
+    from rsciio.blockfile._api import get_header_dtype_list
+
+    from diffgpu.readers.mib import write_mib
+
+    for name, shape, says in (("empty.h5", (0, 8, 8), "no frames"),
+                              ("empty4d.h5", (3, 0, 8, 8), "no frames"),
+                              ("nopixels.h5", (4, 0, 8), "frames of no pixels")):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["a"] = np.zeros(shape)
+        _raises(tmp_path / name, f"the dataset 'a' holds {says} (shape {shape})")
+    for shape in ((0, 16, 16), (3, 0, 16, 16)):
+        write_dm4(tmp_path / "empty.dm4", np.zeros(shape, "uint16"))
+        _raises(tmp_path / "empty.dm4", f"holds no frames (image data of shape {shape})")
+    (tmp_path / "empty.xml").write_text('<root><type>series</type><count>0</count>'
+                                        '<raw_file filename="empty.raw"/></root>')
+    (tmp_path / "empty.raw").write_bytes(b"")
+    _raises(tmp_path / "empty.xml", "a scan of 0 frames", "no frames")
+    blo = tmp_path / "scan.blo"
+    _signal(_counts(NAV, (16, 16), "uint8"), units="cm").save(blo, intensity_scaling=None,
+                                                              show_progressbar=False)
+    header = np.fromfile(blo, dtype=get_header_dtype_list("<"), count=1)
+    header["NX"] = 0
+    with open(blo, "r+b") as f:
+        f.write(header.tobytes())
+    _raises(blo, "a scan of 0 x 3", "holds no frames")
+    # a .mib of a header and no pixels
+    write_mib(tmp_path / "scan.mib", np.zeros((1, 16, 16), np.uint16), hdr=False)
+    (tmp_path / "short.mib").write_bytes((tmp_path / "scan.mib").read_bytes()[:384])
+    _raises(tmp_path / "short.mib", "less than one frame")
+
+
+def test_navigation_shape_errors_print_plain_numbers(tmp_path):
+    path = tmp_path / "stack.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.ones((6, 8, 8))
+    for shape in ((7, 4), np.array([7, 4])):
+        message = _raises(path, "navigation_shape=(7, 4) needs 28", navigation_shape=shape)
+        assert "np." not in message
+    write_dm4(tmp_path / "scan.dm4", np.zeros((6, 16, 16), "uint16"))
+    message = _raises(tmp_path / "scan.dm4", "navigation_shape=(7, 4) needs 28",
+                      navigation_shape=np.array([7, 4]))
+    assert "np." not in message
+
+
+def test_directories_and_misnamed_files_are_named(tmp_path):
+    from diffgpu.readers.mib import write_mib
+
+    for name in ("folder", "folder.mib", "folder.h5"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(IsADirectoryError, match=f"'{tmp_path / name}' is a directory, not a "
+                                                    "data file nor a .zspy store"):
+            diffgpu.load(tmp_path / name)
+    write_mib(tmp_path / "scan.mib", np.ones((2, 3, 16, 16), np.uint16))
+    with h5py.File(tmp_path / "stack.h5", "w") as f:
+        f["a"] = np.ones((6, 8, 8))
+    write_dm4(tmp_path / "scan.dm4", np.zeros((6, 16, 16), "uint16"))
+    for source, looks in (("scan.mib", "a Merlin .mib file"), ("stack.h5", "an HDF5 file"),
+                          ("scan.dm4", "a DigitalMicrograph .dm4 file")):
+        renamed = tmp_path / (source.split(".")[0] + ".zspy")
+        shutil.copy(tmp_path / source, renamed)
+        with pytest.raises(DetectorFileError, match="is a file, not a .zspy store") as info:
+            diffgpu.load(renamed)
+        assert looks in str(info.value) and "FSPathExistNotDir" not in str(info.value)

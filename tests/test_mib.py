@@ -84,6 +84,40 @@ def test_quad(tmp_path, gap):
         assert mask is None  # a 2x2 frame has no gap pixels
 
 
+@pytest.mark.parametrize("layout, across", [("4x1", 4), ("2x1", 2), ("Nx1", 4)])
+def test_chips_in_a_row_are_not_a_quad(tmp_path, layout, across):
+    """A row of four chips (layout "   4x1", 256 x 1024 frames) was taken for a quad: half
+    the detector (columns 256-767) masked as a gap, and the detector named 'Merlin Quad'."""
+    frames = _frames((3, 256, across * 256), "uint8")
+    path = tmp_path / "row.mib"
+    # ("Nx1": N from the chips field; the headers are written as 4x1, then relabelled)
+    write_mib(path, frames, layout=layout.replace("N", str(across)), hdr=False)
+    if layout == "Nx1":
+        path.write_bytes(path.read_bytes().replace(b"   4x1,", b"   Nx1,"))
+    f = MIBFile(path)
+    assert f.header["layout"] == layout and f.header["chips"] == across
+    assert f.header_bytes == 768 and len(f.header["dacs"]) == across
+    assert f.chip_grid == (across, 1) and not f.quad and f.gap_mask() is None
+    s = diffgpu.load(path)
+    assert s.calibration.mask is None and "Diffraction" not in s.metadata
+    detector = s.metadata.Acquisition_instrument.Detector
+    assert detector.name == f"Merlin {across}x1" and detector.chips == across
+    np.testing.assert_array_equal(s.data.compute(), frames)
+    np.testing.assert_array_equal(hs.load(path, navigation_shape=(3,)).data, frames)
+
+
+def test_chips_in_a_row_with_their_gaps(tmp_path):
+    """An Nx1G frame holds the gaps between its chips: those columns are masked."""
+    frames = _frames((2, 256, 4 * 256 + 3 * 2), "uint16")
+    path = tmp_path / "rowg.mib"
+    write_mib(path, frames, layout="4x1G")
+    f = MIBFile(path)
+    assert f.chip_grid == (4, 1) and not f.quad
+    mask = diffgpu.load(path).calibration.mask
+    gaps = np.flatnonzero(mask.all(axis=0))
+    assert gaps.tolist() == [256, 257, 514, 515, 772, 773] and mask.sum() == 6 * 256
+
+
 def test_header_fields():
     raw = (b"MQ1,000007,00384,01,0256,0256,U08,   1x1,01,2020-05-18 16:51:49.971626,0.000555,0,0,0,"
            b"1.200000E+2,5.110000E+2,0.000000E+0,0.000000E+0,0.000000E+0,0.000000E+0,0.000000E+0,"

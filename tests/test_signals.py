@@ -19,6 +19,8 @@ OURS = {
     "LazyRadialProfiles": ("radial_profiles", 1, True),
     "VirtualImages": ("virtual_images", 2, False),
     "LazyVirtualImages": ("virtual_images", 2, True),
+    "VirtualProfiles": ("virtual_images", 1, False),
+    "LazyVirtualProfiles": ("virtual_images", 1, True),
     "DirectBeamShifts": ("direct_beam_shifts", 1, False),
     "LazyDirectBeamShifts": ("direct_beam_shifts", 1, True),
     "OrientationMatches": ("orientation_matches", 2, False),

@@ -68,27 +68,38 @@ def test_scan_axes_are_kept(scan):
     assert img.axes_manager.signal_axes[0].scale == 2.5 and img.axes_manager.signal_axes[0].units == "nm"
 
 
-def test_line_scan_gives_a_plain_signal():
+def test_line_scan_gives_virtual_profiles():
     s = diffgpu.DiffractionPatterns(np.ones((7, 16, 16), dtype="uint16"))
     img = s.get_virtual_image([np.ones((16, 16)), np.eye(16)])
-    assert img.data.shape == (2, 7)
+    assert type(img) is diffgpu.VirtualProfiles
+    assert img.data.shape == (2, 7) and img.axes_manager.navigation_axes[0].name == "detector"
     np.testing.assert_allclose(img.data[0], 256)
 
 
 @pytest.mark.parametrize("rois", [hs.roi.CircleROI(cx=8, cy=8, r=4),
                                   [hs.roi.CircleROI(cx=8, cy=8, r=4), np.eye(16)]])
 def test_line_scan_is_the_same_kind_of_signal_eager_and_lazy(rois):
-    """A line scan's virtual image is a Signal1D eagerly as lazily (was BaseSignal eagerly)."""
-    from hyperspy._signals.lazy_signal1d import LazySignal1D
-
+    """A line scan's virtual image is diffgpu's VirtualProfiles, eagerly and lazily (was
+    HyperSpy's Signal1D, whose to_host() refuses lazy data: `diffgpu virtual` crashed)."""
     s = diffgpu.DiffractionPatterns(np.ones((6, 16, 16), dtype="uint16"))
     eager = s.get_virtual_image(rois)
     lazy = s.as_lazy().get_virtual_image(rois)
-    assert type(eager) is hs.signals.Signal1D
-    assert type(lazy) is LazySignal1D
+    assert type(eager) is diffgpu.VirtualProfiles
+    assert type(lazy) is diffgpu.LazyVirtualProfiles
     assert eager.axes_manager.signal_shape == lazy.axes_manager.signal_shape == (6,)
+    assert lazy.metadata.Signal.signal_type == "virtual_images"
+    lazy.to_host()  # diffgpu's: a graph step, lazy or not
     lazy.compute()
     np.testing.assert_allclose(lazy.data, eager.data)
+
+
+def test_line_scan_virtual_profiles_save_and_load_back(tmp_path):
+    s = diffgpu.DiffractionPatterns(np.ones((5, 16, 16), dtype="uint16"))
+    s.get_virtual_image([hs.roi.CircleROI(cx=8, cy=8, r=4), np.eye(16)]).save(
+        tmp_path / "v.zspy", show_progressbar=False)
+    back = diffgpu.load(tmp_path / "v.zspy", lazy=False)
+    assert type(back) is diffgpu.VirtualProfiles and back.data.shape == (2, 5)
+    assert type(diffgpu.load(tmp_path / "v.zspy")) is diffgpu.LazyVirtualProfiles
 
 
 @pytest.mark.parametrize("bad, err, match", [
@@ -288,3 +299,31 @@ def test_standin_device_virtual_images_leave_out_the_mask(standin_gpu, lazy):
     np.testing.assert_allclose(got.data, ref.data, rtol=1e-5)
     assert np.isfinite(ref.data[:, 0, 1]).all()  # the masked NaN is left out
     assert np.isnan(ref.data[0, 1, 2]) and np.isfinite(ref.data[1, 1, 2])
+
+
+def _annulus(r, r_inner, check=True):
+    """A CircleROI with these radii, however HyperSpy's own checks would change them."""
+    roi = hs.roi.CircleROI(cx=0, cy=0, r=40, r_inner=0)
+    roi._bounds_check = check
+    roi.r_inner, roi.r = r_inner, r  # (HyperSpy then lets r come down to r_inner)
+    return roi
+
+
+@pytest.mark.parametrize("roi, match", [
+    (_annulus(5, 5), r"r_inner \(5\) must be smaller than r \(5\)"),
+    (_annulus(5, 10, check=False), r"r_inner \(10\) must be smaller than r \(5\)"),
+    (_annulus(5, -2), r"r_inner must be 0 or more"),
+    (_annulus(5, np.nan), r"r_inner must be a finite number"),
+    (hs.roi.CircleROI(cx=0, cy=0, r=np.inf), r"r must be a finite positive number; got inf"),
+    (hs.roi.CircleROI(cx=0, cy=0, r=np.nan), r"r must be a finite positive number; got nan"),
+    (hs.roi.CircleROI(cx=0, cy=0, r=0), r"r must be a finite positive number; got 0"),
+])
+def test_circle_radii_are_checked(scan, roi, match):
+    """An annulus whose inner radius is not below its outer one, or a radius that is not a
+    finite positive number, is refused: not computed as a disc (a NaN r_inner was read as 0),
+    nor explained as a negative radius HyperSpy left undefined."""
+    for lazy in (False, True):
+        s = scan.as_lazy() if lazy else scan
+        with pytest.raises(ValueError, match=match) as info:
+            s.get_virtual_image([hs.roi.CircleROI(cx=0, cy=0, r=3), roi])
+        assert "HyperSpy leaves" not in str(info.value)

@@ -64,6 +64,9 @@ def file_reader(filename, lazy=False, chunks=None, endianness="<", **kwds):
     nx, ny, dp = int(header["NX"]), int(header["NY"]), int(header["DP_SZ"])
     offset = int(header["Data_offset_2"])
     need = offset + nx * ny * (_FRAME_MARKER + dp * dp)
+    if min(nx, ny) == 0 and dp >= 1 and offset >= header_dtype.itemsize:
+        raise DetectorFileError(filename, f"the header announces a scan of {nx} x {ny}: the "
+                                          "file holds no frames")
     if min(nx, ny, dp) < 1 or offset < header_dtype.itemsize:
         raise DetectorFileError(filename, f"not a blockfile (header says scan {nx} x {ny}, "
                                           f"frames {dp} x {dp}, data at byte {offset})")

@@ -110,6 +110,10 @@ def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds
     stacks = 0
     for d in dicts:
         data = d["data"]
+        if 0 in data.shape:  # (HyperSpy would divide by the size of its 0-length axis)
+            what = "no frames" if 0 in data.shape[:-2] else "an image of no pixels"
+            raise DetectorFileError(filename, f"holds {what} (image data of shape "
+                                              f"{tuple(data.shape)})")
         image = d["original_metadata"].get("ImageList", {}).get("TagGroup0", {})
         where = image.get("ImageData", {}).get("Data")
         dtype = np.dtype(data.dtype)

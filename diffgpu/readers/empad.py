@@ -123,9 +123,13 @@ def read_xml(filename):
     else:
         m = re.search(r"_x(\d+)_y(\d+)", os.path.basename(raw_name))
         nav = (int(m.group(2)), int(m.group(1))) if m else None
-    if nav is None or min(nav) < 1:
+    if nav is None:
         raise DetectorFileError(filename, "the XML does not say the scan shape "
                                           "(scan_resolution_x/y, pix_x/pix_y or a series count)")
+    if min(nav) < 1:
+        scan = " x ".join(str(n) for n in nav[::-1])
+        raise DetectorFileError(filename, f"the XML gives a scan of {scan} frames: the "
+                                          "acquisition holds no frames")
     info["nav_shape"] = nav
 
     voltage = number("iom_measurements/high_voltage")

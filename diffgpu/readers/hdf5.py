@@ -517,6 +517,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         raise TypeError(f"unknown keyword arguments for the HDF5 reader: {sorted(unknown)}")
     filename = os.fspath(filename)
     parts, shape, dtype, hdf5_chunk = find_frames(filename, dataset)
+    _check_not_empty(filename, parts, shape)
     if len(shape) == 3:  # a 4D dataset: (scan rows, scan columns, rows, columns)
         file_nav = (sum(n for _, _, n in parts), shape[0])
         frame_shape = shape[1:]
@@ -530,7 +531,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         if int(np.prod(nav)) != n_frames:
             raise DetectorFileError(
                 filename, f"the file holds {n_frames} frames; navigation_shape="
-                          f"{tuple(np.atleast_1d(navigation_shape))} needs {int(np.prod(nav))}")
+                          f"{nav[::-1]} needs {int(np.prod(nav))}")
     elif file_nav is not None:
         nav = file_nav
     elif _triggers(filename, n_frames) is not None:
@@ -596,6 +597,21 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
                          "hdf5_chunk_frames": hdf5_chunk},
                 **({"detector": original} if original else {})}
     return [{"data": data, "axes": axes, "metadata": md, "original_metadata": original}]
+
+
+def _check_not_empty(filename, parts, shape):
+    """A dataset of 0 frames (or of frames of 0 pixels) is a file with nothing to read: said
+    here, not found later as a signal of navigation size 0 that operations cannot use."""
+    if sum(n for _, _, n in parts) and math.prod(shape):
+        return
+    names = ", ".join(f"'{p}'" for _, p, _ in parts)
+    frames = sum(n for _, _, n in parts) * (shape[0] if len(shape) == 3 else 1)
+    what = "no frames" if not frames else "frames of no pixels"
+    if len(parts) == 1:
+        problem = f"the dataset {names} holds {what} (shape {(parts[0][2],) + tuple(shape)})"
+    else:
+        problem = f"the datasets {names} hold {what} (frame shape {tuple(shape)})"
+    raise DetectorFileError(filename, problem)
 
 
 def _token(filename, parts):

@@ -11,8 +11,9 @@ A ``.mib`` file is a run of frames, each an ASCII header followed by the pixels:
 Fields, comma separated: ``MQ1``, the frame's sequence number, the header size in bytes
 (``00384`` for one chip, ``00768`` for four), the number of chips, frame width and height in
 pixels, pixel depth (``U08``, ``U16``, ``U32`` big-endian unsigned integers, or ``R64`` for
-raw counter data), sensor layout (``1x1``, ``2x2``, ``2x2G`` with the gap between the chips
-included in the frame, ``Nx1``), chip select, time stamp, shutter time in seconds, counter,
+raw counter data), sensor layout (chips across x down: ``1x1``, ``2x2`` for a quad, ``Nx1``
+such as ``4x1`` for chips in a row; a ``G`` suffix, ``2x2G``, when the frame includes the gaps
+between the chips), chip select, time stamp, shutter time in seconds, counter,
 colour mode, gain mode, eight thresholds (keV), then for each chip ``3RX`` and its DAC
 values; software 0.70 and later add ``MQ1A``, a time stamp to the nanosecond, the exposure
 in ns and the counter depth in bits (1, 6, 12 or 24). Pixels follow, ``width x height`` of
@@ -35,9 +36,11 @@ What diffgpu does with it
 * **Navigation shape**: from ``navigation_shape=`` (HyperSpy's order, ``(x, y)`` = (scan
   columns, scan rows), as in ``hs.load``), else from the ``.hdr`` file (``ScanX``/``ScanY``,
   or frames in the acquisition / frames per trigger), else a 1D stack of frames.
-* **Quad detectors**: a ``2x2G`` frame (e.g. 514 x 514) holds the gap between the four
-  chips as empty rows and columns in its middle; they are set in the calibration mask
-  (``s.calibration.mask``). A ``2x2`` frame (512 x 512) has no gap pixels.
+* **Several chips**: a ``2x2G`` quad frame (e.g. 514 x 514) holds the gap between the four
+  chips as empty rows and columns in its middle, an ``Nx1G`` frame the columns between its
+  chips; they are set in the calibration mask (``s.calibration.mask``). A ``2x2`` frame
+  (512 x 512) or an ``Nx1`` one (``4x1``: 256 x 1024) has no gap pixels. Only ``2x2`` is a
+  quad (``Merlin Quad``); chips in a row are named by their layout (``Merlin 4x1``).
 * **Bad files** raise :class:`~diffgpu.readers.errors.DetectorFileError` naming the file
   and the problem: not a ``.mib`` file, a truncated last frame, a header that disagrees
   with the file's size or with the next frames' headers, a navigation shape whose size is
@@ -209,6 +212,19 @@ def _paths(path):
     return path, None
 
 
+_LAYOUT = re.compile(r"(\d+|N)x(\d+)G?", re.IGNORECASE)
+
+
+def _chip_grid(layout, chips=None):
+    """``(chips across, chips down)`` of a layout field (``"2x2"``, ``"2x2G"``, ``"4x1"``, or
+    ``"Nx1"`` with N the number of chips), or None if it is not of that form."""
+    match = _LAYOUT.fullmatch(layout.strip())
+    if match is None:
+        return None
+    across = chips if match.group(1).upper() == "N" else int(match.group(1))
+    return None if across is None else (across, int(match.group(2)))
+
+
 class MIBFile:
     """What the headers of a ``.mib`` file say: frame size, dtype, number of frames, fields.
 
@@ -314,28 +330,42 @@ class MIBFile:
                                                        f"the first frame's {a}")
 
     @property
+    def chip_grid(self):
+        """``(chips across, chips down)`` of the sensor layout: ``(1, 1)``, ``(2, 2)`` for a
+        quad, ``(4, 1)`` for a row of four chips (``"4x1"``, or ``"Nx1"`` with 4 chips);
+        None for a layout field of another form."""
+        return _chip_grid(self.layout, self.header["chips"])
+
+    @property
     def quad(self):
-        """True for a 2 x 2 chip assembly (Merlin Quad)."""
-        return self.header["chips"] == 4 or self.layout.startswith("2x2")
+        """True for a 2 x 2 chip assembly (Merlin Quad: layouts ``2x2`` and ``2x2G``); four
+        chips in a row (``4x1``) are not one."""
+        return self.chip_grid == (2, 2)
 
     def gap_mask(self):
-        """Detector mask (True = no pixel) of the gap between the chips of a ``2x2G`` frame,
-        else None.
+        """Detector mask (True = no pixel) of the gaps between the chips that a frame
+        includes (layouts ``2x2G``, ``Nx1G``), else None.
 
-        The gap is the middle ``width - 512`` columns and ``height - 512`` rows.
+        A frame's columns beyond ``256 x`` chips across (rows beyond ``256 x`` chips down)
+        are the gaps, shared evenly between the chips: the middle ``width - 512`` columns
+        and ``height - 512`` rows of a ``2x2G`` frame. A frame of just the chips' pixels
+        (``1x1``, ``2x2``, ``4x1``: 256 x 1024) has none, nor has a layout of another form.
         """
-        if not self.quad:
-            return None
-        rows, cols = self.frame_shape
-        gy, gx = rows - 2 * _CHIP, cols - 2 * _CHIP
-        if gy <= 0 and gx <= 0:
+        grid = self.chip_grid
+        if grid is None:
             return None
         mask = np.zeros(self.frame_shape, dtype=bool)
-        if gy > 0:
-            mask[_CHIP:_CHIP + gy, :] = True
-        if gx > 0:
-            mask[:, _CHIP:_CHIP + gx] = True
-        return mask
+        for axis, (chips, size) in enumerate(zip(grid[::-1], self.frame_shape)):
+            extra = size - chips * _CHIP
+            if chips < 2 or extra <= 0 or extra % (chips - 1):
+                continue  # no gap, or none that can be placed between the chips
+            gap = extra // (chips - 1)
+            for k in range(1, chips):
+                start = k * _CHIP + (k - 1) * gap
+                where = [slice(None), slice(None)]
+                where[axis] = slice(start, start + gap)
+                mask[tuple(where)] = True
+        return mask if mask.any() else None
 
     def navigation_shape(self, navigation_shape=None):
         """The scan shape in array order, ``(rows, columns)`` or ``(frames,)``.
@@ -568,7 +598,10 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
     h = mib.header
     exposure_s = (h["exposure_ns"] * 1e-9 if h.get("exposure_ns") is not None
                   else h.get("shutter_s"))
-    detector = {"name": "Merlin" + (" Quad" if mib.quad else ""), "pixel_depth": mib.depth,
+    grid = mib.chip_grid
+    name = ("Merlin Quad" if mib.quad else "Merlin" if h["chips"] == 1 or grid is None
+            else f"Merlin {grid[0]}x{grid[1]}")
+    detector = {"name": name, "pixel_depth": mib.depth,
                 "counter_depth": h.get("counter_depth", _COUNTER_DEPTH[mib.depth]),
                 "chips": h["chips"], "layout": mib.layout, "flip_rows": bool(flip_rows)}
     if exposure_s is not None:
@@ -603,7 +636,7 @@ def _header(seq, depth, shape, chips, layout, timestamp, exposure_ns, counter_de
     dacs = ",".join(["3RX," + ",".join(["175", "511"] + ["000"] * 6 + ["100"] * 17 + ["511", "511"])]
                     * chips)
     text = (f"MQ1,{seq:06d},{header_bytes:05d},{chips:02d},{cols:04d},{rows:04d},{depth},"
-            f"{layout:>6},{'0F' if chips == 4 else '01'},"
+            f"{layout:>6},{(1 << chips) - 1:02X},"
             f"{when.strftime('%Y-%m-%d %H:%M:%S.%f')},{exposure_ns / 1e9:.6f},0,0,0,"
             + ",".join(["1.200000E+2", "5.110000E+2"] + ["0.000000E+0"] * 6)
             + f",{dacs},MQ1A,{when.strftime('%Y-%m-%dT%H:%M:%S.%f')}000Z,{exposure_ns}ns,"
@@ -615,7 +648,7 @@ def _header(seq, depth, shape, chips, layout, timestamp, exposure_ns, counter_de
 
 
 def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns=1_000_000,
-              frames_per_write=256, start_time=None):
+              frames_per_write=256, start_time=None, layout=None):
     """Write frames as a Merlin ``.mib`` file, the way the detector does (and a ``.hdr``).
 
     Parameters
@@ -642,6 +675,11 @@ def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns
     frames_per_write : int
         Frames encoded and written at a time (bounds the memory this uses).
     start_time : datetime, optional
+    layout : str, optional
+        The sensor layout written in the headers instead of ``quad`` and ``gap``'s:
+        ``"AxB"`` chips across x down, e.g. ``"4x1"`` (a row of four chips, 256 x 1024
+        frames) or ``"2x2"``, with ``"G"`` when the frames include the gaps between the
+        chips (``"4x1G"``). Several chips get 768-byte headers.
 
     Examples
     --------
@@ -665,9 +703,16 @@ def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {sorted(DEPTHS)}; got {depth!r}")
     dtype = DEPTHS[depth]
-    chips = 4 if quad else 1
-    layout = ("2x2G" if gap else "2x2") if quad else "1x1"
-    header_bytes = 768 if quad else 384
+    if layout is None:
+        layout = ("2x2G" if gap else "2x2") if quad else "1x1"
+    elif quad or gap:
+        raise ValueError("give the sensor layout either as layout= or as quad= and gap=")
+    grid = _chip_grid(layout)
+    if grid is None or "N" in layout.upper():
+        raise ValueError(f"layout must be 'AxB' chips across x down, e.g. '1x1', '2x2G' or "
+                         f"'4x1'; got {layout!r}")
+    chips = grid[0] * grid[1]
+    header_bytes = 768 if chips > 1 else 384  # (the DAC values of several chips need more)
     counter_depth = _COUNTER_DEPTH[depth]
     start_time = start_time or datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
     per_row = nav[-1] if len(nav) >= 2 else n
@@ -689,9 +734,10 @@ def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns
             out.tofile(f)
     if hdr:
         stem = os.path.splitext(path)[0]
+        chip_ids = ",".join([f"W000_{c}0" for c in "ABCDEFGH"[:chips]] + ["-"] * (4 - chips))
         lines = ["HDR,\t",
                  f"Time and Date Stamp (day, mnth, yr, hr, min, s):\t{start_time:%d/%m/%Y %H:%M:%S}",
-                 f"Chip ID:\t{'W000_A0,W000_B0,W000_C0,W000_D0' if quad else 'W000_A0,-,-,-'}",
+                 f"Chip ID:\t{chip_ids}",
                  "Chip Type (Medipix 3.0, Medipix 3.1, Medipix 3RX):\tMedipix 3RX",
                  f"Assembly Size (NX1, 2X2):\t{layout:>6}",
                  "Chip Mode  (SPM, CSM, CM, CSCM):\tSPM",
@@ -705,7 +751,7 @@ def write_mib(path, frames, depth=None, quad=False, gap=0, hdr=True, exposure_ns
                  f"Frames per Trigger (Number):\t{per_row if len(nav) >= 2 else 1}",
                  "Trigger Start (Positive, Negative, Internal):\tRising Edge",
                  "Trigger Stop (Positive, Negative, Internal):\tRising Edge",
-                 f"Readout System:\t{'Merlin Quad' if quad else 'Merlin'}",
+                 f"Readout System:\t{'Merlin Quad' if chips > 1 else 'Merlin'}",
                  "End\t"]
         with open(stem + ".hdr", "w", newline="") as f:
             f.write("\r\n".join(lines) + "\r\n")

@@ -4,7 +4,7 @@ from ._device import to_device, to_host
 from .diffraction_patterns import DiffractionPatterns, LazyDiffractionPatterns
 from .polar_patterns import LazyPolarPatterns, PolarPatterns
 from .radial_profiles import LazyRadialProfiles, RadialProfiles
-from .virtual_images import LazyVirtualImages, VirtualImages
+from .virtual_images import LazyVirtualImages, LazyVirtualProfiles, VirtualImages, VirtualProfiles
 from .beam_shifts import DirectBeamShifts, LazyDirectBeamShifts
 from .orientation_matches import LazyOrientationMatches, OrientationMatches
 from .bragg_vectors import BraggVectors, LazyBraggVectors
@@ -21,6 +21,8 @@ __all__ = [
     "LazyRadialProfiles",
     "VirtualImages",
     "LazyVirtualImages",
+    "VirtualProfiles",
+    "LazyVirtualProfiles",
     "DirectBeamShifts",
     "LazyDirectBeamShifts",
     "OrientationMatches",

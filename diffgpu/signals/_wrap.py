@@ -8,13 +8,39 @@ def _classes():
     from .orientation_matches import LazyOrientationMatches, OrientationMatches
     from .polar_patterns import LazyPolarPatterns, PolarPatterns
     from .radial_profiles import LazyRadialProfiles, RadialProfiles
-    from .virtual_images import LazyVirtualImages, VirtualImages
 
     return {"polar_patterns": (PolarPatterns, LazyPolarPatterns),
             "radial_profiles": (RadialProfiles, LazyRadialProfiles),
-            "virtual_images": (VirtualImages, LazyVirtualImages),
             "direct_beam_shifts": (DirectBeamShifts, LazyDirectBeamShifts),
             "orientation_matches": (OrientationMatches, LazyOrientationMatches)}
+
+
+def _virtual_image_classes():
+    """Virtual images by signal dimension (the scan's navigation dimension)."""
+    from .virtual_images import (LazyVirtualImages, LazyVirtualProfiles, VirtualImages,
+                                 VirtualProfiles)
+
+    return {2: (VirtualImages, LazyVirtualImages), 1: (VirtualProfiles, LazyVirtualProfiles)}
+
+
+def signal_class(signal_type, signal_dimension, lazy):
+    """diffgpu's class for a signal type (lazy or not), or None where HyperSpy's generic
+    class is used. ``virtual_images`` has one class per signal dimension:
+    :class:`~diffgpu.VirtualImages` (2) and :class:`~diffgpu.VirtualProfiles` (1).
+
+    Examples
+    --------
+    >>> from diffgpu.signals._wrap import signal_class
+    >>> signal_class("virtual_images", 1, lazy=True).__name__
+    'LazyVirtualProfiles'
+    >>> signal_class("virtual_images", 3, lazy=False) is None
+    True
+    """
+    if signal_type == "virtual_images":
+        pair = _virtual_image_classes().get(signal_dimension)
+    else:
+        pair = _classes().get(signal_type)
+    return None if pair is None else pair[1 if lazy else 0]
 
 
 def as_signal(result, replace=None):
@@ -38,9 +64,10 @@ def as_signal(result, replace=None):
     kwargs = {"axes": result.axes, "metadata": result.metadata}
     if result.original_metadata is not None:
         kwargs["original_metadata"] = result.original_metadata
-    pair = _classes().get(result.signal_type)
-    if pair is not None:
-        out = pair[1 if result.lazy else 0](result.data, **kwargs)
+    signal_dimension = sum(1 for ax in result.axes if not ax.get("navigate", False))
+    cls = signal_class(result.signal_type, signal_dimension, result.lazy)
+    if cls is not None:
+        out = cls(result.data, **kwargs)
     else:
         from hyperspy.signals import BaseSignal
 

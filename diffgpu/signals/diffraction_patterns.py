@@ -279,8 +279,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             masks (bool, or float weights; a nested list of rows of numbers is one mask).
             Pixels are weighted by the exact fraction of their area inside a circle,
             annulus or rectangle. ``calibration.mask`` pixels are always left out (weight 0).
-            An ROI with values HyperSpy left undefined, or a detector that covers no
-            (unmasked) pixel, raises ``ValueError``.
+            An ROI with values HyperSpy left undefined, a circle whose ``r`` is not a finite
+            positive number, an annulus whose ``r_inner`` is not below ``r``, or a detector
+            that covers no (unmasked) pixel, raises ``ValueError``. (HyperSpy itself keeps
+            ``r_inner`` below ``r`` by ignoring a value that breaks it: ``CircleROI(r=5,
+            r_inner=10)`` is a disc of radius 5 before diffgpu sees it.)
         normalize : bool
             Divide by each detector's area (mean per pixel) instead of summing.
 
@@ -288,7 +291,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         -------
         VirtualImages or LazyVirtualImages
             Navigation axis ``detector`` (one image per ROI) and the scan as the signal;
-            for a single ROI (not in a list), just its image. Lazy in gives lazy out,
+            for a single ROI (not in a list), just its image. A scan with one navigation
+            axis (a line scan or a stack of frames) gives :class:`VirtualProfiles` or
+            :class:`LazyVirtualProfiles` (one profile along the scan per ROI); a single frame
+            or a scan of three axes or more, HyperSpy's generic signal of those dimensions,
+            with the same axes. Lazy in gives lazy out,
             device in gives device out. A NaN or inf pixel that a detector weighs (inside
             it and not in ``calibration.mask``) makes that detector's value NaN for that
             frame; pixels a detector does not weigh never affect it.
@@ -366,8 +373,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             ``"center_of_mass"``: the centre of mass in ``mask`` (see
             :meth:`center_of_mass`). ``"blur"``: the maximum of the pattern blurred with a
             Gaussian of ``sigma`` pixels, refined by the centre of mass within ``window``
-            pixels of it. ``"cross_correlate"``: the peak of the cross-correlation with a
-            disc of ``radius`` pixels (the beam's size), refined within ``window``.
+            pixels of it (a beam wider than ``window``, whose blurred maximum is a plateau,
+            is centred by its half-maximum extent and a centre of mass over the whole
+            disc). ``"cross_correlate"``: the peak of the cross-correlation with a disc of
+            ``radius`` pixels (the beam's size, at most half the smaller detector side),
+            refined within ``window``.
             The last two ignore the rest of the pattern, so rings and Bragg spots away from
             the beam do not bias them. All three count NaN, inf and ``calibration.mask``
             pixels as 0.
@@ -560,7 +570,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
 
         A pixel is hot when its mean is more than ``threshold`` times the median of its
         8 neighbours (which follows rings and the beam's edge but not a lone pixel), and
-        dead when it is zero in every pattern while its neighbours are not.
+        dead when it is zero in every pattern while its neighbours are not. A pixel that is
+        NaN or inf in any pattern is bad too, and its neighbours are judged on their finite
+        neighbours only.
 
         Returns
         -------
