@@ -716,7 +716,8 @@ def cmd_strain(args):
         failed = done.n_failed
         if failed:
             staged.messages.append(f"{failed} of {n} positions have NaN strain (fewer than "
-                                   f"--min-disks {args.min_disks} indexed disks)")
+                                   f"--min-disks {args.min_disks} indexed disks, or no lattice "
+                                   "fits their disks)")
         if args.png and done.axes_manager.navigation_dimension != 2:
             staged.messages.append("--png: the strain maps need a 2D scan; no figure written")
         elif args.png:

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 from .device import DeviceCache, _is_dask, array_module, to_host_array
-from .kernels.lattice import LATTICE_FIELDS, BasisError, find_basis, fit_lattices
+from .kernels.lattice import LATTICE_FIELDS, BasisError, _plan, find_basis, fit_lattices
 
 __all__ = ["correction_matrix", "lattice_fit", "strain_from_lattice", "get_strain_map",
            "STRAIN_FIELDS", "BasisError"]
@@ -186,8 +186,10 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
         ``(g1, g2)`` in detector pixels (rows); default found from the reference frames.
     origin : (float, float), optional
         Detector pixel of the ``(0, 0)`` disk (the direct beam); default the median of the
-        reference frames' strongest disks. Each frame's own translation is found first, so
-        beam shifts do not disturb the indexing.
+        reference frames' strongest disks. Each frame is indexed from one of its own disks
+        outwards (:func:`~diffgpu.kernels.lattice.fit_lattices`), so beam shifts, rotations
+        and strains up to about 25 % do not disturb the indexing; the fitted origin is the
+        frame's lattice site nearest this one.
     reference : region or None
         Frames to find the basis in (see :func:`get_strain_map`); None: the whole scan.
     min_disks, tolerance, iterations : see :func:`~diffgpu.kernels.lattice.fit_lattices`
@@ -242,9 +244,11 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     if tolerance is not None:
         tolerance = float(tolerance) * math.sqrt(abs(np.linalg.det(lmat)))
 
-    # the small constants: moved to a GPU once per device, not with every block
+    # the small constants: moved to a GPU once per device, not with every block; the
+    # indexing's own (trial rotations, equivalent bases) stay host numbers
     consts = DeviceCache((center, np.ascontiguousarray(lmat.T), basis_q, origin_q),
                          _consts_to_device)
+    plan = _plan(basis_q)
 
     def fit(block):
         xp = array_module(block)
@@ -256,7 +260,7 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
             q = _corrected(part, c_dev, lt_dev, xp)
             w = part[..., 2] if weighted else xp.where(xp.isfinite(part[..., 2]), 1.0, xp.nan)
             outs.append(fit_lattices(q, w, b_dev, o_dev, min_disks=min_disks,
-                                     tolerance=tolerance, iterations=iterations))
+                                     tolerance=tolerance, iterations=iterations, plan=plan))
         out = outs[0] if len(outs) == 1 else xp.concatenate(outs)
         return out.reshape(block.shape[:-2] + (len(LATTICE_FIELDS),))
 
@@ -505,5 +509,7 @@ def warn_failed(n_failed, n_total, min_disks):
     """Warn once about positions without strain, saying why and what to change."""
     if n_failed:
         warnings.warn(f"{n_failed} of {n_total} positions have NaN strain: fewer than "
-                      f"min_disks={min_disks} disks could be indexed there (or they all lie "
-                      "on one lattice row)", RuntimeWarning, stacklevel=3)
+                      f"min_disks={min_disks} disks could be indexed there, they all lie on "
+                      "one lattice row, or their fit's RMS residual exceeds a tenth of the "
+                      "lattice spacing (no lattice near the reference fits them; fit_lattice "
+                      "shows each position's disks and residual)", RuntimeWarning, stacklevel=3)

@@ -357,6 +357,27 @@ def test_ring_calibration_hard_cases(case):
     np.testing.assert_allclose(cal.center, center, atol=0.1)
 
 
+def test_ring_calibration_with_a_phase_s_many_rings():
+    """A phase gives every ring down to its smallest d-spacing (11 for Si to 0.8 Å): the
+    whole-pattern fit solves for 11 rings' amplitudes at each trial (dense products took a
+    minute; the sparse design a few seconds) and must stay exact, here on a non-square
+    detector with a 3% ellipse."""
+    import diffgpu
+    from diffgpu.ring_calibration import calibrate_from_rings, ring_d_spacings
+
+    si = diffgpu.TemplateLibrary.silicon()
+    d = ring_d_spacings(si, min_dspacing=0.8)
+    assert len(d) == 11
+    shape, scale, center = (200, 260), 0.012, (131.7, 97.2)
+    img = ring_pattern(shape, center=center, scale=scale, d_spacings=d,
+                       distortion=_stretch(1.03, 30), dose=2e6, seed=0)
+    cal = calibrate_from_rings(img, phase=si)
+    true_scale, true_ellipticity = _ring_truth(_stretch(1.03, 30), scale)
+    assert cal.scale == pytest.approx(true_scale, rel=1e-3)
+    assert abs(cal.ellipticity - true_ellipticity) < 1e-3
+    np.testing.assert_allclose(cal.center, center, atol=0.1)
+
+
 def test_ring_calibration_refuses_a_ring_the_pattern_lacks_and_finds_a_far_centre():
     """A wrong d-spacing that the fit of the others carried along (a result with no error
     before) is named; a given centre 25 px off is searched from, not kept; a 64 x 64
@@ -664,3 +685,178 @@ def test_cli_strain_bad_parameters(tmp_path, capsys):
     assert main(base + ["--reference", "10", "12", "0", "2"]) == 3
     assert "rows 10:12 lie outside the scan's 4 rows" in capsys.readouterr().err
     assert not out.exists() and [p for p in os.listdir(tmp_path) if "partial" in p] == []
+
+
+# -- rotated grains, large strain, and frames that cannot be indexed --------------------
+# Indexing by rounding every disk in the reference basis locked onto a wrong lattice once a
+# rotation moved the far disks by half a spacing (from 12 degrees with 18 px spacings on
+# 160 x 160, from 5-8 degrees with 10 px on 256 x 256) or a strain beyond ~13 % did: exx =
+# eyy = +0.10 at 12 degrees, +0.039 for eyy = -0.15, with no NaN and no warning.
+ROTATIONS = [0.0, 3.0, 8.0, 12.0, 15.0, 20.0, 25.0, 30.0, 38.0, 44.0, -12.0, -30.0]
+
+
+def _scan_of(strain, g1, g2, sig, radius, dose=3e6, seed=3, **kwargs):
+    """A 1 x n scan of the given ``(exx, eyy, exy, theta)`` lists (the first: the reference)."""
+    strain = tuple(np.asarray(c, float)[None] for c in strain)
+    return synthetic_nbed(nav_shape=strain[0].shape, sig_shape=sig, g1=g1, g2=g2,
+                          disk_radius=radius, dose=dose, strain=strain, seed=seed, **kwargs)
+
+
+def _check_strain(strain, s, tol=3e-4, tol_theta=0.015, truth=None):
+    assert strain.metadata.Strain.n_failed == 0
+    err = strain.data - (_truth(s) if truth is None else truth)
+    assert np.abs(err[..., :3]).max() <= tol, err
+    assert np.abs(err[..., 3]).max() <= tol_theta, err
+
+
+@pytest.mark.parametrize("case", ["18 px on 160", "10 px on 256", "10 px on 256, 300 disks"])
+def test_rotated_lattice_strain_and_rotation(case):
+    spacing, sig, radius, max_disks = {"18 px on 160": (18.0, 160, 4.0, 128),
+                                       "10 px on 256": (10.0, 256, 2.5, 128),
+                                       "10 px on 256, 300 disks": (10.0, 256, 2.5, 300)}[case]
+    zero = [0.0] * len(ROTATIONS)
+    s = _scan_of((zero, zero, zero, ROTATIONS), (spacing, 0.0), (0.0, spacing), (sig, sig),
+                 radius, dose=2e7)
+    v = s.find_bragg_disks(radius=radius, max_disks=max_disks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no position fails
+        strain = v.get_strain_map(reference=(0, 0))
+    _check_strain(strain, s)
+    fits = v.fit_lattice(reference=(0, 0)).data
+    assert np.all(fits[..., 7] < 0.05 * spacing), fits[..., 7]  # residuals: a right lattice
+
+
+@pytest.mark.parametrize("theta", [0.0, 20.0])
+def test_large_strain(theta):
+    es = [0.0, 0.15, -0.15, 0.2, -0.2]
+    n = len(es) * 2 + 2
+    exx = [0.0] + es[1:] + [0.0] * 4 + [0.12, -0.1] + [0.0]
+    eyy = [0.0] + [0.0] * 4 + es[1:] + [-0.1, 0.12] + [0.0]
+    exy = [0.0] * (n - 1) + [0.1]
+    s = _scan_of((exx, eyy, exy, [0.0] + [theta] * (n - 1)), (18.0, 0.0), (0.0, 18.0),
+                 (192, 192), 4.0, dose=2e7)
+    strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(0, 0))
+    _check_strain(strain, s, tol=5e-4, tol_theta=0.03)
+
+
+def test_rotated_hexagonal_lattice():
+    # six-fold: a turn by 40 degrees is the same lattice as one by -20 degrees, the smaller
+    # rotation is reported
+    theta = [0.0, 7.0, 15.0, 22.0, 29.0, -18.0, -29.0, 40.0, 15.0]
+    e = [0.0] * 8 + [0.03]
+    s = _scan_of((e, [0.0] * 8 + [-0.02], e, theta), (16.0, 0.0), (-8.0, 8.0 * np.sqrt(3)),
+                 (160, 160), 3.5, dose=2e7)
+    truth = _truth(s)
+    truth[0, 7, 3] = -20.0
+    strain = s.find_bragg_disks(radius=3.5).get_strain_map(reference=(0, 0))
+    _check_strain(strain, s, truth=truth)
+
+
+def test_rotated_rectangular_lattice_up_to_90_degrees():
+    # no symmetry beyond a half turn: rotations up to +-90 degrees are told apart
+    theta = [0.0, 30.0, 55.0, 80.0, -70.0, -45.0]
+    zero = [0.0] * len(theta)
+    s = _scan_of((zero, zero, zero, theta), (22.0, 0.0), (0.0, 13.0), (192, 192), 3.5, dose=2e7)
+    strain = s.find_bragg_disks(radius=3.5).get_strain_map(reference=(0, 0))
+    _check_strain(strain, s)
+
+
+def test_rotation_with_a_large_descan():
+    theta = np.linspace(0, 35, 6)
+    zero = np.zeros(6)
+    s = _scan_of((zero, zero, zero, theta), (17.0, 1.5), (-4.0, 15.0), (160, 160), 4.0,
+                 dose=2e7, descan=(26.0, 0.0))
+    strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(0, 0))
+    _check_strain(strain, s)
+
+
+def test_frames_without_a_lattice_are_nan_counted_and_reported(strained, strained_vectors):
+    """Disks that fit no lattice near the reference (here random positions) give NaN, are
+    counted and reported; before, they gave a confident, wrong strain."""
+    v = strained_vectors.deepcopy()
+    rng = np.random.default_rng(4)
+    n = int(np.isfinite(v.data[3, 3, :, 0]).sum())
+    v.data[3, 3, :n, :2] = rng.uniform(8, 120, (n, 2))
+    with pytest.warns(RuntimeWarning, match="1 of 64 positions have NaN strain.*residual"):
+        strain = v.get_strain_map(reference=REF)
+    assert np.isnan(strain.data[3, 3]).all() and strain.n_failed == 1
+    fits = v.fit_lattice(reference=REF).data
+    assert np.isnan(fits[3, 3, 2:6]).all()
+    good = np.isfinite(strain.data[..., 0])
+    rms = _rms(strain.data[good] - _truth(strained)[good])
+    assert np.all(rms[:3] <= 3e-4), rms
+
+
+def test_lattice_fit_kernel_on_rotated_and_strained_frames():
+    """The compiled and the array kernels agree on frames turned by up to 45 degrees (and
+    more: a lattice of lower symmetry) and strained by up to 20 %, with descan and outliers;
+    both find the truth."""
+    from diffgpu.kernels.lattice import _fit_xp, _plan
+
+    rng = np.random.default_rng(12)
+    h, k = np.meshgrid(np.arange(-7, 8), np.arange(-7, 8))
+    hk = np.stack([h.ravel(), k.ravel()], -1).astype(float)
+    for g in (np.array([[12.0, 0.0], [0.0, 12.0]]), np.array([[14.0, 0.0], [0.0, 9.0]])):
+        n = 40
+        theta = np.concatenate([[0.0], rng.uniform(-45, 45, n - 1)])
+        e = np.concatenate([np.zeros((1, 3)), rng.uniform(-0.15, 0.15, (n - 1, 3)) * [1, 1, 0.3]])
+        f = deformation_gradient(e[:, 0], e[:, 1], e[:, 2], theta)
+        gt = np.linalg.inv(np.swapaxes(f, -1, -2)) @ g
+        o = rng.uniform(-20, 20, (n, 2)) + 100
+        pos = np.einsum("nij,kj->nki", gt, hk) + o[:, None] + rng.normal(0, 0.05, (n, len(hk), 2))
+        w = rng.uniform(0.5, 3, (n, len(hk)))
+        w[:, len(hk) // 2] = 10  # the direct beam
+        inside = np.all((pos > 10) & (pos < 190), axis=-1)
+        pos[~inside] = np.nan
+        pos[:, 3] = rng.uniform(10, 190, (n, 2))  # outliers
+        # the strongest disk of a third of the frames: between lattice sites
+        mid = rng.integers(-3, 3, (n, 2)) + [0.5, 0.3]
+        pos[::3, 3] = (np.einsum("nij,nj->ni", gt, mid) + o)[::3]
+        w[::3, 3] = 50
+        host = fit_lattices(pos, w, g, np.array([100.0, 100.0]))
+        arrays = _fit_xp(pos, w, g, np.array([100.0, 100.0]), 6, None, 3, np, _plan(g))
+        np.testing.assert_array_equal(np.isnan(host), np.isnan(arrays))
+        np.testing.assert_allclose(host, arrays, rtol=1e-10, atol=1e-9)
+        got = strain_from_lattice(host, g)
+        np.testing.assert_allclose(got[:, :3], e, atol=5e-4)  # (noise: 0.05 px)
+        np.testing.assert_allclose(got[:, 3], theta, atol=0.02)
+
+
+def test_lattice_fit_kernel_with_spurious_disks():
+    """Disks that are no Bragg disks (a fifth of them, as strong as the weaker real ones) on
+    frames turned by up to 45 degrees: every frame right (before, nine in ten were wrong).
+    The lattice is 9 % from square, so a neighbourhood can match the reference turned by a
+    quarter turn: the output basis is the relabelling with the least strain."""
+    rng = np.random.default_rng(1)
+    h, k = np.meshgrid(np.arange(-9, 10), np.arange(-9, 10))
+    hk = np.stack([h.ravel(), k.ravel()], -1).astype(float)
+    g = np.array([[12.0, 1.0], [-2.0, 11.0]])  # columns g1, g2: 9 % from square
+    n = 300
+    theta = rng.uniform(-45, 45, n)
+    e = rng.uniform(-0.05, 0.05, (n, 3))
+    f = deformation_gradient(e[:, 0], e[:, 1], e[:, 2], theta)
+    gt = np.linalg.inv(np.swapaxes(f, -1, -2)) @ g
+    sites = np.einsum("nij,kj->nki", gt, hk)
+    pos = sites + rng.uniform(-10, 10, (n, 1, 2)) + 100 + rng.normal(0, 0.1, sites.shape)
+    w = np.exp(-np.linalg.norm(sites, axis=-1) / 60) * rng.uniform(0.5, 1.5, sites.shape[:2])
+    w[:, len(hk) // 2] = 5
+    pos = np.concatenate([pos, rng.uniform(5, 195, (n, 60, 2))], 1)
+    w = np.concatenate([w, rng.uniform(0, 0.5, (n, 60))], 1)
+    pos[~np.all((pos > 5) & (pos < 195), axis=-1)] = np.nan
+    fits = fit_lattices(pos, w, g, np.array([100.0, 100.0]))
+    got = strain_from_lattice(fits, g)
+    np.testing.assert_allclose(got[:, :3], e, atol=1e-3)
+    np.testing.assert_allclose(got[:, 3], theta, atol=0.05)
+
+
+def test_device_path_matches_host_on_rotated_lattices(standin_gpu):
+    theta = [0.0, 12.0, 25.0, 44.0, -30.0, 20.0]
+    e = [0.0, 0.0, 0.02, 0.0, 0.0, 0.18]
+    s = _scan_of((e, [0.0] * 6, [0.0] * 6, theta), (18.0, 0.0), (0.0, 18.0), (160, 160), 4.0)
+    host = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(0, 0))
+    s.to_device()
+    dev = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(0, 0))
+    assert dev.device == "gpu"
+    dev.to_host()
+    np.testing.assert_allclose(dev.data, host.data, atol=2e-5)
+    _check_strain(host, s, tol=5e-4)

@@ -56,7 +56,8 @@ class StrainMap(DeviceMixin, Signal1D):
 
     @property
     def n_failed(self):
-        """Scan positions with NaN strain (too few disks or a degenerate fit)."""
+        """Scan positions with NaN strain (too few disks, a degenerate fit, or a fit whose
+        RMS residual exceeds a tenth of the lattice spacing: no lattice fits the disks)."""
         return int((~np.all(np.isfinite(self._host()), axis=-1)).sum())
 
     def get_component(self, name):
