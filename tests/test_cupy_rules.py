@@ -496,10 +496,17 @@ def test_refinement_keeps_the_patterns_on_the_device(standin_gpu, polar, lib, la
     assert TRANSFERS.count("to_device", (8193,)) <= 1, log
     # otherwise only small arrays: the candidates' matrices, rows and scores, each block's
     # result (back to the patterns' device) and the joined result to the host once
-    width = 6 * 2 + 8  # per candidate: rotation, refined and contrast scores; a twin; the winner
+    # per candidate: rotation, refined and contrast scores; a twin; the significance; the winner
+    width = 6 * 2 + 9
     assert TRANSFERS.count("to_host", (2, 4, width)) == 1, log
     assert TRANSFERS.count("to_device", (2, width) if lazy else (8, width)) == n, log
-    small = [s for d, s in log if s[-2:] != (48, 360) and s[-1] != width]
+    # (and, per pattern, the best and the unrelated orientations get_reliability weighs it
+    # against: their matrices in, their contrast scores out)
+    from diffgpu.orientation import PROBES
+
+    probes = [s for d, s in log if s[1:] in [(1 + PROBES, 3, 3), (1 + PROBES,)]]
+    assert len(probes) == 2 * n and all(s[0] <= 8 for s in probes), log
+    small = [s for d, s in log if s[-2:] != (48, 360) and s[-1] != width and s not in probes]
     assert all(np.prod(s) <= 8 * 2 * 9 for s in small if s not in [(3, 214), (214,), (8193,)]), log
     assert TRANSFERS.count("scalar") == 0, log
 
