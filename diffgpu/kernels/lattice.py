@@ -499,6 +499,21 @@ def _neighbour_fit(px, py, w, present, seed, c, s, gr, ar, spacing, near, h, k, 
     return ok and n_used >= 3, o0, o1, g1x, g1y, g2x, g2y, off
 
 
+@numba.njit(inline="always")
+def _site(x, y, o0, o1, b00, b01, b10, b11):
+    """The lattice site ``(h, k)`` nearest ``(x, y)`` for origin ``o`` and basis columns
+    ``(b00, b10)``, ``(b01, b11)``, and the distance to it."""
+    det = b00 * b11 - b01 * b10
+    if det == 0:
+        det = 1e-300
+    rx, ry = x - o0, y - o1
+    hq = np.rint((b11 * rx - b01 * ry) / det)
+    kq = np.rint((-b10 * rx + b00 * ry) / det)
+    ex = rx - b00 * hq - b01 * kq
+    ey = ry - b10 * hq - b11 * kq
+    return hq, kq, math.sqrt(ex * ex + ey * ey)
+
+
 @numba.njit(nogil=True, cache=True)
 def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nbx, nby, h, k,
                use):
@@ -546,20 +561,12 @@ def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nb
             o0, o1 = px[seed], py[seed]
             b00, b01 = c * gr[0, 0] - s * gr[1, 0], c * gr[0, 1] - s * gr[1, 1]
             b10, b11 = s * gr[0, 0] + c * gr[1, 0], s * gr[0, 1] + c * gr[1, 1]
-        det = b00 * b11 - b01 * b10
-        if det == 0:
-            det = 1e-300
         n_in, support = 0, 0
         for q in range(n_k):
             dx, dy = px[q] - px[seed], py[q] - py[seed]
             if present[q] and dx * dx + dy * dy < grow * grow:
                 n_in += 1
-                rx, ry = px[q] - o0, py[q] - o1
-                hq = np.rint((b11 * rx - b01 * ry) / det)
-                kq = np.rint((-b10 * rx + b00 * ry) / det)
-                ex = rx - b00 * hq - b01 * kq
-                ey = ry - b10 * hq - b11 * kq
-                if math.sqrt(ex * ex + ey * ey) <= _SUPPORT * spacing:
+                if _site(px[q], py[q], o0, o1, b00, b01, b10, b11)[2] <= _SUPPORT * spacing:
                     support += 1
         found = (seed, o0, o1, b00, b01, b10, b11)
         if (best_m >= 3 and 2 * best_m >= n_nb and ok and off <= (_SEED_OFF * spacing) ** 2
@@ -600,34 +607,19 @@ def _fit_host(p, weights, origin, min_disks, tolerance, given, iterations, g0, g
             o0, o1 = origin[0], origin[1]
         else:
             # 2. grown to the disks within a few spacings of the seed
-            det = b00 * b11 - b01 * b10
-            if det == 0:
-                det = 1e-300
             for q in range(n_k):
-                rx, ry = px[q] - o0, py[q] - o1
-                h[q] = np.rint((b11 * rx - b01 * ry) / det)
-                k[q] = np.rint((-b10 * rx + b00 * ry) / det)
-                ex = rx - b00 * h[q] - b01 * k[q]
-                ey = ry - b10 * h[q] - b11 * k[q]
+                h[q], k[q], off = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
                 dx, dy = px[q] - px[seed], py[q] - py[seed]
-                use[q] = (present[q] and dx * dx + dy * dy < grow * grow
-                          and math.sqrt(ex * ex + ey * ey) <= tol0)
+                use[q] = present[q] and dx * dx + dy * dy < grow * grow and off <= tol0
             ok, n_used, no0, no1, g1x, g1y, g2x, g2y, _ = _solve(px, py, w, h, k, use)
             if ok and n_used >= 4:
                 o0, o1, b00, b10, b01, b11 = no0, no1, g1x, g1y, g2x, g2y
         # 3. all disks: fit, reject, re-index
         tol = tol0
         for it in range(iterations + 1):
-            det = b00 * b11 - b01 * b10
-            if det == 0:
-                det = 1e-300
             for q in range(n_k):
-                rx, ry = px[q] - o0, py[q] - o1
-                h[q] = np.rint((b11 * rx - b01 * ry) / det)
-                k[q] = np.rint((-b10 * rx + b00 * ry) / det)
-                ex = rx - b00 * h[q] - b01 * k[q]
-                ey = ry - b10 * h[q] - b11 * k[q]
-                use[q] = present[q] and math.sqrt(ex * ex + ey * ey) <= tol
+                h[q], k[q], off = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
+                use[q] = present[q] and off <= tol
             if it == iterations:
                 break
             ok, n_used, no0, no1, g1x, g1y, g2x, g2y, rms = _solve(px, py, w, h, k, use)
