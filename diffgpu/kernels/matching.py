@@ -439,6 +439,24 @@ def template_groups(projection, norms, size=GROUP_SIZE, low=PREFILTER_FREQUENCIE
                           member_low, member_res, member_norms)
 
 
+@numba.njit(inline="always")
+def _four_products(p, t):
+    """``(ac, ad, bc, bd)``: the four real products of a pattern's spectrum ``p = (a, b)`` and
+    a template's ``t = (c, d)`` at one frequency (``(2, R)`` each: real, imaginary parts)."""
+    ac = np.float32(0)
+    ad = np.float32(0)
+    bc = np.float32(0)
+    bd = np.float32(0)
+    for r in range(p.shape[1]):
+        a, b = p[0, r], p[1, r]
+        c, d = t[0, r], t[1, r]
+        ac += a * c
+        ad += a * d
+        bc += b * c
+        bd += b * d
+    return ac, ad, bc, bd
+
+
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def _member_bounds(spec_low, p_tail, wp, weights, passing, group_tail, members, low, res, tail,
                    limit):
@@ -453,7 +471,7 @@ def _member_bounds(spec_low, p_tail, wp, weights, passing, group_tail, members, 
     direct or mirrored, whichever is larger. The last term is computed only for members
     that the group's own (``group_tail``, ``(n, g)``) does not already rule out."""
     n, n_g = passing.shape
-    K1, m = spec_low.shape[1], spec_low.shape[3]
+    K1 = spec_low.shape[1]
     size = members.shape[1]
     T = p_tail.shape[1]
     width = 0
@@ -477,19 +495,7 @@ def _member_bounds(spec_low, p_tail, wp, weights, passing, group_tail, members, 
                 for k in range(K1):
                     # scalar sums over the basis (r innermost): 20x faster here than the
                     # members' lanes as small arrays
-                    ac = np.float32(0)
-                    ad = np.float32(0)
-                    bc = np.float32(0)
-                    bd = np.float32(0)
-                    for r in range(m):
-                        a = spec_low[i, k, 0, r]
-                        b = spec_low[i, k, 1, r]
-                        cc = low[j, q, k, 0, r]
-                        dd = low[j, q, k, 1, r]
-                        ac += a * cc
-                        ad += a * dd
-                        bc += b * cc
-                        bd += b * dd
+                    ac, ad, bc, bd = _four_products(spec_low[i, k], low[j, q, k])
                     s2 = ac * ac + bd * bd + bc * bc + ad * ad
                     q2 = np.float32(2) * (ac * bd - bc * ad)
                     direct += weights[k] * math.sqrt(max(s2 + q2, np.float32(0)))
@@ -791,7 +797,7 @@ def _gathered_bounds_host(spec, major, chosen, counts, weights, wp, t_res, bound
     none). The products are written to ``A .. D`` where they are ``(K, n, width)`` (pass
     empty arrays where only the bounds are wanted)."""
     n, width = chosen.shape
-    K, R = major.shape[1], major.shape[3]
+    K = major.shape[1]
     keep = A.shape[0] == K
     residual = wp.shape[0] == K
     for i in range(n):
@@ -807,17 +813,7 @@ def _gathered_bounds_host(spec, major, chosen, counts, weights, wp, t_res, bound
             direct = 0.0
             mirrored = 0.0
             for k in range(K):
-                ac = np.float32(0)
-                ad = np.float32(0)
-                bc = np.float32(0)
-                bd = np.float32(0)
-                for r in range(R):
-                    a, b = spec[i, k, 0, r], spec[i, k, 1, r]
-                    c, d = major[t, k, 0, r], major[t, k, 1, r]
-                    ac += a * c
-                    ad += a * d
-                    bc += b * c
-                    bd += b * d
+                ac, ad, bc, bd = _four_products(spec[i, k], major[t, k])
                 if keep:
                     A[k, i, j], B[k, i, j], C[k, i, j], D[k, i, j] = ac, bd, bc, ad
                 s2 = ac * ac + bd * bd + bc * bc + ad * ad
