@@ -144,7 +144,8 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
     if stored is not None:
         # a reader's frames, untouched: each task decodes a few frames at a time where the
         # file stores them and applies func while they are in cache
-        return map_stored(stored, partial(_decoded, func=func), out_shape, dtype, constants)
+        return map_stored(stored, partial(_decoded, func=func, into=into, out_shape=out_shape,
+                                          dtype=dtype), out_shape, dtype, constants)
     if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
         from .chunking import whole_frame_chunks
 
@@ -395,14 +396,20 @@ OUT_BYTES = 32 * 2**20
 DECODE_BYTES = 2 * 2**20  # decoded frames handed to a function at a time (stay in cache)
 
 
-def _decoded(words, stored, *consts, func):
+def _decoded(words, stored, *consts, func, into=None, out_shape=None, dtype=None):
     # frames decoded a cache-sized group at a time, each group through func, the results
     # gathered in one array (no list of parts concatenated: for outputs as large as the
-    # frames, e.g. polar patterns, every extra copy is a pass over fresh pages)
+    # frames, e.g. polar patterns, every extra copy is a pass over fresh pages); with
+    # `into`, each group's results are written where they belong, not copied there
     step = max(MIN_CHUNK_FRAMES, DECODE_BYTES // stored.frame_bytes)
     n = words.shape[0]
     if n <= step:
         return func(stored.decode(words), *consts)
+    if into is not None:
+        out = np.empty((n,) + tuple(out_shape), dtype)
+        for i in range(0, n, step):
+            into(stored.decode(words[i:i + step]), *consts, out=out[i:i + step])
+        return out
     out = None
     for i in range(0, n, step):
         part = func(stored.decode(words[i:i + step]), *consts)

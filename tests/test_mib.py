@@ -177,6 +177,30 @@ def test_main_job_lazily_from_file_equals_in_memory(scan):
                                rtol=1e-4, atol=1e-3)
 
 
+def test_polar_patterns_from_the_file_written_where_they_belong(scan, monkeypatch):
+    """From a file, a task decodes its frames a few at a time; each group's polar patterns
+    are written into the task's result (`into`), not made apart and copied there."""
+    import diffgpu.mapping as mapping
+
+    path, counts, center = scan
+    monkeypatch.setattr(mapping, "DECODE_BYTES", 1)  # groups of MIN_CHUNK_FRAMES frames
+    calls = []
+    real = mapping._decoded
+
+    def spy(words, stored, *consts, **kw):
+        calls.append((words.shape[0], kw.get("into") is not None))
+        return real(words, stored, *consts, **kw)
+
+    monkeypatch.setattr(mapping, "_decoded", spy)
+    lazy = _same_calibration(diffgpu.load(path, chunks=(2, 8)), center)
+    mem = _same_calibration(diffgpu.DiffractionPatterns(counts.astype("float64")), center)
+    p2 = lazy.get_azimuthal_integral2d(npt=16, npt_azim=36)
+    np.testing.assert_allclose(p2.data.compute(), mem.get_azimuthal_integral2d(
+        npt=16, npt_azim=36).data, rtol=1e-4, atol=1e-3)
+    assert calls and all(with_into for _, with_into in calls)
+    assert max(n for n, _ in calls) > mapping.MIN_CHUNK_FRAMES  # several groups a task
+
+
 def test_several_results_one_read(scan, monkeypatch):
     """Virtual images, centre of mass and a radial profile computed together read the frames
     of the file region by region: each region's three reads follow one another (so a file
