@@ -454,9 +454,11 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
         if not good.any():
             raise ValueError(
                 f"the reference region ({len(ids)} positions) has no frame with a valid lattice "
-                f"fit (each needs at least min_disks={min_disks} indexed disks): choose another "
-                "region with reference=(slice(...), slice(...)), lower min_disks or the "
-                "detection threshold, or give reference=((g1x, g1y), (g2x, g2y)) in pixels")
+                f"fit (each needs at least min_disks={min_disks} indexed disks on a lattice that "
+                "fits them; fit_lattice() shows the disk counts and residuals): choose another "
+                "region with reference=(slice(...), slice(...)), give the lattice's basis with "
+                "basis=((g1x, g1y), (g2x, g2y)) in pixels, lower min_disks or the detection "
+                "threshold, or give reference=((g1x, g1y), (g2x, g2y))")
         ref = np.median(sub[good, 2:6], axis=0) if kind == "all" else sub[good, 2:6].mean(0)
         ref_q = np.stack([ref[0:2], ref[2:4]], axis=1)
         where = "whole scan (median)" if kind == "all" else f"region of {int(good.sum())} fits"

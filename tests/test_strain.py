@@ -318,6 +318,27 @@ def _ring_truth(distortion, scale):
     return np.sqrt(ev[0] * ev[1]), ev[1] / ev[0] - 1
 
 
+def test_a_turned_grain_in_the_reference_region_leaves_the_basis_alone():
+    """One frame of a 2 x 2 reference region turned 25 degrees: the basis of all the region's
+    disks took g1 from one grain and g2 from the other, a lattice that fitted no frame, and
+    every position of the scan came out NaN. Each frame's own basis competes now."""
+    from diffgpu.synthetic_nbed import synthetic_nbed
+
+    z = np.zeros((6, 6))
+    theta = z.copy()
+    theta[1, 1] = 25.0
+    s = synthetic_nbed(nav_shape=(6, 6), sig_shape=(128, 128), dose=3e6, seed=1,
+                       strain=(z, z, z, theta))
+    strain = s.find_bragg_disks(radius=4.0).get_strain_map(reference=(slice(0, 2), slice(0, 2)))
+    assert strain.n_failed == 0
+    # the reference is the region's mean lattice (of the vectors): turned by
+    # atan2(sin 25, 3 + cos 25) = 6.174 degrees
+    ref = np.degrees(np.arctan2(np.sin(np.radians(25)), 3 + np.cos(np.radians(25))))
+    t = strain.data[..., 3]
+    np.testing.assert_allclose(t[theta == 0], -ref, atol=0.02)
+    assert abs(t[1, 1] - (25 - ref)) < 0.02
+
+
 @pytest.mark.parametrize("case", ["ellipticity 12%", "ellipticity 20% on 512", "background 5x",
                                   "half masked", "wide overlapping rings", "texture, no ellipse"])
 def test_ring_calibration_hard_cases(case):

@@ -727,6 +727,12 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
     ``min_fraction`` of the disks (within ``tolerance``), ``g2`` the shortest such one not
     parallel to it. The pair is then reduced (:func:`reduce_basis`).
 
+    With several frames, the basis of all their disks together competes with each frame's
+    own (up to 16 frames spread over them): the one that puts most of the disks of the most
+    frames on lattice sites wins. A reference region holding a grain turned against the
+    rest gave a ``g1`` from one grain and a ``g2`` from the other, a lattice that fitted no
+    frame.
+
     Parameters
     ----------
     point_sets : list of arrays ``(m, 2)``
@@ -747,7 +753,48 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
     >>> pts = np.stack([h.ravel(), k.ravel()], -1) @ np.array([[12.0, 1.0], [-2.0, 11.0]])
     >>> [v.round(3).tolist() for v in find_basis([pts])]    # reduced: shortest first
     [[2.0, -11.0], [12.0, 1.0]]
+    >>> c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
+    >>> turned = pts @ np.array([[c, s], [-s, c]])    # one frame of four from another grain
+    >>> [v.round(3).tolist() for v in find_basis([pts, pts, pts, turned])]
+    [[2.0, -11.0], [12.0, 1.0]]
     """
+    pooled = _frequent_differences(point_sets, tolerance, min_fraction)
+    sets = [p for p in (np.asarray(p, float) for p in point_sets)]
+    sets = [p[np.all(np.isfinite(p), axis=1)] for p in sets if p.ndim == 2 and len(p)]
+    sets = [p for p in sets if len(p) >= 6]
+    if len(sets) < 2:
+        return pooled
+    sample = [sets[i] for i in np.unique(np.linspace(0, len(sets) - 1, 16).round().astype(int))]
+    candidates = [pooled]
+    for pts in sample:
+        try:
+            candidates.append(_frequent_differences([pts], tolerance, min_fraction))
+        except BasisError:
+            pass
+    # frames that the basis indexes: most of their disks within `tolerance` of a site
+    score = [sum(_on_sites(pts, b, tolerance) >= 0.6 for pts in sample) for b in candidates]
+    return candidates[int(np.argmax(score))]  # (ties: the pooled basis)
+
+
+def _on_sites(pts, basis, tolerance):
+    """The fraction of the points ``(m, 2)`` within ``tolerance`` of the sites of the lattice
+    ``basis`` (two vectors), its origin on one of the five points nearest their middle."""
+    B = np.stack(basis, axis=1)
+    try:
+        inv = np.linalg.inv(B)
+    except np.linalg.LinAlgError:
+        return 0.0
+    near = pts[np.argsort(np.hypot(*(pts - pts.mean(axis=0)).T))[:5]]
+    best = 0.0
+    for o in near:
+        f = (pts - o) @ inv.T
+        off = (f - np.rint(f)) @ B.T
+        best = max(best, float(np.mean(np.hypot(*off.T) < tolerance)))
+    return best
+
+
+def _frequent_differences(point_sets, tolerance, min_fraction):
+    """:func:`find_basis` on all the frames' disks together."""
     diffs = []
     total = 0
     for pts in point_sets:
