@@ -108,10 +108,20 @@ def _import_cupy():
 
 
 def _loaded_cupy():
-    """CuPy if something already imported it (we or the user), else None; never imports."""
+    """CuPy if something already imported it (we or the user), else None; never imports.
+
+    A CuPy that another thread is still importing counts as not loaded (no CuPy array can
+    exist before its import ends): on dask workers, dask imports CuPy lazily in the main
+    thread while tasks run in others, and a task that took the half-made module crashed
+    (``module 'cupy' has no attribute 'ndarray'``).
+    """
     if _CUPY_IMPORT is not None and _CUPY_IMPORT[0] is not None:
         return _CUPY_IMPORT[0]
-    return sys.modules.get("cupy")
+    mod = sys.modules.get("cupy")
+    if mod is None or getattr(getattr(mod, "__spec__", None), "_initializing", False) \
+            or getattr(mod, "ndarray", None) is None:
+        return None
+    return mod
 
 
 def _probe():

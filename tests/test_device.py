@@ -78,6 +78,27 @@ def test_array_module_and_device_of_on_host():
 
 # -- stand-in device: exercises the plumbing only ------------------------------------
 
+
+def test_a_cupy_still_being_imported_is_not_loaded(monkeypatch):
+    """On dask workers, dask imports CuPy in one thread while tasks run in others: a task
+    that took the half-made module crashed (``module 'cupy' has no attribute 'ndarray'``).
+    Until the import ends, CuPy counts as not loaded and arrays as host arrays."""
+    import sys
+    import types
+    from importlib.machinery import ModuleSpec
+
+    half = types.ModuleType("cupy")
+    half.__spec__ = ModuleSpec("cupy", None)
+    half.__spec__._initializing = True  # what importlib sets while the module runs
+    monkeypatch.setitem(sys.modules, "cupy", half)
+    monkeypatch.setattr(dev, "_CUPY_IMPORT", None)
+    assert dev._loaded_cupy() is None
+    assert not dev.is_device_array(np.zeros(3)) and dev.array_module(np.zeros(3)) is np
+    half.ndarray = StandInDeviceArray  # the import done
+    half.__spec__._initializing = False
+    assert dev._loaded_cupy() is half
+
+
 def test_standin_lazy_to_device_adds_steps_and_computes_nothing(standin_gpu):
     counter = []
     s = counting_lazy_signal(counter)
