@@ -382,6 +382,17 @@ def _check_outputs(args):
             raise InputError(f"{option} '{path}' is a directory")
         if os.path.exists(full) and not args.overwrite:
             raise InputError(f"'{path}' exists (use --overwrite to replace it)")
+        if option == "-o":
+            _check_replaceable(full)
+
+
+def _check_replaceable(output):
+    """--overwrite replaces a .zspy store or a file, never another directory (a folder named
+    like the output, holding the user's own files)."""
+    if os.path.isdir(output) and not any(os.path.exists(os.path.join(output, name))
+                                         for name in (".zgroup", ".zattrs", "zarr.json")):
+        raise InputError(f"'{output}' is a directory that is not a .zspy store: not replaced "
+                         "(move it away or choose another output)")
 
 
 def _figure_formats():
@@ -489,6 +500,12 @@ def _write_atomically(result, output, overwrite, progress, figures=None):
         if figures is not None:
             figures(tmp, staged)
         if os.path.exists(output):
+            # it may have appeared while this run computed (another run with the same -o)
+            if not overwrite:
+                raise InputError(f"'{output}' appeared while this run was writing it (another "
+                                 "run?): not replaced; the result was not kept (use --overwrite "
+                                 "to replace it)")
+            _check_replaceable(output)
             shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
         os.replace(tmp, output)
         committed.append(output)

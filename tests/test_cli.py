@@ -93,6 +93,30 @@ def test_existing_output_needs_overwrite(scan_file, tmp_path):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_an_output_that_appears_during_the_run_is_kept(scan_file, tmp_path, monkeypatch):
+    """The output was checked only before the run, then replaced whatever was there at the
+    end: another run's result, or a user's folder, was deleted without --overwrite."""
+    import diffgpu.cli as cli
+
+    out = tmp_path / "polar.zspy"
+    real = cli._Figures
+
+    def appear(*a, **kw):  # the moment the result is being written
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cli, "_Figures", appear)
+    args = ["integrate", str(scan_file), "-o", str(out), "--npt", "8", "--npt-azim", "8",
+            "--no-progress"]
+    assert main(args) == 3
+    assert (out / "notes.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    # --overwrite replaces a .zspy store, not a folder of the user's files
+    assert main(args[:-1] + ["--overwrite", "--no-progress"]) == 3
+    assert (out / "notes.txt").read_text() == "precious"
+
+
 def test_interrupted_run_leaves_no_output(tmp_path):
     big = tmp_path / "big.zspy"
     diffgpu.data.synthetic_4dstem(nav_shape=(48, 48), sig_shape=(96, 96), noise=False,
