@@ -41,3 +41,23 @@ def test_reliability_map_example(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "reliability_map.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "ambiguous (reliability 0)" in out and "<111> twin" in out
+
+
+def test_batch_job_stops_when_its_cluster_does_not_start(tmp_path):
+    """examples/batch_job.sh waited for the cluster's address until the job's walltime when
+    the cluster's script had failed (here: dask-jobqueue not installed)."""
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if importlib.util.find_spec("dask_jobqueue") is not None or shutil.which("bash") is None:
+        pytest.skip("needs bash and no dask-jobqueue (its cluster must fail to start)")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(["bash", str(EXAMPLES / "batch_job.sh"), str(tmp_path / "scan.mib"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == 1
+    assert "did not start" in proc.stderr
