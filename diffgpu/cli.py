@@ -413,7 +413,10 @@ def _scheduler(args):
                                      ("auto" if args.device == "auto" else "cpu"))
     from distributed import Client
 
-    return Client(args.scheduler)
+    try:
+        return Client(args.scheduler)
+    except OSError as err:  # no scheduler there (distributed waits ~30 s, then says so)
+        raise InputError(f"--scheduler {args.scheduler}: could not connect ({err})") from None
 
 
 def _partial_name(path):

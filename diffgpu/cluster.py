@@ -53,6 +53,40 @@ def _running(cluster):
     return getattr(cluster, "status", None) == Status.running
 
 
+def _check_keywords(kwargs):
+    """A TypeError for keywords no cluster, nanny or worker takes (LocalCluster passes the
+    rest on to its workers, which then fail to start with a message about "Nanny failed to
+    start" and leaked semaphores, far from the misspelt name)."""
+    import inspect
+
+    from distributed import LocalCluster, Nanny, Worker
+
+    # dask-cuda's own (its LocalCUDACluster is read too where it is installed)
+    known = {"device_memory_limit", "rmm_pool_size", "rmm_maximum_pool_size",
+             "rmm_managed_memory", "rmm_async", "rmm_release_threshold", "rmm_log_directory",
+             "rmm_track_allocations", "jit_unspill", "log_spilling", "enable_cudf_spill",
+             "cudf_spill_stats", "CUDA_VISIBLE_DEVICES", "protocol", "interface",
+             "enable_tcp_over_ucx", "enable_infiniband", "enable_nvlink", "enable_rdmacm",
+             "pre_import", "worker_class"}
+    classes = [LocalCluster, Nanny, Worker]
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        classes.append(LocalCUDACluster)
+    except ImportError:
+        pass
+    for cls in classes:
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                known.update(inspect.signature(init).parameters)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        hint = " (the device is chosen with device='gpu')" if "gpu" in unknown else ""
+        raise TypeError(f"start_cluster() got unknown keyword(s) {', '.join(unknown)}{hint}: "
+                        "neither the cluster nor its workers take them")
+
+
 def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory_limit="auto",
                   processes=True, quiet=False, **kwargs):
     """Start a local dask cluster and return a connected :class:`distributed.Client`.
@@ -129,6 +163,7 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
 
     if device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"device must be 'auto', 'gpu' or 'cpu'; got {device!r}")
+    _check_keywords(kwargs)
     _check_count(n_workers, "n_workers")
     _check_count(threads_per_worker, "threads_per_worker")
     running = [c for c in list(_started) if _running(c)]

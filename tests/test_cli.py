@@ -566,3 +566,17 @@ def test_messages_name_the_problem(tmp_path, capsys):
     assert "mask '" + str(tmp_path / "mask.txt") + "' is not a .npy file" in err, err
     assert "pickled" not in err
     assert not os.path.exists(out)
+
+
+def test_a_scheduler_that_does_not_answer(scan_file, tmp_path, capsys, monkeypatch):
+    """An unreachable --scheduler gave a raw OSError traceback and exit 1."""
+    import dask
+
+    monkeypatch.setitem(dask.config.config, "distributed", {**dask.config.config.get(
+        "distributed", {}), "comm": {**dask.config.get("distributed.comm"),
+                                     "timeouts": {"connect": "1s", "tcp": "1s"}}})
+    out = tmp_path / "v.zspy"
+    assert main(["virtual", str(scan_file), "-o", str(out), "--disc", "3",
+                 "--scheduler", "tcp://127.0.0.1:1", "--no-progress"]) == 3
+    assert "could not connect" in capsys.readouterr().err
+    assert not out.exists()

@@ -89,3 +89,12 @@ def test_second_cluster_warns_while_the_first_runs():
         warnings.simplefilter("error", RuntimeWarning)  # none running now: no warning
         with _cpu_cluster():
             pass
+
+
+def test_a_misspelt_keyword_is_named():
+    """Unknown keywords went on to the workers, which failed to start ("Nanny failed to
+    start"), far from the name the user typed."""
+    with pytest.raises(TypeError, match="gpu .*device='gpu'"):
+        diffgpu.start_cluster(gpu=True)
+    with pytest.raises(TypeError, match="n_worker"):
+        diffgpu.start_cluster(device="cpu", n_worker=2)
