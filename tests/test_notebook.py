@@ -31,7 +31,13 @@ def test_getting_started_notebook(tmp_path, monkeypatch):
         kernel = "diffgpu-test"
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name=kernel,
                                      resources={"metadata": {"path": str(tmp_path)}})
+    import glob
+    import tempfile
+
+    pattern = str(Path(tempfile.gettempdir()) / "diffgpu-getting-started-*")
+    before = set(glob.glob(pattern))
     client.execute()
+    assert set(glob.glob(pattern)) <= before  # its folder removed at the end (19 MB a run)
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert not [o for o in outputs if o.get("output_type") == "error"]
