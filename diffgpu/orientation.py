@@ -98,7 +98,7 @@ def _check_gamma(gamma):
 
 
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
-                    template_sigma=None, max_frequency=None):
+                    template_sigma=None, max_frequency=None, ring_means=True):
     """Shared implementation of :meth:`PolarPatterns.get_orientation`: an
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult`."""
     library = _as_library(library)
@@ -148,7 +148,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             spectra = _host_spectra(tmpl, major=keep is not None)
         else:
             spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
-        res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep)
+        res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep,
+                             ring_means=ring_means)
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
 
@@ -169,7 +170,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         "Signal": {"signal_type": "orientation_matches"},
         "Matching": {"fields": list(FIELDS), "n_best": n_best, "frac_keep": frac_keep,
                      "gamma": gamma, "template_sigma": float(sigma), "max_frequency": K,
-                     "normalize_templates": bool(normalize_templates)},
+                     "normalize_templates": bool(normalize_templates),
+                     "ring_means": bool(ring_means)},
         "Library": {"rotations": library.rotations.data.reshape(-1, 4).astype(np.float64),
                     "phase_index": library.phase_index,
                     "phase_names": [p.name for p in library.phases],

@@ -662,7 +662,8 @@ def _bounds_four(A, B, C, D, weights, xp):
     return xp.stack([direct, mirrored])
 
 
-def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=None):
+def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=None,
+                   ring_means=True):
     """Best ``n_best`` (template, rotation, mirror) for every polar pattern.
 
     Parameters
@@ -682,6 +683,9 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
         Prefilter: correlate fully only the ``keep`` templates of each pattern that score
         best on the lowest ``PREFILTER_FREQUENCIES`` azimuthal frequencies; ``templates``
         must then also hold :func:`template_major` of the packed spectra.
+    ring_means : bool
+        Whether each radius's azimuthal mean (the zero azimuthal frequency) counts; with
+        ``False`` the patterns are matched less their rings' means (a diffuse background).
 
     Returns
     -------
@@ -714,10 +718,12 @@ def match_patterns(patterns, templates, n_best=1, gamma=0.5, n_corr=None, keep=N
         per_pattern = 16 * K * keep if xp is np else 16 * K * R * keep  # products | gathered
         block = max(1, min(block, 2**28 // per_pattern))  # ~256 MB at most
     if n > block:
-        parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep)
-                 for i in range(0, n, block)]
+        parts = [match_patterns(patterns[i:i + block], templates, n_best, gamma, n_corr, keep,
+                                ring_means) for i in range(0, n, block)]
         return xp.concatenate(parts, axis=0)
     ab = _pattern_spectra(patterns, gamma, K, xp)  # (K, 2n, R)
+    if not ring_means:  # the rings' azimuthal means: frequency 0 (its bounds then count 0)
+        ab[0] = 0
     weights = xp.full(K, 2.0 / n_azim, dtype=xp.float32)
     weights[0] = 1.0 / n_azim
     if keep is not None and keep < n_t:
