@@ -900,8 +900,7 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
         # (one thread, 64 patterns: 1,081 templates 3,260 patterns/s with 8 and 2,830 with
         # 32; 25,651 templates 263 with 8 and 312-325 with 32-64)
         first = max(8, 2 * n_best, n_t // FIRST_PER_TEMPLATES)
-    p_norm = np.zeros((n, 0), np.float32)
-    tail = np.zeros((n, bound.shape[-1]), np.float32)
+    p_norm, tail = np.zeros((n, 0), np.float32), None
     if K1 < K:  # Cauchy-Schwarz in each radial block: a template's spots lie in a few blocks
         a, b = ab[K1:, :n], ab[K1:, n:]
         p_norm = np.sqrt(np.add.reduceat(a * a + b * b, _radial_blocks(a.shape[-1]), axis=-1))
@@ -951,7 +950,9 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
             _spectra_by_pattern(abp[:K1, :, :m1], K1, n),
             np.ascontiguousarray(p_norm, dtype=np.float32),
             np.ascontiguousarray(wp[:K1], dtype=np.float32), weights,
-            (top > best_score[:, -1:]) & ~taken, np.ascontiguousarray(tail, dtype=np.float32),
+            (top > best_score[:, -1:]) & ~taken,
+            np.zeros(top.shape, np.float32) if tail is None else
+            np.ascontiguousarray(tail, dtype=np.float32),
             groups.members, groups.member_low,
             groups.member_res, groups.member_norms, np.ascontiguousarray(best_score[:, -1]))
         if cand.shape[1] > first:
@@ -959,11 +960,7 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
             cand, cand_top = (np.take_along_axis(x, order, axis=1) for x in (cand, cand_top))
             now = np.minimum(counts, first)
             correlate(np.ascontiguousarray(cand[:, :first]), now)
-            later = cand_top[:, first:] > best_score[:, -1:]
-            rest = np.zeros((n, n_t), np.bool_)
-            rows = np.broadcast_to(np.arange(n)[:, None], later.shape)
-            rest[rows[later], cand[:, first:][later]] = True
-            more, counts = _ragged(rest)
+            more, counts = _kept(cand[:, first:], cand_top[:, first:] > best_score[:, -1:], n_t)
         else:
             more = cand
     else:
@@ -986,14 +983,19 @@ def _match_two_stage(ab, packed, major, norms, n_t, weights, n_best, n_azim, n_c
                                   projection.bounding, more, counts, weights,
                                   np.ascontiguousarray(wp, dtype=np.float32),
                                   t_residual, tight, none3, none3, none3, none3)
-            pick = tight.max(axis=0) > best_score[:, -1:]  # (padding: -inf)
-            rest = np.zeros((n, n_t), np.bool_)
-            rows = np.broadcast_to(np.arange(n)[:, None], more.shape)
-            rest[rows[pick], more[pick]] = True
-            more, counts = _ragged(rest)
+            more, counts = _kept(more, tight.max(axis=0) > best_score[:, -1:], n_t)  # (padding: -inf)
         if more.shape[1]:
             correlate(more, counts)
     return _pack(best_score, best_info, np)
+
+
+def _kept(ids, keep, n_t):
+    """The template indices ``ids`` ``(n, w)`` where ``keep`` is True, per row, as
+    :func:`_ragged` gives them (in template order, left-aligned, with the counts)."""
+    chosen = np.zeros((ids.shape[0], n_t), np.bool_)
+    rows = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
+    chosen[rows[keep], ids[keep]] = True
+    return _ragged(chosen)
 
 
 def _spectra_by_pattern(ab, K, n):
