@@ -779,18 +779,11 @@ def find_basis(point_sets, tolerance=1.0, min_fraction=0.25):
 def _on_sites(pts, basis, tolerance):
     """The fraction of the points ``(m, 2)`` within ``tolerance`` of the sites of the lattice
     ``basis`` (two vectors), its origin on one of the five points nearest their middle."""
-    B = np.stack(basis, axis=1)
-    try:
-        inv = np.linalg.inv(B)
-    except np.linalg.LinAlgError:
-        return 0.0
-    near = pts[np.argsort(np.hypot(*(pts - pts.mean(axis=0)).T))[:5]]
-    best = 0.0
-    for o in near:
-        f = (pts - o) @ inv.T
-        off = (f - np.rint(f)) @ B.T
-        best = max(best, float(np.mean(np.hypot(*off.T) < tolerance)))
-    return best
+    near = pts[np.argsort(np.hypot(*(pts - pts.mean(axis=0)).T))[:5]]  # the origins tried
+    b = np.broadcast_to(np.stack(basis, axis=1), (len(near), 2, 2))
+    px, py = (np.broadcast_to(pts[:, i], (len(near), len(pts))) for i in (0, 1))
+    off = _index_xp(px, py, near, b, np)[2]
+    return float((off < tolerance).mean(axis=1).max())
 
 
 def _frequent_differences(point_sets, tolerance, min_fraction):
