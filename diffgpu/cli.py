@@ -389,8 +389,9 @@ def _check_outputs(args):
 def _check_replaceable(output):
     """--overwrite replaces a .zspy store or a file, never another directory (a folder named
     like the output, holding the user's own files)."""
-    if os.path.isdir(output) and not any(os.path.exists(os.path.join(output, name))
-                                         for name in (".zgroup", ".zattrs", "zarr.json")):
+    from .io import _is_zarr_store
+
+    if os.path.isdir(output) and not _is_zarr_store(output):
         raise InputError(f"'{output}' is a directory that is not a .zspy store: not replaced "
                          "(move it away or choose another output)")
 

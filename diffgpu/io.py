@@ -188,10 +188,15 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     return _rechunked(_ours(loaded, signal_type, path), rechunk)
 
 
+def _is_zarr_store(path):
+    """Whether the directory ``path`` is a zarr store (a .zspy as HyperSpy writes it)."""
+    return any(os.path.exists(os.path.join(path, m)) for m in (".zgroup", ".zarray", "zarr.json"))
+
+
 def _check_store(path):
     """The one directory diffgpu reads is a zarr store (.zspy): another one is named as a
     directory, not blamed on its name ("no reader takes files without an extension")."""
-    if not any(os.path.exists(os.path.join(path, m)) for m in (".zgroup", ".zarray", "zarr.json")):
+    if not _is_zarr_store(path):
         raise IsADirectoryError(f"'{path}' is a directory, not a data file nor a .zspy store (no "
                                 ".zgroup or zarr.json in it): give a data file, or a .zspy "
                                 "directory saved by HyperSpy or diffgpu")
