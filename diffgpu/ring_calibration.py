@@ -385,24 +385,6 @@ def _fit_ring_model(img, weight, params, g_rings, sigma, max_pixels=25000):
     knot_step = max(6 * sigma, (hi - lo) / 16)
     knots = np.arange(lo, hi + knot_step, knot_step)
 
-    def hats(t, nodes, periodic=False):
-        """Linear interpolation weights of ``t`` between ``nodes`` (columns)."""
-        if periodic:
-            pos = (t + np.pi) / (2 * np.pi) * nodes
-            i0 = np.floor(pos).astype(int) % nodes
-            fr = pos - np.floor(pos)
-            out = np.zeros((len(t), nodes))
-            out[np.arange(len(t)), i0] += 1 - fr
-            out[np.arange(len(t)), (i0 + 1) % nodes] += fr
-            return out
-        pos = np.clip((t - nodes[0]) / (nodes[1] - nodes[0]), 0, len(nodes) - 1 - 1e-9)
-        i0 = np.floor(pos).astype(int)
-        fr = pos - i0
-        out = np.zeros((len(t), len(nodes)))
-        out[np.arange(len(t)), i0] = 1 - fr
-        out[np.arange(len(t)), i0 + 1] = fr
-        return out
-
     # the design is sparse: a pixel lies on one or two rings, between two azimuth nodes and
     # two background knots (with 11 rings, dense products took 60 s of a 62 s calibration)
     pos = (phi + np.pi) / (2 * np.pi) * n_nodes  # azimuth nodes (fixed: made once)
