@@ -10,8 +10,11 @@ For every point of :data:`POINTS` (detector, dtype, mask, radial x azimuthal bin
   host threads;
 * **diffgpu lazy**: the same call on the lazy signal (diffgpu's chunks of whole frames),
   computed with dask's threaded scheduler, and on a 2-worker distributed ``LocalCluster``
-  (1 thread each) holding the frames already (``persist``): ``compute()`` (results sent
-  back to the client) and ``persist()`` (results kept on the workers), on the same frames;
+  (1 thread each) holding the frames already (``persist``): ``compute()`` (results brought
+  to the client: through shared memory, the workers being on this machine) and
+  ``persist()`` (results kept on the workers), on the same frames repeated to at least
+  ``--cluster-seconds`` of eager work (the compute of one chunk, the fixed cost, reported
+  apart);
 * **pyFAI**: ``integrate2d_ng`` / ``integrate1d_ng`` with ``method=("full", "csr", "cython")``
   (exact pixel splitting, CSR), frame by frame as pyFAI users call it, set up as in
   ``bench_integration.py``;
@@ -210,14 +213,26 @@ def tool_cluster(point, args, out):
 
     import diffgpu  # noqa: F401
 
+    import dask.array as da
+
     shape = point[0]
     n = args.frames
     frames = make_frames(shape, point[1], n)
+    # at least --cluster-seconds of eager work per timing: the held frames repeated (no
+    # more input memory), so that the fixed cost of a distributed compute (reported on
+    # its own) does not stand in for its throughput
+    reps = max(1, int(np.ceil(args.cluster_seconds * args.rate / n))) if args.rate else 1
+    # results within 1 GiB: kept on the workers (4 GiB each), they must not spill to disk
+    reps = max(1, min(reps, 2**30 // (n * frame_bytes(point)[1])))
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="4GiB",
                       dashboard_address=None) as cluster, Client(cluster):
         lazy = _signal(frames, point, lazy=True)
-        lazy.data = lazy.data.persist()
-        wait(lazy.data)
+        held = lazy.data.persist()
+        wait(held)
+        small = lazy.deepcopy()
+        small.data = held[:held.chunks[0][0]]
+        lazy.data = da.concatenate([held] * reps) if reps > 1 else held
+        n *= reps
 
         def gathered():  # compute(): every result sent back to this process
             _integrate(lazy, point).compute(show_progressbar=False)
@@ -227,15 +242,22 @@ def tool_cluster(point, args, out):
             wait(res)
             del res
 
+        def one_chunk():  # the fixed cost: a compute of one chunk
+            _integrate(small, point).compute(show_progressbar=False)
+
         gathered()
         kept()
+        one_chunk()
         times = {"distributed": [], "distributed kept": []}
+        fixed = []
         for _ in range(args.repeat):
             times["distributed"] += timed(gathered, 1)
             times["distributed kept"] += timed(kept, 1)
+            fixed += timed(one_chunk, 1)
         for k, v in times.items():
             out[k] = n / float(np.median(v))
         out["frames"] = n
+        out["one chunk (ms)"] = 1e3 * float(np.median(fixed))
 
 
 def tool_pyfai(point, args, out):
@@ -313,6 +335,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"only points {QUICK}")
     ap.add_argument("--points", help="comma-separated point numbers (0-based)")
     ap.add_argument("--seconds", type=float, default=0.5, help="target time of one timing")
+    ap.add_argument("--cluster-seconds", type=float, default=1.0,
+                    help="least eager-time worth of frames in one LocalCluster timing")
+    ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--figure", help="PNG path (default benchmarks/_out/integration_roofline.png)")
@@ -340,7 +365,9 @@ def main():
             # the frames of the eager timing (~--seconds of eager work; a quarter until
             # 2026-12-07, when a run's fixed cost on the cluster swamped 0.1 s of work)
             n_clus = ours["frames"]
-            clus = run_tool(__file__, "cluster", ["--point", i, "--frames", n_clus] + common)
+            clus = run_tool(__file__, "cluster", ["--point", i, "--frames", n_clus, "--rate",
+                                                  ours.get("eager", 0),
+                                                  "--cluster-seconds", args.cluster_seconds] + common)
         r = {"point": i, "label": label(point), **{f"diffgpu {k}": v for k, v in ours.items()},
              **{f"pyfai {k}": v for k, v in fai.items()}, **{f"cluster {k}": v for k, v in clus.items()}}
         e = ours.get("eager")
@@ -374,10 +401,13 @@ def main():
                  "roofline", "% of roofline"], rows)
     rows = [[r["label"], num(r.get("diffgpu first call (s)"), "{:.2f}"),
              num(r.get("pyfai first call (s)"), "{:.2f}"), num(r.get("diffgpu copy GB/s"), "{:.1f}"),
-             r.get("diffgpu lazy chunks", "")] for r in results]
-    print_table("First call (geometry, matrix, kernel; 8 frames) and the roofline's copy rate",
+             r.get("diffgpu lazy chunks", ""), num(r.get("cluster frames")),
+             num(r.get("cluster one chunk (ms)"), "{:.0f}")] for r in results]
+    print_table("First call (geometry, matrix, kernel; 8 frames), the roofline's copy rate, the "
+                "LocalCluster's timings",
                 ["point", "diffgpu first call (s)", "pyFAI first call (s)", "np.copyto GB/s (2 threads)",
-                 "lazy frames per chunk"], rows)
+                 "lazy frames per chunk", "LocalCluster frames per timing",
+                 "LocalCluster compute of one chunk (ms)"], rows)
     vs = [r["vs_pyfai"] for r in results if "vs_pyfai" in r]
     fr = [r["roof_frac"] for r in results if "roof_frac" in r]
     lz = [r["diffgpu lazy"] / r["diffgpu eager"] for r in results

@@ -9,6 +9,8 @@ to find out what a GPU function returns.
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 import weakref
 from functools import partial
@@ -20,7 +22,8 @@ from .device import _is_dask, array_module, to_host_array
 from .kernels.dtypes import check_dtype
 from .sources import block_runs, stored_frames, tune_allocator
 
-__all__ = ["compute_into", "graph_constant", "map_frames", "map_stored", "map_weighted_sums", "with_new_data"]
+__all__ = ["compute_into", "compute_shared", "graph_constant", "map_frames", "map_stored",
+           "map_weighted_sums", "with_new_data"]
 
 # constant -> {client id: its node persisted on that client's cluster}; an entry (and the
 # cluster's copy) goes when the constant does
@@ -197,8 +200,9 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
     ----------
     result : dask array
         Host (NumPy) blocks.
-    target : numpy.ndarray
-        Of ``result``'s shape and dtype.
+    target : numpy.ndarray or SharedResult
+        Of ``result``'s shape and dtype (a :class:`SharedResult` for workers in other
+        processes on this machine).
     show_progressbar : bool, optional
         A progress bar (HyperSpy's preference by default).
     **kwargs
@@ -229,6 +233,7 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
     if target.shape != result.shape or target.dtype != result.dtype:
         raise ValueError(f"target must be {result.shape} {result.dtype}; got "
                          f"{target.shape} {target.dtype}")
+    shared = isinstance(target, SharedResult)  # written by other processes on this machine
     recipe = _INTO.get(getattr(result, "name", None))
     name = f"into-{result.name}-{uuid.uuid4().hex}"  # not tokenized: that would hash the target
 
@@ -241,7 +246,11 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
 
     if recipe is None:
         def put(block, block_info=None):
-            target[tuple(slice(a, b) for a, b in block_info[0]["array-location"])] = block
+            where = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+            if shared:
+                target.put(where, block)
+            else:
+                target[where] = block
             return np.zeros((1,) * block.ndim, np.int8)
 
         run(put, result)
@@ -254,10 +263,15 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
     def write(block, *args, block_info=None):
         tune_allocator()
         where = tuple(slice(a, b) for a, b in block_info[0]["array-location"][:nav])
-        part = target[where]
         n = int(np.prod(block.shape[:-2]))
         rows = [r.reshape(-1, r.shape[-1]) for r in args[:n_rows]]
         frames = block.reshape((n,) + frame_shape)
+        if shared:  # into this thread's warm buffer, then copied into the shared file
+            out = _scratch((n,) + out_shape, target.dtype)
+            into(frames, *rows, *args[n_rows:], out=out)
+            target.put(where, out.reshape(block.shape[:-2] + out_shape))
+            return np.zeros((1,) * block.ndim, np.int8)
+        part = target[where]
         if part.flags.c_contiguous:  # a run of whole scan rows: written in place
             into(frames, *rows, *args[n_rows:], out=part.reshape((n,) + out_shape))
         else:
@@ -268,6 +282,158 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
 
     run(write, data, *aligned, *consts)
     return True
+
+
+# results at least this large are written by a cluster's local workers into shared memory
+MIN_SHARED_BYTES = 8 * 2**20
+SHARED_DIRECTORY = "/dev/shm"
+
+
+class SharedResult:
+    """An array in a file of shared memory (tmpfs) that processes on this machine map and
+    write in place; pickled, it is its path, shape and dtype.
+
+    Distributed workers on the client's machine write their blocks of a result here, so the
+    blocks do not travel to the client through the network layer (every byte serialised,
+    sent, received and joined once more).
+    """
+
+    def __init__(self, shape, dtype, directory=SHARED_DIRECTORY):
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.path = os.path.join(directory, f"diffgpu-result-{uuid.uuid4().hex}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes)  # sparse: pages come as they are written
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        self._fd, self.identity = fd, (st.st_dev, st.st_ino)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def put(self, where, block):
+        """Write ``block`` into the region ``where`` (slices of the leading axes)."""
+        span = _contiguous_span(self.shape, where)
+        block = np.asarray(block, self.dtype)
+        if span is not None and block.flags.c_contiguous:
+            # a copy by the kernel into the file's pages: about twice as fast here as
+            # stores through a mapping, which fault each 4 KiB page in
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                view, offset = memoryview(block).cast("B"), span * self.dtype.itemsize
+                while view.nbytes:
+                    done = os.pwrite(fd, view, offset)
+                    view, offset = view[done:], offset + done
+            finally:
+                os.close(fd)
+        else:
+            mapped = np.memmap(self.path, self.dtype, "r+", shape=self.shape)
+            mapped[where] = block
+            del mapped
+
+    def seen_by_workers(self, client):
+        """Whether every worker of ``client`` opens this very file (same machine, same
+        filesystem namespace)."""
+        try:
+            seen = client.run(_same_file, self.path, self.identity)
+        except Exception:  # a worker gone or failing: the network layer it is
+            return False
+        return bool(seen) and all(seen.values())
+
+    def claim(self):
+        """The array as this process's own, mapped; the file's name goes (its memory stays
+        with the mapping, freed when the array is)."""
+        import mmap
+
+        buf = mmap.mmap(self._fd, self.nbytes) if self.nbytes else bytearray()
+        self.close()
+        return np.frombuffer(buf, self.dtype).reshape(self.shape)
+
+    def close(self):
+        """Remove the file (idempotent); a claimed array keeps its memory."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _contiguous_span(shape, where):
+    """The flat index at which the region ``where`` (slices of leading axes of a C-ordered
+    array of ``shape``) starts, if it is one contiguous, non-empty run; else None."""
+    ranges = [(where[k] if k < len(where) else slice(None)).indices(n)[:2]
+              for k, n in enumerate(shape)]
+    if any(b <= a for a, b in ranges):
+        return None
+    k = len(shape) - 1
+    while k > 0 and ranges[k] == (0, shape[k]):  # the whole of every axis after k
+        k -= 1
+    if any(b - a != 1 for a, b in ranges[:k]):  # one index of every axis before it
+        return None
+    return int(np.ravel_multi_index([a for a, _ in ranges], shape))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape, dtype):
+    """This thread's reusable buffer of ``shape`` and ``dtype`` (its pages already touched
+    after the first use)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _SCRATCH.buf = np.empty(max(nbytes, 1), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _same_file(path, identity):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == tuple(identity)
+
+
+def compute_shared(result, show_progressbar=None, **kwargs):
+    """Compute ``result`` on the current distributed client into shared memory, when its
+    workers run on this machine: the array, or None where that cannot be done (no client,
+    workers elsewhere, a small result, device blocks, too little shared memory).
+
+    Each worker writes its blocks straight into the result (:func:`compute_into` on a
+    :class:`SharedResult`) instead of sending them to the client: 2D integration to 256 x
+    720 bins on a 2-worker ``LocalCluster``, see ``benchmarks/NOTES.md``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from diffgpu.mapping import compute_shared
+    >>> compute_shared(da.ones((4, 4), chunks=2)) is None  # no distributed client in use
+    True
+    """
+    import dask.array as da
+
+    client = _computing_client()
+    if (client is None or not isinstance(result, da.Array) or type(result._meta) is not np.ndarray
+            or result.npartitions < 2 or result.nbytes < MIN_SHARED_BYTES
+            or not os.path.isdir(SHARED_DIRECTORY)):
+        return None
+    free = os.statvfs(SHARED_DIRECTORY)
+    if free.f_bavail * free.f_frsize < 1.1 * result.nbytes + 64 * 2**20:
+        return None
+    target = SharedResult(result.shape, result.dtype)
+    try:
+        if not target.seen_by_workers(client):
+            return None
+        compute_into(result, target, show_progressbar=show_progressbar, **kwargs)
+        return target.claim()
+    finally:
+        target.close()
 
 
 def map_stored(stored, func, out_shape, dtype, constants=()):

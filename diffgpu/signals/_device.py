@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..device import blas_for_dask, device_of, to_device_array, to_host_array
-from ..mapping import compute_into
+from ..mapping import compute_into, compute_shared
 
 
 def to_device(signal):
@@ -129,15 +129,20 @@ class LazyDeviceMixin:
         with blas_for_dask(data, kwargs.get("scheduler")):
             threaded = get_scheduler(scheduler=kwargs.get("scheduler"),
                                      collections=[data]) is dask.threaded.get
-            if not (threaded and isinstance(data, da.Array) and data.npartitions > 1
-                    and type(data._meta) is np.ndarray):
-                return super().compute(close_file=close_file,
-                                       show_progressbar=show_progressbar, **kwargs)
-            result = np.empty(data.shape, data.dtype)
-            # each block written into the result by the thread that made it, and by an
-            # operation that can, computed there in place (2D integration: polar patterns
-            # are larger than the frames)
-            compute_into(data, result, show_progressbar=show_progressbar, **kwargs)
+            result = None
+            if not threaded and "scheduler" not in kwargs:
+                # distributed workers on this machine write into shared memory
+                result = compute_shared(data, show_progressbar=show_progressbar, **kwargs)
+            if result is None:
+                if not (threaded and isinstance(data, da.Array) and data.npartitions > 1
+                        and type(data._meta) is np.ndarray):
+                    return super().compute(close_file=close_file,
+                                           show_progressbar=show_progressbar, **kwargs)
+                result = np.empty(data.shape, data.dtype)
+                # each block written into the result by the thread that made it, and by an
+                # operation that can, computed there in place (2D integration: polar
+                # patterns are larger than the frames)
+                compute_into(data, result, show_progressbar=show_progressbar, **kwargs)
         self.data = result
         if close_file:
             self.close_file()
