@@ -98,7 +98,7 @@ def _check_gamma(gamma):
 
 
 def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates=True, gamma=0.3,
-                    template_sigma=None, max_frequency=None, ring_means=True):
+                    template_sigma=None, max_frequency=None, ring_means=False):
     """Shared implementation of :meth:`PolarPatterns.get_orientation`: an
     ``orientation_matches`` :class:`~diffgpu.results.OperationResult`."""
     library = _as_library(library)

@@ -266,11 +266,16 @@ def test_refinement_to_015_degrees_with_or_without_scaled_patterns(si, lib1, kin
         polar.get_orientation(lib1, n_best=1).refine(polar, lib1, intensity_exponent=0)
 
 
-def test_refined_reliability_is_zero_where_no_crystal_is_seen(si, lib):
+@pytest.mark.parametrize("ring_means", [False, True])
+def test_refined_reliability_is_zero_where_no_crystal_is_seen(si, lib, ring_means):
     """Vacuum (direct beam on a flat background), an amorphous ring, shot noise and a constant
     frame: some template always matches best, and their best matches are neighbours of each
     other as on a crystal's pattern. After refinement they came out as resolved (1); the best
-    orientation does not stand out from unrelated ones there, and the reliability is 0."""
+    orientation does not stand out from unrelated ones there, and the reliability is 0.
+
+    The significance alone is marginal near the threshold: over 32 such frames (8 seeds) the
+    largest came out 5.1 (matched with the rings' means) and 5.0 (without), while 48 crystal
+    patterns at 500-20,000 counts gave 4.7 at the least (``docs/orientation_mapping.rst``)."""
     np.random.seed(5)
     real = diffgpu.data.orientation_patterns(si, Rotation.random(6), sig_shape=(128, 128),
                                              calibration=0.02).data
@@ -282,16 +287,20 @@ def test_refined_reliability_is_zero_where_no_crystal_is_seen(si, lib):
     s = diffgpu.DiffractionPatterns(np.concatenate([real, blank.astype(real.dtype)]))
     s.calibration.center, s.calibration.scale, s.calibration.units = (63.5, 63.5), 0.02, "1/Å"
     polar = _polar(s)
-    refined = polar.get_orientation(lib, n_best=5).refine(polar, lib)
+    refined = polar.get_orientation(lib, n_best=5, ring_means=ring_means).refine(polar, lib)
     rel = refined.get_reliability()
     z = np.asarray(refined.metadata.Refined.significance)
     assert np.all(rel.data[6:] == 0), rel.data
-    assert not np.any(z[6:] >= 4) and np.all(z[:6] > 5), z
-    assert rel.metadata.Reliability.no_crystal == 4
+    # (the shot noise: 3.3 with the rings' means, 4.35 without)
+    assert not np.any(z[6:] >= 4.5) and np.all(z[:6] > 5), z
+    assert rel.metadata.Reliability.no_crystal == (4 if ring_means else 3)
     resolved = (rel.data[:6] > 0).sum()
     assert resolved >= 4 and rel.metadata.Reliability.ambiguous == 6 - resolved
     # the threshold is the caller's
-    assert np.any(refined.get_reliability(min_significance=-np.inf).data[6:9] > 0.1)
+    unchecked = refined.get_reliability(min_significance=-np.inf)
+    assert unchecked.metadata.Reliability.no_crystal == 1  # only the constant frame (NaN)
+    if ring_means:  # (without them, these frames' alternatives predict the same pattern)
+        assert np.any(unchecked.data[6:9] > 0.1)
 
 
 def test_refined_reliability_separates_ambiguous_from_resolved(si, lib1):

@@ -29,7 +29,7 @@ class PolarPatterns(DeviceMixin, Signal2D):
     _signal_type = "polar_patterns"
 
     def get_orientation(self, library, n_best=1, frac_keep=1.0, normalize_templates=True,
-                        gamma=0.3, template_sigma=None, max_frequency=None, ring_means=True):
+                        gamma=0.3, template_sigma=None, max_frequency=None, ring_means=False):
         """Orientation mapping: match every polar pattern against a template library.
 
         All in-plane rotations of every template, direct and mirrored, are scored at
@@ -69,13 +69,14 @@ class PolarPatterns(DeviceMixin, Signal2D):
             instead of 92% in the test above.
         ring_means : bool
             Whether each radius's mean over the azimuth counts in the correlation (the zero
-            azimuthal frequency). ``False`` matches the patterns less their rings' means, so
-            that a diffuse background (flat, or a halo) does not favour the templates with
-            spots where it is high: on simulated Si with a flat background of 10 counts per
-            pixel (89% of the counts), 42% -> 88% matched within 2 degrees; 98% both ways
-            without the background, 88% and 85% at 2 counts per pixel (48 patterns,
-            2026-12-07). The default stays ``True`` until the whole benchmark matrix has
-            been measured with it.
+            azimuthal frequency). By default (``False``) the patterns are matched less their
+            rings' means, so that a diffuse background (flat, or a halo) does not favour the
+            templates with spots where it is high. On simulated Si (1-degree library, 256
+            random and 128 near-zone patterns, 32-256 radial bins, as they are or ``** 0.5``)
+            with a flat background of 2 counts per pixel: 47% -> 75% matched within 2 degrees
+            on average over the 12 settings (``** 0.5``, random: 0-22% -> 83-89%); without a
+            background the same within +-2% (2026-12-07, ``docs/orientation_mapping.rst``).
+            ``True`` was the default before 2026-12-07.
 
         -------
         OrientationMatches or LazyOrientationMatches
