@@ -182,3 +182,28 @@ def test_means_are_sums_over_each_bins_coverage(monkeypatch, band_bytes):
         np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
         np.testing.assert_allclose(out, ref, rtol=1e-5, equal_nan=True)
     assert eng._mean_weights() is eng._mean_weights()  # made once
+
+
+def test_engine_tokenized_once_without_hashing_its_matrix(monkeypatch):
+    """A lazy integration names its engine by a token made once: dask would otherwise pickle
+    and hash the matrix and its bands every time a graph is built. A copy sent to a worker
+    keeps the token; another engine has another."""
+    import cloudpickle
+    from dask.base import tokenize
+
+    from diffgpu.azimuthal import get_engine
+    from diffgpu.geometry import PolarGeometry
+
+    g = PolarGeometry((64, 64), (31.5, 31.5), (1.0, 1.0), npt=20, npt_azim=36,
+                      radial_range=(0.0, 40.0), azimuth_range=(-180.0, 180.0))
+    eng = get_engine(g)
+    token = tokenize(eng)
+    monkeypatch.setattr(type(eng.matrix), "__reduce__",
+                        lambda self: (_ for _ in ()).throw(AssertionError("matrix pickled")),
+                        raising=False)
+    assert tokenize(eng) == token
+    monkeypatch.undo()
+    assert tokenize(cloudpickle.loads(cloudpickle.dumps(eng))) == token
+    other = get_engine(PolarGeometry((64, 64), (31.5, 31.5), (1.0, 1.0), npt=21, npt_azim=36,
+                                     radial_range=(0.0, 40.0), azimuth_range=(-180.0, 180.0)))
+    assert tokenize(other) != token
