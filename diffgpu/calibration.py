@@ -338,6 +338,12 @@ def check_mask(mask, detector_shape):
     return mask.astype(bool)
 
 
+def _brief(value):
+    """``value`` named in an error message: its type and the start of its repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
 def detector_image(value, detector_shape, name):
     """A detector-shaped float32 host array from an array or signal, checked for shape and NaN.
 
@@ -357,7 +363,11 @@ def detector_image(value, detector_shape, name):
     """
     from .device import to_host_array
 
-    arr = np.asarray(to_host_array(getattr(value, "data", value)), dtype=np.float32)
+    try:
+        arr = np.asarray(to_host_array(getattr(value, "data", value)), dtype=np.float32)
+    except (TypeError, ValueError) as err:  # ragged lists, strings, objects
+        raise TypeError(f"{name} must be an array of numbers of the detector's shape "
+                        f"{tuple(detector_shape)} (rows, columns); got {_brief(value)}") from err
     if arr.shape != tuple(detector_shape):
         raise ValueError(f"{name} shape {arr.shape} does not match the detector shape "
                          f"{tuple(detector_shape)} (rows, columns)")

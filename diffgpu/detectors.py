@@ -131,7 +131,11 @@ def detector_weights(signal, detector):
     else:
         from .calibration import detector_image
 
-        w = detector_image(detector, shape, "detector mask")
+        try:
+            w = detector_image(detector, shape, "detector mask")
+        except TypeError as err:
+            raise TypeError(f"{err}. A virtual detector is a HyperSpy CircleROI (disc, or "
+                            "annulus with r_inner), a RectangularROI, or such a mask") from None
     if not np.any(w):
         what = repr(detector) if isinstance(detector, hs_roi.BaseROI) else \
             f"mask of shape {np.shape(w)} (all zero)"

@@ -327,3 +327,12 @@ def test_circle_radii_are_checked(scan, roi, match):
         with pytest.raises(ValueError, match=match) as info:
             s.get_virtual_image([hs.roi.CircleROI(cx=0, cy=0, r=3), roi])
         assert "HyperSpy leaves" not in str(info.value)
+
+
+@pytest.mark.parametrize("rois", [[("annulus", (15, 15), 5, 10)], "disc", [["a", "b"]]])
+def test_a_detector_that_is_no_roi_nor_mask_is_named(rois):
+    """Tuples of words and numbers, strings, lists of words: a TypeError that says what a
+    virtual detector can be (not NumPy's message about inhomogeneous shapes)."""
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(32, 32))
+    with pytest.raises(TypeError, match=r"detector's shape \(32, 32\).*CircleROI"):
+        s.get_virtual_image(rois)
