@@ -420,7 +420,13 @@ def _candidate_similarity(cand_q, phases, models, gamma, sigma, phase_list):
     return out.reshape(phases.shape)
 
 
-_MIRROR = np.diag([1.0, -1.0, 1.0])
+# A pattern mirrored across the detector's x axis (M = diag(1, -1, 1)) is the pattern of the
+# orientation turned half round the laboratory's y axis: M v = C2y (-v), and -g is a
+# reflection of the same intensity (Friedel). So a mirrored match of rotation R is R * C2y,
+# for every crystal: (M R M), as before 2026-12-07, is that only where C2y (about the
+# crystal's y axis) is one of the crystal's symmetries (m-3m, mmm, 6/mmm), and was 180
+# degrees off for 4/m, -3 or -1.
+_HALF_TURN_Y = np.diag([-1.0, 1.0, -1.0])
 
 
 def match_quaternions(m, library_rotations):
@@ -453,7 +459,7 @@ def match_quaternions(m, library_rotations):
     idx = m[..., 0].astype(np.int64)
     mats = quaternion_matrices(np.asarray(library_rotations, dtype=np.float64))[idx]
     mirrored = m[..., 4] < 0
-    mats = np.where(mirrored[..., None, None], _MIRROR @ mats @ _MIRROR, mats)
+    mats = np.where(mirrored[..., None, None], mats @ _HALF_TURN_Y, mats)
     g = -np.deg2rad(m[..., 3])  # a pattern turned by +gamma is R * Rz(-gamma) in diffsims
     c, s = np.cos(g), np.sin(g)
     rz = np.zeros(g.shape + (3, 3))

@@ -47,8 +47,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
     a pattern matching template rotation ``R`` turned in-plane by ``gamma`` degrees
     (its spots at azimuth ``theta + gamma``) has the orientation ``R * Rz(-gamma)``,
     because diffsims' ``R * Rz(a)`` turns a pattern by ``-a``; a mirrored match
-    (spots at ``-theta + gamma``) is ``(M R M) * Rz(-gamma)`` with
-    ``M = diag(1, -1, 1)``.
+    (spots at ``-theta + gamma``) is ``(R * C2y) * Rz(-gamma)`` with ``C2y = diag(-1, 1,
+    -1)``, a half turn about the laboratory's y axis (by Friedel's law a pattern mirrored
+    across x is the pattern of the crystal turned so), for crystals of any symmetry.
 
     Examples
     --------
