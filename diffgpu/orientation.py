@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,8 +17,16 @@ from .templates import TemplateLibrary, library_for
 
 __all__ = ["get_orientation", "refine_orientations", "match_quaternions"]
 
-_PER_ANGSTROM = {"1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
-                 "1/nm": 0.1, "nm^-1": 0.1}
+# radial units (spaces removed, case ignored) -> 1/Å per unit
+_PER_ANGSTROM = {u.casefold(): f for u, f in {
+    "1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "Å⁻¹": 1.0, "1/angstrom": 1.0,
+    "1/nm": 0.1, "nm^-1": 0.1, "nm⁻¹": 0.1}.items()}
+# pyxem's spellings (a polar signal of pyxem's, or diffgpu's integral of a pyxem-calibrated
+# signal): 1/Å per unit, and whether the unit measures q = 2 pi k
+_PYXEM_RADIAL = {"k_a^-1": (1.0, False), "k_nm^-1": (0.1, False),
+                 "q_a^-1": (1.0, True), "q_nm^-1": (0.1, True)}
+_DEGREES = {"deg", "degree", "degrees", "°", "º"}
+_RADIANS = {"rad", "rads", "radian", "radians"}
 FIELDS = ("template", "phase", "correlation", "in_plane_rotation", "mirror")
 
 
@@ -52,21 +61,103 @@ def _host_spectra(templates, major=False):
     return templates.host + tuple(extra)
 
 
+class PolarCalibration(NamedTuple):
+    """How a polar signal's axes compare with templates (:func:`_polar_calibration`).
+
+    ``to_angstrom`` and ``to_degrees`` turn the radial and azimuthal axes' values into k
+    (1/Å) and degrees; ``offset`` (degrees) is how far the data's azimuthal bins are turned
+    from the templates' (centred at ``(j + 0.5) 360 / n - 180``): a pattern whose spots lie
+    at ``theta + gamma`` matches at ``gamma - offset``.
+    """
+
+    azimuth: object
+    radius: object
+    to_angstrom: float
+    to_degrees: float
+    offset: float
+
+
+def _unit_name(units):
+    """An axis's units, spaces removed and case ignored; None where unset."""
+    return units.replace(" ", "").casefold() if isinstance(units, str) and units.strip() else None
+
+
+def _integrated_by_diffgpu(polar):
+    """Whether diffgpu's integration made ``polar`` (its azimuth then runs as templates')."""
+    return polar.metadata.get_item("Integration.azimuth_range_deg") is not None
+
+
+def _radial_is_q(polar, rad):
+    """Whether the radial axis holds q = 2 pi k (diffgpu's ``radial_unit="q"``: axis "q")
+    rather than k (axis "radius"), from ``metadata.Integration.radial_unit`` and the axis's
+    name; a ValueError where they disagree or the axis holds scattering angles."""
+    meta = polar.metadata.get_item("Integration.radial_unit")
+    name = rad.name.strip().casefold() if isinstance(rad.name, str) else None
+    if (isinstance(meta, str) and meta.startswith("2theta")) or name == "two_theta":
+        raise ValueError("the radial axis holds scattering angles (radial_unit='2theta_...'): "
+                         "integrate with the default radial_unit (k, in 1/Å or 1/nm) to compare "
+                         "with templates")
+    by_meta = None if meta not in ("k", "q") else meta == "q"
+    by_name = {"q": True, "radius": False, "k": False}.get(name)
+    if by_meta is not None and by_name is not None and by_meta != by_name:
+        raise ValueError(f"the radial axis is named {rad.name!r} but metadata.Integration."
+                         f"radial_unit is {meta!r}, so it is unclear whether it holds k or "
+                         "q = 2 pi k: name the axis 'radius' (k) or 'q' and set the metadata to "
+                         "match")
+    return by_meta if by_meta is not None else bool(by_name)
+
+
 def _polar_calibration(polar):
-    """The polar axes and their unit factors ``(azimuth, radius, to_1/Å, to_degrees)``, or a
-    ValueError when they cannot be compared with templates (radius not in 1/Å or 1/nm,
-    azimuth not the full circle)."""
+    """The polar axes and how they compare with templates (:class:`PolarCalibration`), or a
+    ValueError when they cannot be compared: radius not in 1/Å or 1/nm (k, or q = 2 pi k,
+    which is converted), azimuth not the full circle in degrees or radians, a non-positive
+    scale, or a polar signal of pyxem's (its azimuth runs the other way)."""
     az, rad = polar.axes_manager.signal_axes
-    units = rad.units if isinstance(rad.units, str) else None
-    if units not in _PER_ANGSTROM:
+    units, az_units = _unit_name(rad.units), _unit_name(az.units)
+    if not _integrated_by_diffgpu(polar) and (
+            units in _PYXEM_RADIAL or (az.units == "Rad" and az.name == "Radians")
+            or polar.metadata.get_item("Signal.signal_type") == "polar_diffraction"):
+        raise ValueError("these polar patterns look like pyxem's (radial axis in "
+                         f"{rad.units!r}, azimuth in {az.units!r}), whose azimuth runs the other "
+                         "way from diffgpu's, which would mirror every orientation: integrate "
+                         "the diffraction patterns with diffgpu instead, "
+                         "diffgpu.as_diffraction_patterns(signal).get_azimuthal_integral2d(...)")
+    q = _radial_is_q(polar, rad)
+    if units in _PYXEM_RADIAL:  # diffgpu's integral of patterns calibrated in pyxem's units
+        to_a, detector_q = _PYXEM_RADIAL[units]
+        if q and detector_q:
+            raise ValueError(f"the radial axis is q (radial_unit='q') of patterns calibrated in "
+                             f"q ({rad.units!r}): integrate with the default radial_unit")
+        q = q or detector_q
+    elif units in _PER_ANGSTROM:
+        to_a = _PER_ANGSTROM[units]
+    else:
         raise ValueError(f"the radial axis must be in 1/Å or 1/nm to compare with templates; it is "
-                         f"{units!r}: calibrate the scale before integrating")
-    to_deg = 1.0 if az.units == "deg" else 180 / math.pi
+                         f"{rad.units if isinstance(rad.units, str) else None!r}: calibrate the "
+                         "scale before integrating")
+    if q:
+        to_a /= 2 * math.pi
+    if az_units in _DEGREES:
+        to_deg = 1.0
+    elif az_units in _RADIANS:
+        to_deg = 180 / math.pi
+    else:
+        raise ValueError(f"the azimuth axis's units must be degrees ('deg') or radians ('rad'); "
+                         f"they are {az.units if isinstance(az.units, str) else None!r}: set "
+                         "them on the polar signal's azimuth axis")
+    for ax, what in ((rad, "radial"), (az, "azimuthal")):
+        if not ax.scale > 0:
+            raise ValueError(f"the {what} axis must increase (a positive scale); its scale is "
+                             f"{ax.scale:g}: reverse the data along it and make the scale positive")
     span = az.scale * az.size * to_deg
     if abs(span - 360) > 1e-6:
         raise ValueError(f"template matching needs the full azimuthal circle; the data span {span:g}"
                          " degrees")
-    return az, rad, _PER_ANGSTROM[units], to_deg
+    # (an offset only turns the correlation: matching corrects the angle it finds by it)
+    offset = ((az.offset - az.scale / 2) * to_deg + 360) % 360 - 180
+    if abs(offset) < 1e-9:  # (radians: rounding) leave the default axis's angles as found
+        offset = 0.0
+    return PolarCalibration(az, rad, to_a, to_deg, float(offset))
 
 
 def _in_host_blocks(run, n, block=64):
@@ -90,9 +181,11 @@ def _as_library(library):
                     f"{type(library).__name__}")
 
 
+_REAL = (int, float, np.integer, np.floating)
+
+
 def _check_gamma(gamma):
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.integer, np.floating)) \
-            or not 0 < gamma <= 4:
+    if isinstance(gamma, bool) or not isinstance(gamma, _REAL) or not 0 < gamma <= 4:
         raise ValueError(f"gamma (the intensity scaling, patterns ** gamma) must be in (0, 4]; "
                          f"got {gamma!r}")
 
@@ -110,7 +203,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         raise ValueError(f"n_best={n_best} is larger than the library ({n_t} templates)")
     if not 0 < frac_keep <= 1:
         raise ValueError(f"frac_keep must be in (0, 1]; got {frac_keep}")
-    az, rad, to_a, _ = _polar_calibration(polar)
+    cal = _polar_calibration(polar)
+    az, rad, to_a, offset = cal.azimuth, cal.radius, cal.to_angstrom, cal.offset
     radii = rad.axis * to_a
     r_top = (rad.high_value + rad.scale / 2) * to_a
     if r_top < library.reciprocal_radius * (1 - 1e-6):
@@ -118,8 +212,25 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
                          f"{library.reciprocal_radius:.3g} 1/Å: integrate to a larger radial_range "
                          "or simulate the library with a smaller reciprocal_radius")
     n_azim = az.size
+    if template_sigma is not None and (
+            isinstance(template_sigma, bool) or not isinstance(template_sigma, _REAL)
+            or not 0 < template_sigma < math.inf):
+        raise ValueError(f"template_sigma (the spots' width, 1/Å) must be a positive number; got "
+                         f"{template_sigma!r} (None: one radial bin)")
     sigma = template_sigma if template_sigma is not None else 1.0 * rad.scale * to_a
-    K = int(max_frequency or min(n_azim // 2 + 1, 64))
+    # frequencies 0 .. K - 1 of the FFT along the azimuth: at least 0 and 1 (the angle's
+    # inverse FFT needs 2 (K - 1) points), at most what n_azim bins hold
+    k_max = n_azim // 2 + 1
+    if k_max < 2:
+        raise ValueError(f"template matching needs at least 2 azimuthal bins; the data have {n_azim}")
+    if max_frequency is None:
+        K = min(k_max, 64)
+    elif isinstance(max_frequency, bool) or not isinstance(max_frequency, (int, np.integer)) \
+            or not 2 <= max_frequency <= k_max:
+        raise ValueError(f"max_frequency must be an integer from 2 to {k_max} (n_azim // 2 + 1 "
+                         f"for {n_azim} azimuthal bins); got {max_frequency!r}")
+    else:
+        K = int(max_frequency)
     key = (tuple(np.round(radii, 9)), n_azim, float(sigma), float(gamma), bool(normalize_templates), K)
     cache = library._render_cache
     if key not in cache:
@@ -150,6 +261,11 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
             spectra = tmpl.get(xp) + ((major.get(xp),) if major is not None else ())
         res = match_patterns(frames, spectra, n_best=n_best, gamma=gamma, keep=keep,
                              ring_means=ring_means)
+        if offset:
+            # the angle is found on the data's bins, which start `offset` degrees after the
+            # templates': the spots, at +-theta + angle there (direct or mirrored), lie at
+            # +-theta + angle + offset on the templates' azimuth
+            res[..., 2] = (res[..., 2] + offset + 180) % 360 - 180
         ph = phases.get(xp)[res[..., 0].astype(xp.int64)]
         return xp.concatenate([res[..., :1], ph[..., None], res[..., 1:]], axis=-1)
 
@@ -360,7 +476,7 @@ def _probe_alternative(p, best, phase, models, phase_list, gamma, radial, azimut
     * ``significance`` ``(n,)``: how many standard deviations of their contrast scores the
       best's lies above their mean (NaN where they all score alike, e.g. a blank frame).
 
-    On simulated Si patterns the best stood 8-16 deviations above them; on a vacuum frame
+    On simulated Si patterns the best stood 5.5-16 deviations above them; on a vacuum frame
     (the direct beam on a flat background), an amorphous ring and shot noise, 1-3. Without
     them, frames without the crystal's spots got reliability 1 after refinement whenever
     their ``n_best`` matches were neighbours of each other, as they usually are.
@@ -468,6 +584,28 @@ def match_quaternions(m, library_rotations):
     return matrix_quaternions(mats @ rz)
 
 
+def _check_same_library(library, recorded):
+    """A ValueError unless ``library`` (a :class:`TemplateLibrary`) is the one recorded in
+    matches' ``metadata.Library``: the same templates' rotations, in order, and phases."""
+    mine = library.rotations.data.reshape(-1, 4).astype(np.float64)
+    theirs = np.asarray(recorded.rotations, dtype=np.float64).reshape(-1, 4)
+    names = [p.name for p in library.phases]
+    their_names = [str(n) for n in recorded.phase_names]
+    problem = None
+    if mine.shape != theirs.shape:
+        problem = f"it has {len(mine)} templates, the matches' library {len(theirs)}"
+    elif names != their_names:
+        problem = f"its phases are {names}, the matches' library's {their_names}"
+    elif not np.array_equal(np.asarray(library.phase_index), np.asarray(recorded.phase_index)):
+        problem = "its templates belong to other phases than the matches' library's"
+    elif not np.allclose(mine, theirs, atol=1e-6):  # (saved as float64: the same to rounding)
+        differ = int(np.sum(~np.isclose(mine, theirs, atol=1e-6).all(axis=1)))
+        problem = f"{differ} of its {len(mine)} templates have other rotations"
+    if problem:
+        raise ValueError(f"the library is not the one these matches were made with ({problem}): "
+                         "pass the library given to get_orientation")
+
+
 def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
                         accelerating_voltage=None, max_excitation_error=None, candidates=3,
                         margin=0.1, intensity_exponent=None):
@@ -491,11 +629,21 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     if tuple(polar.axes_manager.navigation_shape) != tuple(matches.axes_manager.navigation_shape):
         raise ValueError(f"the polar patterns' scan {polar.axes_manager.navigation_shape} is not "
                          f"the matches' scan {matches.axes_manager.navigation_shape}")
-    if len(library) != len(np.asarray(matches.metadata.Library.rotations)):
-        raise ValueError("the library is not the one these matches were made with (it has "
-                         f"{len(library)} templates, the matches' library "
-                         f"{len(np.asarray(matches.metadata.Library.rotations))})")
-    az, rad, to_a, to_deg = _polar_calibration(polar)
+    _check_same_library(library, matches.metadata.Library)
+    for name, value in (("step", step), ("min_step", min_step)):
+        if isinstance(value, bool) or not isinstance(value, _REAL) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number of degrees; got {value!r}")
+    if min_step > step:
+        raise ValueError(f"min_step ({min_step!r}) must not exceed step ({step!r}): the search "
+                         "halves the step down to min_step")
+    for name, value, unit in (("accelerating_voltage", accelerating_voltage, "kV"),
+                              ("max_excitation_error", max_excitation_error, "1/Å")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, _REAL)
+                                  or not 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number ({unit}), or None for the "
+                             f"library's; got {value!r}")
+    cal = _polar_calibration(polar)
+    az, rad, to_a, to_deg = cal.azimuth, cal.radius, cal.to_angstrom, cal.to_degrees
     radial = (float(rad.axis[0]) * to_a, float(rad.scale) * to_a)
     azimuthal = (float(az.axis[0]) * to_deg, float(az.scale) * to_deg)
     if gamma is not None:

@@ -34,6 +34,13 @@ def _phase_list(described):
     return phases, PhaseList(phases)
 
 
+def _indexed_phase(matches):
+    """The best match's phase of matches ``(..., n_best, 5)``, or -1 (orix's "not indexed")
+    where nothing matched: best correlation not above 0 (a blank, all-NaN or vacuum frame)."""
+    best = matches[..., 0, :]
+    return np.where(best[..., 2] > 0, best[..., 1], -1).astype(np.int64)
+
+
 class OrientationMatches(DeviceMixin, Signal2D):
     """The ``n_best`` template matches of every pattern, best first.
 
@@ -180,7 +187,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         if n_best >= 2:  # how clearly the best orientation wins (see get_reliability)
             props["reliability"] = self.get_reliability().data.ravel()
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
-        phase_id = np.where(flat[:, 0, 2] > 0, flat[:, 0, 1], -1).astype(int)
+        phase_id = _indexed_phase(flat)
         return CrystalMap(rotations=rot, phase_id=phase_id, phase_list=phase_list.deepcopy(),
                           prop=props, scan_unit=unit, **coords)
 
@@ -227,6 +234,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         library : TemplateLibrary or diffsims Simulation2D
             The library the matches come from (its phases give the spot model), as it was
             given to ``get_orientation`` (a simulation's library is made once and reused).
+            Its rotations and phases must be those recorded in ``metadata.Library``.
         gamma : float, optional
             Intensity scaling, as in matching (default: the one used for matching).
         smooth : float
@@ -234,9 +242,10 @@ class OrientationMatches(DeviceMixin, Signal2D):
             simulated near-zone Si 0.08-0.16 degrees at 64-256 bins, against 0.11-0.19 with
             0.5; ``benchmarks/NOTES.md``).
         step, min_step : float
-            First and last step of the search, degrees.
+            First and last step of the search, degrees: positive, ``min_step <= step``.
         accelerating_voltage, max_excitation_error : float, optional
-            Override the library's simulation parameters (kV, 1/Å).
+            Override the library's simulation parameters (kV, 1/Å): positive; None (default)
+            keeps the library's.
         candidates : int
             Matches (of the ``n_best`` found) that may be refined; 1 refines only the best.
         margin : float
@@ -257,6 +266,12 @@ class OrientationMatches(DeviceMixin, Signal2D):
             best orientations, used by :meth:`to_orientations`, :meth:`to_crystal_map` and
             the maps), ``metadata.Refined.candidate_rotations`` (every candidate, refined
             where it was; :meth:`to_rotations`) and ``metadata.Refined.score``.
+
+        Raises
+        ------
+        ValueError
+            Another scan or library than the matches', a parameter out of its range, or
+            polar patterns that matching would refuse.
 
         Examples
         --------
@@ -315,8 +330,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
           ``min_significance`` standard deviations above those of the unrelated orientations
           (``metadata.Refined.significance``): the pattern does not show its spots (vacuum,
           amorphous material, noise), although some template always matches best. Simulated
-          Si patterns stood 8-16 deviations above; vacuum, an amorphous ring and shot noise
-          1-3.
+          Si patterns stood 5.5-16 deviations above (500 to 20,000 counts in their spots);
+          vacuum, an amorphous ring and shot noise 1-3.
 
         Before refinement, when none of the ``n_best`` matches is far enough away, the last
         one's correlation is used, so the value is a lower bound. Needs ``n_best >= 2``;
@@ -431,6 +446,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
 
         The phase names are in ``metadata.Phases.names`` (index ``i`` is
         ``names[i]``), the fraction of positions of each in ``metadata.Phases.fractions``.
+        Positions where nothing matched (best correlation not above 0: a blank, all-NaN or
+        vacuum frame) are -1, "not indexed", as in :meth:`to_crystal_map`; their fraction is
+        ``metadata.Phases.not_indexed`` (the phases' fractions and it add up to 1).
 
         Returns
         -------
@@ -455,7 +473,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         import hyperspy.api as hs
 
         phases, _ = self._phases()
-        index = self._host_matches()[..., 0, 1].astype(np.int64)
+        index = _indexed_phase(self._host_matches())
         axes = [dict(ax.get_axis_dictionary(), navigate=False)
                 for ax in self.axes_manager.navigation_axes[::-1]]
         cls = hs.signals.Signal2D if index.ndim == 2 else hs.signals.Signal1D
@@ -465,10 +483,12 @@ class OrientationMatches(DeviceMixin, Signal2D):
         out.metadata.set_item("Phases.names", names)
         out.metadata.set_item("Phases.fractions",
                               [float(np.mean(index == i)) for i in range(len(names))])
+        out.metadata.set_item("Phases.not_indexed", float(np.mean(index < 0)))
         return out
 
     def plot_phase_map(self, ax=None):
-        """Plot the phase of the best match at every position, one colour per phase.
+        """Plot the phase of the best match at every position, one colour per phase, black
+        where nothing matched (not indexed: see :meth:`get_phase_map`).
 
         Returns the matplotlib axes.
         """
@@ -480,14 +500,18 @@ class OrientationMatches(DeviceMixin, Signal2D):
         names = list(phase_map.metadata.Phases.names)
         index = np.atleast_2d(phase_map.data)
         colours = plt.get_cmap("tab10").colors[:max(len(names), 1)]
+        cmap = ListedColormap(colours)
+        cmap.set_under("black")  # not indexed (-1)
         if ax is None:
             _, ax = plt.subplots()
-        ax.imshow(index, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5,
-                  interpolation="nearest")
+        ax.imshow(index, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
         fractions = phase_map.metadata.Phases.fractions
-        ax.legend(handles=[Patch(color=c, label=f"{n} ({f:.0%})")
-                           for c, n, f in zip(colours, names, fractions)],
-                  loc="upper right", fontsize="small")
+        handles = [Patch(color=c, label=f"{n} ({f:.0%})")
+                   for c, n, f in zip(colours, names, fractions)]
+        missing = phase_map.metadata.Phases.not_indexed
+        if missing > 0:
+            handles.append(Patch(color="black", label=f"not indexed ({missing:.0%})"))
+        ax.legend(handles=handles, loc="upper right", fontsize="small")
         ax.set_title("Phase map")
         return ax
 
@@ -495,17 +519,22 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """Plot the best orientations coloured by the inverse pole figure of ``direction``.
 
         With several phases, each position is coloured with the key of its own phase's
-        Laue group. Returns the matplotlib axes.
+        Laue group. ``direction`` is the laboratory axis, ``"x"``, ``"y"`` or ``"z"`` (the
+        beam). Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
         from orix.plot import IPFColorKeyTSL
         from orix.quaternion import Orientation
         from orix.vector import Vector3d
 
+        axes = {"x": Vector3d.xvector, "y": Vector3d.yvector, "z": Vector3d.zvector}
+        if not isinstance(direction, str) or direction not in axes:
+            raise ValueError(f"direction must be one of 'x', 'y' or 'z' (the laboratory axis "
+                             f"whose inverse pole figure colours the map); got {direction!r}")
+        vec = axes[direction]()
         phases, _ = self._phases()
         index = self._host_matches()[..., 0, 1].astype(np.int64).ravel()
         rot = self.to_rotations().data[..., 0, :].reshape(-1, 4)  # row-major, unlike flatten()
-        vec = {"x": Vector3d.xvector(), "y": Vector3d.yvector(), "z": Vector3d.zvector()}[direction]
         rgb = np.zeros((index.size, 3))
         for i, phase in enumerate(phases):
             own = index == i
@@ -529,7 +558,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         """
         import matplotlib.pyplot as plt
 
-        from ..orientation import _as_library
+        from ..orientation import _as_library, _polar_calibration
 
         library = _as_library(library)
         index = (int(index),) if np.isscalar(index) else tuple(int(i) for i in index)
@@ -540,17 +569,23 @@ class OrientationMatches(DeviceMixin, Signal2D):
         pattern = polar.data[index]  # (array order, as the matches)
         data = np.asarray(to_host_array(pattern.compute() if hasattr(pattern, "compute")
                                         else pattern))
-        az, rad = polar.axes_manager.signal_axes
+        # the axes as matching reads them: the spots (1/Å, degrees from the templates' grid)
+        # are drawn in the axes' own units, on their azimuth range
+        cal = _polar_calibration(polar)
+        az, rad = cal.azimuth, cal.radius
         if ax is None:
             _, ax = plt.subplots()
         ax.imshow(data, aspect="auto", origin="lower", vmax=np.nanpercentile(data, 99.5),
                   extent=[az.low_value - az.scale / 2, az.high_value + az.scale / 2,
                           rad.low_value - rad.scale / 2, rad.high_value + rad.scale / 2])
         r, theta, _ = library.spots[int(m[0])]
-        to_units = 1.0 if rad.units != "1/nm" else 10.0
-        theta = (m[4] * theta + m[3] + 180) % 360 - 180
-        ax.scatter(theta, r * to_units, s=40, facecolors="none", edgecolors="r")
-        ax.set(xlabel="azimuth (deg)", ylabel=f"radius ({rad.units})",
+        start = (az.offset - az.scale / 2) * cal.to_degrees  # the axis's first edge, degrees
+        theta = (m[4] * theta + m[3] - start) % 360 + start
+        ax.scatter(theta / cal.to_degrees, r / cal.to_angstrom, s=40, facecolors="none",
+                   edgecolors="r")
+        names = [a.name if isinstance(a.name, str) else n
+                 for a, n in ((az, "azimuth"), (rad, "radius"))]
+        ax.set(xlabel=f"{names[0]} ({az.units})", ylabel=f"{names[1]} ({rad.units})",
                title=f"template {int(m[0])}, {m[3]:.1f} deg, {'mirror' if m[4] < 0 else 'direct'}, "
                      f"score {m[2]:.3f}")
         return ax

@@ -38,6 +38,12 @@ class PolarPatterns(DeviceMixin, Signal2D):
         templates per call. The library is rendered onto this signal's polar grid once,
         and on a GPU moved to each device once.
 
+        The radial axis may hold k (1/Å or 1/nm) or, from ``radial_unit="q"``, q = 2 pi k
+        (converted). The azimuth (degrees or radians) must cover the full circle from any
+        start, e.g. ``azimuth_range=(0, 360)``: the in-plane angles recorded are corrected
+        for it. Polar patterns of pyxem's are refused (their azimuth runs the other way):
+        integrate with diffgpu.
+
         Parameters
         ----------
         library : TemplateLibrary or diffsims Simulation2D
@@ -62,9 +68,10 @@ class PolarPatterns(DeviceMixin, Signal2D):
             (kinematic intensities). Smaller values approach binary spot maps, which helps
             when dynamical scattering makes intensities unreliable. In (0, 4].
         template_sigma : float, optional
-            Width (1/Å) of the template spots; default one radial bin.
+            Width (1/Å) of the template spots, positive; default one radial bin.
         max_frequency : int, optional
-            Azimuthal frequencies kept (default 64): spots are one or two degrees wide, so
+            Azimuthal frequencies kept, from 2 to ``n_azim // 2 + 1`` (``n_azim`` azimuthal
+            bins; default 64, or all where fewer): spots are one or two degrees wide, so
             higher frequencies carry little; 48 is about twice as fast and indexed 89%
             instead of 92% in the test above.
         ring_means : bool
@@ -78,6 +85,7 @@ class PolarPatterns(DeviceMixin, Signal2D):
             background the same within +-2% (2026-12-07, ``docs/orientation_mapping.rst``).
             ``True`` was the default before 2026-12-07.
 
+        Returns
         -------
         OrientationMatches or LazyOrientationMatches
             Lazy in gives lazy out; device in gives device out.
@@ -85,8 +93,10 @@ class PolarPatterns(DeviceMixin, Signal2D):
         Raises
         ------
         ValueError
-            Radial axis not in 1/Å or 1/nm, or not reaching the library's reciprocal
-            radius; azimuth not covering the full circle; n_best larger than the library.
+            Radial axis not in 1/Å or 1/nm (k or q), decreasing, or not reaching the
+            library's reciprocal radius; azimuth not in degrees or radians, decreasing, or
+            not covering the full circle; polar patterns of pyxem's; n_best larger than
+            the library; a parameter out of its range.
 
         Examples
         --------
