@@ -9,6 +9,8 @@ to find out what a GPU function returns.
 
 from __future__ import annotations
 
+import copyreg
+import math
 import os
 import threading
 import uuid
@@ -39,7 +41,33 @@ def _computing_client():
     if client is None or client.asynchronous or \
             getattr(dask.base.get_scheduler(), "__self__", None) is not client:
         return None
+    _h5py_datasets_by_reference()
     return client
+
+
+def _h5py_datasets_by_reference():
+    """Let (cloud)pickle send an h5py dataset as its file's name and its path in the file, as
+    distributed's own serialiser does. A graph with any function pickle cannot send by
+    reference (diffgpu's operations, or the copy of a result's blocks into shared memory) is
+    pickled whole with cloudpickle, which otherwise refused the datasets of a lazily loaded
+    ``.hspy`` file: no operation on one could run on a cluster."""
+    import sys
+
+    h5py = sys.modules.get("h5py")
+    if h5py is None or h5py.Dataset in copyreg.dispatch_table:
+        return
+    copyreg.pickle(h5py.Dataset, _reduce_h5py_dataset)
+
+
+def _reduce_h5py_dataset(dataset):
+    return _open_h5py_dataset, (dataset.file.filename, dataset.name)
+
+
+def _open_h5py_dataset(filename, name):
+    """The dataset ``name`` of the HDF5 file ``filename``, opened for reading."""
+    import h5py
+
+    return h5py.File(filename, "r")[name]
 
 
 def graph_constant(value):
@@ -245,15 +273,7 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
         dask_utils._compute(done, show_progressbar=show_progressbar, **kwargs)
 
     if recipe is None:
-        def put(block, block_info=None):
-            where = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
-            if shared:
-                target.put(where, block)
-            else:
-                target[where] = block
-            return np.zeros((1,) * block.ndim, np.int8)
-
-        run(put, result)
+        run(partial(_put_block, target), result)
         return False
 
     data, aligned, consts, into, out_shape, n_rows = recipe
@@ -286,67 +306,94 @@ def compute_into(result, target, show_progressbar=None, **kwargs):
 
 # results at least this large are written by a cluster's local workers into shared memory
 MIN_SHARED_BYTES = 8 * 2**20
-SHARED_DIRECTORY = "/dev/shm"
+# a block's region written by more separate runs than this goes through a mapping instead
+MAX_RUNS = 4096
+# per-thread buffers kept for the next block up to this size (larger ones are freed)
+MAX_SCRATCH_BYTES = 64 * 2**20
 
 
 class SharedResult:
-    """An array in a file of shared memory (tmpfs) that processes on this machine map and
-    write in place; pickled, it is its path, shape and dtype.
+    """An array in anonymous shared memory (``memfd_create``) that processes on this machine
+    open through ``/proc/<pid>/fd/<n>`` and write in place; pickled, it is that path, the
+    shape and the dtype.
 
     Distributed workers on the client's machine write their blocks of a result here, so the
     blocks do not travel to the client through the network layer (every byte serialised,
-    sent, received and joined once more).
+    sent, received and joined once more). The memory has no name in any file system: it goes
+    when the last descriptor and mapping of it do, also if the client process is killed; only
+    processes of the same user and machine (and process namespace) can open it.
     """
 
-    def __init__(self, shape, dtype, directory=SHARED_DIRECTORY):
+    def __init__(self, shape, dtype):
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.path = os.path.join(directory, f"diffgpu-result-{uuid.uuid4().hex}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.memfd_create("diffgpu-result", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages come as they are written
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
             raise
         self._fd, self.identity = fd, (st.st_dev, st.st_ino)
+        self.path = f"/proc/{os.getpid()}/fd/{fd}"
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_fd"}
 
     def put(self, where, block):
-        """Write ``block`` into the region ``where`` (slices of the leading axes)."""
-        span = _contiguous_span(self.shape, where)
-        block = np.asarray(block, self.dtype)
-        if span is not None and block.flags.c_contiguous:
-            # a copy by the kernel into the file's pages: about twice as fast here as
-            # stores through a mapping, which fault each 4 KiB page in
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                view, offset = memoryview(block).cast("B"), span * self.dtype.itemsize
-                while view.nbytes:
-                    done = os.pwrite(fd, view, offset)
-                    view, offset = view[done:], offset + done
-            finally:
-                os.close(fd)
-        else:
+        """Write ``block`` into the region ``where`` (slices of the leading axes): one
+        ``pwrite`` per contiguous run of the region, or through a mapping where the runs
+        would be very many."""
+        where = tuple(where) + (slice(None),) * (len(self.shape) - len(where))
+        ranges = [sl.indices(n)[:2] for sl, n in zip(where, self.shape)]
+        region = tuple(max(0, b - a) for a, b in ranges)
+        block = np.asarray(block)
+        if block.shape != region:  # (a graph whose blocks are not the chunks it declared)
+            raise ValueError(f"a block of shape {block.shape} does not fit its place in the "
+                             f"result, {region}: the graph's chunks are not those of its blocks")
+        if 0 in region:
+            return
+        block = np.ascontiguousarray(block, self.dtype)
+        # axes from `k` on are whole: each index of the axes before it starts one run
+        k = len(self.shape)
+        while k > 0 and ranges[k - 1] == (0, self.shape[k - 1]):
+            k -= 1
+        k = max(k - 1, 0)  # the last partial axis is part of each run
+        lead = region[:k]
+        n_runs = int(np.prod(lead)) if lead else 1
+        if n_runs > MAX_RUNS:
             mapped = np.memmap(self.path, self.dtype, "r+", shape=self.shape)
             mapped[where] = block
             del mapped
+            return
+        # a copy by the kernel into the memory's pages: about twice as fast here as stores
+        # through a mapping, which fault each 4 KiB page in
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            runs = block.reshape((n_runs,) + block.shape[k:])
+            for i, index in enumerate(np.ndindex(*lead) if lead else [()]):
+                start = [a + j for (a, _), j in zip(ranges, index)] + [a for a, _ in ranges[k:]]
+                view = memoryview(runs[i]).cast("B")
+                offset = int(np.ravel_multi_index(start, self.shape)) * self.dtype.itemsize
+                while view.nbytes:
+                    done = os.pwrite(fd, view, offset)
+                    view, offset = view[done:], offset + done
+        finally:
+            os.close(fd)
 
     def seen_by_workers(self, client):
-        """Whether every worker of ``client`` opens this very file (same machine, same
-        filesystem namespace)."""
+        """Whether every worker of ``client`` opens this very memory for writing (same
+        machine, user and process namespace)."""
         try:
-            seen = client.run(_same_file, self.path, self.identity)
+            seen = client.run(_opens_same, self.path, self.identity)
         except Exception:  # a worker gone or failing: the network layer it is
             return False
         return bool(seen) and all(seen.values())
 
     def claim(self):
-        """The array as this process's own, mapped; the file's name goes (its memory stays
-        with the mapping, freed when the array is)."""
+        """The array as this process's own, mapped (shared: a child forked later and writing
+        to it writes to this array too); the descriptor goes, the memory stays with the
+        mapping and is freed with the array."""
         import mmap
 
         buf = mmap.mmap(self._fd, self.nbytes) if self.nbytes else bytearray()
@@ -354,29 +401,34 @@ class SharedResult:
         return np.frombuffer(buf, self.dtype).reshape(self.shape)
 
     def close(self):
-        """Remove the file (idempotent); a claimed array keeps its memory."""
+        """Close this process's descriptor (idempotent); a claimed array keeps its memory."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
-def _contiguous_span(shape, where):
-    """The flat index at which the region ``where`` (slices of leading axes of a C-ordered
-    array of ``shape``) starts, if it is one contiguous, non-empty run; else None."""
-    ranges = [(where[k] if k < len(where) else slice(None)).indices(n)[:2]
-              for k, n in enumerate(shape)]
-    if any(b <= a for a, b in ranges):
-        return None
-    k = len(shape) - 1
-    while k > 0 and ranges[k] == (0, shape[k]):  # the whole of every axis after k
-        k -= 1
-    if any(b - a != 1 for a, b in ranges[:k]):  # one index of every axis before it
-        return None
-    return int(np.ravel_multi_index([a for a, _ in ranges], shape))
+def _opens_same(path, identity):
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:  # another machine, user or process namespace
+        return False
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino) == tuple(identity)
+
+
+def _put_block(target, block, block_info=None):
+    """Copy ``block`` into its place in ``target`` (an array or :class:`SharedResult`);
+    module-level (pickled by reference) so that graphs holding objects only distributed's own
+    serialisers know, such as h5py datasets, can still be sent."""
+    where = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+    if isinstance(target, SharedResult):
+        target.put(where, block)
+    else:
+        target[where] = block
+    return np.zeros((1,) * block.ndim, np.int8)
 
 
 _SCRATCH = threading.local()
@@ -384,26 +436,33 @@ _SCRATCH = threading.local()
 
 def _scratch(shape, dtype):
     """This thread's reusable buffer of ``shape`` and ``dtype`` (its pages already touched
-    after the first use)."""
+    after the first use; kept for the next block up to ``MAX_SCRATCH_BYTES``)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes > MAX_SCRATCH_BYTES:
+        return np.empty(shape, dtype)
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.nbytes < nbytes:
         buf = _SCRATCH.buf = np.empty(max(nbytes, 1), np.uint8)
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
-def _same_file(path, identity):
+def _available_memory():
+    """Bytes of memory available to new allocations (``MemAvailable``), or None."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == tuple(identity)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def compute_shared(result, show_progressbar=None, **kwargs):
     """Compute ``result`` on the current distributed client into shared memory, when its
     workers run on this machine: the array, or None where that cannot be done (no client,
-    workers elsewhere, a small result, device blocks, too little shared memory).
+    workers elsewhere or of another user, a small result or one of unknown shape, device
+    blocks, too little memory, no ``memfd_create``).
 
     Each worker writes its blocks straight into the result (:func:`compute_into` on a
     :class:`SharedResult`) instead of sending them to the client: 2D integration to 256 x
@@ -420,11 +479,11 @@ def compute_shared(result, show_progressbar=None, **kwargs):
 
     client = _computing_client()
     if (client is None or not isinstance(result, da.Array) or type(result._meta) is not np.ndarray
-            or result.npartitions < 2 or result.nbytes < MIN_SHARED_BYTES
-            or not os.path.isdir(SHARED_DIRECTORY)):
+            or not hasattr(os, "memfd_create") or any(math.isnan(n) for n in result.shape)
+            or result.npartitions < 2 or result.nbytes < MIN_SHARED_BYTES):
         return None
-    free = os.statvfs(SHARED_DIRECTORY)
-    if free.f_bavail * free.f_frsize < 1.1 * result.nbytes + 64 * 2**20:
+    free = _available_memory()
+    if free is None or free < 1.1 * result.nbytes + 256 * 2**20:
         return None
     target = SharedResult(result.shape, result.dtype)
     try:

@@ -1,6 +1,5 @@
 """Results that a cluster's workers on this machine write into shared memory."""
 
-import glob
 import os
 import pickle
 
@@ -9,53 +8,52 @@ import pytest
 
 import diffgpu
 from diffgpu import mapping
-from diffgpu.mapping import SharedResult, _contiguous_span, compute_shared
+from diffgpu.mapping import SharedResult, compute_shared
 
 distributed = pytest.importorskip("distributed")
-pytestmark = pytest.mark.skipif(not os.path.isdir(mapping.SHARED_DIRECTORY),
-                                reason="no shared-memory directory on this machine")
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"),
+                                reason="no memfd_create on this system")
 
 
-def _left_over():
-    return glob.glob(os.path.join(mapping.SHARED_DIRECTORY, "diffgpu-result-*"))
-
-
-@pytest.mark.parametrize("where, expected", [
-    ((slice(1, 3),), 30),                   # whole rows
-    ((slice(1, 2), slice(2, 4)), 42),       # part of one row
-    ((slice(1, 3), slice(2, 4)), None),     # parts of two rows: not one run
-    ((slice(0, 4), slice(0, 5)), 0),        # everything
-    ((slice(2, 2),), None),                 # empty
-    ((slice(3, 4), slice(4, 5), slice(5, 6)), 119),  # the last element
+@pytest.mark.parametrize("where", [
+    (slice(1, 3),),                         # whole rows: one run
+    (slice(1, 2), slice(2, 4)),             # part of one row: one run
+    (slice(1, 3), slice(2, 4)),             # parts of two rows: two runs
+    (slice(0, 4), slice(0, 5)),             # everything
+    (slice(1, 3), slice(1, 4), slice(2, 5)),  # six runs of three
+    (slice(3, 4), slice(4, 5), slice(5, 6)),  # the last element
 ])
-def test_contiguous_span(where, expected):
-    assert _contiguous_span((4, 5, 6), where) == expected
-    if expected is not None:  # the run is the region, element for element
-        a = np.arange(120).reshape(4, 5, 6)
-        region = a[where].ravel()
-        np.testing.assert_array_equal(region, np.arange(expected, expected + region.size))
-
-
-def test_shared_result_written_in_runs_and_regions_then_claimed():
+@pytest.mark.parametrize("max_runs", [4096, 1])  # (1: regions of several runs go mapped)
+def test_shared_result_regions_written_and_claimed(where, max_runs, monkeypatch):
+    monkeypatch.setattr(mapping, "MAX_RUNS", max_runs)
     target = SharedResult((4, 5, 6), np.float32)
     try:
         copy = pickle.loads(pickle.dumps(target))  # as a worker receives it: no descriptor
         assert "_fd" not in copy.__dict__ and copy.path == target.path
-        expected = np.arange(120, dtype=np.float32).reshape(4, 5, 6)
-        copy.put((slice(0, 2),), expected[:2])                          # one run: pwrite
-        copy.put((slice(2, 4), slice(0, 3)), expected[2:, :3])          # not one run: mapped
-        copy.put((slice(2, 4), slice(3, 5)), expected[2:, 3:].astype(np.float64))  # cast
+        expected = np.zeros((4, 5, 6), np.float32)
+        expected[where] = np.arange(expected[where].size).reshape(expected[where].shape) + 1
+        copy.put(where, expected[where].astype(np.float64))  # cast to the result's dtype
         got = target.claim()
-        assert not os.path.exists(target.path)  # the name is gone, the memory is the array's
         np.testing.assert_array_equal(got, expected)
         got[0, 0, 0] = -1  # writable, as a computed result is
         assert got[0, 0, 0] == -1
+        assert not os.path.exists(target.path)  # the descriptor is gone, the memory is the array's
     finally:
         target.close()
     target.close()  # idempotent
 
 
-def test_workers_that_cannot_see_the_file_mean_no_shared_result():
+def test_a_block_that_does_not_fit_its_place_is_refused():
+    target = SharedResult((4, 5), np.int16)
+    try:
+        with pytest.raises(ValueError, match=r"block of shape \(1, 5\) does not fit.*\(2, 5\)"):
+            target.put((slice(0, 2),), np.ones((1, 5)))
+        target.put((slice(4, 4),), np.ones((0, 5)))  # an empty block: nothing to write
+    finally:
+        target.close()
+
+
+def test_workers_that_cannot_open_the_memory_mean_no_shared_result():
     class Elsewhere:
         def run(self, func, *args):
             return {"tcp://a": True, "tcp://b": False}
@@ -68,17 +66,30 @@ def test_workers_that_cannot_see_the_file_mean_no_shared_result():
     try:
         assert not target.seen_by_workers(Elsewhere())
         assert not target.seen_by_workers(Failing())
-        assert mapping._same_file(target.path, target.identity)
-        assert not mapping._same_file(target.path + "-not-there", target.identity)
+        assert mapping._opens_same(target.path, target.identity)
+        assert not mapping._opens_same(target.path + "0", target.identity)
     finally:
         target.close()
-    assert not mapping._same_file(target.path, target.identity)
+    assert not mapping._opens_same(target.path, target.identity)  # closed: gone
 
 
 def test_without_a_client_nothing_is_computed_in_shared_memory():
     import dask.array as da
 
     assert compute_shared(da.ones((64, 2**16), chunks=(8, 2**16))) is None
+
+
+def test_results_of_unknown_shape_are_computed_as_dask_does():
+    """A boolean index makes the scan's length unknown (NaN) until computed: no result array
+    can be made for it beforehand (it raised a TypeError on the threaded scheduler)."""
+    import dask.array as da
+
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(8, 4), sig_shape=(16, 16), chunks=(2, 4))
+    lazy = s.deepcopy()
+    lazy.data = s.data[da.from_array(np.arange(8) % 2 == 0, chunks=2)]
+    assert np.isnan(lazy.data.shape[0])
+    lazy.compute()
+    np.testing.assert_array_equal(lazy.data, s.data.compute()[::2])
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +126,42 @@ def test_cluster_results_arrive_through_shared_memory(cluster_client, monkeypatc
     lazy.compute()
     np.testing.assert_array_equal(lazy.data, s.data.compute().astype(np.float32) * 2)
     assert len(claimed) == 2
-    assert not _left_over()
+    # blocks that are not the chunks the graph declares: an error, not a silent hole
+    bad = s.deepcopy()
+    bad.data = s.data.map_blocks(lambda b: b[:-1], dtype=s.data.dtype)
+    with pytest.raises(ValueError, match="does not fit its place"):
+        bad.compute()
+    # a scan of unknown length: computed as dask does, not in shared memory
+    import dask.array as da
+
+    unknown = s.deepcopy()
+    unknown.data = s.data[da.from_array(np.arange(6) % 2 == 0, chunks=2)]
+    unknown.compute()
+    assert len(claimed) == 2 and unknown.data.shape == (3, 5, 48, 48)
+
+
+@pytest.mark.slow
+def test_operations_on_a_lazily_loaded_hspy_file_run_on_the_cluster(cluster_client, tmp_path,
+                                                                    monkeypatch):
+    """The datasets of a lazily loaded HDF5 file go to the workers as references (file name
+    and path): cloudpickle, which sends graphs with diffgpu's functions, refused them."""
+    import copyreg
+
+    import h5py
+
+    monkeypatch.setattr(mapping, "MIN_SHARED_BYTES", 1)
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(6, 5), sig_shape=(32, 32), lazy=False)
+    s.save(tmp_path / "scan.hspy")
+    lazy = diffgpu.load(str(tmp_path / "scan.hspy"), lazy=True)
+    lazy.calibration.center = (15.5, 15.5)
+    profiles = lazy.get_azimuthal_integral1d(npt=12)
+    expected = profiles.data.compute(scheduler="sync")
+    profiles.compute()
+    np.testing.assert_allclose(profiles.data, expected)
+    raw = lazy.deepcopy()
+    raw.compute()  # a plain compute: blocks copied into shared memory
+    np.testing.assert_array_equal(raw.data, s.data)
+    assert h5py.Dataset in copyreg.dispatch_table
 
 
 @pytest.mark.slow
@@ -132,7 +178,6 @@ def test_a_failed_cluster_run_leaves_no_shared_file(cluster_client, monkeypatch)
     data = da.arange(64.0, chunks=8).reshape(4, 16).map_blocks(fails, dtype=np.float64)
     with pytest.raises(ValueError, match="a bad block"):
         compute_shared(data)
-    assert not _left_over()
-    # where the shared directory has too little room, the network layer it is
-    monkeypatch.setattr(mapping, "SHARED_DIRECTORY", "/nonexistent-diffgpu")
+    # where the memory would not hold the result, the network layer it is
+    monkeypatch.setattr(mapping, "_available_memory", lambda: 2**20)
     assert compute_shared(da.ones((4, 16), chunks=(1, 16))) is None

@@ -7,6 +7,8 @@ and ``save`` paths, so the lazy classes need their own mixin placed *before*
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..device import blas_for_dask, device_of, to_device_array, to_host_array
@@ -135,7 +137,8 @@ class LazyDeviceMixin:
                 result = compute_shared(data, show_progressbar=show_progressbar, **kwargs)
             if result is None:
                 if not (threaded and isinstance(data, da.Array) and data.npartitions > 1
-                        and type(data._meta) is np.ndarray):
+                        and type(data._meta) is np.ndarray
+                        and not any(math.isnan(n) for n in data.shape)):
                     return super().compute(close_file=close_file,
                                            show_progressbar=show_progressbar, **kwargs)
                 result = np.empty(data.shape, data.dtype)
