@@ -13,11 +13,13 @@ into the metadata so the lattice fit and the strain map apply it.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 
 import numpy as np
 
 from .calibration import check_mask
-from .device import to_host_array
+from .device import _is_dask, to_host_array
 from .kernels.disks import DiskFinder, disk_image, probe_image
 from .mapping import map_frames
 
@@ -41,6 +43,57 @@ def bragg_calibration(cal):
     return {"center": list(cal.center), "scale": list(cal.scale),
             "units": units if isinstance(units, str) or units is None else list(units),
             "affine": None if affine is None else np.asarray(affine, float).tolist()}
+
+
+def _real(value):
+    """``value`` as a float if it is a real number (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _whole(value):
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+def check_detection_parameters(threshold, relative_threshold, min_spacing, max_disks, sigma,
+                               refine_iterations):
+    """A ValueError naming the first parameter of the disk detection that is out of range
+    (NaN ones passed every comparison before and were used as they were: ``sigma=nan``
+    smoothed nothing, ``relative_threshold=nan`` kept no threshold).
+
+    Examples
+    --------
+    >>> from diffgpu.disks import check_detection_parameters
+    >>> check_detection_parameters(0.0, 1.5, None, 128, 1.0, 6)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: relative_threshold (weakest disk, ...) must be in [0, 1); got 1.5
+    """
+    t = _real(threshold)
+    if t is None or not math.isfinite(t):
+        raise ValueError(f"threshold (least correlation of a disk, about counts per pixel) must be "
+                         f"a finite number; got {threshold!r}")
+    r = _real(relative_threshold)
+    if r is None or not 0 <= r < 1:
+        raise ValueError(f"relative_threshold (weakest disk, as a fraction of the frame's "
+                         f"strongest) must be in [0, 1); got {relative_threshold!r}")
+    if min_spacing is not None:
+        m = _real(min_spacing)
+        if m is None or not (math.isfinite(m) and m > 0):
+            raise ValueError(f"min_spacing (pixels a disk must dominate around it) must be a "
+                             f"positive number, or None for the disk radius; got {min_spacing!r}")
+    if not _whole(max_disks) or max_disks < 1:
+        raise ValueError(f"max_disks must be a positive integer (disks kept per frame); got "
+                         f"{max_disks!r}")
+    if sigma is not None:
+        g = _real(sigma)
+        if g is None or not (math.isfinite(g) and g >= 0):
+            raise ValueError(f"sigma (Gaussian smoothing of the correlation, pixels) must be a "
+                             f"number >= 0 (0: none); got {sigma!r}")
+    if not _whole(refine_iterations) or refine_iterations < 0:
+        raise ValueError(f"refine_iterations (Newton steps of the sub-pixel refinement) must be "
+                         f"an integer >= 0 (0: whole pixels); got {refine_iterations!r}")
 
 
 def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative_threshold=0.01,
@@ -71,8 +124,9 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
                              f"(pixels); got {radius!r}")
         tmpl = disk_image(r)
         source = "disk"
-    if not (isinstance(max_disks, (int, np.integer)) and max_disks >= 1):
-        raise ValueError(f"max_disks must be a positive integer; got {max_disks!r}")
+    check_detection_parameters(threshold, relative_threshold, min_spacing, max_disks, sigma,
+                               refine_iterations)
+    sigma = 0.0 if sigma is None else float(sigma)
     min_spacing = max(1, int(round(r if min_spacing is None else min_spacing)))
     edge = int(math.ceil(r)) + 1 if edge is None else int(edge)
     if edge < 0 or 2 * edge >= min(shape):
@@ -104,8 +158,16 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
             outs = list(pool.map(lambda i: f(frames[i:i + step]), starts))
         return np.concatenate(outs)
 
+    lazy = _is_dask(signal.data)
+    finder.warn_truncated = lazy  # lazy: said when computed; eager: counted below
     data = map_frames(signal.data, run, (max_disks, 3), np.float32, eager_func=run_eager,
                       constants=(finder,))
+    truncated = None if lazy else int(finder.truncated)
+    if truncated:
+        warnings.warn(f"{truncated} of {int(np.prod(data.shape[:-2]))} frames have more disks than "
+                      f"max_disks={max_disks}: only their strongest were kept (metadata "
+                      "BraggDisks.truncated_frames); raise max_disks, or relative_threshold to "
+                      "keep fewer", RuntimeWarning, stacklevel=3)
     nav_axes = signal.axes_manager._get_navigation_axes_dicts()
     axes = nav_axes + [
         {"name": "disk", "size": max_disks, "navigate": False},
@@ -126,4 +188,6 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
         "masked_pixels": 0 if combined is None else int(np.asarray(combined).sum()),
         "calibration": bragg_calibration(cal),
     }
+    if truncated is not None:  # frames that had more than max_disks disks (eager only)
+        md["BraggDisks"]["truncated_frames"] = truncated
     return data, axes, md

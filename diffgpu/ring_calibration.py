@@ -28,6 +28,21 @@ import numpy as np
 __all__ = ["RingCalibration", "calibrate_from_rings", "ring_d_spacings"]
 
 
+def _half_turn_angle(axis):
+    """The direction of an axis (a vector or its opposite) in degrees, in ``[0, 180)``.
+
+    ``x % 180`` of a tiny negative angle rounds to 180.0 (an axis along -x read 180, not 0).
+
+    Examples
+    --------
+    >>> from diffgpu.ring_calibration import _half_turn_angle
+    >>> _half_turn_angle([-1.0, -1e-17]), _half_turn_angle([0.0, -1.0])
+    (0.0, 90.0)
+    """
+    angle = math.degrees(math.atan2(float(axis[1]), float(axis[0]))) % 180.0
+    return 0.0 if angle >= 180.0 else angle + 0.0  # + 0.0: no negative zero
+
+
 @dataclass
 class RingCalibration:
     """Result of :func:`calibrate_from_rings`.
@@ -43,7 +58,9 @@ class RingCalibration:
     ellipticity : float
         Ratio of the longest to the shortest ring axis, minus one.
     ellipse_angle : float
-        Direction (degrees, from +x towards +y) of the rings' long axis.
+        Direction (degrees, from +x towards +y) of the rings' long axis, in ``[0, 180)``:
+        an axis a little below +x reads just under 180 (179.98 for -0.02 degrees, which a
+        format of ``.1f`` shows as ``180.0``), the same axis as 0.
     rings : list of float
         d-spacings (Å) of the rings used.
     rms_residual : float
@@ -660,6 +677,6 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     big = vecs[:, 0]  # smallest eigenvalue of M: the rings' long axis
     return RingCalibration(
         center=(float(c[0]), float(c[1])), scale=scale, affine=affine,
-        ellipticity=float(w[1] / w[0] - 1), ellipse_angle=float(np.degrees(
-            np.arctan2(big[1], big[0])) % 180), rings=[float(1 / g) for g in use],
+        ellipticity=float(w[1] / w[0] - 1), ellipse_angle=_half_turn_angle(big),
+        rings=[float(1 / g) for g in use],
         rms_residual=float(np.sqrt(np.mean(res**2))), n_points=int(len(p_all)))

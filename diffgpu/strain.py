@@ -29,14 +29,18 @@ import warnings
 
 import numpy as np
 
-from .device import DeviceCache, _is_dask, array_module, to_host_array
-from .kernels.lattice import LATTICE_FIELDS, BasisError, _plan, find_basis, fit_lattices
+from .device import DeviceCache, _is_dask, array_module, is_device_array, to_host_array
+from .kernels.lattice import (LATTICE_FIELDS, BasisError, _frequent_differences, _plan, find_basis,
+                              fit_lattices)
 
 __all__ = ["correction_matrix", "lattice_fit", "strain_from_lattice", "get_strain_map",
            "STRAIN_FIELDS", "BasisError"]
 
 STRAIN_FIELDS = ("exx", "eyy", "exy", "theta")
 _FIT_FRAMES = 4096  # frames fitted at a time (keeps the temporaries to tens of MB)
+_REF_OUTLIER = 4.0  # a region's fit further than this x the median from the median is left out
+#                    (the deviation of 4 Gaussian components: 4 x its median is ~7 sigma)
+_REF_FLOOR = 1e-4   # ... and than this (relative: a strain of 1e-4) from it (noise-free data)
 
 
 def correction_matrix(calibration):
@@ -87,14 +91,59 @@ def _region_index(reference, nav_shape):
         region, why = _describe_region(idx, nav_shape)
         raise ValueError(f"the reference region {region} selects no scan position{why} (scan "
                          f"shape {tuple(nav_shape)}, array order: rows first)")
+    _check_inside(idx, nav_shape)
     return ids
+
+
+def _axis_names(nav_shape):
+    return (("rows", "columns") if len(nav_shape) == 2
+            else tuple(f"axis {i}" for i in range(len(nav_shape))))
+
+
+def _check_inside(idx, nav_shape):
+    """A ValueError for a slice of the region that reaches past the scan (one wholly outside
+    selects nothing, said by the caller): NumPy would clip it silently (``slice(0, 8)`` of
+    6 rows is rows 0:6), so the reference would not be the region asked for."""
+    for name, n, s in zip(_axis_names(nav_shape), nav_shape, idx):
+        if not isinstance(s, slice) or (s.step is not None and s.step < 0):
+            continue
+        for end in (s.start, s.stop):
+            if end is not None and isinstance(end, (int, np.integer)) and not -n <= end <= n:
+                text = f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+                raise ValueError(
+                    f"the reference region's {name} {text} reach past the scan, which has {n} "
+                    f"{name} (scan shape {tuple(nav_shape)}, array order: rows first): give a "
+                    f"region inside it, e.g. {name} 0:{min(n, 4)}")
+
+
+def _as_region(reference, nav_shape):
+    """A reference given as a mask in another form -> a NumPy bool mask; anything else as is.
+
+    Accepted masks: a HyperSpy signal, a dask or CuPy array, or an integer array of 0 and 1,
+    each of the scan's shape (an integer 2 x 2 array of other values on a 2 x 2 scan stays
+    lattice vectors)."""
+    if hasattr(reference, "axes_manager"):  # a HyperSpy signal of the scan's shape
+        reference = reference.data
+    if _is_dask(reference):
+        reference = reference.compute()
+    if is_device_array(reference):
+        reference = to_host_array(reference)
+    if (isinstance(reference, np.ndarray) and reference.dtype.kind in "iu"
+            and reference.shape == tuple(nav_shape)):
+        binary = np.isin(reference, (0, 1)).all()
+        if binary:
+            return reference.astype(bool)
+        if reference.shape != (2, 2):
+            raise ValueError(f"an integer reference mask must hold only 0 and 1 (1: the scan "
+                             f"positions of the reference); got values "
+                             f"{np.unique(reference)[:8].tolist()}")
+    return reference
 
 
 def _describe_region(idx, nav_shape):
     """A region index in words, and why it is empty: a slice outside the scan, or one whose
     start is not before its stop."""
-    names = (("rows", "columns") if len(nav_shape) == 2
-             else tuple(f"axis {i}" for i in range(len(nav_shape))))
+    names = _axis_names(nav_shape)
     parts, reasons = [], []
     for name, n, s in zip(names, nav_shape, idx):
         if not isinstance(s, slice):
@@ -109,6 +158,32 @@ def _describe_region(idx, nav_shape):
                 reasons.append(f"{text} is empty (its start is not before its stop)")
     why = (": " + "; ".join(reasons)) if reasons else ""
     return ("(" + ", ".join(parts) + ")") if parts else repr(idx), why
+
+
+def _robust_mean(fits):
+    """Mean of lattice fits ``(m, 4)`` (``g1x, g1y, g2x, g2y``) after rejecting outliers, and
+    which were kept.
+
+    A fit is an outlier when it differs from the component-wise median by more than
+    ``_REF_OUTLIER`` x the median difference (Euclidean, relative to the mean length of the
+    median's vectors; at least ``_REF_FLOOR``). The plain mean let one frame of another grain
+    in a reference region of four turn the whole map by 2.5 degrees.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.strain import _robust_mean
+    >>> fits = np.array([[17.0, 1.5, -4.0, 15.0]] * 3 + [[16.5, 4.4, -6.6, 14.1]])
+    >>> ref, kept = _robust_mean(fits)
+    >>> ref.tolist(), kept.tolist()
+    ([17.0, 1.5, -4.0, 15.0], [True, True, True, False])
+    """
+    fits = np.asarray(fits, float)
+    med = np.median(fits, axis=0)
+    scale = (math.hypot(*med[0:2]) + math.hypot(*med[2:4])) / 2
+    dev = np.sqrt(((fits - med) ** 2).sum(axis=1)) / scale
+    keep = dev <= max(_REF_OUTLIER * float(np.median(dev)), _REF_FLOOR)
+    return fits[keep].mean(axis=0), keep
 
 
 def _frames(data, flat_ids):
@@ -172,8 +247,8 @@ def _kind(reference):
 
 
 def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_disks=6,
-                tolerance=None, iterations=3, weighted=True, max_basis_frames=32,
-                region_vectors=None, return_fitter=False):
+                tolerance=None, iterations=8, weighted=True, max_basis_frames=32,
+                region_vectors=None, return_fitter=False, min_length=2.0):
     """Per-frame lattice fits of Bragg vectors: ``(data, basis, origin)``.
 
     Parameters
@@ -196,24 +271,35 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
         (``tolerance`` in detector pixels).
     weighted : bool
         Weight the fit by disk intensity (True) or equally.
+    min_length : float
+        Shortest ``basis`` vector accepted (pixels): disks closer than this cannot both have
+        been found (``min_spacing + 1`` of the detection).
 
     Returns
     -------
     fits : array ``navigation + (8,)`` float64, lazy for lazy input: ``LATTICE_FIELDS``
         in corrected coordinates (see the module docstring) relative to the centre.
-    basis, origin : numpy arrays (corrected coordinates) used to index the disks.
+    basis, origin : numpy arrays (corrected coordinates) used to index the disks. A
+        ``basis`` given as a non-primitive (centred) cell of the disks' lattice is replaced by
+        a primitive cell (with a warning): against a centred cell half the disks fall
+        between sites, and a near-hexagonal lattice was indexed 60 degrees off.
     fitter : callable, with ``return_fitter=True``: the same fit for any vectors array
         (e.g. the reference region's, already in memory: ``region_vectors``, host vectors
         of the reference frames, saves computing them again for the basis).
     """
     min_disks, tolerance, iterations = _check_fit_parameters(min_disks, tolerance, iterations)
+    _check_fields(data)
     if basis is not None:
-        basis = _check_vectors(basis, "basis")
+        basis = _check_vectors(basis, "basis", min_length)
     lmat = correction_matrix(calibration)
     center = np.asarray(calibration.get("center") or [0.0, 0.0], float)
     nav_shape = data.shape[:-2]
     n_frames = int(np.prod(nav_shape))
-    if basis is None or origin is None:
+    reference = _as_region(reference, nav_shape)
+    sets = None
+    # the reference frames' disks: for the basis and origin, and to check a given basis (in
+    # memory only: a lazy scan with both given is not computed for it)
+    if basis is None or origin is None or not _is_dask(data):
         kind = _kind(reference)
         # no region: the first frames (one chunk of a lazy array, not one frame per chunk)
         ids = (_region_index(reference, nav_shape) if kind == "region"
@@ -225,6 +311,7 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
             sample = np.asarray(region_vectors, float)[pick]
         else:
             sample = _frames(data, ids[pick])
+        _check_intensities(sample, weighted)
         q = _corrected(sample, center, lmat.T, np)
         sets = [qi[np.all(np.isfinite(qi), axis=1)] for qi in q]
         if basis is None:
@@ -239,6 +326,8 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
             origin_q = np.median(np.array(strongest), axis=0)
     if basis is not None:
         basis_q = lmat @ basis.T
+        if sets is not None:
+            basis_q = _primitive_cell(basis_q, sets, basis, lmat)
     if origin is not None:
         origin_q = lmat @ (np.asarray(origin, float).reshape(2) - center)
     if tolerance is not None:
@@ -270,9 +359,94 @@ def lattice_fit(data, calibration, basis=None, origin=None, reference=None, min_
     return fits, basis_q, origin_q
 
 
-def _check_vectors(vectors, name):
+def _check_fields(data):
+    """A ValueError for Bragg vectors without the intensity field (``(x, y)`` only)."""
+    if data.ndim < 2 or data.shape[-1] < 3:
+        raise ValueError(
+            f"Bragg vectors need 3 fields in their last axis, (x, y, intensity); these have "
+            f"shape {tuple(data.shape)}: append an intensity column (e.g. ones, with "
+            "weighted=False for an unweighted fit)")
+
+
+def _check_intensities(sample, weighted):
+    """A ValueError when the reference frames have disks but none the fit can use: it keeps
+    only disks with a finite intensity, and (``weighted``) a positive one."""
+    xy = np.all(np.isfinite(sample[..., :2]), axis=-1)
+    inten = sample[..., 2]
+    finite = xy & np.isfinite(inten)
+    usable = finite & (inten > 0) if weighted else finite
+    if not xy.any() or usable.any():
+        return
+    if not finite.any():
+        raise ValueError(
+            f"the intensities (third field) of all {int(xy.sum())} disks of the reference frames "
+            "are NaN: the lattice fit uses only disks with a finite intensity (NaN marks an "
+            "empty slot). Give intensities, e.g. ones, with weighted=False for an unweighted fit")
+    raise ValueError(
+        f"the intensities (third field) of all {int(xy.sum())} disks of the reference frames "
+        "are <= 0 or NaN: a weighted fit uses only disks with a positive intensity (its "
+        "weight). Give positive intensities, or fit with weighted=False (every disk with a "
+        "finite intensity then counts the same)")
+
+
+def _primitive_cell(basis_q, sets, basis_px, lmat):
+    """``basis_q`` (corrected, columns g1, g2), or a primitive cell of the same lattice where
+    ``basis_q`` is a larger cell of the lattice of the disks in ``sets`` (a centred cell,
+    e.g. the conventional cell of a centred-rectangular lattice), with a warning.
+
+    Found by comparing with the basis of the disks' most frequent spacings (as
+    :func:`~diffgpu.kernels.lattice.find_basis` finds it, of up to 8 frames): if
+    ``basis_q = B N`` with ``N`` an integer matrix of ``|det N| >= 2`` (within 0.1), the
+    primitive cell is ``basis_q N^-1`` (the given vectors' own strain kept)."""
+    sets = [sets[i] for i in np.unique(np.linspace(0, len(sets) - 1, 8).round().astype(int))]
+    try:  # the pooled basis of up to 8 frames: 2 ms (find_basis's competition of the
+        # frames' own bases took 30 ms of every fit with a basis given)
+        found = np.stack(_frequent_differences(sets, 1.0, 0.25), axis=1)
+    except BasisError:
+        return basis_q
+    n = np.linalg.solve(found, basis_q)
+    whole = np.rint(n)
+    det = int(round(abs(np.linalg.det(whole))))
+    if np.abs(n - whole).max() > 0.1 or det < 2:
+        return basis_q
+    primitive = basis_q @ np.linalg.inv(whole)
+    shown = (np.linalg.inv(lmat) @ primitive).T.round(3).tolist()
+    warnings.warn(
+        f"basis {basis_px.tolist()} is not a primitive cell of the disks' lattice: it holds "
+        f"{det} lattice points (a centred cell), so disks fall between its sites, and a lattice "
+        "close to hexagonal was indexed 60 degrees off. The primitive cell "
+        f"{shown} (pixels) is used instead; strain does not depend on the cell, but the "
+        "lattice fits (fit_lattice) report its vectors. Give a primitive cell to silence this",
+        UserWarning, stacklevel=4)
+    return primitive
+
+
+def _to_basis_cell(ref_q, basis_q):
+    """Reference vectors (columns) as the cell of ``basis_q``'s lattice that matches it vector
+    for vector: the fits are output closest to ``basis_q``, and strain compares the two vector
+    by vector (a centred or relabelled reference cell, e.g. (g1, g1 + g2), would read as a
+    large strain). Unchanged unless ``basis_q^-1 ref_q`` is an integer matrix within 0.1."""
+    n = np.linalg.solve(basis_q, ref_q)
+    whole = np.rint(n)
+    if np.abs(n - whole).max() > 0.1 or round(np.linalg.det(whole)) < 1:
+        return ref_q
+    return ref_q @ np.linalg.inv(whole)
+
+
+def _min_length(metadata):
+    """Shortest lattice vector (pixels) the detection could resolve: ``min_spacing + 1``
+    (a peak dominates ``min_spacing`` pixels around it); 2 without the detection's metadata."""
+    spacing = (metadata.get("BraggDisks") or {}).get("min_spacing")
+    try:
+        return float(spacing) + 1 if spacing and float(spacing) >= 1 else 2.0
+    except (TypeError, ValueError):
+        return 2.0
+
+
+def _check_vectors(vectors, name, min_length=None):
     """``((g1x, g1y), (g2x, g2y))`` as a 2 x 2 float array, or a ValueError saying what is
-    wrong: not 2 x 2 finite numbers, a vector of zero length, or two parallel vectors."""
+    wrong: not 2 x 2 finite numbers, a vector of zero length or shorter than ``min_length``
+    pixels (wrong units, or scan indices), or two parallel vectors."""
     try:
         b = np.asarray(vectors, float)
     except (TypeError, ValueError):
@@ -285,6 +459,14 @@ def _check_vectors(vectors, name):
         if not lengths[i] > 0:
             raise ValueError(f"{name} vector g{i + 1} {b[i].tolist()} has zero length: give two "
                              "non-zero lattice vectors in pixels")
+        if min_length is not None and lengths[i] < min_length:
+            raise ValueError(
+                f"{name} vector g{i + 1} {b[i].tolist()} is {lengths[i]:.3g} px long, shorter "
+                f"than two disks can be found apart ({min_length:g} px, from the detection's "
+                "min_spacing): lattice vectors must be in detector pixels, e.g. "
+                "((17.0, 1.5), (-4.0, 15.0)), not calibrated units nor scan indices. To take "
+                "the reference from scan positions, pass a region: reference=(slice(row0, "
+                "row1), slice(col0, col1)) or a bool mask of the scan")
     if abs(b[0, 0] * b[1, 1] - b[0, 1] * b[1, 0]) < 1e-9 * lengths[0] * lengths[1]:
         raise ValueError(f"{name} vectors {b.tolist()} are parallel (a degenerate lattice): give "
                          "two lattice vectors that are not on one line")
@@ -396,7 +578,7 @@ def rotate_strain(strain, angle_deg):
 
 
 def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=None,
-                   min_disks=6, tolerance=None, iterations=3, weighted=True):
+                   min_disks=6, tolerance=None, iterations=8, weighted=True):
     """Shared implementation of :meth:`BraggVectors.get_strain_map` (see there).
 
     Returns
@@ -406,12 +588,15 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     metadata : dict
     """
     _check_fit_parameters(min_disks, tolerance, iterations)  # before any region is computed
+    _check_fields(data)
+    min_length = _min_length(metadata)
     if basis is not None:
-        basis = _check_vectors(basis, "basis")
+        basis = _check_vectors(basis, "basis", min_length)
     cal = dict(metadata.get("BraggDisks", {}).get("calibration") or {})
     if not cal:
         cal = {"center": [0.0, 0.0], "scale": [1.0, 1.0], "affine": None}
     nav_shape = data.shape[:-2]
+    reference = _as_region(reference, nav_shape)
     kind = _kind(reference)
     ref_vectors = None
     if kind == "vectors":
@@ -423,7 +608,7 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
             raise ValueError("reference must be a scan region (slices, or a bool mask of the "
                              "scan), or lattice vectors ((g1x, g1y), (g2x, g2y)) in pixels; got "
                              f"{reference!r}")
-        ref_vectors = _check_vectors(ref_vectors, "reference")
+        ref_vectors = _check_vectors(ref_vectors, "reference", min_length)
         if basis is None:
             basis = ref_vectors
     region_vectors = None
@@ -436,10 +621,10 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     fits, basis_q, origin_q, fitter = lattice_fit(
         data, cal, basis=basis, origin=origin, reference=reference if kind == "region" else None,
         min_disks=min_disks, tolerance=tolerance, iterations=iterations, weighted=weighted,
-        region_vectors=region_vectors, return_fitter=True)
+        region_vectors=region_vectors, return_fitter=True, min_length=min_length)
     lmat = correction_matrix(cal)
     if kind == "vectors":
-        ref_q = lmat @ ref_vectors.T
+        ref_q = _to_basis_cell(lmat @ ref_vectors.T, basis_q)
         where = "given vectors"
     else:
         ids = (_region_index(reference, nav_shape) if kind == "region"
@@ -459,9 +644,22 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
                 "region with reference=(slice(...), slice(...)), give the lattice's basis with "
                 "basis=((g1x, g1y), (g2x, g2y)) in pixels, lower min_disks or the detection "
                 "threshold, or give reference=((g1x, g1y), (g2x, g2y))")
-        ref = np.median(sub[good, 2:6], axis=0) if kind == "all" else sub[good, 2:6].mean(0)
+        if kind == "all":
+            ref = np.median(sub[good, 2:6], axis=0)
+            where = "whole scan (median)"
+        else:
+            ref, kept = _robust_mean(sub[good, 2:6])
+            n_out = int(good.sum() - kept.sum())
+            where = (f"region of {int(good.sum())} fits (mean after rejecting outliers: "
+                     f"{n_out} left out)")
+            if n_out:
+                warnings.warn(
+                    f"{n_out} of the reference region's {int(good.sum())} lattice fits differ from "
+                    "the region's median lattice by more than "
+                    f"{_REF_OUTLIER:g} x the median difference (another grain, a defect or a "
+                    "poor fit) and were left out of the reference; choose a region of one "
+                    "grain to use them all", UserWarning, stacklevel=3)
         ref_q = np.stack([ref[0:2], ref[2:4]], axis=1)
-        where = "whole scan (median)" if kind == "all" else f"region of {int(good.sum())} fits"
 
     ref_const = DeviceCache(ref_q)
 

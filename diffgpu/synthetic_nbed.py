@@ -106,7 +106,8 @@ def synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), g1=(17.0, 1.5), g2=(-
     Parameters
     ----------
     nav_shape, sig_shape : tuple of int
-        Scan ``(rows, columns)`` and detector ``(rows, columns)``.
+        Scan ``(rows, columns)``, or ``(n,)`` for a line scan, and detector
+        ``(rows, columns)``.
     g1, g2 : (float, float)
         Reference reciprocal basis in pixels, detector (x, y).
     disk_radius : float
@@ -114,7 +115,8 @@ def synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), g1=(17.0, 1.5), g2=(-
     dose : float or None
         Expected electrons per pattern (Poisson noise); None: no noise.
     strain : tuple of four arrays, optional
-        ``(exx, eyy, exy, theta_deg)`` nav-shaped; default :func:`strain_field`.
+        ``(exx, eyy, exy, theta_deg)`` nav-shaped; default :func:`strain_field` (of a line
+        scan: that of one row).
     descan : (float, float)
         Linear beam shift (x, y) in pixels from the first to the last scan column/row.
     distortion : 2x2 array, optional
@@ -143,16 +145,27 @@ def synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), g1=(17.0, 1.5), g2=(-
     >>> s = synthetic_nbed(nav_shape=(2, 3), sig_shape=(96, 96))
     >>> s.data.shape, s.metadata.Synthetic.exx.shape
     ((2, 3, 96, 96), (2, 3))
+    >>> synthetic_nbed(nav_shape=(5,), sig_shape=(64, 64)).data.shape   # a line scan
+    (5, 64, 64)
     """
     from .signals import DiffractionPatterns
 
-    nav_shape = tuple(int(n) for n in nav_shape)
+    try:
+        nav_shape = tuple(int(n) for n in nav_shape)
+    except TypeError:  # a single number
+        nav_shape = (int(nav_shape),)
+    if len(nav_shape) not in (1, 2) or min(nav_shape) < 1:
+        raise ValueError(f"nav_shape must be (rows, columns) of a scan or (n,) of a line scan, "
+                         f"each at least 1; got {nav_shape}")
+    scan_shape = nav_shape  # what is returned; a line scan is simulated as one row
+    nav_shape = (1,) + nav_shape if len(nav_shape) == 1 else nav_shape
     sig_shape = tuple(int(n) for n in sig_shape)
     ny, nx = sig_shape
     c = np.array(((nx - 1) / 2, (ny - 1) / 2) if center is None else center, float)
     if strain is None:
-        strain = strain_field(nav_shape)
-    exx, eyy, exy, theta = (np.broadcast_to(np.asarray(v, float), nav_shape) for v in strain)
+        strain = tuple(v.reshape(scan_shape) for v in strain_field(nav_shape))
+    exx, eyy, exy, theta = (np.broadcast_to(np.asarray(v, float), scan_shape).reshape(nav_shape)
+                            for v in strain)
     g0 = np.array([g1, g2], float).T  # columns g1, g2
     d = np.eye(2) if distortion is None else np.asarray(distortion, float)
     if n_max is None:
@@ -187,15 +200,15 @@ def synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), g1=(17.0, 1.5), g2=(-
         if dose is not None:
             frame = rng.poisson(frame * (dose / frame.sum())).astype(np.float32)
         data[idx] = frame
-    s = DiffractionPatterns(data)
+    s = DiffractionPatterns(data.reshape(scan_shape + sig_shape))
     s.metadata.General.title = "Synthetic NBED"
-    s.metadata.set_item("Synthetic.exx", np.asarray(exx, float))
-    s.metadata.set_item("Synthetic.eyy", np.asarray(eyy, float))
-    s.metadata.set_item("Synthetic.exy", np.asarray(exy, float))
-    s.metadata.set_item("Synthetic.theta", np.asarray(theta, float))
+    s.metadata.set_item("Synthetic.exx", np.asarray(exx, float).reshape(scan_shape))
+    s.metadata.set_item("Synthetic.eyy", np.asarray(eyy, float).reshape(scan_shape))
+    s.metadata.set_item("Synthetic.exy", np.asarray(exy, float).reshape(scan_shape))
+    s.metadata.set_item("Synthetic.theta", np.asarray(theta, float).reshape(scan_shape))
     s.metadata.set_item("Synthetic.g1", list(map(float, g1)))
     s.metadata.set_item("Synthetic.g2", list(map(float, g2)))
-    s.metadata.set_item("Synthetic.positions", positions)
+    s.metadata.set_item("Synthetic.positions", positions.reshape(scan_shape + positions.shape[-2:]))
     s.metadata.set_item("Synthetic.distortion", d.tolist())
     s.calibration.center = tuple(c)
     if lazy:

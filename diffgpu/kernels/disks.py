@@ -12,9 +12,13 @@ Steps, and where they run
    Fourier coefficient by ``|F T*|^(1 - p)`` (p = 0 is phase correlation; py4DSTEM's
    "hybrid" correlation), which sharpens the peaks of disks with inner structure.
 2. **Local maxima**: a pixel is a disk when its correlation is above the threshold and no
-   pixel within ``min_spacing`` (a square window: Chebyshev distance) is higher, and
-   it is neither masked nor within ``edge`` pixels of the detector's border. Host: a numba
-   loop per frame; GPU: shifted maxima and one sort per block. Both give the same peaks.
+   pixel within ``min_spacing`` (a square window: Chebyshev distance) is higher, nor as
+   high and before it in row-major order (one peak per plateau: ties all passed, and a flat
+   frame gave 128 "disks" 1 px apart), and it is neither masked nor within ``edge`` pixels
+   of the detector's border. A frame whose correlation has no contrast (highest minus
+   lowest at most ``1e-4`` of their magnitude, where peaks are allowed: no diffraction)
+   has no disks. Host: a numba loop per frame; GPU: shifted maxima, the ties checked
+   around each candidate, and one sort per block. Both give the same peaks.
 3. **Sub-pixel refinement** of every peak on the correlation itself: the correlation near
    the peak is interpolated with a separable Lanczos-3 kernel (a windowed sinc: close to
    the band-limited interpolation that an upsampled DFT computes, at 49 samples per
@@ -30,6 +34,8 @@ locking") well below that; the error grows for disks smaller than about 2 px rad
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 
 import numba
 import numpy as np
@@ -42,6 +48,8 @@ _SUB = 8  # sub-samples per pixel and axis when drawing a template disk
 _HALF = 2  # cubic B-spline: coefficients within 2 pixels of a peak matter
 _NB = 2 * _HALF + 1
 _HOST_BATCH = 16  # frames correlated at a time on the host (16 x 192 x 192 float32: 2.4 MB)
+_CONTRAST = 1e-4  # a correlation whose range is at most this fraction of its size is flat
+_TIE_VALUES = 1 << 22  # correlation values gathered at a time to check candidates for ties
 _DEVICE_BATCH = 2048  # frames at a time on a GPU (spectra of 2048 x 256 x 256: 0.5 GB)
 
 
@@ -151,7 +159,8 @@ class DiskFinder:
         Detector-shaped, True = no peak may sit there, and the pixel reads as zero (a beam
         stop, hot pixels).
     max_disks : int
-        Capacity per frame; the strongest are kept.
+        Capacity per frame; the strongest are kept. Frames that had more are counted in
+        :attr:`truncated` (and with ``warn_truncated``, a RuntimeWarning says so).
     correlation_power : float
         1: cross-correlation; 0: phase correlation; between: hybrid.
     refine_iterations : int
@@ -211,8 +220,31 @@ class DiskFinder:
         if self.max_disks < 1 or self.min_spacing < 1:
             raise ValueError("max_disks and min_spacing must be at least 1")
         self.refine_iterations = int(refine_iterations)
+        self._earlier = DeviceCache(_earlier(self.min_spacing), _tuple_to_device)
+        self.truncated = 0  # frames whose disks were cut to max_disks, since made
+        self.warn_truncated = False  # warn when it happens (lazy detection: at compute time)
+        self._lock = threading.Lock()
         self._dev = DeviceCache((self.template_conj, allowed) + ((keep,) if keep is not None
                                                                  else ()), _tuple_to_device)
+
+    def __getstate__(self):  # pickled to dask workers: a lock cannot be, nor is it shared
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _count_truncated(self, n):
+        if not n:
+            return
+        with self._lock:
+            self.truncated += int(n)
+        if self.warn_truncated:  # one message text: shown once, not once per block
+            warnings.warn(f"some frames have more disks than max_disks={self.max_disks}: only the "
+                          "strongest were kept; raise max_disks, or the threshold "
+                          "(relative_threshold) to keep fewer", RuntimeWarning, stacklevel=2)
 
     # -- correlation ------------------------------------------------------------------
     def correlate(self, frames):
@@ -259,11 +291,14 @@ class DiskFinder:
             return xp.full((0, self.max_disks, 3), xp.nan, dtype=xp.float32)
         if xp is np:  # a few frames at a time, so the correlations stay in cache
             out = np.empty((n, self.max_disks, 3), np.float32)
+            cut = 0
             for i in range(0, n, _HOST_BATCH):
                 corr = self.correlate(frames[i:i + _HOST_BATCH])
-                out[i:i + _HOST_BATCH] = _host_peaks(  # peaks, refinement, sorted output
+                out[i:i + _HOST_BATCH], more = _host_peaks(  # peaks, refinement, sorted output
                     corr, self.allowed, self.threshold, self.relative_threshold,
                     self.min_spacing, self.max_disks, self.refine_iterations)
+                cut += more
+            self._count_truncated(cut)
             return out
         if n > _DEVICE_BATCH:  # bounded device memory for large in-memory stacks
             return xp.concatenate([self(frames[i:i + _DEVICE_BATCH])
@@ -299,15 +334,30 @@ class DiskFinder:
             mx[:, s:, :] = xp.maximum(mx[:, s:, :], rows[:, :-s, :])
             mx[:, :-s, :] = xp.maximum(mx[:, :-s, :], rows[:, s:, :])
         top = xp.where(allowed[None], corr, neg).reshape(n, -1).max(axis=1)
+        bottom = xp.where(allowed[None], corr, -neg).reshape(n, -1).min(axis=1)
         thr = xp.maximum(xp.float32(self.threshold), xp.float32(self.relative_threshold) * top)
+        # no contrast (a flat frame): no disks
+        flat_frame = ~(top - bottom > xp.float32(_CONTRAST) * xp.maximum(xp.abs(top),
+                                                                         xp.abs(bottom)))
+        thr = xp.where(flat_frame, xp.float32(np.inf), thr)
         peak = (corr >= mx) & allowed[None] & (corr > thr[:, None, None])
         fi, flat = xp.nonzero(peak.reshape(n, -1))
         vals = corr.reshape(n, -1)[fi, flat]
+        # ties: a candidate with a pixel as high before it (row-major) in its window is not
+        # a peak (one per plateau, as on the host); checked around the candidates only, a
+        # bounded number at a time (noisy frames have hundreds each)
+        dy, dx = self._earlier.get(xp)
+        step = max(1, _TIE_VALUES // dy.shape[0])
+        first = xp.concatenate([_untied(corr, fi[i:i + step], flat[i:i + step],
+                                        vals[i:i + step], dy, dx, xp)
+                                for i in range(0, max(fi.shape[0], 1), step)])
+        fi, flat, vals = fi[first], flat[first], vals[first]
         order = xp.lexsort(xp.stack([-vals, fi]))  # by frame, then strongest first
         fi, flat, vals = fi[order], flat[order], vals[order]
         first = xp.searchsorted(fi, xp.arange(n))
         rank = xp.arange(fi.shape[0]) - first[fi]
         keep = rank < self.max_disks
+        self._count_truncated(int((rank == self.max_disks).sum()))  # one per cut frame
         idx = xp.full((n, self.max_disks), -1, dtype=xp.int64)
         val = xp.zeros((n, self.max_disks), dtype=xp.float32)
         idx[fi[keep], rank[keep]] = flat[keep]
@@ -317,6 +367,24 @@ class DiskFinder:
 
 def _tuple_to_device(cp, values):
     return tuple(cp.asarray(v) for v in values)
+
+
+def _untied(corr, fi, flat, vals, dy, dx, xp):
+    """Whether each candidate peak has no pixel as high before it (row-major) in its window
+    (offsets ``dy, dx`` from :func:`_earlier`)."""
+    ny, nx = corr.shape[1:]
+    r = (flat // nx)[:, None] + dy[None, :]
+    c = (flat % nx)[:, None] + dx[None, :]
+    inside = (r >= 0) & (c >= 0) & (c < nx)
+    around = corr[fi[:, None], xp.clip(r, 0, ny - 1), xp.clip(c, 0, nx - 1)]
+    return ~(inside & (around >= vals[:, None])).any(axis=1)
+
+
+def _earlier(m):
+    """``(dy, dx)``: the offsets of the pixels before a pixel (row-major) in its window of
+    half-width ``m`` (the rows above, then the left part of its own row)."""
+    off = [(a, b) for a in range(-m, 1) for b in range(-m, m + 1) if a < 0 or b < 0]
+    return np.array([a for a, _ in off], np.int64), np.array([b for _, b in off], np.int64)
 
 
 # -- cubic B-spline interpolation: kernel value, first and second derivative ----------------
@@ -475,11 +543,14 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
     bx0, bx1, bx2 = np.empty(_NB), np.empty(_NB), np.empty(_NB)
     rowmax = np.empty((ny, nx), np.float32)
     ninf = np.float32(-np.inf)
+    pinf = np.float32(np.inf)
+    cut = 0  # frames with more peaks than max_disks
     for f in range(n):
         frame = corr[f]
         # pass 1 (vectorisable): the maximum over each pixel's row triple, and the frame's
-        # highest correlation where peaks are allowed
+        # highest and lowest correlation where peaks are allowed
         top = ninf
+        bottom = pinf
         for i in range(ny):
             rowmax[i, 0] = max(frame[i, 0], frame[i, 1])
             for j in range(1, nx - 1):
@@ -487,7 +558,10 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
             rowmax[i, nx - 1] = max(frame[i, nx - 2], frame[i, nx - 1])
             for j in range(nx):
                 top = max(top, frame[i, j] if allowed[i, j] else ninf)
+                bottom = min(bottom, frame[i, j] if allowed[i, j] else pinf)
         thr = max(np.float32(threshold), np.float32(relative) * top)
+        if not top - bottom > np.float32(_CONTRAST) * max(abs(top), abs(bottom)):
+            thr = pinf  # no contrast (a flat frame): no disks
         # pass 2: 3 x 3 local maxima above the threshold, then the full window
         nc = 0
         for i in range(ny):
@@ -502,7 +576,8 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
                 ok = True
                 for a in range(max(0, i - m), min(ny, i + m + 1)):
                     for b in range(max(0, j - m), min(nx, j + m + 1)):
-                        if frame[a, b] > v:
+                        # higher, or as high and before it: one peak per plateau
+                        if frame[a, b] > v or (frame[a, b] == v and (a < i or (a == i and b < j))):
                             ok = False
                             break
                     if not ok:
@@ -513,6 +588,7 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
                     nc += 1
         order = np.argsort(-cval[:nc], kind="mergesort")
         kept = min(nc, max_disks)
+        cut += nc > max_disks
         for r in range(kept):
             c = cand[order[r]]
             dx, dy, value = _refine_one(frame, c // nx, c % nx, iterations, nb, off, wx, dwx,
@@ -526,4 +602,4 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
             out[f, r, 0] = px[final[r]]
             out[f, r, 1] = py[final[r]]
             out[f, r, 2] = pv[final[r]]
-    return out
+    return out, cut

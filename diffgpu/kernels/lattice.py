@@ -11,10 +11,14 @@ basis, as before, gave a wrong lattice, with no warning, once a rotation or stra
 far disks by half a spacing (from about 10 degrees or 13 % on a 160 px detector with 18 px
 spacings). The seed is a disk of the frame, so beam shifts of any size are absorbed. The
 fit is weighted least squares (weights: disk intensities, which is the inverse of the
-shot-noise variance of a position up to a constant), then disks further than ``tolerance``
-from their lattice site are rejected and the frame refitted (``iterations`` times,
-re-indexing with the frame's own fit each time). A frame whose disks do not sit on its
-fitted lattice (RMS residual above a tenth of the spacing) gets NaN.
+shot-noise variance of a position up to a constant, capped at 2 x the frame's median so that
+no single spot dominates), then disks further than ``tolerance`` from their lattice site are
+rejected and the frame refitted (re-indexing with the frame's own fit each time, until the
+disks kept no longer change, at most ``iterations`` times). The adaptive tolerance is
+robust: 4.8 x the median distance of the fitted disks from their sites (4 x the RMS for
+Gaussian errors), which a few bright outliers (hot pixels beside disks) do not inflate as
+they did the weighted RMS used before. A frame whose disks do not sit on its fitted lattice
+(RMS residual above a tenth of the spacing) gets NaN.
 """
 
 from __future__ import annotations
@@ -49,10 +53,21 @@ _UNTURNED = 0.75    # an unrotated score of this fraction of the neighbours skip
 _SEED_OFF = 0.15    # a seed further than this fraction of the spacing from the site its
 #                     neighbours put it on is no lattice disk (a point off the lattice sees
 #                     its neighbours all shifted alike, which matches as well)
-_SUPPORT = 0.2      # ... and the lattice of its neighbours must put at least half the disks
-#                     within _GROW spacings this close to sites (a few neighbours of a
-#                     spurious seed can fit a wrong lattice exactly)
+_SUPPORT = 0.2      # ... and the lattice of its neighbours must put at least two thirds of the
+#                     disks within _GROW spacings this close to sites (a few neighbours of a
+#                     spurious seed can fit a wrong lattice exactly; with half, a hot pixel
+#                     near the detector's corner passed with 18 of 36 disks)
 _MAX_RMS = 0.1      # a fit whose RMS residual exceeds this fraction of the spacing is refused
+_REJECT = 4.8       # adaptive rejection: disks further from their site than this many times the
+#                     median distance of the previous fit's disks (4.8 x the median is 4 x the
+#                     RMS for Gaussian errors). The weighted RMS it replaced was inflated by the
+#                     outlier itself: a hot pixel next to a disk (0.5 px RMS) was kept
+_FLOOR = 1 / 400    # ... but never below this fraction of the spacing (1/40, 0.4 px, kept the
+#                     disks that hot pixels nearby had moved by a few tenths of a pixel)
+_WEIGHT_CAP = 2.0   # no disk weighs more than this many times the frame's median weight: bright
+#                     spurious spots (hot pixels) otherwise pull the fit to themselves and keep
+#                     their residuals too small to be rejected (with 3 or 5, ten hot pixels of
+#                     1e6 counts still failed or biased frames; the direct beam loses weight)
 _SYMMETRY = 0.1     # a reference within this (lattice units) of 4- or 6-fold symmetry has it
 _TURN = 0.005       # the output basis has the least ||V - I||^2 + _TURN (1 - cos theta): a
 #                     quarter turn weighs as much as a strain of +5 % and -5 % along two axes
@@ -114,7 +129,7 @@ def _plan(basis):
 
 
 def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
-                 iterations=3, plan=None):
+                 iterations=8, plan=None):
     """Fit ``o, g1, g2`` to the disks of every frame.
 
     Each frame is indexed from a seed outwards, so that a lattice turned or strained far
@@ -123,7 +138,9 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
     to the reference lattice turned by trial angles (5 degree steps over the lattice's
     symmetry: +-90, +-45 or +-30 degrees); the origin and basis fitted to them index the
     disks within 4.5 spacings, whose fit then indexes all disks, and the fit is refined
-    ``iterations`` times (reject the disks beyond ``tolerance``, re-index, refit). Of the
+    (reject the disks beyond ``tolerance``, re-index, refit) until the disks kept and their
+    indices no longer change, at most ``iterations`` times. Each disk weighs its weight,
+    at most 2 x the median weight of its frame (a hot pixel is as bright as many disks). Of the
     equivalent bases of the fitted lattice, the one closest to ``basis`` is returned (the
     smallest deformation), with the origin on the lattice site nearest ``origin``.
 
@@ -144,10 +161,12 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
         one lattice row, which cannot fix both vectors).
     tolerance : float, optional
         Largest distance of a kept disk from its lattice site, in the positions' units;
-        default a quarter of the shortest lattice spacing in the first pass, then
-        ``max(4 * rms, tolerance_floor)`` with a floor of 1/40 of it.
+        default adaptive: 4.8 x the median distance of the previous fit's disks from their
+        sites (robust to outliers; 4 x the RMS for Gaussian errors), between 1/400 and 1/4
+        of the shortest lattice spacing.
     iterations : int
-        Fit - reject - re-index passes.
+        Most fit - reject - re-index passes (fewer once the disks kept stop changing: the
+        fit is then final; 3 passes used to leave frames with ten hot pixels biased).
     plan : optional
         The indexing constants of ``basis`` (from ``_plan``), for callers holding ``basis``
         on a device; made from ``basis`` when not given.
@@ -200,6 +219,19 @@ def fit_lattices(positions, weights, basis, origin, min_disks=6, tolerance=None,
                   plan.near, plan.grow, out)
         return out
     return _fit_xp(positions, weights, basis, origin, min_disks, tolerance, iterations, xp, plan)
+
+
+def _masked_median_xp(values, mask, xp):
+    """Median of ``values (n, K)`` over the ``mask``ed entries of each row (0 for none), as
+    ``_masked_median`` (sorted, the mean of the two middle values for an even count)."""
+    n_in = mask.sum(-1)
+    if values.shape[-1] == 0:
+        return xp.zeros(values.shape[:-1])
+    s = xp.sort(xp.where(mask, values, xp.inf), axis=-1)
+    lo = xp.maximum((n_in - 1) // 2, 0)[:, None]
+    hi = xp.maximum(n_in // 2, 0)[:, None]
+    med = (xp.take_along_axis(s, lo, -1)[:, 0] + xp.take_along_axis(s, hi, -1)[:, 0]) / 2
+    return xp.where(n_in > 0, med, 0.0)
 
 
 def _solve_xp(px, py, w, h, k, use, xp):
@@ -264,7 +296,10 @@ def _turned_xp(c, s, plan, xp):
 def _neighbour_fit_xp(px, py, w, present, seed, c, s, plan, xp):
     """Origin and basis fitted to a seed's neighbours alone, indexed in the reference turned by
     the angle of cosine ``c``, sine ``s`` (arrays ``(n,)``): ``ok, o, b`` and the squared
-    distance of the seed from its fitted site (as ``_neighbour_fit``)."""
+    distance of the seed from its fitted site (as ``_neighbour_fit``). The fit is made again
+    without the neighbours further from their sites than ``_REJECT`` x their median distance:
+    one displaced neighbour (a hot pixel beside a disk) tilts a lattice fitted to a few, and
+    the error grows with the distance from the seed."""
     is_seed = xp.arange(px.shape[1])[None, :] == seed[:, None]
     sx = xp.take_along_axis(px, seed[:, None], -1)
     sy = xp.take_along_axis(py, seed[:, None], -1)
@@ -272,16 +307,25 @@ def _neighbour_fit_xp(px, py, w, present, seed, c, s, plan, xp):
     ih, ik, e2 = _turned_sites_xp(dx, dy, c[:, None], s[:, None], plan, xp)
     hit = (present & ~is_seed & (dx * dx + dy * dy < plan.near * plan.near)
            & ~((ih == 0) & (ik == 0)) & (e2 < (_MATCH * plan.spacing) ** 2))
-    ok, n_used, o, b, _ = _solve_xp(px, py, w, xp.where(hit, ih, 0.0), xp.where(hit, ik, 0.0),
-                                    hit, xp)
+    h, k = xp.where(hit, ih, 0.0), xp.where(hit, ik, 0.0)
+    ok, n_used, o, b, _ = _solve_xp(px, py, w, h, k, hit, xp)
+    ex = px - o[:, 0:1] - b[:, 0, 0:1] * h - b[:, 0, 1:2] * k
+    ey = py - o[:, 1:2] - b[:, 1, 0:1] * h - b[:, 1, 1:2] * k
+    dist = xp.sqrt(ex * ex + ey * ey)
+    tol = xp.maximum(_REJECT * _masked_median_xp(dist, hit, xp), _FLOOR * plan.spacing)
+    kept = hit & (dist <= tol[:, None])
+    ok2, n2, o2, b2, _ = _solve_xp(px, py, w, h, k, kept, xp)
+    again = ok & ok2 & (n2 >= 3)
+    o = xp.where(again[:, None], o2, o)
+    b = xp.where(again[:, None, None], b2, b)
     off = (sx[:, 0] - o[:, 0]) ** 2 + (sy[:, 0] - o[:, 1]) ** 2
     return ok & (n_used >= 3), o, b, off
 
 
-def _seed_xp(px, py, w, present, plan, xp):
-    """Per frame (as ``_seed_host``): the seed disk, the lattice (origin, basis) fitted to its
-    neighbours indexed in the trial rotation of the reference that matches most of them, and
-    whether there was any disk."""
+def _seed_xp(px, py, w, wf, present, plan, xp):
+    """Per frame (as ``_seed_host``): the seed disk (the strongest by ``w``), the lattice
+    (origin, basis) fitted (weights ``wf``) to its neighbours indexed in the trial rotation of
+    the reference that matches most of them, and whether there was any disk."""
     n, n_k = present.shape
     near2 = plan.near * plan.near
     match2 = (_MATCH * plan.spacing) ** 2
@@ -312,7 +356,7 @@ def _seed_xp(px, py, w, present, plan, xp):
             best_m = xp.where(better, matched, best_m)
             best_c = xp.where(better, c, best_c)
             best_s = xp.where(better, s, best_s)
-        ok, o, b, off = _neighbour_fit_xp(px, py, w, present, seed, best_c, best_s, plan, xp)
+        ok, o, b, off = _neighbour_fit_xp(px, py, wf, present, seed, best_c, best_s, plan, xp)
         # without a fit: the seed and the turned reference
         sx = xp.take_along_axis(px, seed[:, None], -1)
         sy = xp.take_along_axis(py, seed[:, None], -1)
@@ -324,7 +368,7 @@ def _seed_xp(px, py, w, present, plan, xp):
         support = (around & (resid <= _SUPPORT * plan.spacing)).sum(-1)
         for key, v in (("seed", seed), ("support", xp.where(valid, support, -1)),
                        ("accepted", valid & (best_m >= 3) & (2 * best_m >= n_nb) & ok
-                        & (off <= (_SEED_OFF * plan.spacing) ** 2) & (2 * support >= n_in)),
+                        & (off <= (_SEED_OFF * plan.spacing) ** 2) & (3 * support >= 2 * n_in)),
                        ("o", o), ("b", b)):
             tried[key].append(v)
     accepted = xp.stack(tried["accepted"], -1)
@@ -347,41 +391,52 @@ def _fit_xp(positions, weights, basis, origin, min_disks, tolerance, iterations,
     p = positions.astype(xp.float64)
     w = xp.where(xp.isfinite(weights), xp.maximum(weights.astype(xp.float64), 0), 0)
     present = xp.all(xp.isfinite(p), axis=-1) & (w > 0)
+    wf = xp.minimum(w, _WEIGHT_CAP * _masked_median_xp(w, present, xp)[:, None])
     p = xp.where(present[..., None], p, 0.0)
     n = p.shape[0]
     px, py = p[..., 0], p[..., 1]
     o_ref = _on(origin, xp).reshape(2)
     tol0 = float(tolerance) if tolerance is not None else 0.25 * plan.spacing
-    floor = float(tolerance) if tolerance is not None else plan.spacing / 40
+    floor = float(tolerance) if tolerance is not None else plan.spacing * _FLOOR
 
     # 1. the seed, and the lattice fitted to its neighbours indexed in the turn of the
     # reference that puts most of them on sites (a frame without disks: the reference)
-    seed, o, b, has_seed = _seed_xp(px, py, w, present, plan, xp)
+    seed, o, b, has_seed = _seed_xp(px, py, w, wf, present, plan, xp)
     o = xp.where(has_seed[:, None], o, o_ref[None, :])
     dx = px - xp.take_along_axis(px, seed[:, None], -1)
     dy = py - xp.take_along_axis(py, seed[:, None], -1)
-    # 2. grown to the disks within a few spacings of the seed
+    # 2. grown to the disks within a few spacings of the seed (adaptive: those within
+    # _REJECT x their median distance from the neighbours' lattice, at most tol0)
     h, k, resid = _index_xp(px, py, o, b, xp)
     use = present & (dx * dx + dy * dy < plan.grow * plan.grow) & (resid <= tol0)
-    ok, n_used, new_o, new_b, _ = _solve_xp(px, py, w, h, k, use, xp)
-    ok = has_seed & ok & (n_used >= 4)
-    o = xp.where(ok[:, None], new_o, o)
-    b = xp.where(ok[:, None, None], new_b, b)
+    tol = xp.full((n,), tol0)
+    if tolerance is None:
+        tol = xp.clip(_REJECT * _masked_median_xp(resid, use, xp), floor, tol0)
+        use &= resid <= tol[:, None]
+    ok, n_used, new_o, new_b, _ = _solve_xp(px, py, wf, h, k, use, xp)
+    fitted = has_seed & ok & (n_used >= 4)  # the previous fit succeeded
+    o = xp.where(fitted[:, None], new_o, o)
+    b = xp.where(fitted[:, None, None], new_b, b)
 
-    # 3. all disks: fit, reject, re-index
+    # 3. all disks: fit, reject, re-index, until the disks kept and their indices no longer
+    # change (the fit is then where it would stay), at most `iterations` fits
     tol = xp.full((n,), tol0)
     out = xp.full((n, 8), xp.nan)
     for it in range(iterations + 1):
-        h, k, resid = _index_xp(px, py, o, b, xp)
-        use = present & (resid <= tol[:, None])
-        if it == iterations:
+        new_h, new_k, resid = _index_xp(px, py, o, b, xp)
+        if tolerance is None:  # from the distances of the last fit's disks
+            scale = _masked_median_xp(resid, use, xp)
+            tol = xp.where(fitted, xp.clip(_REJECT * scale, floor, tol0), tol)
+        new_use = present & (resid <= tol[:, None])
+        same = it > 0 and bool(xp.all((new_use == use) & (~use | ((new_h == h) & (new_k == k)))))
+        h, k, use = new_h, new_k, new_use
+        if same or it == iterations:  # every frame at its fixed point, or the last pass
             break
-        ok, n_used, new_o, new_b, rms = _solve_xp(px, py, w, h, k, use, xp)
+        ok, n_used, new_o, new_b, rms = _solve_xp(px, py, wf, h, k, use, xp)
         ok &= n_used >= min_disks
         o = xp.where(ok[:, None], new_o, o)
         b = xp.where(ok[:, None, None], new_b, b)
-        if tolerance is None:
-            tol = xp.where(ok, xp.maximum(4 * rms, floor), tol)
+        fitted = ok
         out[:, 0:2] = xp.where(ok[:, None], new_o, xp.nan)
         out[:, 2:4] = xp.where(ok[:, None], new_b[:, :, 0], xp.nan)
         out[:, 4:6] = xp.where(ok[:, None], new_b[:, :, 1], xp.nan)
@@ -420,6 +475,65 @@ def _fit_xp(positions, weights, basis, origin, min_disks, tolerance, iterations,
     for i, v in enumerate(fields):
         out[:, i] = xp.where(refused, xp.nan, v)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _masked_median(values, mask, buf):
+    """:func:`_masked_median_xp` for one frame (``buf``: scratch of the same length)."""
+    m = 0
+    falling = True  # weights come strongest first (find_bragg_disks): no search needed
+    for q in range(values.shape[0]):
+        if mask[q]:
+            buf[m] = values[q]
+            falling = falling and (m == 0 or buf[m] <= buf[m - 1])
+            m += 1
+    if m == 0:
+        return 0.0
+    j = (m - 1) // 2
+    if falling:
+        return (buf[m - 1 - j] + buf[m - 1 - (m // 2)]) / 2
+    lo = _select(buf, m, j)
+    if m % 2:
+        return lo
+    # the next value up: lo again if more than j + 1 values are <= lo, else the least above
+    n_le, above = 0, np.inf
+    for q in range(m):
+        v = buf[q]
+        n_le += v <= lo
+        above = min(above, v if v > lo else np.inf)
+    return (lo + (lo if n_le > j + 1 else above)) / 2
+
+
+@numba.njit(nogil=True, cache=True)
+def _select(a, m, j):
+    """The ``j``-th smallest of ``a[:m]`` (reordering ``a[:m]``): quickselect with a
+    branch-free partition. A sorted copy made the lattice fit 4x slower, Hoare's partition
+    (mispredicted branches on random distances) 2.5x; ties end the search at once."""
+    lo, hi = 0, m - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        pivot = a[mid]
+        a[mid] = a[hi]
+        a[hi] = pivot
+        store, eq = lo, 0
+        for i in range(lo, hi):
+            v = a[i]
+            less = v < pivot
+            eq += v == pivot
+            t = a[store]
+            a[i] = t if less else v
+            a[store] = v if less else t
+            store += less
+        a[hi] = a[store]
+        a[store] = pivot
+        # a[lo:store] < pivot, and eq more values equal it: the j-th is the pivot if among them
+        if store <= j <= store + eq:
+            return pivot
+        if j < store:
+            hi = store - 1
+        else:
+            lo = store + 1
+    return a[lo]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -484,7 +598,7 @@ def _turned_site(dx, dy, c, s, gr, ar):
 
 
 @numba.njit(nogil=True, cache=True)
-def _neighbour_fit(px, py, w, present, seed, c, s, gr, ar, spacing, near, h, k, use):
+def _neighbour_fit(px, py, w, present, seed, c, s, gr, ar, spacing, near, h, k, use, dist, buf):
     """:func:`_neighbour_fit_xp` for one frame: ``ok, o, g1, g2, seed's squared distance``."""
     match2 = (_MATCH * spacing) ** 2
     for q in range(px.shape[0]):
@@ -495,6 +609,16 @@ def _neighbour_fit(px, py, w, present, seed, c, s, gr, ar, spacing, near, h, k, 
         h[q], k[q] = (ih, ik) if hit else (0.0, 0.0)
         use[q] = hit
     ok, n_used, o0, o1, g1x, g1y, g2x, g2y, _ = _solve(px, py, w, h, k, use)
+    for q in range(px.shape[0]):
+        ex = px[q] - o0 - g1x * h[q] - g2x * k[q]
+        ey = py[q] - o1 - g1y * h[q] - g2y * k[q]
+        dist[q] = math.sqrt(ex * ex + ey * ey)
+    tol = max(_REJECT * _masked_median(dist, use, buf), _FLOOR * spacing)
+    for q in range(px.shape[0]):
+        use[q] = use[q] and dist[q] <= tol
+    ok2, n2, p0, p1, q1x, q1y, q2x, q2y, _ = _solve(px, py, w, h, k, use)
+    if ok and ok2 and n2 >= 3:
+        o0, o1, g1x, g1y, g2x, g2y = p0, p1, q1x, q1y, q2x, q2y
     off = (px[seed] - o0) ** 2 + (py[seed] - o1) ** 2
     return ok and n_used >= 3, o0, o1, g1x, g1y, g2x, g2y, off
 
@@ -515,8 +639,8 @@ def _site(x, y, o0, o1, b00, b01, b10, b11):
 
 
 @numba.njit(nogil=True, cache=True)
-def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nbx, nby, h, k,
-               use):
+def _seed_host(px, py, w, wf, present, gr, ar, cos_a, sin_a, spacing, near, grow, nbx, nby, h,
+               k, use, dist, buf):
     """:func:`_seed_xp` for one frame: the seed slot (-1: no disk), and the origin and basis
     ``b00, b01, b10, b11`` of its neighbours' lattice."""
     n_k = px.shape[0]
@@ -556,7 +680,7 @@ def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nb
                 break  # the unturned reference fits: no search
         c, s = cos_a[best_j], sin_a[best_j]
         ok, o0, o1, b00, b10, b01, b11, off = _neighbour_fit(
-            px, py, w, present, seed, c, s, gr, ar, spacing, near, h, k, use)
+            px, py, wf, present, seed, c, s, gr, ar, spacing, near, h, k, use, dist, buf)
         if not ok:  # the seed and the turned reference
             o0, o1 = px[seed], py[seed]
             b00, b01 = c * gr[0, 0] - s * gr[1, 0], c * gr[0, 1] - s * gr[1, 1]
@@ -570,7 +694,7 @@ def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nb
                     support += 1
         found = (seed, o0, o1, b00, b01, b10, b11)
         if (best_m >= 3 and 2 * best_m >= n_nb and ok and off <= (_SEED_OFF * spacing) ** 2
-                and 2 * support >= n_in):
+                and 3 * support >= 2 * n_in):
             return found
         if support > chosen_support:
             chosen, chosen_support = found, support
@@ -581,54 +705,78 @@ def _seed_host(px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nb
 def _fit_host(p, weights, origin, min_disks, tolerance, given, iterations, g0, gr, ar, cands,
               cos_a, sin_a, spacing, near, grow, out):
     """:func:`_fit_xp` one frame at a time (see there for the steps)."""
-    n, n_k = p.shape[0], p.shape[1]
-    px, py = np.empty(n_k), np.empty(n_k)
-    w, h, k = np.empty(n_k), np.empty(n_k), np.empty(n_k)
-    nbx, nby = np.empty(n_k), np.empty(n_k)
-    use = np.empty(n_k, np.bool_)
-    present = np.empty(n_k, np.bool_)
+    n, n_slots = p.shape[0], p.shape[1]
+    all_px, all_py = np.empty(n_slots), np.empty(n_slots)
+    all_w, all_wf = np.empty(n_slots), np.empty(n_slots)
+    all_h, all_k = np.empty(n_slots), np.empty(n_slots)
+    all_nbx, all_nby = np.empty(n_slots), np.empty(n_slots)
+    all_dist, all_buf = np.empty(n_slots), np.empty(n_slots)
+    all_use = np.empty(n_slots, np.bool_)
+    all_present = np.ones(n_slots, np.bool_)
     tol0 = tolerance if given else 0.25 * spacing
-    floor = tolerance if given else spacing / 40
+    floor = tolerance if given else spacing * _FLOOR
     for f in range(n):
-        for q in range(n_k):
+        # the frame's disks packed at the front, in slot order (the sums, hence the results,
+        # are those over all slots; the loops skip the empty ones, often half of them)
+        n_k = 0
+        for q in range(n_slots):
             x, y, v = p[f, q, 0], p[f, q, 1], weights[f, q]
             wq = max(v, 0.0) if np.isfinite(v) else 0.0
-            present[q] = np.isfinite(x) and np.isfinite(y) and wq > 0
-            px[q] = x if present[q] else 0.0
-            py[q] = y if present[q] else 0.0
-            w[q] = wq
+            if np.isfinite(x) and np.isfinite(y) and wq > 0:
+                all_px[n_k], all_py[n_k], all_w[n_k] = x, y, wq
+                n_k += 1
+        px, py, w, wf = all_px[:n_k], all_py[:n_k], all_w[:n_k], all_wf[:n_k]
+        h, k, nbx, nby = all_h[:n_k], all_k[:n_k], all_nbx[:n_k], all_nby[:n_k]
+        dist, buf, use, present = all_dist[:n_k], all_buf[:n_k], all_use[:n_k], all_present[:n_k]
+        cap = _WEIGHT_CAP * _masked_median(w, present, buf)
+        for q in range(n_k):
+            wf[q] = min(w[q], cap)
         for c in range(8):
             out[f, c] = np.nan
+        fitted = False  # the previous fit succeeded (its disks set the next tolerance)
         # 1. the seed, the turn of the reference that puts its neighbours on lattice sites,
         # and the lattice fitted to them
         seed, o0, o1, b00, b01, b10, b11 = _seed_host(
-            px, py, w, present, gr, ar, cos_a, sin_a, spacing, near, grow, nbx, nby, h, k, use)
+            px, py, w, wf, present, gr, ar, cos_a, sin_a, spacing, near, grow, nbx, nby, h, k,
+            use, dist, buf)
         if seed < 0:
             o0, o1 = origin[0], origin[1]
         else:
             # 2. grown to the disks within a few spacings of the seed
             for q in range(n_k):
-                h[q], k[q], off = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
+                h[q], k[q], dist[q] = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
                 dx, dy = px[q] - px[seed], py[q] - py[seed]
-                use[q] = present[q] and dx * dx + dy * dy < grow * grow and off <= tol0
-            ok, n_used, no0, no1, g1x, g1y, g2x, g2y, _ = _solve(px, py, w, h, k, use)
+                use[q] = present[q] and dx * dx + dy * dy < grow * grow and dist[q] <= tol0
+            if not given:
+                tol = min(max(_REJECT * _masked_median(dist, use, buf), floor), tol0)
+                for q in range(n_k):
+                    use[q] = use[q] and dist[q] <= tol
+            ok, n_used, no0, no1, g1x, g1y, g2x, g2y, _ = _solve(px, py, wf, h, k, use)
             if ok and n_used >= 4:
                 o0, o1, b00, b10, b01, b11 = no0, no1, g1x, g1y, g2x, g2y
-        # 3. all disks: fit, reject, re-index
+                fitted = True
+        # 3. all disks: fit, reject, re-index, until the disks kept and their indices no
+        # longer change (then the array path's further passes leave the fit as it is)
         tol = tol0
         for it in range(iterations + 1):
             for q in range(n_k):
-                h[q], k[q], off = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
-                use[q] = present[q] and off <= tol
-            if it == iterations:
+                nbx[q], nby[q], dist[q] = _site(px[q], py[q], o0, o1, b00, b01, b10, b11)
+            if not given and fitted:  # from the distances of the last fit's disks
+                tol = min(max(_REJECT * _masked_median(dist, use, buf), floor), tol0)
+            same = it > 0
+            for q in range(n_k):
+                u = present[q] and dist[q] <= tol
+                if u != use[q] or (u and (nbx[q] != h[q] or nby[q] != k[q])):
+                    same = False
+                use[q], h[q], k[q] = u, nbx[q], nby[q]
+            if same or it == iterations:
                 break
-            ok, n_used, no0, no1, g1x, g1y, g2x, g2y, rms = _solve(px, py, w, h, k, use)
+            ok, n_used, no0, no1, g1x, g1y, g2x, g2y, rms = _solve(px, py, wf, h, k, use)
             ok = ok and n_used >= min_disks
+            fitted = ok
             if ok:
                 o0, o1 = no0, no1
                 b00, b10, b01, b11 = g1x, g1y, g2x, g2y
-                if not given:
-                    tol = max(4 * rms, floor)
                 out[f, 0], out[f, 1] = no0, no1
                 out[f, 2], out[f, 3], out[f, 4], out[f, 5] = g1x, g1y, g2x, g2y
                 out[f, 6] = n_used

@@ -86,7 +86,7 @@ class BraggVectors(DeviceMixin, Signal2D):
         return out
 
     def fit_lattice(self, basis=None, origin=None, reference=None, min_disks=6, tolerance=None,
-                    iterations=3, weighted=True):
+                    iterations=8, weighted=True):
         """Per-position lattice fit: origin, g1, g2, disks used and RMS residual.
 
         Parameters: see :meth:`get_strain_map`.
@@ -107,14 +107,15 @@ class BraggVectors(DeviceMixin, Signal2D):
         """
         from hyperspy.signals import Signal1D
 
-        from ..strain import lattice_fit
+        from ..strain import _min_length, lattice_fit
 
         cal = self.metadata.get_item("BraggDisks.calibration") if self.metadata.has_item(
             "BraggDisks.calibration") else {}
         cal = cal.as_dictionary() if hasattr(cal, "as_dictionary") else dict(cal)
         fits, _, _ = lattice_fit(self.data, cal, basis=basis, origin=origin, reference=reference,
                                  min_disks=min_disks, tolerance=tolerance, iterations=iterations,
-                                 weighted=weighted)
+                                 weighted=weighted,
+                                 min_length=_min_length(self.metadata.as_dictionary()))
         axes = self.axes_manager._get_navigation_axes_dicts() + [
             {"name": "field", "size": 8, "navigate": False}]
         out = Signal1D(fits, axes=axes)
@@ -127,7 +128,7 @@ class BraggVectors(DeviceMixin, Signal2D):
         return out
 
     def get_strain_map(self, reference=None, basis=None, origin=None, min_disks=6,
-                       tolerance=None, iterations=3, weighted=True):
+                       tolerance=None, iterations=8, weighted=True):
         """Strain and rotation at every scan position -> :class:`StrainMap`.
 
         Each pattern's disks are indexed on a lattice basis and fitted (origin, g1, g2) by
@@ -144,12 +145,17 @@ class BraggVectors(DeviceMixin, Signal2D):
         ----------
         reference : region, lattice vectors or None
             The unstrained reference: a region of the scan (a tuple of slices in array
-            order, rows first, e.g. ``(slice(0, 6), slice(0, 6))``, or a bool mask of the
-            scan) whose mean fitted lattice is the reference; or the reference vectors
-            ``((g1x, g1y), (g2x, g2y))`` in detector pixels; None: the median of all fits.
+            order, rows first, e.g. ``(slice(0, 6), slice(0, 6))``, inside the scan; or a
+            mask of the scan: bool or 0/1 integer NumPy, dask or HyperSpy data) whose mean
+            fitted lattice is the reference, after leaving out fits that differ from the
+            region's median fit by more than 4 x the median difference (another grain; a
+            warning says how many); or the reference vectors ``((g1x, g1y), (g2x, g2y))``
+            in detector pixels (a primitive cell; at least ``min_spacing + 1`` px long);
+            None: the median of all fits.
         basis : ``((g1x, g1y), (g2x, g2y))``, optional
             Lattice vectors (pixels) used to index the disks; default found from the
-            reference region's disks (two short, non-collinear, frequent spacings).
+            reference region's disks (two short, non-collinear, frequent spacings). A
+            non-primitive (centred) cell is replaced by a primitive one, with a warning.
         origin : (x, y), optional
             Detector pixel of the direct beam (the (0, 0) disk); default the median of the
             reference frames' strongest disks. Each pattern's own shift (descan) is found
@@ -158,11 +164,12 @@ class BraggVectors(DeviceMixin, Signal2D):
             Positions with fewer indexed disks get NaN strain (counted and reported).
         tolerance : float, optional
             Largest distance (pixels) of a kept disk from its lattice site; default
-            adaptive (4 x the RMS residual of the frame).
+            adaptive and robust (4.8 x the median distance of the frame's fitted disks).
         iterations : int
-            Fit, reject and re-index passes.
+            Most fit, reject and re-index passes (fewer once the disks kept no longer
+            change).
         weighted : bool
-            Weight disks by intensity.
+            Weight disks by intensity (no disk more than twice the frame's median).
 
         Returns
         -------
@@ -173,7 +180,9 @@ class BraggVectors(DeviceMixin, Signal2D):
         ------
         ValueError
             The reference region has no valid fit, or no basis can be found
-            (:class:`~diffgpu.kernels.lattice.BasisError`): the message says what to set.
+            (:class:`~diffgpu.kernels.lattice.BasisError`), a region reaches past the scan,
+            vectors are too short to be detector pixels, or the vectors lack usable
+            intensities: the message says what to set.
 
         Examples
         --------
