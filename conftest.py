@@ -83,3 +83,19 @@ def pytest_report_header(config):
     where = ", ".join(str(d) for d in gpus) if gpus else "none (gpu tests will be skipped)"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return [f"diffgpu CUDA devices: {where}", f"CUDA_VISIBLE_DEVICES={visible!r}"]
+
+
+@pytest.fixture(scope="module")
+def si():
+    """The Si phase of the orientation tests."""
+    from diffgpu.templates import TemplateLibrary
+
+    return TemplateLibrary.silicon()
+
+
+@pytest.fixture(scope="module")
+def lib(si):
+    """A 2-degree Si library to 1.2 1/Å (a few hundred templates: quick to match)."""
+    from diffgpu.templates import TemplateLibrary
+
+    return TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)

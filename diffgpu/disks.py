@@ -52,7 +52,14 @@ def _real(value):
     return float(value)
 
 
+def _positive(value):
+    """``value`` as a float if it is a finite, positive real number (not a bool), else None."""
+    v = _real(value)
+    return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
 def _whole(value):
+    """Whether ``value`` is an integer (not a bool)."""
     return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
 
 
@@ -79,8 +86,7 @@ def check_detection_parameters(threshold, relative_threshold, min_spacing, max_d
         raise ValueError(f"relative_threshold (weakest disk, as a fraction of the frame's "
                          f"strongest) must be in [0, 1); got {relative_threshold!r}")
     if min_spacing is not None:
-        m = _real(min_spacing)
-        if m is None or not (math.isfinite(m) and m > 0):
+        if _positive(min_spacing) is None:
             raise ValueError(f"min_spacing (pixels a disk must dominate around it) must be a "
                              f"positive number, or None for the disk radius; got {min_spacing!r}")
     if not _whole(max_disks) or max_disks < 1:

@@ -475,8 +475,7 @@ def _check_vectors(vectors, name, min_length=None):
 
 def _check_fit_parameters(min_disks, tolerance, iterations):
     """The lattice fit's ``min_disks``, ``tolerance`` and ``iterations``, or a ValueError."""
-    def whole(value):
-        return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)))
+    from .disks import _positive, _whole as whole
 
     if not whole(min_disks) or min_disks < 3:
         raise ValueError(f"min_disks must be an integer of at least 3 (a lattice fit of the "
@@ -485,11 +484,7 @@ def _check_fit_parameters(min_disks, tolerance, iterations):
         raise ValueError(f"iterations (fit, reject and re-index passes) must be an integer of at "
                          f"least 1; got {iterations!r}")
     if tolerance is not None:
-        try:
-            ok = math.isfinite(float(tolerance)) and float(tolerance) > 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if _positive(tolerance) is None:
             raise ValueError(f"tolerance (largest distance of a kept disk from its lattice site, "
                              f"pixels) must be a positive number, or None for the adaptive "
                              f"default; got {tolerance!r}")

@@ -13,16 +13,6 @@ from orix.quaternion import Orientation, Rotation  # noqa: E402
 M = np.diag([1.0, -1.0, 1.0])
 
 
-@pytest.fixture(scope="module")
-def si():
-    return TemplateLibrary.silicon()
-
-
-@pytest.fixture(scope="module")
-def lib(si):
-    return TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
-
-
 def _polar(s):
     return s.get_azimuthal_integral2d(npt=64, npt_azim=360, radial_range=(0, 1.28), mean=True)
 

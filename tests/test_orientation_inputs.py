@@ -15,16 +15,6 @@ from orix.quaternion import Orientation, Rotation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def si():
-    return TemplateLibrary.silicon()
-
-
-@pytest.fixture(scope="module")
-def lib(si):
-    return TemplateLibrary.from_phase(si, resolution=2.0, reciprocal_radius=1.2)
-
-
-@pytest.fixture(scope="module")
 def truth():
     # (orientations with no near-tie between twins, which settle either way on any axis)
     np.random.seed(2)
