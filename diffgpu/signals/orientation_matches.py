@@ -247,7 +247,11 @@ class OrientationMatches(DeviceMixin, Signal2D):
             Override the library's simulation parameters (kV, 1/Å): positive; None (default)
             keeps the library's.
         candidates : int
-            Matches (of the ``n_best`` found) that may be refined; 1 refines only the best.
+            Matches (of the ``n_best`` found, best first) that may be refined where they
+            are another orientation within ``margin``. Besides them the best-ranked match of
+            another orientation is always refined (the alternative that
+            :meth:`get_reliability` weighs, which may also become the best match): with 1,
+            the best and that one.
         margin : float
             A candidate is refined where its correlation is at least ``1 - margin`` times
             the best's.
