@@ -116,8 +116,14 @@ def frames_for(rate, seconds, point, cap_bytes=384 * 2**20, lo=16):
 
 
 def timed(func, repeat):
+    import gc
+
     times = []
     for _ in range(repeat):
+        # the results of the timing before are freed first: a HyperSpy signal is a reference
+        # cycle, freed only by the cyclic collector, and on this VM memory the guest has not
+        # touched before comes 4-7x slower (benchmarks/NOTES.md, 2026-12-07 evening)
+        gc.collect()
         t0 = time.perf_counter()
         func()
         times.append(time.perf_counter() - t0)
