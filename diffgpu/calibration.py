@@ -271,9 +271,27 @@ def uniform_signal_axes(signal):
     return axes[0], axes[1]  # x (columns), y (rows)
 
 
+def _real(value):
+    """``value`` as a float if it is a real number (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _positive(value):
+    """``value`` as a float if it is a finite, positive real number (not a bool), else None."""
+    v = _real(value)
+    return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
+def _whole(value):
+    """Whether ``value`` is an integer (not a bool)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
 def _positive_finite(value, name, unit):
     """``value`` as a float, checked to be a real number, positive and finite."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if _real(value) is None:
         raise TypeError(f"{name} must be a number ({unit}); got {value!r} "
                         f"({type(value).__name__})")
     if not (math.isfinite(value) and value > 0):

@@ -13,12 +13,11 @@ into the metadata so the lattice fit and the strain map apply it.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
 
-from .calibration import check_mask
+from .calibration import _positive, _real, _whole, check_mask
 from .device import _is_dask, to_host_array
 from .kernels.disks import DiskFinder, disk_image, probe_image
 from .mapping import map_frames
@@ -43,24 +42,6 @@ def bragg_calibration(cal):
     return {"center": list(cal.center), "scale": list(cal.scale),
             "units": units if isinstance(units, str) or units is None else list(units),
             "affine": None if affine is None else np.asarray(affine, float).tolist()}
-
-
-def _real(value):
-    """``value`` as a float if it is a real number (not a bool), else None."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def _positive(value):
-    """``value`` as a float if it is a finite, positive real number (not a bool), else None."""
-    v = _real(value)
-    return v if v is not None and math.isfinite(v) and v > 0 else None
-
-
-def _whole(value):
-    """Whether ``value`` is an integer (not a bool)."""
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
 
 
 def check_detection_parameters(threshold, relative_threshold, min_spacing, max_disks, sigma,

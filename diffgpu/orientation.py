@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .calibration import _positive, _real, _whole
 from .device import DeviceCache, array_module, host_threads, one_blas_thread, to_host_array
 from .kernels.matching import (GROUP_MIN_TEMPLATES, match_patterns, pack_into, packed_norms,
                                packed_shape, prepare_templates, radial_projection, template_groups,
@@ -181,11 +182,9 @@ def _as_library(library):
                     f"{type(library).__name__}")
 
 
-_REAL = (int, float, np.integer, np.floating)
-
-
 def _check_gamma(gamma):
-    if isinstance(gamma, bool) or not isinstance(gamma, _REAL) or not 0 < gamma <= 4:
+    g = _real(gamma)
+    if g is None or not 0 < g <= 4:
         raise ValueError(f"gamma (the intensity scaling, patterns ** gamma) must be in (0, 4]; "
                          f"got {gamma!r}")
 
@@ -197,7 +196,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     library = _as_library(library)
     _check_gamma(gamma)
     n_t = len(library)
-    if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or n_best < 1:
+    if not _whole(n_best) or n_best < 1:
         raise ValueError(f"n_best must be a positive integer; got {n_best!r}")
     if n_best > n_t:
         raise ValueError(f"n_best={n_best} is larger than the library ({n_t} templates)")
@@ -212,9 +211,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
                          f"{library.reciprocal_radius:.3g} 1/Å: integrate to a larger radial_range "
                          "or simulate the library with a smaller reciprocal_radius")
     n_azim = az.size
-    if template_sigma is not None and (
-            isinstance(template_sigma, bool) or not isinstance(template_sigma, _REAL)
-            or not 0 < template_sigma < math.inf):
+    if template_sigma is not None and _positive(template_sigma) is None:
         raise ValueError(f"template_sigma (the spots' width, 1/Å) must be a positive number; got "
                          f"{template_sigma!r} (None: one radial bin)")
     sigma = template_sigma if template_sigma is not None else 1.0 * rad.scale * to_a
@@ -225,8 +222,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
         raise ValueError(f"template matching needs at least 2 azimuthal bins; the data have {n_azim}")
     if max_frequency is None:
         K = min(k_max, 64)
-    elif isinstance(max_frequency, bool) or not isinstance(max_frequency, (int, np.integer)) \
-            or not 2 <= max_frequency <= k_max:
+    elif not _whole(max_frequency) or not 2 <= max_frequency <= k_max:
         raise ValueError(f"max_frequency must be an integer from 2 to {k_max} (n_azim // 2 + 1 "
                          f"for {n_azim} azimuthal bins); got {max_frequency!r}")
     else:
@@ -631,15 +627,14 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
                          f"the matches' scan {matches.axes_manager.navigation_shape}")
     _check_same_library(library, matches.metadata.Library)
     for name, value in (("step", step), ("min_step", min_step)):
-        if isinstance(value, bool) or not isinstance(value, _REAL) or not 0 < value < math.inf:
+        if _positive(value) is None:
             raise ValueError(f"{name} must be a positive number of degrees; got {value!r}")
     if min_step > step:
         raise ValueError(f"min_step ({min_step!r}) must not exceed step ({step!r}): the search "
                          "halves the step down to min_step")
     for name, value, unit in (("accelerating_voltage", accelerating_voltage, "kV"),
                               ("max_excitation_error", max_excitation_error, "1/Å")):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, _REAL)
-                                  or not 0 < value < math.inf):
+        if value is not None and _positive(value) is None:
             raise ValueError(f"{name} must be a positive number ({unit}), or None for the "
                              f"library's; got {value!r}")
     cal = _polar_calibration(polar)
@@ -653,8 +648,7 @@ def refine_orientations(matches, polar, library, gamma=None, smooth=1.0, step=0.
     phase_list = matches._phases()[0]
     nav = tuple(matches.data.shape[:-2])
     n_best, n_cols = (int(n) for n in matches.data.shape[-2:])
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) \
-            or candidates < 1:
+    if not _whole(candidates) or candidates < 1:
         raise ValueError(f"candidates must be a positive integer; got {candidates!r}")
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1); got {margin!r}")

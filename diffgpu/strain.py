@@ -29,6 +29,7 @@ import warnings
 
 import numpy as np
 
+from .calibration import _positive, _whole
 from .device import DeviceCache, _is_dask, array_module, is_device_array, to_host_array
 from .kernels.lattice import (LATTICE_FIELDS, BasisError, _frequent_differences, _plan, find_basis,
                               fit_lattices)
@@ -475,12 +476,10 @@ def _check_vectors(vectors, name, min_length=None):
 
 def _check_fit_parameters(min_disks, tolerance, iterations):
     """The lattice fit's ``min_disks``, ``tolerance`` and ``iterations``, or a ValueError."""
-    from .disks import _positive, _whole as whole
-
-    if not whole(min_disks) or min_disks < 3:
+    if not _whole(min_disks) or min_disks < 3:
         raise ValueError(f"min_disks must be an integer of at least 3 (a lattice fit of the "
                          f"origin, g1 and g2 needs 3 disks not on one row); got {min_disks!r}")
-    if not whole(iterations) or iterations < 1:
+    if not _whole(iterations) or iterations < 1:
         raise ValueError(f"iterations (fit, reject and re-index passes) must be an integer of at "
                          f"least 1; got {iterations!r}")
     if tolerance is not None:
