@@ -405,10 +405,9 @@ def _primitive_cell(basis_q, sets, basis_px, lmat):
         found = np.stack(_frequent_differences(sets, 1.0, 0.25), axis=1)
     except BasisError:
         return basis_q
-    n = np.linalg.solve(found, basis_q)
-    whole = np.rint(n)
-    det = int(round(abs(np.linalg.det(whole))))
-    if np.abs(n - whole).max() > 0.1 or det < 2:
+    whole = _integer_cell(basis_q, found)
+    det = 0 if whole is None else int(round(abs(np.linalg.det(whole))))
+    if det < 2:
         return basis_q
     primitive = basis_q @ np.linalg.inv(whole)
     shown = (np.linalg.inv(lmat) @ primitive).T.round(3).tolist()
@@ -427,11 +426,18 @@ def _to_basis_cell(ref_q, basis_q):
     for vector: the fits are output closest to ``basis_q``, and strain compares the two vector
     by vector (a centred or relabelled reference cell, e.g. (g1, g1 + g2), would read as a
     large strain). Unchanged unless ``basis_q^-1 ref_q`` is an integer matrix within 0.1."""
-    n = np.linalg.solve(basis_q, ref_q)
-    whole = np.rint(n)
-    if np.abs(n - whole).max() > 0.1 or round(np.linalg.det(whole)) < 1:
+    whole = _integer_cell(ref_q, basis_q)
+    if whole is None or round(np.linalg.det(whole)) < 1:
         return ref_q
     return ref_q @ np.linalg.inv(whole)
+
+
+def _integer_cell(cell, of):
+    """The integer matrix ``N`` with ``cell = of N`` (vectors as columns), or None where the
+    vectors of ``cell`` are not whole combinations of those of ``of`` (within 0.1)."""
+    n = np.linalg.solve(of, cell)
+    whole = np.rint(n)
+    return whole if np.abs(n - whole).max() <= 0.1 else None
 
 
 def _min_length(metadata):
