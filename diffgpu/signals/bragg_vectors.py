@@ -60,6 +60,12 @@ class BraggVectors(DeviceMixin, Signal2D):
         -------
         hyperspy Signal2D in detector pixels.
 
+        Raises
+        ------
+        ValueError
+            Where no disk was found anywhere and ``metadata.BraggDisks.detector_shape`` is
+            not set (nothing gives the map's size).
+
         Examples
         --------
         >>> import numpy as np, diffgpu
@@ -75,6 +81,10 @@ class BraggVectors(DeviceMixin, Signal2D):
         d = d[np.all(np.isfinite(d), axis=1)]
         ny, nx = self.metadata.get_item("BraggDisks.detector_shape", [0, 0])
         if not ny:
+            if not len(d):  # nothing to size the map from
+                raise ValueError("these vectors hold no disks and no detector shape: set "
+                                 "metadata.BraggDisks.detector_shape to [rows, columns] to get "
+                                 "an empty map")
             ny, nx = int(np.ceil(d[:, 1].max())) + 1, int(np.ceil(d[:, 0].max())) + 1
         hist, _, _ = np.histogram2d(d[:, 1], d[:, 0], bins=(ny * bins, nx * bins),
                                     range=((-0.5, ny - 0.5), (-0.5, nx - 0.5)),

@@ -69,10 +69,127 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
 
     _signal_type = "diffraction_patterns"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._adopt_pyxem_mask()
+
+    def _adopt_pyxem_mask(self):
+        """Move pyxem's detector mask (``metadata.General.mask``, True = excluded, which pyxem's
+        own integration applies) to ``calibration.mask`` where none is set: a pyxem signal
+        made ours (``set_signal_type``, :func:`~diffgpu.as_diffraction_patterns`, a file)
+        would otherwise lose it silently. Moved, not copied, so that a mask removed later
+        does not come back from the old place."""
+        from ..calibration import check_mask
+
+        md = self.metadata
+        theirs = md.get_item("General.mask")
+        if theirs is None or md.has_item("Diffraction.mask") or \
+                self.axes_manager.signal_dimension != 2:
+            return
+        try:
+            mask = check_mask(getattr(theirs, "data", theirs), self.axes_manager.signal_shape[::-1])
+        except (TypeError, ValueError):
+            return  # not a detector mask: left as it is
+        md.set_item("Diffraction.mask", mask)
+        del md.General.mask
+
     @property
     def calibration(self):
         """Centre, pixel scale, units, mask and beam energy: see :class:`~diffgpu.calibration.Calibration`."""
         return Calibration(self)
+
+    # -- the detector mask follows HyperSpy's changes of the detector ---------------------------
+    # (the centre and scale live in the axes, which HyperSpy updates; the mask is metadata,
+    # which it copies unchanged, and a stale mask breaks every operation on the new detector)
+    def _mask_axes(self):
+        """``(mask, x axis, y axis)`` where a detector mask is set, else None."""
+        if not self.metadata.has_item("Diffraction.mask") or \
+                self.axes_manager.signal_dimension != 2:
+            return None
+        ax_x, ax_y = self.axes_manager.signal_axes
+        mask = np.asarray(self.metadata.Diffraction.mask)
+        if mask.shape != (ax_y.size, ax_x.size):  # not this detector's: nothing to follow
+            return None
+        return mask, ax_x, ax_y
+
+    @staticmethod
+    def _set_mask(target, mask):
+        """Store ``mask`` in ``target``'s metadata if it fits its detector, else remove it."""
+        md = target.metadata
+        sig = target.axes_manager.signal_shape[::-1]
+        if mask is not None and mask.ndim == 2 and len(sig) == 2 and mask.shape == tuple(sig):
+            md.set_item("Diffraction.mask", mask)
+        elif md.has_item("Diffraction.mask"):
+            del md.Diffraction.mask  # no detector image any more (a line or a pixel of it)
+
+    def _slicer(self, slices, isNavigation=None, out=None):
+        """HyperSpy's slicing, with ``calibration.mask`` cut like the detector (``isig``)."""
+        found = None if isNavigation else self._mask_axes()
+        array_slices = self._get_array_slices(slices, isNavigation) if found else None
+        result = super()._slicer(slices, isNavigation, out)
+        if found:
+            mask, ax_x, ax_y = found
+            sy, sx = array_slices[ax_y.index_in_array], array_slices[ax_x.index_in_array]
+            kept = isinstance(sy, slice) and isinstance(sx, slice)
+            self._set_mask(out if out is not None else result, mask[sy, sx] if kept else None)
+        return result
+
+    def crop(self, axis, start=None, end=None, convert_units=False):
+        """Crop as HyperSpy does, in place; a detector axis crops ``calibration.mask`` too."""
+        found = self._mask_axes()
+        ax = self.axes_manager[axis]
+        window = None
+        if found and (ax is found[1] or ax is found[2]):
+            window = (ax is found[2], slice(ax._get_index(start), ax._get_index(end)))
+        super().crop(axis, start=start, end=end, convert_units=convert_units)
+        if window:
+            rows, cut = window
+            mask = found[0]
+            self._set_mask(self, mask[cut] if rows else mask[:, cut])
+
+    def swap_axes(self, axis1, axis2, optimize=False):
+        """Swap two axes as HyperSpy does; swapping the detector's x and y transposes
+        ``calibration.mask``, and swapping a detector axis with a scan axis removes it."""
+        found = self._mask_axes()
+        result = super().swap_axes(axis1, axis2, optimize=optimize)
+        if found:
+            mask, ax_x, ax_y = found
+            swapped = {id(self.axes_manager[axis1]), id(self.axes_manager[axis2])}
+            detector = {id(ax_x), id(ax_y)}
+            if swapped == detector and len(swapped) == 2:
+                mask = mask.T
+            elif swapped & detector and len(swapped) == 2:
+                mask = None
+            self._set_mask(result, mask)
+        return result
+
+    def rebin(self, new_shape=None, scale=None, crop=True, dtype=None, out=None):
+        """Rebin as HyperSpy does (its parameters); ``calibration.mask`` is rebinned too, a new
+        pixel being masked where any part of a masked one falls in it.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.ones((2, 8, 8), dtype="float32"))
+        >>> s.calibration.mask = np.eye(8, dtype=bool)
+        >>> s.rebin(scale=(1, 4, 4)).calibration.mask
+        array([[ True, False],
+               [False,  True]])
+        """
+        from hyperspy.misc import array_tools
+
+        found = self._mask_axes()
+        factors = self._validate_rebin_args_and_get_factors(new_shape=new_shape, scale=scale) \
+            if found else None
+        result = super().rebin(new_shape=new_shape, scale=scale, crop=crop, dtype=dtype, out=out)
+        if found:
+            mask, ax_x, ax_y = found
+            fy, fx = factors[ax_y.index_in_array], factors[ax_x.index_in_array]
+            if fy != 1 or fx != 1:
+                # a binned pixel that holds any part of a bad one is bad
+                mask = array_tools.rebin(mask.astype(np.float32), scale=(fy, fx), crop=crop) > 0
+            self._set_mask(out if out is not None else result, mask)
+        return result
 
     def get_azimuthal_integral2d(self, npt, npt_azim=360, radial_range=None, azimuth_range=None,
                                  mask=None, mean=False, inplace=False, radial_unit=None,

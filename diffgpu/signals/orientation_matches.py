@@ -524,7 +524,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
 
         With several phases, each position is coloured with the key of its own phase's
         Laue group. ``direction`` is the laboratory axis, ``"x"``, ``"y"`` or ``"z"`` (the
-        beam). Returns the matplotlib axes.
+        beam). Positions where nothing matched (not indexed: see :meth:`get_phase_map`) are
+        black. Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
         from orix.plot import IPFColorKeyTSL
@@ -537,7 +538,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
                              f"whose inverse pole figure colours the map); got {direction!r}")
         vec = axes[direction]()
         phases, _ = self._phases()
-        index = self._host_matches()[..., 0, 1].astype(np.int64).ravel()
+        # positions where nothing matched stay black, as in plot_phase_map (-1: not indexed)
+        index = _indexed_phase(self._host_matches()).ravel()
         rot = self.to_rotations().data[..., 0, :].reshape(-1, 4)  # row-major, unlike flatten()
         rgb = np.zeros((index.size, 3))
         for i, phase in enumerate(phases):

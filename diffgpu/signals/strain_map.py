@@ -44,11 +44,13 @@ class StrainMap(DeviceMixin, Signal1D):
 
     def _slicer(self, slices, isNavigation=None, out=None):
         """HyperSpy's slicing, with ``metadata.Strain.n_failed`` counted for the slice (for a
-        lazy slice it is counted when computed)."""
+        lazy slice it is counted when computed; a single component has none)."""
         result = super()._slicer(slices, isNavigation, out)
         target = out if out is not None else result
         if target.metadata.has_item("Strain.n_failed"):
-            if target._lazy:
+            # a lazy slice is counted when computed; a component taken out (isig[0]) is a
+            # plain HyperSpy signal, for which the strain map's count means nothing
+            if target._lazy or not isinstance(target, StrainMap):
                 target.metadata.Strain.__delattr__("n_failed")
             else:
                 target.metadata.Strain.n_failed = target.n_failed
@@ -190,4 +192,11 @@ class LazyStrainMap(LazyDeviceMixin, LazySignal1D, StrainMap):
         warn_failed(n_failed, int(np.prod(arr.shape[:-1])),
                     self.metadata.get_item("Strain.min_disks", 0))
 
-    plot = StrainMap.plot
+    def plot(self, *args, limit=None, cmap="RdBu_r", theta_cmap="PiYG", **kwargs):
+        if self.axes_manager.navigation_dimension == 2 and not args and not kwargs:
+            return StrainMap.plot(self, limit=limit, cmap=cmap, theta_cmap=theta_cmap)
+        # HyperSpy's lazy plot (its navigator made lazily), not the eager one that
+        # StrainMap.plot falls back to
+        return LazyDeviceMixin.plot(self, *args, **kwargs)
+
+    plot.__doc__ = StrainMap.plot.__doc__

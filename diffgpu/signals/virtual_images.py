@@ -12,7 +12,25 @@ from ._device import DeviceMixin, LazyDeviceMixin
 __all__ = ["VirtualImages", "LazyVirtualImages", "VirtualProfiles", "LazyVirtualProfiles"]
 
 
-class VirtualImages(DeviceMixin, Signal2D):
+class _DetectorSlicing:
+    """Keeps ``metadata.VirtualDetectors.detectors`` (one description per image) in step with
+    the ``detector`` axis when it is sliced (HyperSpy copies metadata unchanged)."""
+
+    def _slicer(self, slices, isNavigation=None, out=None):
+        result = super()._slicer(slices, isNavigation, out)
+        described = self.metadata.get_item("VirtualDetectors.detectors")
+        axis = next((ax for ax in self.axes_manager._axes if ax.name == "detector"), None)
+        if described is None or axis is None or len(described) != axis.size:
+            return result
+        cut = self._get_array_slices(slices, isNavigation)[axis.index_in_array]
+        described = list(described)
+        kept = described[cut] if isinstance(cut, slice) else [described[cut]]
+        target = out if out is not None else result
+        target.metadata.set_item("VirtualDetectors.detectors", kept)
+        return result
+
+
+class VirtualImages(_DetectorSlicing, DeviceMixin, Signal2D):
     """Images of the scan, one per virtual detector (the navigation axis ``detector``).
 
     Made by :meth:`DiffractionPatterns.get_virtual_image` for a scan of two navigation axes
@@ -36,7 +54,7 @@ class LazyVirtualImages(LazyDeviceMixin, LazySignal2D, VirtualImages):
     _lazy = True
 
 
-class VirtualProfiles(DeviceMixin, Signal1D):
+class VirtualProfiles(_DetectorSlicing, DeviceMixin, Signal1D):
     """The virtual images of a scan with one navigation axis (a line scan, or a stack of
     frames): one profile along the scan per virtual detector (the navigation axis
     ``detector``).
