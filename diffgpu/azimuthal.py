@@ -237,7 +237,7 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
         "npt_azim": npt_azim, "radial_range": list(geom.radial_range),
         "azimuth_range_deg": list(geom.azimuth_range), "radial_unit": geom.radial_unit,
         "mean": bool(mean), "curved_ewald": bool(curved_ewald),
-        "affine": None if affine is None else list(geom.affine),
+        "affine": None if geom.affine is None else list(geom.affine),  # given or calibration.affine
         "masked_pixels": 0 if combined_mask is None else int(combined_mask.sum()),
     }
     return OperationResult(result, axes, metadata, stype, lazy=signal._lazy,

@@ -6,7 +6,8 @@ import numpy as np
 
 from .calibration import detector_image
 from .detectors import disc_weights
-from .device import DeviceCache, array_module, to_host_array
+from .device import DeviceCache, _is_dask, array_module, to_host_array
+from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
 from .mapping import map_frames, map_weighted_sums, with_new_data
 from .results import OperationResult
@@ -71,6 +72,21 @@ def center_of_mass(signal, mask=None, threshold=None):
     weights = DeviceCache(_com_weights(shape, _region(signal, mask)))
     cx, cy = signal.calibration.center
 
+    bad = signal.calibration.mask
+    if threshold is not None and bad is not None and bad.any():
+        # masked pixels count as 0 in the frame's mean that the threshold scales too (a masked
+        # hot pixel would otherwise raise the cut above the beam)
+        n_pix = shape[0] * shape[1]
+        masked = DeviceCache(np.ascontiguousarray(bad.ravel()))
+
+        def moments(frames, w, m):
+            xp = array_module(frames)
+            sums = weighted_sums(frames.reshape(-1, n_pix), w.get(xp), threshold, "zero",
+                                 masked=m.get(xp))
+            return _com_from_sums(sums, xp, (cx, cy))
+
+        data = map_frames(signal.data, moments, (2,), np.float32, constants=(weights, masked))
+        return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
     # NaN and inf pixels count as 0, as in integration (and masked ones never count)
     data = map_weighted_sums(signal.data, weights, 3, out_shape=(2,), threshold=threshold,
                              nonfinite="zero",
@@ -225,6 +241,18 @@ _OPTIONS = {"center_of_mass": ("mask", "threshold"), "blur": ("sigma", "window")
             "cross_correlate": ("radius", "window")}
 
 
+def _size(value, name, what):
+    """A size in pixels as a finite positive float, or a ValueError naming the option (a
+    window of 0 would leave every beam on whole pixels; inf has no patch to take)."""
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of pixels ({what}); got {value!r}") from None
+    if not (np.isfinite(size) and size > 0):
+        raise ValueError(f"{name} must be positive and finite (pixels: {what}); got {value!r}")
+    return size
+
+
 def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=None, sigma=None,
                          radius=None, window=None):
     """Shared implementation of :meth:`DiffractionPatterns.get_direct_beam_position`."""
@@ -254,10 +282,8 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
     # masked pixels count as 0 (None: nothing masked, no constant to move to a GPU)
     valid = None if bad is None or not bad.any() else DeviceCache(~bad)
     if method == "blur":
-        if window is None:
-            window = 4 * sigma
-        if not (sigma > 0 and window > 0):
-            raise ValueError(f"sigma and window must be positive; got {sigma}, {window}")
+        sigma = _size(sigma, "sigma", "the Gaussian blur")
+        window = 4 * sigma if window is None else _size(window, "window", "the refinement radius")
 
         def position(f, xp):
             return _blur_position(f, sigma, window)
@@ -265,15 +291,12 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
         if radius is None:
             raise ValueError("method='cross_correlate' needs radius= (the direct beam's disc "
                              "radius in pixels)")
-        if not radius > 0:
-            raise ValueError(f"radius must be positive (the direct beam's disc radius in "
-                             f"pixels); got {radius}")
+        radius = _size(radius, "radius", "the direct beam's disc radius")
         ny, nx = signal.calibration.detector_shape
         if 2 * radius > min(ny, nx):  # the template's wrapped copies would overlap
             raise ValueError(f"radius={radius} px is too large for the {ny} x {nx} px detector: "
                              f"the disc's diameter must fit on it (radius at most {min(ny, nx) / 2:g})")
-        if window is None:
-            window = radius
+        window = radius if window is None else _size(window, "window", "the refinement radius")
 
         template = DeviceCache(_disc_template(signal.calibration.detector_shape, radius))
 
@@ -314,14 +337,21 @@ def _shift_array(signal, shifts):
 
 
 def _scan_shaped(value, nav_shape, name):
-    """One shift component broadcast to the scan shape, or a ValueError naming both shapes."""
-    value = np.asarray(to_host_array(_array_of(value)), float)
+    """One shift component broadcast to the scan shape (float32; a dask array stays lazy, so
+    lazy beam shifts are not computed here), or a ValueError naming both shapes."""
+    value = _array_of(value)
+    if _is_dask(value):
+        import dask.array as da
+
+        value, broadcast = to_host_array(value).astype(np.float32), da.broadcast_to
+    else:
+        value, broadcast = np.asarray(to_host_array(value), np.float32), np.broadcast_to
     try:
-        return np.broadcast_to(value, nav_shape)
+        return broadcast(value, nav_shape)
     except ValueError:
-        raise ValueError(f"{name} of shape {value.shape} does not fit the scan shape {nav_shape}: "
-                         "give one number or an array of the scan shape (or one that broadcasts "
-                         "to it)") from None
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not fit the scan shape "
+                         f"{nav_shape}: give one number or an array of the scan shape (or one "
+                         "that broadcasts to it)") from None
 
 
 def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
@@ -332,7 +362,12 @@ def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
     else:
         sx, sy = (_scan_shaped(value, nav_shape, name)
                   for value, name in ((shift_x, "shift_x"), (shift_y, "shift_y")))
-        shifts = np.stack([sx, sy], axis=-1).astype(np.float32)
+        if _is_dask(sx) or _is_dask(sy):
+            import dask.array as da
+
+            shifts = da.stack([da.asarray(sx), da.asarray(sy)], axis=-1)
+        else:
+            shifts = np.stack([sx, sy], axis=-1)
     if not signal._lazy:
         shifts = to_host_array(shifts)
     result = map_frames(signal.data, shift_frames, tuple(signal.data.shape[-2:]), np.float32,

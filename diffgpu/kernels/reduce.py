@@ -26,7 +26,7 @@ BLOCK = 32  # frames converted and multiplied at a time: 32 x 256 x 256 float32 
 NONFINITE = ("weighted", "zero")
 
 
-def weighted_sums(frames, weights, threshold=None, nonfinite="weighted"):
+def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=None):
     """``frames @ weights`` in float32, a block of frames at a time.
 
     Parameters
@@ -43,6 +43,10 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted"):
         that give it a non-zero weight and leaves the others alone (a pixel of zero weight
         never contributes, whatever it holds). ``"zero"``: it counts as 0 (as masked), also
         in the frame's mean for ``threshold``. Integer frames cannot hold either.
+    masked : array of the same module, optional
+        ``(pixels,)`` bool, True for pixels left out (``calibration.mask``): they count as 0
+        in the frame's mean for ``threshold`` too, whatever they hold (their weights are 0
+        already), so a masked hot pixel does not raise the cut.
 
     Returns
     -------
@@ -90,6 +94,8 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted"):
             if floats:  # non-finite pixels count as 0 in the mean and the sums
                 bad = ~xp.isfinite(block)
                 block = xp.where(bad, xp.float32(0), block)
+            if masked is not None:
+                block = xp.where(masked[None], xp.float32(0), block)
             cut = threshold * block.mean(axis=1, keepdims=True)
             block = xp.where(block >= cut, block, xp.float32(0))
         with np.errstate(invalid="ignore"):
