@@ -129,6 +129,8 @@ def _offsets(shape, center, affine=None):
 
 
 def _radial_profile(img, weight, center, step=0.5, affine=None):
+    """Mean intensity in radius bins of ``step`` pixels (NaN where no unmasked pixel lies),
+    and the fraction of each bin's circle that has unmasked pixels on the detector."""
     dx, dy = _offsets(img.shape, center, affine)
     r = np.hypot(dx, dy)
     b = (r / step).astype(int)
@@ -136,10 +138,47 @@ def _radial_profile(img, weight, center, step=0.5, affine=None):
     n = np.bincount(b.ravel(), weight.ravel())
     with np.errstate(invalid="ignore", divide="ignore"):
         prof = s / n
-    return np.nan_to_num(prof), step
+    radius = (np.arange(len(n)) + 0.5) * step
+    coverage = np.minimum(n / (2 * np.pi * radius * step), 1.0)
+    return prof, step, coverage
 
 
-def _sharpest_center(img, weight, guess, half_range, step, affine=None):
+def _filled(prof):
+    """``prof`` with its NaN bins (no pixels: a masked centre, a beam stop) interpolated
+    from their neighbours (the ends held), for smoothing and peak search."""
+    ok = np.isfinite(prof)
+    if ok.all() or not ok.any():
+        return np.nan_to_num(prof)
+    i = np.arange(len(prof))
+    return np.interp(i, i[ok], prof[ok])
+
+
+def _beam_radius(prof, step):
+    """Where the direct beam's tail ends in a radial profile: 0 unless the profile's
+    maximum (over its inner third) lies within 3 pixels of its first measured radius; then
+    the radius beyond which the (1-pixel smoothed) profile no longer falls by more than 15%
+    per pixel. Rings sit outside it; inside, the beam's steep tail left peaks of the
+    profile (next to a masked beam stop) and structure in its high-pass (where the rings
+    are few) that the scale and the ellipticity were fitted to."""
+    from scipy.ndimage import gaussian_filter1d
+
+    ok = np.flatnonzero(np.isfinite(prof))
+    if len(ok) < 8:
+        return 0.0
+    first = ok[0]
+    sm = gaussian_filter1d(_filled(prof), 1.0 / step)
+    inner = sm[first:first + max(8, (len(sm) - first) // 3)]
+    top = first + int(np.argmax(inner))
+    if (top - first) * step > 3 or sm[top] <= 0:
+        return 0.0
+    slope = -np.diff(np.log(np.maximum(sm, 1e-12 * sm[top]))) / step
+    i = top
+    while i < len(slope) and slope[i] > 0.15 and i - first < (len(sm) - first) // 3:
+        i += 1
+    return (i + 0.5) * step
+
+
+def _sharpest_center(img, weight, guess, half_range, step, affine=None, score=False):
     """The centre, on a grid of ``step`` pixels within ``half_range`` of ``guess``, about
     which the pattern's radial profile explains most of its variance (rings are sharpest
     there): the sum over 1-pixel radius bins of ``bin sum^2 / bin count``. Only unmasked
@@ -161,29 +200,52 @@ def _sharpest_center(img, weight, guess, half_range, step, affine=None):
                          a[1, 0] * (x - cx) + a[1, 1] * (y - cy)).astype(np.int64)
             n = np.bincount(b)
             t = np.bincount(b, v)
-            score = np.sum(t[n > 0] ** 2 / n[n > 0])
-            if score > best:
-                best, where = score, (cx, cy)
-    return np.array(where, float)
+            value = np.sum(t[n > 0] ** 2 / n[n > 0])
+            if value > best:
+                best, where = value, (cx, cy)
+    return (np.array(where, float), best) if score else np.array(where, float)
 
 
 def _robust_center(img, weight, affine=None, start=None, near=False):
     """A first centre for the ring fit: coarse then fine :func:`_sharpest_center` around
-    the middle of the detector (over a quarter of its size either way), or around
-    ``start`` (over an eighth; a sixteenth when ``near``)."""
+    the middle of the detector (over a quarter of its size either way) and around the
+    brightest point of the smoothed pattern (the direct beam, where there is one: a pattern
+    centred a fifth of the detector from its edge was out of the middle's reach), the
+    sharper kept; or around ``start`` (over an eighth; a sixteenth when ``near``)."""
     ny, nx = img.shape
     size = max(nx, ny)
-    if start is None:
-        c = _sharpest_center(img, weight, ((nx - 1) / 2, (ny - 1) / 2), size / 4,
-                             max(1.0, size / 48), affine)
-    else:
-        c = _sharpest_center(img, weight, start, size / (16 if near else 8),
-                             max(1.0, size / 96), affine)
-    c = _sharpest_center(img, weight, c, max(1.0, size / 48), 1.0, affine)
-    return _sharpest_center(img, weight, c, 1.0, 0.25, affine)
+
+    def refined(c):
+        c = _sharpest_center(img, weight, c, max(1.0, size / 48), 1.0, affine)
+        return _sharpest_center(img, weight, c, 1.0, 0.25, affine, score=True)
+
+    if start is not None:
+        return refined(_sharpest_center(img, weight, start, size / (16 if near else 8),
+                                        max(1.0, size / 96), affine))[0]
+    middle = np.array([(nx - 1) / 2, (ny - 1) / 2])
+    best = refined(_sharpest_center(img, weight, middle, size / 4, max(1.0, size / 48), affine))
+    bright = _brightest(img, weight)
+    if np.max(np.abs(bright - middle)) > size / 4 - size / 48:
+        other = refined(_sharpest_center(img, weight, bright, size / 16, max(1.0, size / 96),
+                                         affine))
+        if other[1] > best[1]:
+            best = other
+    return best[0]
 
 
-def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4):
+def _brightest(img, weight):
+    """The brightest point (x, y) of the pattern smoothed over 2 pixels, unmasked only."""
+    from scipy.ndimage import gaussian_filter
+
+    num = gaussian_filter(img * weight, 2.0)
+    den = gaussian_filter(weight.astype(float), 2.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sm = np.where(den > 0.5, num / den, -np.inf)
+    y, x = np.unravel_index(np.argmax(sm), sm.shape)
+    return np.array([x, y], float)
+
+
+def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4, r_beam=0.0):
     """The distortion that makes the rings round, from the rings' radii by direction.
 
     The rings' radius along a direction ``u`` is ``g / |M u|``: a radial scale that varies
@@ -194,7 +256,9 @@ def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4)
     ``|A (p - c)|`` round. Repeated in the corrected frame (the first whole-pattern profile
     is smeared by the distortion itself). Without this, rings more than ~8% elliptical
     smeared the circular profile's peaks into their neighbours, and the ring points were
-    sought ``ellipticity / 2`` of the radius away from the rings.
+    sought ``ellipticity / 2`` of the radius away from the rings. Sectors reach as far as
+    the detector goes in their direction (arcs of rings count where the centre is off the
+    middle); radii within ``r_beam`` + 6 pixels (the direct beam's tail) are left out.
     """
     from scipy.ndimage import gaussian_filter1d
 
@@ -202,7 +266,8 @@ def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4)
     a_tot = np.eye(2) if start is None else np.array(start, float)
     sel = weight > 0
     ny, nx = img.shape
-    rmax = min(center[0], center[1], nx - 1 - center[0], ny - 1 - center[1])
+    rnear = min(center[0], center[1], nx - 1 - center[0], ny - 1 - center[1])
+    rmax = _reach(_radial_profile(img, weight, center, step)[2], step)
     if rmax < 16:
         return a_tot
     v = img[sel]
@@ -229,7 +294,7 @@ def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4)
                 return np.where(ok & (w > 0.2), f - gaussian_filter1d(f, 12) / w, np.nan)
 
         ref = highpass(ref)
-        inner = radius > 0.1 * rmax  # not the direct beam
+        inner = radius > max(0.1 * rnear, r_beam + 6.0)  # not the direct beam
         ref_ok = np.isfinite(ref)
         ref0 = np.where(ref_ok, ref, 0.0)
         phis, s_best = [], []
@@ -270,18 +335,37 @@ def _ellipse_affine(img, weight, center, start=None, n_sectors=24, iterations=4)
     return a_tot
 
 
-def _profile_peaks(prof, n_peaks=8):
+def _reach(coverage, step, least=0.25):
+    """The largest radius whose circle has at least ``least`` of its length on the detector
+    (unmasked): arcs of rings beyond the nearest edge still count."""
+    ok = np.flatnonzero(coverage >= least)
+    return float((ok[-1] + 0.5) * step) if len(ok) else 0.0
+
+
+def _profile_peaks(prof, n_peaks=8, step=0.5, r_beam=0.0):
+    """The radial profile's ``n_peaks`` most prominent peaks (bin indices) and their
+    prominences, outside the direct beam's tail (``r_beam``, pixels) and at least 2 pixels
+    from radii without pixels (the edge of a masked beam stop read as a peak)."""
     from scipy.ndimage import gaussian_filter1d
     from scipy.signal import find_peaks
 
-    sm = gaussian_filter1d(prof, 1.0)
+    sm = gaussian_filter1d(_filled(prof), 1.0)
     idx, props = find_peaks(sm, prominence=0)
-    order = np.argsort(props["prominences"])[::-1][:n_peaks]
-    return idx[order], props["prominences"][order]
+    gap = np.flatnonzero(~np.isfinite(prof))
+    keep = idx * step + step / 2 > r_beam
+    if len(gap):
+        keep &= np.min(np.abs(idx[:, None] - gap[None, :]), axis=1) * step > 2
+    idx, prom = idx[keep], props["prominences"][keep]
+    order = np.argsort(prom)[::-1][:n_peaks]
+    return idx[order], prom[order]
 
 
 def _match_scale(radii, weights, inv_d, tol=0.02):
-    """The px-per-(1/Å) factor that puts most (weighted) peaks on rings; and the rings hit."""
+    """The px-per-(1/Å) factor that puts most (weighted) peaks on rings; and the rings hit.
+
+    A peak's weight is its prominence, at most the median's: one outstanding peak (what is
+    left of a beam's tail, a hot ring of a texture) does not outvote the others."""
+    weights = np.minimum(weights, np.median(weights))
     best = (-1.0, None)
     for r in radii:
         for g in inv_d:
@@ -297,20 +381,23 @@ def _match_scale(radii, weights, inv_d, tol=0.02):
     return best[1]
 
 
-def _refine_scale(prof, step, inv_d, f, width, rmax, span=0.08):
+def _refine_scale(prof, step, inv_d, f, width, rmax, span=0.08, r_beam=0.0):
     """The scale (pixels per 1/Å) within ``span`` of ``f`` at which Gaussian rings of
     ``width`` at ``inv_d * scale`` best match the radial profile (its smooth background
     removed). Peaks of the profile alone put the first scale 6% off where rings merge
-    (rings 8-17 px from the centre, 1.2 px wide), too far for the fits that follow."""
+    (rings 8-17 px from the centre, 1.2 px wide), too far for the fits that follow. Radii
+    without pixels and the direct beam's tail (within ``r_beam`` + 3 widths) do not count."""
     from scipy.ndimage import gaussian_filter1d
 
     radius = (np.arange(len(prof)) + 0.5) * step
-    hp = prof - gaussian_filter1d(prof, 6 * width / step)
+    filled = _filled(prof)
+    hp = filled - gaussian_filter1d(filled, 6 * width / step)
+    hp[~np.isfinite(prof) | (radius < r_beam + 3 * width)] = 0.0
     scales = f * np.exp(np.linspace(-span, span, 641))
     best, where = -np.inf, f
     for trial in scales:
         r = inv_d * trial
-        r = r[(r > 4) & (r < rmax - 2 * width)]
+        r = r[(r > max(4.0, r_beam)) & (r < rmax - 2 * width)]
         if len(r) < 2:
             continue
         model = np.exp(-0.5 * ((radius[:, None] - r[None, :]) / width) ** 2).sum(1)
@@ -567,16 +654,17 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     # profile nor leave the windows the ring points are sought in)
     a0 = None
     c = _robust_center(img, weight, start=None if center is None else c)
+    r_beam = _beam_radius(_radial_profile(img, weight, c)[0], 0.5)
     for turn in range(4):
-        a1 = _ellipse_affine(img, weight, c, a0)
+        a1 = _ellipse_affine(img, weight, c, a0, r_beam=r_beam)
         settled = np.max(np.abs(a1 - np.eye(2))) < 2e-3 or (
             a0 is not None and np.max(np.abs(a1 - a0)) < 1e-3)
         a0 = a1
         if settled or turn == 3:  # (the distortion at the last centre)
             break
         c = _robust_center(img, weight, a0, c, near=True)
-    prof, step = _radial_profile(img, weight, c, affine=a0)
-    peaks, prom = _profile_peaks(prof)
+    prof, step, coverage = _radial_profile(img, weight, c, affine=a0)
+    peaks, prom = _profile_peaks(prof, step=step, r_beam=r_beam)
     if len(peaks) < 2:
         raise ValueError("fewer than two rings visible in the radial profile: check the "
                          "pattern, or give center= nearer the true centre")
@@ -589,12 +677,15 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
         from scipy.ndimage import gaussian_filter1d
         from scipy.signal import peak_widths
 
-        fwhm = np.median(peak_widths(gaussian_filter1d(prof, 1.0), peaks, rel_height=0.5)[0])
+        fwhm = np.median(peak_widths(gaussian_filter1d(_filled(prof), 1.0), peaks,
+                                     rel_height=0.5)[0])
         ring_width = max(1.0, fwhm * step / 2.355)
-    rmax = min(c[0], c[1], nx - 1 - c[0], ny - 1 - c[1])
-    stretch = np.linalg.norm(np.linalg.inv(a0), 2)  # a ring's longest radius / its mean
-    f = _refine_scale(prof, step, 1.0 / d, f, ring_width, rmax / stretch)
-    on_detector = [g for g in 1.0 / d if 4 < g * f and g * f * stretch < rmax - 4]
+    # rings out to where a quarter of their circle (in the corrected frame) is on the
+    # detector and unmasked: arcs of rings count (only whole circles did, so a centre a
+    # third of the detector from an edge left two rings, and a beam's tail outweighed them)
+    rmax = _reach(coverage, step)
+    f = _refine_scale(prof, step, 1.0 / d, f, ring_width, rmax, r_beam=r_beam)
+    on_detector = [g for g in 1.0 / d if max(4.0, r_beam) < g * f < rmax - 4]
     if n_rings is not None:
         on_detector = on_detector[: int(n_rings)]
     if len(on_detector) < 2:
@@ -667,6 +758,17 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
     top = max((a for a, _ in amplitudes.values()), default=0.0)
     missing = [g for g in use if g in amplitudes and (amplitudes[g][1] < 4 or
                                                       amplitudes[g][0] < 0.02 * top)]
+    # a ring that is an arc (cut by the detector's edge) and not seen is left out rather than
+    # refused: patterns fade towards the corners, and only a whole ring's absence shows that
+    # a spacing is wrong
+    rnear = min(c[0], c[1], nx - 1 - c[0], ny - 1 - c[1])
+    stretch = np.linalg.norm(np.linalg.inv(affine), 2)  # a ring's longest radius / its mean
+    arc = [g for g in missing if g / scale * stretch > rnear - 4]
+    missing = [g for g in missing if g not in arc]
+    use = [g for g in use if g not in arc]
+    if len(use) < 2 and not missing:
+        raise ValueError(f"fewer than two of the given rings are seen on the detector (scale "
+                         f"{scale:.4g} 1/Å per pixel): check d_spacings/phase and the centre")
     if missing:
         raise ValueError(
             f"no ring at d = {', '.join(f'{1 / g:.4g}' for g in missing)} Å where the fit of the "
@@ -674,9 +776,17 @@ def calibrate_from_rings(pattern, d_spacings=None, phase=None, center=None, mask
             f"spacing this pattern lacks, or a wrong one), or limit the rings with n_rings=")
     p_all, g_all, resid = ring_point_fit(params, use)  # how far the ring points lie off
     res = resid(params) * g_all / scale  # in pixels, roughly
+    rms = float(np.sqrt(np.mean(res**2)))
+    if not rms <= max(ring_width, 0.5):  # ring points off by more than a ring's width: the
+        # geometry followed something else (an unmasked beam stop's zeros, a wrong centre)
+        raise ValueError(
+            f"the rings' points lie {rms:.2g} px (RMS) off the fitted ellipses, more than the "
+            f"rings' width ({ring_width:.2g} px): the fit did not settle on the rings. Mask what "
+            f"is not the pattern (a beam stop, dead pixels: mask=), give center= (x, y), or "
+            f"check d_spacings/phase")
     big = vecs[:, 0]  # smallest eigenvalue of M: the rings' long axis
     return RingCalibration(
         center=(float(c[0]), float(c[1])), scale=scale, affine=affine,
         ellipticity=float(w[1] / w[0] - 1), ellipse_angle=_half_turn_angle(big),
         rings=[float(1 / g) for g in use],
-        rms_residual=float(np.sqrt(np.mean(res**2))), n_points=int(len(p_all)))
+        rms_residual=rms, n_points=int(len(p_all)))

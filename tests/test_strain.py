@@ -883,3 +883,56 @@ def test_device_path_matches_host_on_rotated_lattices(standin_gpu):
     dev.to_host()
     np.testing.assert_allclose(dev.data, host.data, atol=2e-5)
     _check_strain(host, s, tol=5e-4)
+
+
+def _beam_and_background(center, scale, shape=(256, 256), distortion=np.eye(2), dose=5e7,
+                         seed=2, beam=1000.0):
+    """Gold rings (ten) with a direct beam ``beam`` times the first ring's height and a
+    diffuse background six times it at the centre, as a real ring standard shows them."""
+    rings = [4.0782 / np.sqrt(h2) for h2 in (3, 4, 8, 11, 12, 16, 19, 20, 24, 27)]
+    img = ring_pattern(shape, center=center, scale=scale, d_spacings=rings,
+                       distortion=distortion, dose=None)
+    y, x = np.indices(shape, dtype=float)
+    r = np.hypot(x - center[0], y - center[1])
+    img = img / img.max() + 6 / (1 + (r / 20) ** 2) + beam * np.exp(-0.5 * (r / 3) ** 2)
+    img = np.random.default_rng(seed).poisson(img * dose / img.sum()).astype(np.float32)
+    return img, rings, (x, y)
+
+
+@pytest.mark.parametrize("case", ["beam stop, masked", "off centre: arcs", "near a corner",
+                                  "near a corner, beam stop masked"])
+def test_ring_calibration_with_a_beam_a_beam_stop_and_arcs(case):
+    """What ring standards look like: a direct beam far brighter than the rings on a diffuse
+    background, a beam stop, a pattern off the detector's middle. Before 2026-12-07: a masked
+    beam stop's edge read as the brightest ring (scale 7x off, an error); off the middle only
+    whole circles counted (two rings), and the beam's tail made the rings 18% elliptical,
+    with no error; a centre a fifth of the detector from two edges was never searched."""
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    scale = 0.0079
+    center = {"beam stop, masked": (128.3, 127.8), "off centre: arcs": (77.1, 115.0)}.get(
+        case, (51.5, 204.6))
+    distortion = _stretch(1.02, 60)
+    img, rings, (x, y) = _beam_and_background(center, scale, distortion=distortion)
+    mask = None
+    if "beam stop" in case:  # a bar from beyond the centre to the detector's edge
+        mask = (np.abs(y - center[1]) < 6) & (x > center[0] - 6)
+        img[mask] = 0
+    cal = calibrate_from_rings(img, d_spacings=rings, mask=mask)
+    true_scale, true_ellipticity = _ring_truth(distortion, scale)
+    assert cal.scale == pytest.approx(true_scale, rel=1e-3)
+    assert abs(cal.ellipticity - true_ellipticity) < 1e-3
+    np.testing.assert_allclose(cal.center, center, atol=0.1)
+    assert len(cal.rings) >= 8  # arcs beyond the nearest edge count
+
+
+def test_ring_calibration_refuses_a_fit_that_missed_the_rings():
+    """An unmasked beam stop off the middle: its zeros pulled the geometry 10-23% off the
+    true scale with no error; the ring points' residual now names it."""
+    from diffgpu.ring_calibration import calibrate_from_rings
+
+    center = (77.1, 115.0)
+    img, rings, (x, y) = _beam_and_background(center, 0.0079, seed=5)
+    img[(np.abs(y - center[1]) < 6) & (x > center[0] - 6)] = 0
+    with pytest.raises(ValueError, match="off the fitted ellipses.*mask="):
+        calibrate_from_rings(img, d_spacings=rings)
