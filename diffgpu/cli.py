@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -82,11 +83,12 @@ def _common(p):
     p.add_argument("--scale", type=float, help="detector pixel size in --units")
     p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
     p.add_argument("--mask", help=".npy file: detector-shaped mask, True = excluded; a bool "
-                                  "array, or integers or floats that are all 0 or 1 (1 = excluded)")
+                                  "array, or integers or floats that are all 0 or 1 (1 = excluded); "
+                                  "added to the file's own mask (gaps between chips, bad pixels)")
     p.add_argument("--navigation-shape", type=_positive_int, nargs="+", metavar="N",
                    help="scan shape (x, y), positive integers, for files that do not say: .mib "
-                        "without .hdr, EMPAD .raw, HDF5 frame stacks (other formats record it: "
-                        "an error there)")
+                        "without .hdr, EMPAD .raw, HDF5 and DigitalMicrograph frame stacks "
+                        "(other formats record it: an error there)")
     p.add_argument("--chunks", type=_positive_int, metavar="FRAMES",
                    help="about this many frames per chunk, a positive integer (whole scan rows "
                         "where they fit; a chunk gets at least 8 frames while that stays below "
@@ -110,20 +112,26 @@ def build_parser():
                       "the reader's chunks and diffgpu's, header fields")
     info.add_argument("--navigation-shape", type=_positive_int, nargs="+", metavar="N",
                       help="scan shape (x, y), positive integers, for files that do not say "
-                           "(.mib without .hdr, EMPAD .raw, HDF5 frame stacks; other formats "
-                           "record it: an error there)")
+                           "(.mib without .hdr, EMPAD .raw, HDF5 and DigitalMicrograph frame "
+                           "stacks; other formats record it: an error there)")
     demo = sub.add_parser("demo", help="the main job on built-in synthetic data (PNG figure)")
-    demo.add_argument("-o", "--output", default="demo-output")
-    demo.add_argument("--nav", type=int, nargs=2, default=(32, 32), metavar=("ROWS", "COLS"))
-    demo.add_argument("--sig", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"))
-    demo.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    demo.add_argument("-o", "--output", default="demo-output",
+                      help="directory for the figures (made if needed; default demo-output)")
+    demo.add_argument("--nav", type=_positive_int, nargs=2, default=(32, 32),
+                      metavar=("ROWS", "COLS"), help="scan shape of the synthetic data")
+    demo.add_argument("--sig", type=_positive_int, nargs=2, default=(128, 128),
+                      metavar=("ROWS", "COLS"), help="detector shape of the synthetic data")
+    demo.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                      help="where to compute (auto: a GPU if one works)")
 
     integ = sub.add_parser("integrate", help="azimuthal integration (2D polar, or 1D profiles)")
     _common(integ)
     integ.add_argument("--npt", type=int, default=100, help="radial bins")
     integ.add_argument("--npt-azim", type=int, default=360, help="azimuthal bins (2D)")
     integ.add_argument("--1d", dest="one_d", action="store_true", help="radial profiles only")
-    integ.add_argument("--radial-range", type=float, nargs=2, metavar=("START", "STOP"))
+    integ.add_argument("--radial-range", type=float, nargs=2, metavar=("START", "STOP"),
+                       help="radii integrated, in the detector's calibrated units (--units); "
+                            "default from 0 to the farthest detector corner")
     integ.add_argument("--mean", action="store_true", help="mean per pixel instead of sum")
 
     virt = sub.add_parser("virtual", help="virtual images (discs, annuli) in one pass")
@@ -144,7 +152,8 @@ def build_parser():
                           "from the centre (an error otherwise)")
     ori.add_argument("--voltage", type=float, default=200.0, help="accelerating voltage, kV")
     ori.add_argument("--npt", type=int, default=64, help="radial bins of the polar patterns")
-    ori.add_argument("--n-best", type=int, default=1)
+    ori.add_argument("--n-best", type=int, default=1,
+                     help="matches kept per pattern, best first (2 or more for --reliability)")
     ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG (or .pdf, "
                      ".svg, ...; checked before the run: directory exists, not there unless "
                      "--overwrite)")
@@ -200,7 +209,7 @@ def cmd_info(args):
         try:
             rows = describe(args.file, navigation_shape=args.navigation_shape)
         except (OSError, ValueError) as err:
-            raise InputError(str(err)) from err
+            raise InputError(_cli_words(str(err))) from err
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print(f"{key:<{width}}  {value}")
@@ -230,7 +239,13 @@ def cmd_info(args):
 def cmd_demo(args):
     from .demo import main_job
 
-    main_job(args.output, tuple(args.nav), tuple(args.sig), args.device)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InputError(f"-o '{args.output}' is a file, not a directory (the demo writes its "
+                         "figures into a directory, made if needed)")
+    try:
+        main_job(args.output, tuple(args.nav), tuple(args.sig), args.device)
+    except OSError as err:  # a directory that cannot be made or written
+        raise InputError(f"-o '{args.output}': {err.strerror or err}") from err
     return EXIT_OK
 
 
@@ -253,6 +268,17 @@ def _with_chunks(args, s, nav):
     return s
 
 
+# a reader's advice: "pass navigation_shape=(12,) to read ...", "navigation_shape=(11,) reads ..."
+_NAV_ARG = re.compile(r"navigation_shape=(?:\((\d+(?:, ?\d+)*),?\))?(?= to read| reads|$)")
+
+
+def _cli_words(message):
+    """A reader's message in the command line's words: its advice to pass
+    ``navigation_shape=(11,)`` is the option ``--navigation-shape 11`` here."""
+    return _NAV_ARG.sub(lambda m: "--navigation-shape" + (
+        " " + " ".join(n.strip() for n in m.group(1).split(",")) if m.group(1) else ""), message)
+
+
 def _load(args):
     import diffgpu
 
@@ -268,7 +294,7 @@ def _load(args):
     except FileNotFoundError as err:
         raise InputError(str(err)) from err
     except (OSError, ValueError) as err:
-        raise InputError(str(err)) from err
+        raise InputError(_cli_words(str(err))) from err
     if isinstance(s, list):
         raise InputError(f"'{args.input}' holds {len(s)} signals; diffgpu batch runs take one")
     if not isinstance(s, diffgpu.DiffractionPatterns):
@@ -281,12 +307,17 @@ def _load(args):
         _check_center(args.center, s.calibration.detector_shape)
         s.calibration.center = tuple(args.center)
     if args.mask:
+        import numpy as np
+
         mask = _load_npy(args.mask, "mask")
+        own = s.calibration.mask  # the file's (gaps between chips, bad pixels): kept
         try:
             # (the calibration's check: bool, or numbers that are all 0 or 1)
             s.calibration.mask = mask
         except ValueError as err:
             raise InputError(f"mask '{args.mask}': {err}") from err
+        if own is not None:
+            s.calibration.mask = s.calibration.mask | np.asarray(own, dtype=bool)
     if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
         s.to_device()
     return s
@@ -322,15 +353,16 @@ def _check_not_a_plain_directory(path):
 
 
 def _check_navigation_shape_applies(path):
-    """--navigation-shape is for readers that take it: .mib, EMPAD and HDF5 frame stacks."""
+    """--navigation-shape is for readers that take it: .mib, EMPAD, HDF5 and DM frame stacks
+    (the DM reader says itself when a file holds no stack)."""
     from .io import _reader_for
 
     reader = _reader_for(path)
     name = getattr(getattr(reader, "__loader__", None), "name", "")
-    if not name.endswith((".mib", ".empad", ".hdf5")):
+    if not name.endswith((".mib", ".empad", ".hdf5", ".dm")):
         raise InputError(f"--navigation-shape applies only to files that do not record the scan "
-                         f"shape (.mib without .hdr, EMPAD .raw, HDF5 frame stacks); '{path}' "
-                         "records it: leave the option out")
+                         f"shape (.mib without .hdr, EMPAD .raw, HDF5 and DigitalMicrograph frame "
+                         f"stacks); '{path}' records it: leave the option out")
 
 
 def _check_center(center, detector_shape):
@@ -359,18 +391,30 @@ def _check_outputs(args):
     the figures of a format matplotlib writes, each in an existing directory, none there
     already unless --overwrite, no two the same."""
     seen = {}
+    inputs = _input_paths(args)
     for option, path in [("-o", args.output)] + _figure_paths(args):
         full = os.path.abspath(path)
+        read = inputs.get(os.path.realpath(full))
+        if read is not None:  # --overwrite would replace the data by the result
+            raise InputError(f"{option} '{path}' is the {read} file: write the result to "
+                             "another path")
         folder, ext = os.path.dirname(full), os.path.splitext(full)[1].lower()
         if option == "-o":
             if ext != ".zspy":
                 raise InputError(f"output must be a .zspy path; got '{path}'")
+            if not full.endswith(".zspy"):  # HyperSpy reads a store back only by that name
+                raise InputError(f"output '{path}': write the extension .zspy in lower case "
+                                 "(HyperSpy reads a store back only under a name ending in "
+                                 "'.zspy')")
         else:
             formats = _figure_formats()
             if ext[1:] not in formats:
                 raise InputError(f"{option} '{path}': the file name must end with a figure format "
                                  f"({', '.join('.' + f for f in sorted(formats))}); got "
                                  f"{ext or 'no extension'}")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError(f"{option} '{path}': '{os.path.dirname(path)}' is a file, not a "
+                             "directory")
         if not os.path.isdir(folder):
             raise InputError(f"{option} '{path}': the directory '{os.path.dirname(path) or '.'}' "
                              "does not exist (diffgpu does not create directories: create it "
@@ -384,6 +428,14 @@ def _check_outputs(args):
             raise InputError(f"'{path}' exists (use --overwrite to replace it)")
         if option == "-o":
             _check_replaceable(full)
+
+
+def _input_paths(args):
+    """The files this run reads (real paths) -> what each is (``"input"``, ``"--mask"``,
+    ...): none of them may be an output."""
+    given = [("input", getattr(args, "input", None))]
+    given += [(f"--{opt}", getattr(args, opt, None)) for opt in ("mask", "template", "rings")]
+    return {os.path.realpath(path): what for what, path in reversed(given) if path}
 
 
 def _check_replaceable(output):
@@ -816,6 +868,8 @@ def main(argv=None):
     if args.command == "orientation" and args.reliability and args.n_best < 2:
         parser.error("--reliability compares the best match with the next ones: give --n-best 2 "
                      "or more (e.g. 5)")
+    if args.command == "info" and args.navigation_shape and not args.file:
+        parser.error("info: --navigation-shape describes a FILE's scan: give the FILE too")
     if args.command == "strain":
         _check_strain_args(parser, args)
     if args.command == "virtual":

@@ -116,7 +116,7 @@ def describe(path, navigation_shape=None):
     if ext in (".mib", ".hdr"):
         from .readers.mib import MIBFile
 
-        mib = MIBFile(path)
+        mib = MIBFile(path, whole_frames=navigation_shape is not None)  # as the reader took it
         rows.append(("format", "Merlin .mib (Quantum Detectors), diffgpu.readers.mib"))
     else:
         plugin, first = _readers(signals[0])

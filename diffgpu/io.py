@@ -28,7 +28,9 @@ def as_diffraction_patterns(signal, copy=False):
     """Turn any HyperSpy (or pyxem) 2D signal into :class:`~diffgpu.DiffractionPatterns`.
 
     Data (lazy stays lazy, no copy unless asked), axes calibration, metadata
-    and original metadata are kept; the result is a new signal object.
+    and original metadata are kept; the result is a new signal object. pyxem's spellings of
+    the detector's units (``$A^{-1}$``, ``k_A^-1``, ``nm$^{-1}$``, ...) become ``1/Å`` and
+    ``1/nm``, which diffgpu's operations read.
 
     Parameters
     ----------
@@ -70,7 +72,16 @@ def as_diffraction_patterns(signal, copy=False):
     data = signal.data.copy() if copy else signal.data
     new = signal._deepcopy_with_new_data(data, copy_variance=True)
     new.set_signal_type("diffraction_patterns")
+    for axis in new.axes_manager.signal_axes:
+        axis.units = _RECIPROCAL_UNITS.get(axis.units, axis.units)
     return new
+
+
+# pyxem's spellings of the detector's reciprocal lengths (k, not q = 2 pi k) -> diffgpu's
+_RECIPROCAL_UNITS = {**dict.fromkeys(("$A^{-1}$", r"$\AA^{-1}$", "$Å^{-1}$", "A^-1", "Å^-1",
+                                      "A-1", "Å-1", "k_A^-1"), "1/Å"),
+                     **dict.fromkeys(("nm$^{-1}$", "$nm^{-1}$", "nm^-1", "nm-1", "k_nm^-1"),
+                                     "1/nm")}
 
 
 def load(path, lazy=True, signal_type=None, **kwargs):
@@ -160,6 +171,9 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             ours = not isinstance(reader, str)
         else:
             _check_extension(path)
+    # the path names one file (checked above), not HyperSpy's glob pattern: "scan[1].hspy"
+    # would match scan1.hspy, another file, or nothing
+    kwargs.setdefault("escape_square_brackets", True)
     if os.path.splitext(path)[1].lower() == ".nxs":
         kwargs.setdefault("nxdata_only", True)  # the NXdata signals, not every axis dataset
     # RosettaSciIO's readers take no chunks (.hspy, .zspy) or chunks of every axis: diffgpu's
@@ -183,6 +197,7 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             loaded = usable[0] if len(usable) == 1 else usable
     for s in loaded if isinstance(loaded, list) else [loaded]:
         _check_not_empty(s, path)
+        _metadata_in_memory(s)
     if isinstance(loaded, list):
         return [_rechunked(_ours(s, signal_type, path), rechunk) for s in loaded]
     return _rechunked(_ours(loaded, signal_type, path), rechunk)
@@ -200,6 +215,9 @@ def _check_store(path):
         raise IsADirectoryError(f"'{path}' is a directory, not a data file nor a .zspy store (no "
                                 ".zgroup or zarr.json in it): give a data file, or a .zspy "
                                 "directory saved by HyperSpy or diffgpu")
+    if not path.endswith(".zspy"):  # HyperSpy's error: "No filename matches the pattern"
+        raise OSError(f"could not read '{path}': a zarr store, which HyperSpy reads as .zspy "
+                      "only under a name ending in '.zspy' (lower case): rename it")
 
 
 # the first bytes of the formats diffgpu reads -> what the file then looks like
@@ -229,6 +247,24 @@ def _check_not_empty(signal, path):
         return
     what = "no frames" if 0 in signal.axes_manager.navigation_shape else "frames of no pixels"
     raise DetectorFileError(path, f"the file holds {what} (array shape {tuple(signal.data.shape)})")
+
+
+def _metadata_in_memory(signal):
+    """Arrays of ``signal.metadata`` read into memory: RosettaSciIO reads those of a lazy
+    ``.hspy``/``.zspy`` as dask arrays (a saved detector mask among them), which operations
+    that combine them with NumPy arrays cannot take. They are small (detector-sized)."""
+    import dask.array as da
+
+    from hyperspy.misc.utils import DictionaryTreeBrowser
+
+    def walk(node):
+        for key, value in node:
+            if isinstance(value, da.Array):
+                node.set_item(key, np.asarray(value.compute()))
+            elif isinstance(value, DictionaryTreeBrowser):
+                walk(value)
+
+    walk(signal.metadata)
 
 
 def _rechunked(signal, chunks):

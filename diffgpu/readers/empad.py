@@ -108,18 +108,40 @@ def read_xml(filename):
         except ValueError:
             return None
 
+    def whole(path, node=root):
+        """The whole number of element ``path``; None where there is no such element."""
+        el = node.find(path)
+        if el is None:
+            return None
+        value = number(path, node)
+        if value is None or value != int(value):
+            raise DetectorFileError(filename, f"<{path}> is {(el.text or '').strip()!r}, not a "
+                                              "whole number: the scan shape cannot be read")
+        return int(value)
+
+    def scan(x, y, node=root):
+        """``(rows, columns)`` from the elements ``x`` and ``y``: both, or an error."""
+        sizes = whole(x, node), whole(y, node)
+        if None in sizes:
+            given, missing = (x, y) if sizes[1] is None else (y, x)
+            raise DetectorFileError(filename, f"the XML gives <{given}> but not <{missing}>: "
+                                              "the scan shape cannot be read")
+        return sizes[1], sizes[0]
+
+    def has(*paths, node=root):
+        return any(node.find(p) is not None for p in paths)
+
     typ = root.find("type")
     acquire = [e for e in root.findall("scan_parameters") if e.get("mode", "acquire") == "acquire"]
     if typ is not None and (typ.text or "").strip() == "series":
-        count = number("count")
-        nav = None if count is None else (int(count),)
-    elif root.find("scan_parameters/series_count") is not None:
-        nav = (int(number("scan_parameters/series_count")),)
-    elif acquire and number("scan_resolution_x", acquire[0]) is not None:
-        nav = (int(number("scan_resolution_y", acquire[0])),
-               int(number("scan_resolution_x", acquire[0])))
-    elif number("pix_x") is not None and number("pix_y") is not None:
-        nav = (int(number("pix_y")), int(number("pix_x")))
+        count = whole("count")
+        nav = None if count is None else (count,)
+    elif has("scan_parameters/series_count"):
+        nav = (whole("scan_parameters/series_count"),)
+    elif acquire and has("scan_resolution_x", "scan_resolution_y", node=acquire[0]):
+        nav = scan("scan_resolution_x", "scan_resolution_y", acquire[0])
+    elif has("pix_x", "pix_y"):
+        nav = scan("pix_x", "pix_y")
     else:
         m = re.search(r"_x(\d+)_y(\d+)", os.path.basename(raw_name))
         nav = (int(m.group(2)), int(m.group(1))) if m else None

@@ -480,9 +480,11 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     dataset : str, optional
         Path of the dataset in the file (see :func:`find_frames`).
     chunks : int or tuple, optional
-        Frames per dask chunk along the scan (rounded to whole HDF5 chunks), or dask's chunks
-        of the navigation axes (or of all axes; the frames stay whole), taken as given; by
-        default :func:`diffgpu.chunking.frame_chunks`'s choice, rounded to whole HDF5 chunks.
+        About this many frames per dask chunk, as for diffgpu's other readers (whole scan
+        rows where they fit, at least 8 frames; :func:`diffgpu.chunking.chunks_of_frames`),
+        rounded to whole HDF5 chunks; or dask's chunks of the navigation axes (or of all
+        axes; the frames stay whole), taken as given; by default
+        :func:`diffgpu.chunking.frame_chunks`'s choice, rounded to whole HDF5 chunks.
 
     Returns
     -------
@@ -510,7 +512,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     """
     import dask.array as da
 
-    from ..chunking import check_chunk_frames, frame_chunks, navigation_chunks
+    from ..chunking import navigation_chunks
 
     unknown = set(kwds) - {"mmap_mode", "print_info"}
     if unknown:
@@ -551,11 +553,11 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         # dask's chunks of the navigation axes, as asked (a compressed chunk split between two
         # dask chunks is decoded by both: correct, only slower)
         nav_chunks = navigation_chunks(chunks, nav, frame_bytes)
-    elif chunks is None and hdf5_chunk == 1:
-        nav_chunks = frame_chunks(nav, frame_bytes)
-    else:  # whole HDF5 chunks, about as many frames as diffgpu's choice (or the caller's)
-        per = (check_chunk_frames(chunks) if chunks is not None
-               else math.prod(c[0] for c in frame_chunks(nav, frame_bytes)))
+    elif hdf5_chunk == 1:  # diffgpu's choice, or about N frames as the other readers cut them
+        nav_chunks = navigation_chunks(chunks, nav, frame_bytes)
+    else:  # whole HDF5 chunks, about as many frames as diffgpu's choice (or the caller's: at
+        # least 8 frames, whole scan rows where they fit, as the other readers take chunks=N)
+        per = math.prod(c[0] for c in navigation_chunks(chunks, nav, frame_bytes))
         nav_chunks = _nav_chunks(nav, frame_bytes, hdf5_chunk, per * frame_bytes)
     data = da.from_array(frames, chunks=tuple(nav_chunks) + tuple(frame_shape), asarray=False,
                          lock=False, fancy=False, meta=np.empty((0,) * len(frames.shape), dtype),

@@ -235,13 +235,19 @@ class MIBFile:
     ----------
     path : str or os.PathLike
         The ``.mib`` file, or its ``.hdr`` file.
+    whole_frames : bool
+        Take the whole frames of a file that ends inside a frame (an acquisition or a copy
+        cut short; ``trailing_bytes`` says how many bytes are left over) instead of
+        refusing it as truncated. :func:`file_reader` does so when given a
+        ``navigation_shape``.
 
     Raises
     ------
     FileNotFoundError
         If the file does not exist.
     DetectorFileError
-        If it is not a ``.mib`` file, is truncated, or its headers disagree with its size.
+        If it is not a ``.mib`` file, is truncated (unless ``whole_frames``), or its headers
+        disagree with its size.
 
     Examples
     --------
@@ -254,7 +260,7 @@ class MIBFile:
     (6, (16, 16), dtype('>u2'), (2, 3))
     """
 
-    def __init__(self, path):
+    def __init__(self, path, whole_frames=False):
         self.path, self.hdr_path = _paths(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"no such file: '{self.path}'")
@@ -299,11 +305,13 @@ class MIBFile:
         if self.n_frames == 0:
             raise DetectorFileError(self.path, f"{self.file_bytes:,} bytes is less than one frame: "
                                                f"{what}; the file is truncated")
-        if extra:
+        self.trailing_bytes = extra
+        if extra and not whole_frames:
             raise DetectorFileError(
                 self.path, f"{self.file_bytes:,} bytes is not a whole number of {what}: "
                 f"{self.n_frames:,} whole frames and {extra:,} bytes more. The file is truncated "
-                "(an interrupted acquisition or copy) or its header does not match its data")
+                "(an interrupted acquisition or copy) or its header does not match its data; "
+                f"if it was cut short, navigation_shape=({self.n_frames},) reads its whole frames")
         self._check_headers()
         self.hdr = parse_hdr(self.hdr_path) if self.hdr_path else None
 
@@ -385,9 +393,11 @@ class MIBFile:
         if navigation_shape is not None:
             xy = navigation_shape_array_order(navigation_shape)[::-1]
             if math.prod(xy) != n:
+                held = f"{n:,}" + (f" whole frames and {self.trailing_bytes:,} bytes of a frame cut "
+                                   "short" if self.trailing_bytes else "")
                 raise DetectorFileError(
                     self.path, f"navigation_shape {xy} (x, y) needs {math.prod(xy):,} frames but the "
-                    f"file holds {n:,} (a scan cut short? pass navigation_shape=({n},) to read the "
+                    f"file holds {held} (a scan cut short? pass navigation_shape=({n},) to read the "
                     "frames as a stack)")
             return xy[::-1]
         if self.hdr:
@@ -428,6 +438,8 @@ class MIBFile:
                "chips / layout": f"{h['chips']} / {self.layout}",
                "header bytes": self.header_bytes,
                "frames in file": self.n_frames,
+               **({"bytes after the last whole frame": f"{self.trailing_bytes:,} (cut short)"}
+                  if self.trailing_bytes else {}),
                "time stamp": h.get("timestamp_ns", h.get("timestamp")),
                "exposure (ms)": (h["exposure_ns"] / 1e6 if h.get("exposure_ns") is not None
                                  else (h.get("shutter_s") or 0) * 1e3),
@@ -548,7 +560,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
         Return a dask array (default False: read everything into memory).
     navigation_shape : tuple of int, optional
         Scan shape in HyperSpy's order ``(x, y)``; default: from the ``.hdr`` file, else a
-        1D stack.
+        1D stack. Given, it also reads the whole frames of a file that ends inside a frame
+        (which is otherwise refused as truncated).
     chunks : int, tuple or "auto", optional
         About this many frames per chunk (an int: whole scan rows where they fit, at least
         8 frames), or a dask chunks tuple of the navigation axes (or of all four); default:
@@ -578,7 +591,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
     if kwargs:
         raise TypeError(f"unknown keyword arguments for the .mib reader: {sorted(kwargs)} (it takes "
                         "navigation_shape, chunks and flip_rows)")
-    mib = MIBFile(filename)
+    # a navigation shape given: the whole frames of a file cut inside a frame are read
+    mib = MIBFile(filename, whole_frames=navigation_shape is not None)
     nav_shape = mib.navigation_shape(navigation_shape)
     data = lazy_frames(mib, nav_shape, chunks=chunks, flip_rows=flip_rows)
     if not lazy:
@@ -621,7 +635,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, flip_r
         metadata["Diffraction"] = {"mask": mask}
     original = {"frame_header": {k: v for k, v in h.items()},
                 "file": {"frames": mib.n_frames, "frame_bytes": mib.frame_bytes,
-                         "file_bytes": mib.file_bytes}}
+                         "file_bytes": mib.file_bytes, "trailing_bytes": mib.trailing_bytes}}
     if mib.hdr:
         original["hdr_file"] = dict(mib.hdr)
     return [{"data": data, "axes": axes, "metadata": metadata, "original_metadata": original,
