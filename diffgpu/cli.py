@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -473,11 +474,52 @@ def _scheduler(args):
 
 
 def _partial_name(path):
-    """A temporary name next to ``path``, with the same extension."""
+    """A temporary name next to ``path``, with the same extension, naming this host and
+    process (so that a later run can tell a partial output left by a killed run from one
+    that a run still going is writing). Stale ones of ``path`` are removed first."""
     path = os.path.abspath(path)
+    _remove_stale_partials(path)
     ext = os.path.splitext(path)[1]
-    name = f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial{ext}"
+    name = (f".{os.path.basename(path)}.{socket.gethostname()}-{os.getpid()}-"
+            f"{uuid.uuid4().hex[:8]}.partial{ext}")
     return os.path.join(os.path.dirname(path), name)
+
+
+def _remove_stale_partials(path):
+    """Remove the partial outputs of ``path`` that runs killed on this host left (a run
+    stopped by SIGKILL or a power cut cannot clean up; its partial output, as large as the
+    result, would stay hidden next to the output). Partial outputs of processes still alive,
+    or of other hosts (a shared disk), are left alone."""
+    folder, base = os.path.split(path)
+    ext = os.path.splitext(path)[1]
+    prefix, suffix = f".{base}.", f".partial{ext}"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        owner = name[len(prefix):-len(suffix)].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != socket.gethostname() or not owner[1].isdigit():
+            continue
+        if _alive(int(owner[1])):
+            continue
+        stale = os.path.join(folder, name)
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+        print(f"diffgpu: removed '{stale}', the partial output of an interrupted run "
+              f"(process {owner[1]})", file=sys.stderr)
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class _Figures:

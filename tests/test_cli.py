@@ -580,3 +580,27 @@ def test_a_scheduler_that_does_not_answer(scan_file, tmp_path, capsys, monkeypat
                  "--scheduler", "tcp://127.0.0.1:1", "--no-progress"]) == 3
     assert "could not connect" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_killed_run_s_partial_output_is_removed_by_the_next_run(tmp_path, scan_file, capsys):
+    """A run killed by SIGKILL cannot clean up: its hidden partial output (as large as the
+    result) stayed next to the output for good. The next run for that output removes the
+    partials of processes that are gone on this host, and leaves a live run's alone."""
+    import socket
+
+    out = tmp_path / "polar.zspy"
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".polar.zspy.{host}-{dead.pid}-0123abcd.partial.zspy"
+    live = tmp_path / f".polar.zspy.{host}-{os.getpid()}-4567abcd.partial.zspy"
+    other = tmp_path / f".polar.zspy.elsewhere-{dead.pid}-89abcdef.partial.zspy"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "chunk").write_bytes(b"0" * 64)
+    args = ["integrate", str(scan_file), "-o", str(out), "--npt", "8", "--npt-azim", "8",
+            "--no-progress"]
+    assert main(args) == 0
+    assert out.is_dir() and not stale.exists()
+    assert live.exists() and other.exists()  # a run still going; another host's disk
+    assert f"process {dead.pid}" in capsys.readouterr().err

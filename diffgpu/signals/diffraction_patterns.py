@@ -686,7 +686,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """Hot and dead pixels, from the mean pattern (one pass over the data).
 
         A pixel is hot when its mean is more than ``threshold`` times the median of its
-        8 neighbours (which follows rings and the beam's edge but not a lone pixel), and
+        neighbours on the detector (8 inside it, 5 on an edge, 3 in a corner; a median
+        follows rings and the beam's edge but not a lone pixel), and
         dead when it is zero in every pattern while its neighbours are not. A pixel that is
         NaN or inf in any pattern is bad too, and its neighbours are judged on their finite
         neighbours only.
