@@ -171,6 +171,7 @@ def load(path, lazy=True, signal_type=None, **kwargs):
             ours = not isinstance(reader, str)
         else:
             _check_extension(path)
+            _check_not_empad_xml(path)
     # the path names one file (checked above), not HyperSpy's glob pattern: "scan[1].hspy"
     # would match scan1.hspy, another file, or nothing
     kwargs.setdefault("escape_square_brackets", True)
@@ -293,12 +294,25 @@ def _check_extension(path):
 
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     known = {e.lower() for plugin in IO_PLUGINS for e in plugin["file_extensions"]}
+    if ext == "raw":  # an EMPAD's frames: read through the .xml that describes them
+        raise OSError(f"could not read '{path}': a .raw file is read through the file that "
+                      "describes it (for an EMPAD scan, the .xml the EMPAD software writes "
+                      "beside it: give that .xml)")
     if ext not in known:
         raise OSError(f"could not read '{path}': no reader takes "
                       f"{'files without an extension' if not ext else 'the extension .' + ext} "
                       "(diffgpu reads .mib, .h5, .xml + .raw (EMPAD), .dm3/.dm4, .blo, and "
                       "RosettaSciIO's formats such as .hspy, .zspy, .emd, .nxs; name the format "
                       "with file_format=...)")
+
+
+def _check_not_empad_xml(path):
+    """An error that says what diffgpu reads for an ``.xml`` that names no raw file
+    (HyperSpy's own lists two readers, JobinYvon's and EMPAD's, and asks to choose)."""
+    if os.path.splitext(path)[1].lower() == ".xml":
+        raise OSError(f"could not read '{path}': it is not an EMPAD .xml (no <raw_file> element "
+                      "naming its .raw file), the only .xml diffgpu reads; for another kind of "
+                      ".xml name HyperSpy's reader with reader=...")
 
 
 class _NoReportHint:

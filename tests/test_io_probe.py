@@ -284,3 +284,16 @@ def test_messages_on_the_command_line_name_its_option(tmp_path, capsys):
                  "--navigation-shape", "4", "3"]) == 3
     err = capsys.readouterr().err
     assert "needs 12 frames" in err and "pass --navigation-shape 11 to read" in err, err
+
+
+def test_an_xml_that_is_not_empad_and_a_raw_given_alone_say_what_to_give(tmp_path):
+    """An .xml naming no raw file got HyperSpy's "multiple file readers ... ['JobinYvon',
+    'EMPAD']"; an EMPAD .raw given itself, "no reader takes the extension .raw"."""
+    other = tmp_path / "notes.xml"
+    other.write_text("<root><a>1</a></root>")
+    with pytest.raises(OSError, match="not an EMPAD .xml"):
+        diffgpu.load(other)
+    raw = tmp_path / "scan_x4_y4.raw"
+    raw.write_bytes(b"\0" * 4 * 128 * 130 * 16)
+    with pytest.raises(OSError, match="give that .xml"):
+        diffgpu.load(raw)
