@@ -18,10 +18,11 @@ dates, records) raise :class:`UnsupportedDtypeError`, which names the dtype.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 __all__ = ["UnsupportedDtypeError", "check_dtype", "kernel_ready", "needs_conversion",
-           "native_byte_order", "CONVERT_BLOCK"]
+           "native_byte_order", "as_float32", "CONVERT_BLOCK"]
 
 # Frames converted at a time for a numba kernel: 64 x 256 x 256 x 4 bytes = 16 MiB at most
 # (a multiple of the integration kernel's 8-frame tile).
@@ -130,7 +131,52 @@ def kernel_ready(block):
         return block
     if block.dtype == np.bool_:
         return block.view(np.uint8)
+    if target == np.float32:
+        return as_float32(block)
     return block.astype(target)
+
+
+def as_float32(block):
+    """``block`` as float32 (NumPy or CuPy): ``astype``, except for float16 on the host.
+
+    NumPy converts float16 in software, one value at a time: 0.2 G values/s here, a tenth of
+    its rate from uint16, so float16 data ran 3-10x slower than any other dtype through
+    every operation. Every float16 value is one of 65,536 bit patterns, so a table of their
+    float32 values (exact: float32 holds every float16), looked up by numba, converts at
+    2.6 G values/s; either byte order, any layout.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.kernels.dtypes import as_float32
+    >>> half = np.array([[1.5, -2.0], [np.inf, 2048]], dtype=">f2")
+    >>> as_float32(half).tolist()
+    [[1.5, -2.0], [inf, 2048.0]]
+    """
+    if not (isinstance(block, np.ndarray) and block.dtype.kind == "f" and block.dtype.itemsize == 2):
+        return block.astype(np.float32)
+    bits = np.ascontiguousarray(block).view(block.dtype.str.replace("f", "u"))  # same order
+    if not bits.dtype.isnative:
+        bits = bits.astype(bits.dtype.newbyteorder("="))
+    out = np.empty(block.shape, np.float32)
+    _look_up(bits.reshape(-1), _half_table(), out.reshape(-1))
+    return out
+
+
+_HALF = []
+
+
+def _half_table():
+    """float32 value of every float16 bit pattern (made once: 256 KiB)."""
+    if not _HALF:
+        _HALF.append(np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32))
+    return _HALF[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _look_up(bits, table, out):
+    for i in range(bits.size):
+        out[i] = table[bits[i]]
 
 
 def native_byte_order(block):

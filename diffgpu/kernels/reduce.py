@@ -17,6 +17,7 @@ import numpy as np
 
 from ..device import array_module
 from .decode import _swap
+from .dtypes import as_float32
 
 __all__ = ["weighted_sums", "weighted_sums_stored", "stored_words_supported", "BLOCK", "NONFINITE"]
 
@@ -89,7 +90,7 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=
     for i in range(0, n, BLOCK):
         block = frames[i:i + BLOCK]
         if block.dtype != xp.float32:
-            block = block.astype(xp.float32)
+            block = as_float32(block)
         if threshold is not None:
             if floats:  # non-finite pixels count as 0 in the mean and the sums
                 bad = ~xp.isfinite(block)
