@@ -75,16 +75,20 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=
         with np.errstate(invalid="ignore"):  # inf * 0 is NaN: dealt with below, not a warning
             out = frames @ weights  # nothing to convert: one product, as fast as BLAS goes
         return _redo_nonfinite(frames, weights, out, nonfinite)
-    if (xp is np and threshold is None and frames.dtype.kind in "ui" and frames.dtype.isnative
-            and weights.shape[1] <= 16):
+    kind, size = frames.dtype.kind, frames.dtype.itemsize
+    if (xp is np and threshold is None and kind in "ui" and weights.shape[1] <= 16
+            and (frames.dtype.isnative or size in (2, 4))):
         # integer counts (detector files): read as they are, no float32 copy; 4x the
-        # convert-then-BLAS path on one core (uint16, 256 x 256, 2 detectors)
+        # convert-then-BLAS path on one core (uint16, 256 x 256, 2 detectors); big-endian
+        # words (Merlin's) swapped as they are read: 2.8x the convert-then-BLAS path
+        swap = 0 if frames.dtype.isnative else size
+        words = frames if not swap else frames.view(f"=u{size}")
         k = weights.shape[1]
         out = np.empty((n, k), dtype=np.float32)
-        # the in-place kernel with no header, no flip, no swap, each frame cut in rows (summed
-        # in float32, the rows in float64)
-        _stored_weighted_sums(frames, 0, np.ascontiguousarray(weights.T).reshape(
-            k, -1, _row_length(frames.shape[1])), False, 0, False, out)
+        # the in-place kernel with no header and no flip, each frame cut in rows (summed in
+        # float32, the rows in float64)
+        _stored_weighted_sums(words, 0, np.ascontiguousarray(weights.T).reshape(
+            k, -1, _row_length(frames.shape[1])), False, swap, kind == "i", out)
         return out
     out = xp.empty((n, weights.shape[1]), dtype=xp.float32)
     for i in range(0, n, BLOCK):
