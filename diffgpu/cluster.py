@@ -9,6 +9,8 @@ import os
 import warnings
 import weakref
 
+import numpy as np
+
 from .device import DeviceUnavailableError, devices, require_gpu
 
 __all__ = ["start_cluster"]
@@ -53,38 +55,72 @@ def _running(cluster):
     return getattr(cluster, "status", None) == Status.running
 
 
-def _check_keywords(kwargs):
-    """A TypeError for keywords no cluster, nanny or worker takes (LocalCluster passes the
-    rest on to its workers, which then fail to start with a message about "Nanny failed to
-    start" and leaked semaphores, far from the misspelt name)."""
+def _parameters(*classes):
+    """The names the ``__init__`` methods of ``classes`` (and their bases) take."""
     import inspect
 
-    from distributed import LocalCluster, Nanny, Worker
-
-    # dask-cuda's own (its LocalCUDACluster is read too where it is installed)
-    known = {"device_memory_limit", "rmm_pool_size", "rmm_maximum_pool_size",
-             "rmm_managed_memory", "rmm_async", "rmm_release_threshold", "rmm_log_directory",
-             "rmm_track_allocations", "jit_unspill", "log_spilling", "enable_cudf_spill",
-             "cudf_spill_stats", "CUDA_VISIBLE_DEVICES", "protocol", "interface",
-             "enable_tcp_over_ucx", "enable_infiniband", "enable_nvlink", "enable_rdmacm",
-             "pre_import", "worker_class"}
-    classes = [LocalCluster, Nanny, Worker]
-    try:
-        from dask_cuda import LocalCUDACluster
-
-        classes.append(LocalCUDACluster)
-    except ImportError:
-        pass
+    names = set()
     for cls in classes:
         for klass in cls.__mro__:
             init = klass.__dict__.get("__init__")
             if init is not None:
-                known.update(inspect.signature(init).parameters)
+                names.update(inspect.signature(init).parameters)
+    return names
+
+
+def _check_keywords(kwargs):
+    """A TypeError for keywords no cluster, nanny or worker takes (LocalCluster passes the
+    rest on to its workers, which then fail to start with a message about "Nanny failed to
+    start" and leaked semaphores, far from the misspelt name)."""
+    from distributed import LocalCluster, Nanny, Worker
+
+    known = _CUDA_KEYWORDS | _parameters(LocalCluster, Nanny, Worker)
+    try:  # (dask-cuda's own class is read too where it is installed)
+        from dask_cuda import LocalCUDACluster
+
+        known |= _parameters(LocalCUDACluster)
+    except ImportError:
+        pass
     unknown = sorted(set(kwargs) - known)
     if unknown:
         hint = " (the device is chosen with device='gpu')" if "gpu" in unknown else ""
         raise TypeError(f"start_cluster() got unknown keyword(s) {', '.join(unknown)}{hint}: "
                         "neither the cluster nor its workers take them")
+
+
+# dask-cuda's own keywords (LocalCUDACluster), which a CPU LocalCluster's workers refuse
+_CUDA_KEYWORDS = frozenset({
+    "device_memory_limit", "rmm_pool_size", "rmm_maximum_pool_size", "rmm_managed_memory",
+    "rmm_async", "rmm_release_threshold", "rmm_log_directory", "rmm_track_allocations",
+    "jit_unspill", "log_spilling", "enable_cudf_spill", "cudf_spill_stats",
+    "CUDA_VISIBLE_DEVICES", "protocol", "interface", "enable_tcp_over_ucx", "enable_infiniband",
+    "enable_nvlink", "enable_rdmacm", "pre_import", "worker_class"})
+
+
+def _gpu_only_keywords(kwargs):
+    """The keywords of ``kwargs`` that only a GPU cluster (dask-cuda) takes."""
+    from distributed import LocalCluster, Nanny, Worker
+
+    return sorted(set(kwargs) - _parameters(LocalCluster, Nanny, Worker))
+
+
+def _check_memory_limit(value):
+    """``"auto"``, None, or bytes (a number, or a size such as ``"4GB"``) of at least 0: a
+    negative one made every worker fail to start ("Nanny failed to start", an OverflowError
+    inside)."""
+    import math
+
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return
+    from dask.utils import parse_bytes
+
+    try:
+        n = parse_bytes(value) if isinstance(value, str) else value
+    except (TypeError, ValueError):
+        n = None
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
+        raise ValueError("memory_limit must be 'auto', a number of bytes per worker or a size "
+                         "such as '4GB' (0 or None: no limit); got " + repr(value))
 
 
 def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory_limit="auto",
@@ -113,11 +149,13 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
     device : {"auto", "gpu", "cpu"}
         Which kind of cluster.
     n_workers, threads_per_worker : int, optional
-        CPU cluster sizing, positive integers (default: dask's choice for this
+        Cluster sizing, positive integers (default: dask's choice for this
         machine). For a GPU cluster ``n_workers`` is the number of visible GPUs
-        and cannot be more.
+        and cannot be more (default: all of them), and ``threads_per_worker``
+        dask-cuda's default of 1 unless given.
     memory_limit : str or int
-        Host memory limit per worker (``"auto"``, ``"4GB"``, ...).
+        Host memory limit per worker (``"auto"``, ``"4GB"``, a number of bytes;
+        0 or None: no limit).
     processes : bool
         CPU cluster only: worker processes (default) or threads in this process.
     quiet : bool
@@ -136,13 +174,19 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
     DeviceUnavailableError
         ``device="gpu"`` without a usable GPU or without dask-cuda.
     ValueError
-        An unknown ``device``, or ``n_workers`` / ``threads_per_worker`` not a
-        positive integer.
+        An unknown ``device``, ``n_workers`` / ``threads_per_worker`` not a
+        positive integer, a negative or unreadable ``memory_limit``, or
+        ``processes`` not a bool.
+    TypeError
+        A keyword that neither cluster takes, or with ``device="cpu"`` one that only
+        the GPU cluster takes (``rmm_pool_size``, ``device_memory_limit``, ...).
 
     Warns
     -----
     RuntimeWarning
-        A cluster started by an earlier call is still running.
+        A cluster started by an earlier call is still running; or with
+        ``device="auto"``, no GPU cluster could be started and the GPU cluster's
+        keywords were left out of the CPU cluster.
 
     Examples
     --------
@@ -166,6 +210,9 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
     _check_keywords(kwargs)
     _check_count(n_workers, "n_workers")
     _check_count(threads_per_worker, "threads_per_worker")
+    _check_memory_limit(memory_limit)
+    if not isinstance(processes, (bool, np.bool_)):  # (a string such as "no" is true)
+        raise ValueError(f"processes must be True or False; got {processes!r}")
     running = [c for c in list(_started) if _running(c)]
     if running:
         warnings.warn(f"diffgpu.start_cluster: a cluster it started is already running "
@@ -185,19 +232,36 @@ def start_cluster(device="auto", n_workers=None, threads_per_worker=None, memory
         use_gpu = True
     elif device == "auto":
         use_gpu = has_dask_cuda and len(devices()) > 0
+    gpu_only = [] if use_gpu else _gpu_only_keywords(kwargs)
+    if gpu_only and device == "cpu":
+        raise TypeError(f"start_cluster(device='cpu') got {', '.join(gpu_only)}: only a GPU "
+                        "cluster (dask-cuda's LocalCUDACluster) takes them")
+    if gpu_only:  # "auto" on a machine without GPUs (or dask-cuda): the same script runs
+        warnings.warn(f"diffgpu.start_cluster: no GPU cluster here ("
+                      f"{'no GPU visible' if has_dask_cuda else 'dask-cuda is not installed'}),"
+                      f" so the GPU cluster's keyword(s) {', '.join(gpu_only)} are left out of "
+                      "this CPU LocalCluster", RuntimeWarning, stacklevel=2)
+        kwargs = {k: v for k, v in kwargs.items() if k not in gpu_only}
 
     if use_gpu:
         from dask_cuda import LocalCUDACluster
 
-        visible = [str(d.id) for d in devices()]
-        parent = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if parent:  # map our ids back to the physical ones the parent listed
-            physical = [p.strip() for p in parent.split(",")]
-            visible = [physical[int(i)] for i in visible]
+        chosen = kwargs.pop("CUDA_VISIBLE_DEVICES", None)  # dask-cuda's own way to choose
+        if chosen is not None:
+            visible = [str(d).strip() for d in (chosen.split(",") if isinstance(chosen, str)
+                                                else chosen)]
+        else:
+            visible = [str(d.id) for d in devices()]
+            parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if parent:  # map our ids back to the physical ones the parent listed
+                physical = [p.strip() for p in parent.split(",")]
+                visible = [physical[int(i)] for i in visible]
         if n_workers is not None:
             if n_workers > len(visible):
                 raise ValueError(f"n_workers={n_workers} but only {len(visible)} GPUs are visible")
             visible = visible[:n_workers]
+        if threads_per_worker is not None:
+            kwargs["threads_per_worker"] = threads_per_worker
         cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(visible),
                                    memory_limit=memory_limit, **kwargs)
         kind = f"LocalCUDACluster with {len(visible)} GPU worker(s)"

@@ -136,11 +136,23 @@ def _probe():
     except Exception as err:  # no driver, no device, driver too old, ...
         return cp, 0, (
             f"CuPy is installed but found no working CUDA device ({type(err).__name__}: {err}). "
-            "Check the NVIDIA driver (`nvidia-smi`) and that the CuPy wheel matches its CUDA version."
+            "Check the NVIDIA driver (`nvidia-smi`) and that the CuPy wheel matches its CUDA "
+            f"version.{_visible_devices_hint()}"
         )
     if n == 0:
-        return cp, 0, "CuPy is installed but no CUDA device is visible."
+        return cp, 0, f"CuPy is installed but no CUDA device is visible.{_visible_devices_hint()}"
     return cp, n, None
+
+
+def _visible_devices_hint():
+    """A word on ``CUDA_VISIBLE_DEVICES`` where it is set: a value that names no device (a
+    typo, an index past the last GPU) hides every GPU, and CUDA's own error does not say so."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return ""
+    return (f" CUDA_VISIBLE_DEVICES is {value!r}: only the devices it lists are visible (indices "
+            "from 0, or GPU-/MIG- UUIDs, separated by commas; CUDA ignores everything from the "
+            "first entry that names no device on).")
 
 
 def gpu_available() -> bool:
@@ -253,7 +265,18 @@ def _block_to_host(block):
 
 
 def _block_to_device(block):
-    return _loaded_cupy().asarray(native_byte_order(block))
+    # a fresh dask worker process has not imported CuPy yet (importing diffgpu never does,
+    # and the graph holds no CuPy object): import it here, or say why there is no GPU
+    cp = _loaded_cupy()
+    if cp is None:
+        try:
+            cp = require_gpu()
+        except DeviceUnavailableError as err:  # say where: it may be a worker on another node
+            import socket
+
+            raise DeviceUnavailableError(f"{err} (in the process running the transfer step: "
+                                         f"pid {os.getpid()} on {socket.gethostname()})") from None
+    return cp.asarray(native_byte_order(block))
 
 
 def _is_dask(x) -> bool:
@@ -270,7 +293,8 @@ def to_device_array(x):
     Raises
     ------
     DeviceUnavailableError
-        Without CuPy or without a working CUDA device.
+        Without CuPy or without a working CUDA device; for a dask array, also when a
+        worker of the distributed client in use has none (the steps would fail there).
 
     Examples
     --------
@@ -279,16 +303,57 @@ def to_device_array(x):
     >>> if diffgpu.gpu_available():
     ...     x = to_device_array(np.ones((2, 2)))
     """
-    cp = require_gpu()
     if _is_dask(x):
         if is_device_array(x._meta):
             return x
+        cp = _require_gpu_for_graph()
         dtype = x.dtype.newbyteorder("=")  # big-endian chunks (Merlin) swap bytes as they move
         meta = cp.empty((0,) * x.ndim, dtype=dtype)
         return x.map_blocks(_block_to_device, dtype=dtype, meta=meta)
+    cp = require_gpu()
     if is_device_array(x):
         return x
     return cp.asarray(native_byte_order(x))
+
+
+def _cluster_gpus():
+    """``(workers with a GPU, workers without)`` of the distributed client that would compute
+    a graph now, or None without one (or where its workers cannot be asked)."""
+    from .mapping import _computing_client
+
+    client = _computing_client()
+    if client is None:
+        return None
+    try:
+        seen = client.run(gpu_available, on_error="return")
+    except Exception:  # workers cannot be asked now: computing will say what is wrong
+        return None
+    with_gpu = sorted(w for w, ok in seen.items() if ok is True)
+    return with_gpu, sorted(w for w, ok in seen.items() if ok is False)
+
+
+def _require_gpu_for_graph():
+    """CuPy for a lazy transfer step, checked where the step will run: on the workers of the
+    distributed client in use (this process may have a GPU that they lack, or none of
+    their GPUs), and here, where the graph's CuPy ``meta`` is made."""
+    found = _cluster_gpus()
+    if found is not None and found[1]:
+        missing = found[1]
+        names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DeviceUnavailableError(
+            f"No GPU on {len(missing)} of the dask cluster's {sum(map(len, found))} worker(s) "
+            f"({names}), where the transfer steps would run: start the workers on GPU nodes "
+            "(one per GPU, e.g. dask-cuda's LocalCUDACluster or `dask cuda worker`), or compute "
+            "on the host (no to_device()).")
+    try:
+        return require_gpu()
+    except DeviceUnavailableError as err:
+        if found is None or not found[0]:
+            raise
+        raise DeviceUnavailableError(
+            f"{err} The dask cluster's workers have GPUs, but a lazy graph of device blocks is "
+            "described by an empty CuPy array made in this process, so it needs CuPy and a "
+            "working GPU too (build the graph on a GPU node).") from None
 
 
 def to_host_array(x):

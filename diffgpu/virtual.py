@@ -6,6 +6,7 @@ import numbers
 
 import numpy as np
 
+from .calibration import check_mask
 from .detectors import detector_weights
 from .device import DeviceCache, array_module
 from .mapping import map_weighted_sums
@@ -73,6 +74,9 @@ def virtual_images(signal, detectors, normalize=False):
     weights = np.stack([detector_weights(signal, d) for d in detectors])
     bad = signal.calibration.mask
     if bad is not None:
+        # a bool NumPy array whatever metadata holds (a dask or CuPy mask set there directly
+        # could not be multiplied into the host weights in place)
+        bad = check_mask(bad, weights.shape[1:])
         # masked pixels (bad pixels, a quad detector's gap) weigh nothing: whatever they hold,
         # NaN included, is left out (map_weighted_sums never lets a zero weight contribute)
         weights *= ~bad

@@ -76,7 +76,10 @@ def as_signal(result, replace=None):
         # same kind of signal eagerly and lazily
         out._assign_subclass()
         if result.lazy and not out._lazy:
-            out = out.as_lazy()
+            # the result's own chunks: HyperSpy's default ("auto" for rechunking) divides
+            # by the bytes of one signal, and a zero-size result raised ZeroDivisionError
+            chunks = getattr(result.data, "chunks", None)
+            out = out.as_lazy(chunks=chunks if isinstance(chunks, tuple) else None)
     if replace is not None:
         replace.__class__ = out.__class__
         replace.__dict__ = out.__dict__
