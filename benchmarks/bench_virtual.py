@@ -1,6 +1,6 @@
 """Virtual imaging and centre of mass: diffgpu against pyxem on the same data, same run.
 
-    python benchmarks/bench_virtual.py [--nav 32] [--repeat 5]
+    python benchmarks/bench_virtual.py [--nav 32] [--repeat 5] [--matrix]
 
 Data: a ``nav x nav`` scan of 256 x 256 float32 frames (synthetic rings, drifting beam,
 Poisson noise). Virtual imaging: 3 detectors (bright field disc, annular dark field, a
@@ -9,6 +9,10 @@ is compared). Centre of mass: diffgpu ``center_of_mass`` vs pyxem
 ``get_direct_beam_position(method="center_of_mass")``; also NumPy's plain product with 3
 dense masks, the memory bound. Each tool in its own process (``--tool``).
 GPU rows run when CuPy finds a CUDA device.
+
+``--matrix`` adds virtual imaging over detector counts (1 to 64 annuli, a ring series)
+and input dtypes (uint16, big-endian uint16 as Merlin writes it, float16, float32), the same
+frames converted, diffgpu against pyxem at each point.
 """
 
 import argparse
@@ -117,7 +121,60 @@ def tool_pyxem(data_path, repeat, out):
         lambda: s.get_direct_beam_position(method="center_of_mass"), reps)
 
 
-TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyxem": tool_pyxem}
+MATRIX_DETECTORS = (1, 3, 8, 16, 32, 64)
+MATRIX_DTYPES = ("uint16", ">u2", "float16", "float32")
+
+
+def ring_series(k):
+    """``k`` annuli splitting radii 2-122 px (a ring series of virtual detectors)."""
+    import hyperspy.api as hs
+
+    edges = np.linspace(2.0, 122.0, k + 1)
+    return [hs.roi.CircleROI(cx=0, cy=0, r=float(edges[i + 1]), r_inner=float(edges[i]))
+            for i in range(k)]
+
+
+def _matrix_frames(data_path, dtype):
+    frames = np.load(data_path)
+    return np.round(frames).clip(0, 65000).astype(dtype) if dtype != "float32" else frames
+
+
+def tool_diffgpu_matrix(data_path, repeat, out):
+    import diffgpu
+
+    center = tuple(np.load(data_path.replace(".npy", "_center.npy")))
+    for dtype in MATRIX_DTYPES:
+        frames = _matrix_frames(data_path, dtype)
+        n = frames.shape[0] * frames.shape[1]
+        s = diffgpu.DiffractionPatterns(frames)
+        s.calibration.center = center
+        for k in MATRIX_DETECTORS:
+            r = ring_series(k)
+            out[f"{dtype}|{k}"] = n / median_time(lambda: s.get_virtual_image(r), repeat)
+
+
+def tool_pyxem_matrix(data_path, repeat, out):
+    import hyperspy.api as hs
+    import pyxem  # noqa: F401  (the signal type)
+
+    center = list(np.load(data_path.replace(".npy", "_center.npy")))
+    for dtype in MATRIX_DTYPES:
+        frames = _matrix_frames(data_path, dtype)
+        n = frames.shape[0] * frames.shape[1]
+        s = hs.signals.Signal2D(frames)
+        s.set_signal_type("electron_diffraction")
+        s.calibration.center = center
+        for k in MATRIX_DETECTORS:
+            r = ring_series(k)
+            try:
+                out[f"{dtype}|{k}"] = n / median_time(lambda: s.get_virtual_image(r),
+                                                      max(1, repeat // 2))
+            except Exception as err:  # noqa: BLE001  (reported in the table)
+                out[f"{dtype}|{k}"] = f"{type(err).__name__}"
+
+
+TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyxem": tool_pyxem,
+         "diffgpu-matrix": tool_diffgpu_matrix, "pyxem-matrix": tool_pyxem_matrix}
 
 
 def main():
@@ -126,6 +183,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tool")
     ap.add_argument("--data")
+    ap.add_argument("--matrix", action="store_true",
+                    help="also virtual imaging over detector counts and dtypes, against pyxem")
     args = ap.parse_args()
     if args.tool:
         return tool_process(lambda out: TOOLS[args.tool](args.data, args.repeat, out))
@@ -135,8 +194,9 @@ def main():
         make_data(args.nav, data_path)
         print(f"data: {args.nav}x{args.nav} scan of 256x256 float32 frames; medians of "
               f"{args.repeat} runs (pyxem: {max(1, args.repeat // 2)})")
+        names = [t for t in TOOLS if args.matrix or not t.endswith("-matrix")]
         res = {name: run_tool(__file__, name, ["--data", data_path, "--repeat", args.repeat])
-               for name in TOOLS}
+               for name in names}
     ours, pyx = res["diffgpu"], res["pyxem"]
 
     rows = []
@@ -151,6 +211,14 @@ def main():
     print_table("diffgpu, more (frames/s)", ["what", "value"],
                 [[k, v] for k, v in ours.items() if k not in ("virtual 3 detectors", "center of mass")])
     print_table("GPU", ["what", "value"], [[k, v] for k, v in res["diffgpu-gpu"].items()])
+    if args.matrix:
+        ours, pyx = res["diffgpu-matrix"], res["pyxem-matrix"]
+        rows = [[dtype, k, ours.get(f"{dtype}|{k}", ours.get("error")),
+                 pyx.get(f"{dtype}|{k}", pyx.get("error")),
+                 ratio(ours.get(f"{dtype}|{k}"), pyx.get(f"{dtype}|{k}"))]
+                for dtype in MATRIX_DTYPES for k in MATRIX_DETECTORS]
+        print_table("Virtual imaging over detectors (annuli) and dtypes, frames/s, eager",
+                    ["dtype", "detectors", "diffgpu", "pyxem", "ratio"], rows)
 
 
 if __name__ == "__main__":

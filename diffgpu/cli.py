@@ -319,9 +319,34 @@ def _load(args):
             raise InputError(f"mask '{args.mask}': {err}") from err
         if own is not None:
             s.calibration.mask = s.calibration.mask | np.asarray(own, dtype=bool)
-    if args.device == "gpu" or (args.device == "auto" and diffgpu.gpu_available()):
+    # the scheduler first: to_device() checks the GPUs where the transfer steps will run
+    # (a remote cluster's workers, not this login node), and "auto" asks them too
+    client = _client(args)
+    if args.device == "gpu" or (args.device == "auto" and _gpus_where_computed(client)):
         s.to_device()
     return s
+
+
+def _client(args):
+    """The dask client of --scheduler (None for the threaded scheduler), made once per run
+    and closed by :func:`main` when the command ends, however it ends."""
+    if not hasattr(args, "_client"):
+        args._client = _scheduler(args)
+    return args._client
+
+
+def _gpus_where_computed(client):
+    """Whether the work would run on GPUs: here (the threaded scheduler), or on every
+    worker of ``client``."""
+    import diffgpu
+
+    if client is None:
+        return diffgpu.gpu_available()
+    try:
+        seen = client.run(diffgpu.gpu_available)
+    except Exception:  # workers that cannot be asked: the host, as before
+        return diffgpu.gpu_available()
+    return bool(seen) and all(seen.values()) and diffgpu.gpu_available()
 
 
 def _load_npy(path, what):
@@ -758,23 +783,26 @@ def _orientation_figures(args):
 def _run(args, result, what, figures=None):
     """Write ``result`` (a signal, or a callable making one under the chosen scheduler) and
     the auxiliary files of ``figures`` (see :func:`_write_atomically`)."""
-    client = _scheduler(args)
-    try:
-        t0 = time.perf_counter()
-        if callable(result):
-            result = result()
-        messages = _write_atomically(result, args.output, args.overwrite, not args.no_progress,
-                                     figures)
-        print(f"{what} in {time.perf_counter() - t0:.1f} s -> {args.output}")
-        for message in messages:
-            print(message)
-    finally:
-        if client is not None:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and args.scheduler == "local-cluster":
-                cluster.close()
+    _client(args)  # (closed by main)
+    t0 = time.perf_counter()
+    if callable(result):
+        result = result()
+    messages = _write_atomically(result, args.output, args.overwrite, not args.no_progress,
+                                 figures)
+    print(f"{what} in {time.perf_counter() - t0:.1f} s -> {args.output}")
+    for message in messages:
+        print(message)
     return EXIT_OK
+
+
+def _close_client(args):
+    """Close the run's dask client (and the LocalCluster it started), if one was made."""
+    client = getattr(args, "_client", None)
+    if client is not None:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and args.scheduler == "local-cluster":
+            cluster.close()
 
 
 def _calibrate_from_rings(s, args):
@@ -940,6 +968,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        _close_client(args)
         signal.signal(signal.SIGTERM, previous)
 
 

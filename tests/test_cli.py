@@ -604,3 +604,33 @@ def test_a_killed_run_s_partial_output_is_removed_by_the_next_run(tmp_path, scan
     assert out.is_dir() and not stale.exists()
     assert live.exists() and other.exists()  # a run still going; another host's disk
     assert f"process {dead.pid}" in capsys.readouterr().err
+
+
+def test_device_gpu_is_checked_on_the_scheduler_s_workers(scan_file, tmp_path, capsys):
+    """--device gpu with --scheduler: the GPUs are looked for where the transfer steps run,
+    the cluster's workers (the client was connected only after to_device() had checked
+    this machine, a login node without a GPU under a cluster of GPU nodes)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        code = main(["integrate", str(scan_file), "-o", str(tmp_path / "p.zspy"), "--npt", "8",
+                     "--npt-azim", "8", "--device", "gpu", "--scheduler", cluster.scheduler_address,
+                     "--no-progress"])
+    assert code == 4
+    assert "worker" in capsys.readouterr().err
+    assert not (tmp_path / "p.zspy").exists()
+
+
+def test_auto_device_asks_every_worker():
+    from diffgpu import cli
+
+    class Client:
+        def __init__(self, seen):
+            self.seen = seen
+
+        def run(self, func):
+            return self.seen
+
+    assert not cli._gpus_where_computed(Client({"a": True, "b": False}))
+    assert not cli._gpus_where_computed(Client({}))
