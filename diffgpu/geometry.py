@@ -131,17 +131,23 @@ def mask_digest(mask):
                            digest_size=12).hexdigest()
 
 
-def _pixel_polygons(geom):
-    """Corners of every pixel, counter-clockwise in (x, y), scaled: (n_pixels, 4, 2)."""
+def _pixel_polygons(geom, pixels=None):
+    """Corners of every pixel (or of the flat indices ``pixels`` only), counter-clockwise in
+    (x, y), scaled: (n_pixels, 4, 2)."""
     ny, nx = geom.detector_shape
     cx, cy = geom.center
-    x = np.arange(nx, dtype=float) - cx
-    y = np.arange(ny, dtype=float) - cy
     # corner offsets in the order that is counter-clockwise for a right-handed (x, y)
     offs = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
-    X = x[None, :, None] + offs[None, None, :, 0]
-    Y = y[:, None, None] + offs[None, None, :, 1]
-    X, Y = np.broadcast_to(X, (ny, nx, 4)), np.broadcast_to(Y, (ny, nx, 4))
+    if pixels is None:
+        x = np.arange(nx, dtype=float) - cx
+        y = np.arange(ny, dtype=float) - cy
+        X = x[None, :, None] + offs[None, None, :, 0]
+        Y = y[:, None, None] + offs[None, None, :, 1]
+        X, Y = np.broadcast_to(X, (ny, nx, 4)), np.broadcast_to(Y, (ny, nx, 4))
+    else:
+        row, col = np.divmod(np.asarray(pixels), nx)
+        X = (col - cx)[:, None] + offs[None, :, 0]
+        Y = (row - cy)[:, None] + offs[None, :, 1]
     m = np.diag(geom.scale)
     if geom.affine is not None:
         m = m @ np.asarray(geom.affine, dtype=float).reshape(2, 2)
@@ -150,7 +156,7 @@ def _pixel_polygons(geom):
     det = np.linalg.det(m)
     if det < 0:  # keep the corners counter-clockwise after a reflection
         px, py = px[..., ::-1], py[..., ::-1]
-    return np.stack([px, py], axis=-1).reshape(ny * nx, 4, 2), abs(det)
+    return np.stack([px, py], axis=-1).reshape(-1, 4, 2), abs(det)
 
 
 def _segment_distance(a, b):
