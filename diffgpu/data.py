@@ -38,7 +38,8 @@ def beam_centers(nav_shape, center, drift=(4.0, 3.0), wobble=0.3):
     nav_shape : tuple of int
         Scan shape ``(rows,)`` or ``(rows, columns)``.
     center : tuple of float
-        Beam centre ``(x, y)`` at the middle of the scan.
+        Beam centre ``(x, y)`` of the linear descan at the middle of the scan (the wobble
+        moves the beam up to ``wobble`` pixels off it).
     drift : tuple of float
         Linear descan ``(dx, dy)`` in pixels from the first to the last scan
         column (dx) and row (dy).
@@ -94,6 +95,22 @@ def scattering_map(nav_shape):
     return 1.0 + 0.4 * v
 
 
+def _numbers(values, name, size=None, low=None, strict=False):
+    """``values`` as a tuple of finite floats, checked: ``size`` of them, each ``>= low``
+    (``> low`` when ``strict``); a ValueError naming ``name`` otherwise."""
+    try:
+        arr = np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        arr = np.array([np.nan])
+    below = low is not None and bool(np.any(arr <= low if strict else arr < low))
+    if (size is not None and arr.size != size) or not np.all(np.isfinite(arr)) or below:
+        want = f"{size} finite numbers" if size else "finite numbers"
+        if low is not None:
+            want += f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be {want}; got {values!r}")
+    return tuple(float(v) for v in arr)
+
+
 def _render(centers, strength, sig_shape, ring_radii, ring_width, ring_counts, beam_radius,
             beam_counts, background, noise, dtype, rng):
     """Frames for the given ``(..., 2)`` centres: the model, with Poisson noise."""
@@ -118,7 +135,8 @@ def _render(centers, strength, sig_shape, ring_radii, ring_width, ring_counts, b
         lam += (1.4 - 0.4 * strength[i]) * (beam_counts / disc_area) / (1.0 + edge)
         frame = rng.poisson(lam) if noise else lam
         if limit is not None:
-            frame = np.clip(frame, 0, limit)
+            # the expected counts to the nearest whole count: a cast alone truncates
+            frame = np.clip(frame if noise else np.rint(frame), 0, limit)
         out[i] = frame
     return out.reshape(centers.shape[:-1] + (ny, nx))
 
@@ -151,8 +169,9 @@ def synthetic_4dstem(
     sig_shape : tuple of int
         Detector shape ``(rows, columns)``.
     center : tuple of float, optional
-        Beam centre ``(x, y)`` in pixels at the middle of the scan; default just
-        off the detector middle, ``(0.5 * nx + 1.3, 0.5 * ny - 2.1)``.
+        Beam centre ``(x, y)`` in pixels of the linear descan at the middle of the scan
+        (the wobble moves the beam up to ``wobble`` pixels off it); default just off the
+        detector middle, ``(0.5 * nx + 1.3, 0.5 * ny - 2.1)``.
     ring_radii : sequence of float, optional
         Ring radii in pixels; default 0.18, 0.3 and 0.42 of the smaller detector side.
     ring_width : float
@@ -167,14 +186,16 @@ def synthetic_4dstem(
         Expected counts per pixel of the diffuse background at the beam.
     drift, wobble : see :func:`beam_centers`.
     noise : bool
-        Draw Poisson noise (counts); else store the expected counts.
+        Draw Poisson noise (counts); else store the expected counts (rounded to whole
+        counts for an integer ``dtype``).
     dtype : str or numpy.dtype
-        Output type; ``uint16`` like a counting detector.
-    chunks : "auto" or tuple
-        Dask chunks of the navigation axes (the detector is never split).
-        ``"auto"`` makes chunks of about 32 MiB.
+        Output type, an integer, float or bool dtype; ``uint16`` like a counting detector.
+        Integer types saturate at their largest value.
+    chunks : "auto", int or tuple of int
+        Dask chunks of the navigation axes (the detector is never split): one number for
+        every scan axis or one per axis. ``"auto"`` makes chunks of about 32 MiB.
     seed : int
-        Seed; each chunk draws from its own generator seeded by ``(seed, position)``.
+        Seed, >= 0; each chunk draws from its own generator seeded by ``(seed, position)``.
     lazy : bool
         Return a lazy signal (default) or compute it now.
 
@@ -185,6 +206,14 @@ def synthetic_4dstem(
         is in ``metadata.Synthetic``: ``beam_centers`` (``nav_shape + (2,)``,
         ``(x, y)`` pixels), ``scattering`` (the sample's relative scattering strength
         per scan position), ``ring_radii`` (pixels) and the model parameters.
+
+    Raises
+    ------
+    ValueError
+        A shape, size, count or ``seed`` out of range or not finite, before anything is
+        computed.
+    TypeError
+        A ``dtype`` that is not an intensity (complex, text, object).
 
     Examples
     --------
@@ -220,22 +249,42 @@ def synthetic_4dstem(
         center = (0.5 * nx + 1.3, 0.5 * ny - 2.1)
     if ring_radii is None:
         ring_radii = (0.18 * side, 0.30 * side, 0.42 * side)
+    ring_radii = _numbers(ring_radii, "ring_radii", low=0.0)
     if ring_counts is None:
         ring_counts = (40.0, 25.0, 15.0)[: len(ring_radii)] + (15.0,) * max(0, len(ring_radii) - 3)
+    ring_counts = _numbers(ring_counts, "ring_counts", low=0.0)
     if len(ring_counts) != len(ring_radii):
         raise ValueError("ring_counts and ring_radii must have the same length")
     if beam_radius is None:
         beam_radius = max(2.0, 0.03 * side)
+    # checked here, not in the chunks: a lazy signal would fail only when computed
+    center = _numbers(center, "center", size=2)
+    drift = _numbers(drift, "drift", size=2)
+    (ring_width,) = _numbers([ring_width], "ring_width", low=0.0, strict=True)
+    (beam_radius,) = _numbers([beam_radius], "beam_radius", low=0.0, strict=True)
+    (beam_counts,) = _numbers([beam_counts], "beam_counts", low=0.0)
+    (background,) = _numbers([background], "background", low=0.0)
+    (wobble,) = _numbers([wobble], "wobble")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
     dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise TypeError(f"dtype must be an integer, float or bool dtype (the frames hold "
+                        f"counts); got {dtype}")
 
     centers = beam_centers(nav_shape, center, drift, wobble)
     strength = scattering_map(nav_shape)
     shape = nav_shape + sig_shape
-    if chunks == "auto":
+    if isinstance(chunks, str) and chunks == "auto":
         chunks = da.core.normalize_chunks(
             ("auto",) * len(nav_shape) + (-1, -1), shape, limit="32MiB", dtype=dtype
         )
     else:
+        if isinstance(chunks, (int, np.integer)):  # the same for every scan axis, as in dask
+            chunks = (chunks,) * len(nav_shape)
+        if not isinstance(chunks, (tuple, list)) or len(chunks) != len(nav_shape):
+            raise ValueError(f"chunks must be 'auto', one number or one per scan axis "
+                             f"({len(nav_shape)}: the detector is never split); got {chunks!r}")
         chunks = da.core.normalize_chunks(tuple(chunks) + (-1, -1), shape)
     params = dict(
         sig_shape=sig_shape, ring_radii=tuple(float(r) for r in ring_radii),
@@ -265,6 +314,10 @@ def synthetic_4dstem(
         "ring_radii": list(params["ring_radii"]),
         "ring_width": params["ring_width"],
         "beam_radius": params["beam_radius"],
+        "ring_counts": list(params["ring_counts"]),
+        "beam_counts": params["beam_counts"],
+        "background": params["background"],
+        "noise": params["noise"],
         "center": list(map(float, center)),
         "drift": list(map(float, drift)),
         "wobble": float(wobble),
@@ -286,7 +339,7 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     ``phase`` at every rotation; each spot is drawn as a Gaussian of
     ``spot_sigma`` pixels at column ``x / calibration + cx``, row
     ``y / calibration + cy`` (diffsims' own orientation, the one
-    :meth:`PolarPatterns.get_orientation` expects), with the direct beam at the
+    :meth:`~diffgpu.PolarPatterns.get_orientation` expects), with the direct beam at the
     detector middle. Intensities are scaled so the spots hold ``counts`` electrons in
     total, plus ``beam_counts`` in the direct beam, with Poisson noise.
 
@@ -360,7 +413,7 @@ def zone_axis_rotations(n, directions=((0, 0, 1), (1, 1, 0), (1, 1, 1), (1, 1, 2
     Pattern ``i`` looks down ``directions[i % len(directions)]`` (crystal indices), tilted
     off it by an angle uniform in ``[0, tilt]`` about a random axis in the detector plane,
     and turned about the beam by a random angle. In orix's convention, which diffsims and
-    :meth:`OrientationMatches.to_rotations` follow, a rotation's matrix takes laboratory to
+    :meth:`~diffgpu.OrientationMatches.to_rotations` follow, a rotation's matrix takes laboratory to
     crystal coordinates (crystal symmetries act on the left), so the beam ``z`` lands on
     ``R.to_matrix() @ [0, 0, 1]`` in the crystal: that is ``R = ~r0 * tilt * spin``, with
     ``r0`` taking the zone axis to ``z`` and ``spin`` about ``z`` acting first.

@@ -216,7 +216,7 @@ def synthetic_nbed(nav_shape=(8, 8), sig_shape=(128, 128), g1=(17.0, 1.5), g2=(-
     return s
 
 
-def ring_pattern(sig_shape=(256, 256), center=(130.3, 124.8), scale=0.0105, d_spacings=None,
+def ring_pattern(sig_shape=(256, 256), center=None, scale=None, d_spacings=None,
                  distortion=((1.0, 0.0), (0.0, 1.0)), width=1.2, dose=5e7, background=0.0,
                  seed=0):
     """A polycrystalline ring pattern (e.g. gold) for calibrating centre, scale and ellipticity.
@@ -227,8 +227,14 @@ def ring_pattern(sig_shape=(256, 256), center=(130.3, 124.8), scale=0.0105, d_sp
 
     Parameters
     ----------
-    scale : float
-        1/Å per pixel (undistorted).
+    sig_shape : tuple of int
+        Detector ``(rows, columns)``.
+    center : (float, float), optional
+        Ring centre (x, y) in pixels; default just off the detector middle,
+        ``((nx - 1) / 2 + 2.8, (ny - 1) / 2 - 2.7)`` ((130.3, 124.8) on 256 x 256).
+    scale : float, optional
+        1/Å per pixel (undistorted); default ``0.0105 * 256 / min(sig_shape)``, so the rings
+        take the same part of any detector.
     d_spacings : sequence of float, optional
         Å; default the first five rings of gold (fcc, a = 4.0782 Å).
 
@@ -246,6 +252,11 @@ def ring_pattern(sig_shape=(256, 256), center=(130.3, 124.8), scale=0.0105, d_sp
         a = 4.0782
         d_spacings = [a / np.sqrt(h2) for h2 in (3, 4, 8, 11, 12)]
     ny, nx = sig_shape
+    # defaults relative to the detector: fixed ones put the rings off a small detector
+    if center is None:
+        center = ((nx - 1) / 2 + 2.8, (ny - 1) / 2 - 2.7)
+    if scale is None:
+        scale = 0.0105 * 256 / min(ny, nx)
     sub = (np.arange(4) + 0.5) / 4 - 0.5
     y, x = np.indices(sig_shape, dtype=float)
     xs = (x[..., None, None] + sub[None, :] - center[0])

@@ -43,7 +43,9 @@ def main(argv=None):
         s.to_device()
 
     # both are lazy: nothing is computed until compute()
-    k_max = 0.01 * min(args.sig) / 2  # the largest circle inside the detector
+    # the largest circle about the centre inside the detector (the centre is off the middle)
+    (cx, cy), (rows, cols) = s.calibration.center, args.sig
+    k_max = 0.01 * min(cx + 0.5, cols - 0.5 - cx, cy + 0.5, rows - 0.5 - cy)
     polar = s.get_azimuthal_integral2d(npt=100, npt_azim=360, mean=True, radial_range=(0, k_max))
     profile = s.get_azimuthal_integral1d(npt=200, mean=True, radial_range=(0, k_max))
     t0 = time.perf_counter()
@@ -57,15 +59,17 @@ def main(argv=None):
     frame = s.inav[0, 0]
     frame.to_host()
     frame.compute(show_progressbar=False)
-    ext = [ax.low_value for ax in frame.axes_manager.signal_axes]
-    hi = [ax.high_value for ax in frame.axes_manager.signal_axes]
+    # imshow's extent is the pixels' outer edges; an axis' values are their centres
+    ext = [ax.low_value - ax.scale / 2 for ax in frame.axes_manager.signal_axes]
+    hi = [ax.high_value + ax.scale / 2 for ax in frame.axes_manager.signal_axes]
     axes[0].imshow(frame.data, extent=[ext[0], hi[0], hi[1], ext[1]],
                    norm=matplotlib.colors.LogNorm(vmin=1))
     axes[0].set(title="pattern (0, 0)", xlabel="kx (1/Å)", ylabel="ky (1/Å)")
     az, rad = polar.axes_manager.signal_axes
     axes[1].imshow(polar.data[0, 0], aspect="auto", origin="lower",
                    norm=matplotlib.colors.LogNorm(vmin=0.3),
-                   extent=[az.low_value, az.high_value, rad.low_value, rad.high_value])
+                   extent=[az.low_value - az.scale / 2, az.high_value + az.scale / 2,
+                           rad.low_value - rad.scale / 2, rad.high_value + rad.scale / 2])
     axes[1].set(title="polar transform (log; the beam's wave is its drift)",
                 xlabel="azimuth (deg)", ylabel="k (1/Å)")
     r_ax = profile.axes_manager.signal_axes[0]
@@ -77,6 +81,7 @@ def main(argv=None):
     fig.tight_layout()
     path = os.path.join(args.output, "azimuthal_integration.png")
     fig.savefig(path, dpi=70)
+    plt.close(fig)
     print("wrote", path)
     return path
 

@@ -73,6 +73,7 @@ def main(argv=None):
     fig.tight_layout()
     path = os.path.join(args.output, "beam_and_virtual_images.png")
     fig.savefig(path, dpi=70)
+    plt.close(fig)
     print("wrote", path)
     return path
 

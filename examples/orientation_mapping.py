@@ -82,6 +82,7 @@ def main(argv=None):
     fig.tight_layout()
     path = os.path.join(args.output, "orientation_map.png")
     fig.savefig(path, dpi=70)
+    plt.close(fig)
     print("wrote", path)
     return path
 

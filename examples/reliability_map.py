@@ -98,7 +98,8 @@ def main(argv=None):
     print(f"ambiguous (reliability 0): {reliability.metadata.Reliability.ambiguous} of {rel.size}; "
           f"wrong and not ambiguous: {int(np.sum((err >= 2) & (rel > 0)))}")
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+    # constrained layout: tight_layout cut the first two titles off at the top
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8), layout="constrained")
     im = axes[0].imshow(grain, cmap="tab10", vmin=-0.5, vmax=9.5)
     for g, name in enumerate(labels):
         r, c = np.argwhere(grain == g).mean(axis=0) if (grain == g).any() else (np.nan, np.nan)
@@ -118,9 +119,9 @@ def main(argv=None):
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     path = os.path.join(args.output, "reliability_map.png")
     fig.savefig(path, dpi=70)
+    plt.close(fig)
     print("wrote", path)
     return path
 
