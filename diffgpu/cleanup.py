@@ -6,6 +6,7 @@ import numpy as np
 
 from .calibration import check_mask, detector_image
 from .device import DeviceCache, array_module, to_host_array
+from .kernels.dtypes import as_float32
 from .mapping import map_frames, with_new_data
 
 __all__ = ["find_bad_pixels", "correct_bad_pixels", "flat_field"]
@@ -121,21 +122,26 @@ def _fill_layers(mask):
     return layers
 
 
-def _neighbour_mean(f, v, xp):
-    """The mean of each pixel's valid neighbours (``v`` 1, others 0) in frames ``f``
-    ``(n, rows, columns)``, whose pixels that are not valid hold 0; 0 where none is valid."""
-    ny, nx = v.shape
-    num = xp.zeros_like(f)
-    den = xp.zeros_like(v)
-    for dy in (-1, 0, 1):  # sum over the 3 x 3 neighbourhood of valid pixels
-        for dx in (-1, 0, 1):
-            if dx == dy == 0:
-                continue
-            ys, yd = slice(max(0, dy), ny + min(0, dy)), slice(max(0, -dy), ny + min(0, -dy))
-            xs, xd = slice(max(0, dx), nx + min(0, dx)), slice(max(0, -dx), nx + min(0, -dx))
-            num[:, yd, xd] += f[:, ys, xs]
-            den[yd, xd] += v[ys, xs]
-    return num / xp.where(den > 0, den, 1)
+def _fill_plan(mask):
+    """What :func:`correct_bad_pixels` gathers, layer by layer (:func:`_fill_layers`): for each
+    layer one ``(m, 10)`` integer array, per pixel its flat index, its 8 neighbours' and how
+    many of those are valid (good, or filled in an earlier layer). A neighbour off the
+    detector is the pixel itself; it, and every neighbour not valid yet (a bad pixel),
+    holds 0 while the layer is filled. Only the bad pixels are touched per frame: a mean of
+    the neighbours over the whole frame cost 8 passes over every pixel (806 frames/s at
+    256 x 256 for a line of bad pixels)."""
+    ny, nx = mask.shape
+    plan = []
+    for layer, valid in _fill_layers(mask):
+        rows, cols = np.nonzero(layer)
+        own = rows * nx + cols
+        nb_r = rows[:, None] + np.array([-1, -1, -1, 0, 0, 1, 1, 1])[None, :]
+        nb_c = cols[:, None] + np.array([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]
+        inside = (nb_r >= 0) & (nb_r < ny) & (nb_c >= 0) & (nb_c < nx)
+        nb = np.where(inside, nb_r * nx + nb_c, own[:, None])
+        count = (inside & (valid.ravel()[nb] > 0)).sum(axis=1)
+        plan.append(np.ascontiguousarray(np.column_stack([own, nb, count]), dtype=np.int64))
+    return plan
 
 
 def correct_bad_pixels(signal, mask=None, inplace=False):
@@ -147,36 +153,28 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
             raise ValueError("no bad-pixel mask: pass mask= or set calibration.mask "
                              "(e.g. with find_bad_pixels(set_mask=True))")
     mask = check_mask(getattr(mask, "data", mask), shape)
-    # the first pass fills every bad pixel from its good neighbours (those with none get 0);
-    # one more pass per layer of a cluster refills its middle from the pixels filled before,
-    # on the layer's bounding box only (a large masked region would cost a whole frame a pass)
-    passes = [(slice(None), slice(None), DeviceCache(mask),
-               DeviceCache((~mask).astype(np.float32)))]
-    for layer, valid in _fill_layers(mask)[1:]:
-        rows, cols = np.flatnonzero(layer.any(axis=1)), np.flatnonzero(layer.any(axis=0))
-        box = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
-        passes.append(box + (DeviceCache(np.ascontiguousarray(layer[box])),
-                             DeviceCache(np.ascontiguousarray(valid[box]))))
+    # each bad pixel is the mean of its valid neighbours: those with a good one first, then
+    # (the middle of a cluster) those next to the pixels filled before; none valid: 0
+    bad = DeviceCache(np.flatnonzero(mask))
+    layers = [DeviceCache(layer) for layer in _fill_plan(mask)]
     # what the arithmetic below gives (float16 meets the float32 weights; any byte order
     # becomes native), declared as such for a lazy result
     dtype = np.result_type(signal.data.dtype.newbyteorder("="), np.float32) \
         if signal.data.dtype.kind == "f" else np.dtype(np.float32)
+    n_pix = shape[0] * shape[1]
 
-    def fix(frames, *caches):
+    def fix(frames, bad, *layers):
         xp = array_module(frames)
-        f = frames.astype(dtype)
-        for i, (ys, xs) in enumerate(boxes):
-            b, v = caches[2 * i].get(xp), caches[2 * i + 1].get(xp)
-            if i == 0:  # where(), not f * v: a NaN or inf bad pixel times 0 is NaN (it would spread)
-                f = xp.where(b, xp.zeros((), dtype), f)
-            part = f[:, ys, xs]
-            fill = _neighbour_mean(part, v, xp)  # bad pixels not filled yet hold 0
-            f[:, ys, xs] = xp.where(b, fill, part)
-        return f.astype(dtype, copy=False)
+        f = (as_float32(frames) if dtype == np.float32 else frames.astype(dtype)).reshape(-1, n_pix)
+        # bad pixels hold 0 until filled (a NaN or inf there would spread through the means)
+        f[:, bad.get(xp)] = 0
+        for layer in layers:
+            plan = layer.get(xp)
+            count = xp.maximum(plan[:, 9], 1).astype(dtype)
+            f[:, plan[:, 0]] = f[:, plan[:, 1:9]].sum(axis=2, dtype=dtype) / count
+        return f.reshape(-1, *shape)
 
-    boxes = [p[:2] for p in passes]  # the arrays go as constants (moved to a GPU once)
-    result = map_frames(signal.data, fix, shape, dtype,
-                        constants=tuple(c for p in passes for c in p[2:]))
+    result = map_frames(signal.data, fix, shape, dtype, constants=(bad, *layers))
     return with_new_data(signal, result, "Bad pixels corrected", inplace)
 
 
