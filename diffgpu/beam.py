@@ -7,9 +7,10 @@ import numpy as np
 from .calibration import detector_image
 from .detectors import disc_weights
 from .device import DeviceCache, _is_dask, array_module, to_host_array
+from .kernels.blur import gaussian_blur
 from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
-from .mapping import map_frames, map_weighted_sums, with_new_data
+from .mapping import map_frames, map_weighted_sums, over_host_threads, with_new_data
 from .results import OperationResult
 
 __all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
@@ -92,14 +93,6 @@ def center_of_mass(signal, mask=None, threshold=None):
                              nonfinite="zero",
                              finish=lambda sums, xp: _com_from_sums(sums, xp, (cx, cy)))
     return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
-
-
-def _ndimage(xp):
-    if xp is np:
-        import scipy.ndimage as ndi
-    else:
-        import cupyx.scipy.ndimage as ndi
-    return ndi
 
 
 def _windowed_com(frames, px, py, radius, xp, iterations=3):
@@ -188,7 +181,7 @@ def _blur_position(f, sigma, window):
     there would read a value back), the host only the one it needs.
     """
     xp = array_module(f)
-    blurred = _ndimage(xp).gaussian_filter(f, sigma=(0, sigma, sigma), mode="constant")
+    blurred = gaussian_blur(f, sigma)
     n, ny, nx = f.shape
     flat = blurred.reshape(n, -1)
     peak = flat.argmax(axis=1)
@@ -313,7 +306,7 @@ def direct_beam_position(signal, method="center_of_mass", mask=None, threshold=N
         found = f.reshape(f.shape[0], -1).max(axis=1) > 0
         return xp.where(found[:, None], shifts, xp.float32(np.nan))
 
-    data = map_frames(signal.data, find, (2,), np.float32,
+    data = map_frames(signal.data, find, (2,), np.float32, eager_func=over_host_threads(find),
                       constants=() if valid is None else (valid,))
     return _shifts_result(signal, data, "Direct beam position", method)
 

@@ -737,6 +737,38 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
                       eager_func=partial(frames_func, threads=host_threads()))
 
 
+def over_host_threads(func, threads=None, min_frames=8):
+    """``func(frames, *args)`` for frames in memory, with the frames shared out over the host's
+    threads (for :func:`map_frames`'s ``eager_func``: a lazy graph's tasks already run one per
+    core, an eager call ran on one). ``func`` must release the GIL for most of its time
+    (NumPy, numba ``nogil``) and give one result row per frame; device frames, or fewer than
+    ``2 * min_frames``, go to ``func`` as they are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.mapping import over_host_threads
+    >>> totals = over_host_threads(lambda f: f.sum(axis=(1, 2)), threads=2)
+    >>> totals(np.ones((40, 3, 3))).tolist()[:3]
+    [9.0, 9.0, 9.0]
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .device import host_threads
+
+    def run(frames, *args):
+        n = frames.shape[0]
+        parts = min(threads or host_threads(), n // min_frames)
+        if parts < 2 or array_module(frames) is not np:
+            return func(frames, *args)
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        with ThreadPoolExecutor(parts) as pool:
+            done = [pool.submit(func, frames[lo:hi], *args) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            return np.concatenate([d.result() for d in done])
+
+    return run
+
+
 def with_new_data(signal, data, title, inplace=False):
     """``signal`` with ``data`` (same axes and metadata) and a title saying what was done.
 

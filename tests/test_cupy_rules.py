@@ -211,7 +211,8 @@ def test_device_path_calling_scipy_fails(standin_gpu, monkeypatch):
     import diffgpu.beam
 
     s = on_device(scan(lazy=False))
-    monkeypatch.setattr(diffgpu.beam, "_ndimage", lambda xp: scipy.ndimage)  # SciPy on a GPU
+    monkeypatch.setattr(diffgpu.beam, "gaussian_blur",  # SciPy on a GPU
+                        lambda f, sigma: scipy.ndimage.gaussian_filter(f, (0, sigma, sigma)))
     with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
         s.get_direct_beam_position(method="blur", sigma=2.0)
 
