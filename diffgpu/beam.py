@@ -86,7 +86,8 @@ def center_of_mass(signal, mask=None, threshold=None):
                                  masked=m.get(xp))
             return _com_from_sums(sums, xp, (cx, cy))
 
-        data = map_frames(signal.data, moments, (2,), np.float32, constants=(weights, masked))
+        data = map_frames(signal.data, moments, (2,), np.float32, constants=(weights, masked),
+                          eager_func=over_host_threads(moments))
         return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
     # NaN and inf pixels count as 0, as in integration (and masked ones never count)
     data = map_weighted_sums(signal.data, weights, 3, out_shape=(2,), threshold=threshold,
