@@ -27,7 +27,7 @@ import numpy as np
 
 from .kernels.render import render_spots
 
-__all__ = ["TemplateLibrary", "library_for"]
+__all__ = ["TemplateLibrary", "library_for", "check_symmetry"]
 
 # Libraries made from diffsims simulations passed to get_orientation, by id of the simulation:
 # (content digest, library). An entry goes when its simulation is garbage-collected, and is
@@ -110,6 +110,80 @@ def library_for(simulation):
     return library
 
 
+def check_symmetry(phase, radius=1.0):
+    """Refuse a phase whose point group is not a symmetry of its own structure.
+
+    orix takes the point group from the space group's number in its own setting (a
+    monoclinic 2/m with its two-fold axis along z, the c axis), while the structure's atoms
+    and lattice may be in another (P2_1/c with b the unique axis: its two-fold along y in
+    orix's crystal frame, x along a, z along c*). The library would then sample the wrong
+    fundamental zone and every orientation would be reduced by the wrong symmetry: on
+    simulated P2_1/c patterns a third of them came out 180 degrees off. Here every proper
+    rotation of the point group must map the reciprocal lattice within ``radius`` (1/Å)
+    onto itself with the same kinematic intensities (Friedel's law covers the improper
+    ones).
+
+    Raises
+    ------
+    ValueError
+        Naming the phase, its point group and a rotation that is not a symmetry.
+
+    Examples
+    --------
+    >>> check_symmetry(TemplateLibrary.silicon())
+    """
+    from diffsims.utils.sim_utils import get_kinematical_intensities
+    from orix.quaternion import Rotation
+    from orix.vector import Miller
+    from scipy.spatial import cKDTree
+
+    if phase.structure is None or len(phase.structure) == 0 or phase.point_group is None:
+        return
+    # every reflection within radius: |h| = |g . a| <= radius |a| (a box of whole shells,
+    # unlike a d-spacing search's, which cut hexagonal shells short)
+    lat = phase.structure.lattice
+    top = [int(np.ceil(radius * x)) for x in (lat.a, lat.b, lat.c)]
+    hkl = np.stack(np.meshgrid(*[np.arange(-n, n + 1) for n in top], indexing="ij"),
+                   axis=-1).reshape(-1, 3)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    g = Miller(hkl=hkl, phase=phase).data
+    inside = np.linalg.norm(g, axis=1) <= radius
+    hkl, g = hkl[inside], g[inside]
+    if not len(g):
+        return
+    f2 = np.asarray(get_kinematical_intensities(phase.structure, hkl, 1 / np.linalg.norm(g, axis=1),
+                                                prefactor=1, scattering_params="lobato"))
+    tree = cKDTree(g)
+    tol = 1e-6 * max(radius, 1.0)
+    # (a reflection on the radius may be in or out by rounding: its image is looked up only)
+    inner = np.linalg.norm(g, axis=1) <= radius * (1 - 1e-6)
+    for op in phase.point_group.proper_subgroup.to_matrix():
+        dist, at = tree.query(g[inner] @ op.T)
+        same = np.isclose(f2[at], f2[inner], rtol=1e-4, atol=1e-6 * f2.max())
+        if np.all(dist <= tol) and np.all(same):
+            continue
+        axis = Rotation.from_matrix(op).axis.data.reshape(3)
+        angle = np.rad2deg(Rotation.from_matrix(op).angle.reshape(-1)[0])
+        raise ValueError(
+            f"the point group of phase {phase.name!r} ({phase.point_group.name}, from its space "
+            f"group) is not a symmetry of its structure: its {angle:.0f} degree rotation about "
+            f"{np.round(axis, 3).tolist()} (orix's crystal frame: x along a, z along c*) moves "
+            "reflections to where there are none or others of different intensity. orix puts "
+            "a monoclinic phase's two-fold axis along c: give the lattice and atoms in the "
+            "setting whose unique axis is c (alpha = beta = 90 degrees), not b")
+
+
+def _without_extinct(spots, floor=1e-8):
+    """One phase's templates ``[(3, n_i)]`` without the spots weaker than ``floor`` times the
+    phase's strongest: the extinct reflections that diffsims keeps at rounding-level
+    intensities (1e-19 of an allowed one) where an orientation excites no allowed one (its
+    ``minimum_intensity`` is relative to each pattern's strongest spot). Normalised for
+    matching, such a template was as strong as any and matched real patterns (an fcc Cu
+    pattern best at 0.18), with orientations that no spot supports."""
+    top = max((float(s[2].max()) for s in spots if s.shape[1]), default=0.0)
+    return [s[:, s[2] >= floor * top] for s in spots]
+
+
 class TemplateLibrary:
     """Diffraction templates: spots, rotations and phases (one or several phases).
 
@@ -171,6 +245,10 @@ class TemplateLibrary:
     def from_simulation(cls, simulation):
         """A library from a diffsims ``Simulation2D`` (one phase or several).
 
+        A phase whose point group is not a symmetry of its structure (a monoclinic
+        structure with b the unique axis: orix puts the two-fold along c) is refused, with
+        a ValueError: see :func:`check_symmetry`.
+
         Examples
         --------
         >>> from orix.sampling import get_sample_reduced_fundamental
@@ -183,19 +261,29 @@ class TemplateLibrary:
         >>> len(TemplateLibrary.from_simulation(sim)) == rots.size
         True
         """
+        phases, _, _ = _simulation_parts(simulation)
+        for p in phases:  # (from_phase checks its phases before simulating)
+            check_symmetry(p, min(float(getattr(simulation, "reciporical_radius", 1.0) or 1.0),
+                                  1.0))
+        return cls._from_simulation(simulation)
+
+    @classmethod
+    def _from_simulation(cls, simulation):
         from orix.quaternion import Rotation
 
         phases, rotations, coordinates = _simulation_parts(simulation)
         spots, quats, index = [], [], []
         for i, (phase, rot, coords) in enumerate(zip(phases, rotations, coordinates)):
             coords = [coords] if not isinstance(coords, (np.ndarray, list, tuple)) else list(coords)
+            own = []
             for vec in coords:
                 xy = np.asarray(vec.data)[:, :2]
                 inten = np.asarray(vec.intensity, dtype=float)
                 r = np.hypot(xy[:, 0], xy[:, 1])
                 keep = r > 1e-9  # the direct beam carries no orientation
                 theta = np.rad2deg(np.arctan2(xy[keep, 1], xy[keep, 0]))
-                spots.append(np.stack([r[keep], theta, inten[keep]]))
+                own.append(np.stack([r[keep], theta, inten[keep]]))
+            spots += _without_extinct(own)
             quats.append(rot.data.reshape(-1, 4))
             index.append(np.full(len(coords), i))
         rotations = Rotation(np.concatenate(quats))
@@ -225,6 +313,12 @@ class TemplateLibrary:
         minimum_intensity : float
             Spots weaker than this fraction of the strongest are left out.
 
+        Raises
+        ------
+        ValueError
+            A parameter out of its range, a phase without a structure, or a phase whose
+            point group is not a symmetry of its structure (:func:`check_symmetry`).
+
         Examples
         --------
         >>> from diffgpu.templates import TemplateLibrary
@@ -249,6 +343,7 @@ class TemplateLibrary:
             if p.structure is None or len(p.structure) == 0:
                 raise ValueError(f"phase {p.name!r} has no structure (atoms); diffsims needs "
                                  "one to simulate intensities")
+            check_symmetry(p, min(float(reciprocal_radius), 1.0))
         gen = SimulationGenerator(accelerating_voltage=accelerating_voltage,
                                   minimum_intensity=minimum_intensity)
         rots = [get_sample_reduced_fundamental(resolution=resolution, point_group=p.point_group)
@@ -266,7 +361,7 @@ class TemplateLibrary:
                              f"{reciprocal_radius:g} 1/Å (max_excitation_error="
                              f"{max_excitation_error:g} 1/Å): raise reciprocal_radius (to the "
                              "radius the data cover) or max_excitation_error") from None
-        lib = cls.from_simulation(sim)
+        lib = cls._from_simulation(sim)
         lib.reciprocal_radius = float(reciprocal_radius)
         lib.accelerating_voltage = float(accelerating_voltage)
         lib.max_excitation_error = float(max_excitation_error)

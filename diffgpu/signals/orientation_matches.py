@@ -34,11 +34,17 @@ def _phase_list(described):
     return phases, PhaseList(phases)
 
 
-def _indexed_phase(matches):
+def _indexed_phase(matches, significance=None, min_significance=5.0):
     """The best match's phase of matches ``(..., n_best, 5)``, or -1 (orix's "not indexed")
-    where nothing matched: best correlation not above 0 (a blank, all-NaN or vacuum frame)."""
+    where nothing matched: best correlation not above 0 (a blank or all-NaN frame), or, after
+    refinement (``significance``, one per position), where the best orientation stands less
+    than ``min_significance`` deviations above unrelated ones (vacuum, amorphous material,
+    noise: some template always correlates above 0 there)."""
     best = matches[..., 0, :]
-    return np.where(best[..., 2] > 0, best[..., 1], -1).astype(np.int64)
+    found = best[..., 2] > 0
+    if significance is not None:
+        found &= np.asarray(significance).reshape(found.shape) >= min_significance
+    return np.where(found, best[..., 1], -1).astype(np.int64)
 
 
 class OrientationMatches(DeviceMixin, Signal2D):
@@ -113,6 +119,13 @@ class OrientationMatches(DeviceMixin, Signal2D):
         self._computed = (self.data.name, computed)
         return computed
 
+    def _indexed(self, min_significance=5.0):
+        """:func:`_indexed_phase` of these matches: after refinement, positions without a
+        crystal seen (``metadata.Refined.significance`` below ``min_significance``) are not
+        indexed either."""
+        return _indexed_phase(self._host_matches(), self.metadata.get_item("Refined.significance"),
+                              min_significance)
+
     def _phases(self):
         lib = self.metadata.Library
         return _phase_list(tuple((str(name), int(sg), str(pg)) for name, sg, pg in
@@ -158,19 +171,28 @@ class OrientationMatches(DeviceMixin, Signal2D):
         phase = phases[int(m.reshape(-1, m.shape[-2], 5)[0, rank, 1])]
         return Orientation(rot, symmetry=phase.point_group)
 
-    def to_crystal_map(self):
+    def to_crystal_map(self, min_significance=5.0):
         """An orix ``CrystalMap``: best orientations, phases, scores, mirror flags, positions.
 
         Properties: ``correlation``, ``mirror`` and ``template`` (all ``n_best`` ranks), and
         with ``n_best >= 2`` the ``reliability`` of :meth:`get_reliability`. Positions where
-        nothing matched (best correlation not above 0: an empty, all-NaN or vacuum frame) get
-        phase id -1, orix's "not_indexed".
+        nothing matched (best correlation not above 0: an empty or all-NaN frame) get
+        phase id -1, orix's "not_indexed"; after :meth:`refine`, so do positions where no
+        crystal is seen (vacuum, amorphous material, noise: the best orientation stands less
+        than ``min_significance`` deviations above unrelated ones, as in
+        :meth:`get_reliability`; ``-numpy.inf`` keeps them indexed). Scans of more than
+        two dimensions are refused (a ValueError): orix maps hold lines and 2D scans.
         """
         from orix.crystal_map import CrystalMap
 
         _, phase_list = self._phases()
         m = self._host_matches()
         nav = m.shape[:-2]
+        if len(nav) > 2:  # (its x would be the first axis only: every position on one point)
+            raise ValueError(f"an orix CrystalMap holds a line or a 2D scan; these matches have "
+                             f"{len(nav)} scan dimensions {self.axes_manager.navigation_shape}: "
+                             "make one map per 2D slice, e.g. matches.inav[:, :, 0]"
+                             ".to_crystal_map()")
         n_best = m.shape[-2]
         rot = self.to_rotations().reshape(-1, n_best)
         flat = m.reshape(-1, n_best, 5)
@@ -185,9 +207,10 @@ class OrientationMatches(DeviceMixin, Signal2D):
                  "mirror": flat[:, :, 4] if n_best > 1 else flat[:, 0, 4],
                  "template": flat[:, :, 0] if n_best > 1 else flat[:, 0, 0]}
         if n_best >= 2:  # how clearly the best orientation wins (see get_reliability)
-            props["reliability"] = self.get_reliability().data.ravel()
+            props["reliability"] = self.get_reliability(
+                min_significance=min_significance).data.ravel()
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
-        phase_id = _indexed_phase(flat)
+        phase_id = self._indexed(min_significance).reshape(-1)
         return CrystalMap(rotations=rot, phase_id=phase_id, phase_list=phase_list.deepcopy(),
                           prop=props, scan_unit=unit, **coords)
 
@@ -238,7 +261,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         gamma : float, optional
             Intensity scaling, as in matching (default: the one used for matching).
         smooth : float
-            Gaussian smoothing of the polar patterns, in bins (1 bin: refined errors on
+            Gaussian smoothing of the polar patterns, in bins, >= 0 (1 bin: refined errors on
             simulated near-zone Si 0.08-0.16 degrees at 64-256 bins, against 0.11-0.19 with
             0.5; ``benchmarks/NOTES.md``).
         step, min_step : float
@@ -301,7 +324,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
                                              accelerating_voltage, max_excitation_error,
                                              candidates, margin, intensity_exponent))
 
-    def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995, min_significance=4.0):
+    def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995, min_significance=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map in [0, 1].
 
         The alternative is the best-ranked match whose orientation is more than
@@ -328,14 +351,19 @@ class OrientationMatches(DeviceMixin, Signal2D):
           it lies halfway between two patterns that do differ.
 
         - Where none of the ``n_best`` matches (nor a twin) is another orientation, the
-          alternative is the best-scoring of 16 fixed orientations unrelated to the best (a
+          alternative is the best-scoring of 128 fixed orientations unrelated to the best (a
           larger ``n_best`` looks further among the templates).
         - **0: no crystal seen.** The best orientation's contrast score stands less than
           ``min_significance`` standard deviations above those of the unrelated orientations
           (``metadata.Refined.significance``): the pattern does not show its spots (vacuum,
           amorphous material, noise), although some template always matches best. Simulated
-          Si patterns stood 5.5-16 deviations above (500 to 20,000 counts in their spots);
-          vacuum, an amorphous ring and shot noise 1-3.
+          Si patterns stood at least 5.9 deviations above (500 to 20,000 counts in their
+          spots); vacuum, amorphous rings and shot noise at most 4.5 (against the 16 used
+          before the evening of 2026-12-07: 5.5-16 deviations and 1-3 on a few frames, overlapping on
+          more). Vacuum frames with almost no counts besides the direct beam can stand 5-10
+          deviations above, and a phase missing from the library is not detected
+          (docs/orientation_mapping.rst). :meth:`to_crystal_map`
+          and the phase and IPF maps leave these positions not indexed.
 
         Before refinement, when none of the ``n_best`` matches is far enough away, the last
         one's correlation is used, so the value is a lower bound. Needs ``n_best >= 2``;
@@ -350,7 +378,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
             well with the best's make the pattern ambiguous (reliability 0).
         min_significance : float
             After refinement: patterns whose best orientation stands out less than this from
-            unrelated ones show no crystal (reliability 0).
+            unrelated ones show no crystal (reliability 0). 5 (4 before the evening of 2026-12-07, with 16
+            unrelated orientations, which let noise and crystals overlap).
 
         Returns
         -------
@@ -445,14 +474,16 @@ class OrientationMatches(DeviceMixin, Signal2D):
             out.metadata.set_item("Reliability.indistinguishable", float(indistinguishable))
         return out
 
-    def get_phase_map(self):
+    def get_phase_map(self, min_significance=5.0):
         """The phase of the best match at every position, as an image of phase indices.
 
         The phase names are in ``metadata.Phases.names`` (index ``i`` is
         ``names[i]``), the fraction of positions of each in ``metadata.Phases.fractions``.
-        Positions where nothing matched (best correlation not above 0: a blank, all-NaN or
-        vacuum frame) are -1, "not indexed", as in :meth:`to_crystal_map`; their fraction is
-        ``metadata.Phases.not_indexed`` (the phases' fractions and it add up to 1).
+        Positions where nothing matched (best correlation not above 0: a blank or all-NaN
+        frame) and, after :meth:`refine`, where no crystal is seen (significance below
+        ``min_significance``: vacuum, amorphous material, noise) are -1, "not indexed", as
+        in :meth:`to_crystal_map`; their fraction is ``metadata.Phases.not_indexed`` (the
+        phases' fractions and it add up to 1).
 
         Returns
         -------
@@ -477,7 +508,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         import hyperspy.api as hs
 
         phases, _ = self._phases()
-        index = _indexed_phase(self._host_matches())
+        index = self._indexed(min_significance)
         axes = [dict(ax.get_axis_dictionary(), navigate=False)
                 for ax in self.axes_manager.navigation_axes[::-1]]
         cls = hs.signals.Signal2D if index.ndim == 2 else hs.signals.Signal1D
@@ -490,9 +521,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
         out.metadata.set_item("Phases.not_indexed", float(np.mean(index < 0)))
         return out
 
-    def plot_phase_map(self, ax=None):
+    def plot_phase_map(self, ax=None, min_significance=5.0):
         """Plot the phase of the best match at every position, one colour per phase, black
-        where nothing matched (not indexed: see :meth:`get_phase_map`).
+        where nothing matched or no crystal is seen (not indexed: see :meth:`get_phase_map`).
 
         Returns the matplotlib axes.
         """
@@ -500,7 +531,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         from matplotlib.colors import ListedColormap
         from matplotlib.patches import Patch
 
-        phase_map = self.get_phase_map()
+        phase_map = self.get_phase_map(min_significance)
         names = list(phase_map.metadata.Phases.names)
         index = np.atleast_2d(phase_map.data)
         colours = plt.get_cmap("tab10").colors[:max(len(names), 1)]
@@ -519,13 +550,13 @@ class OrientationMatches(DeviceMixin, Signal2D):
         ax.set_title("Phase map")
         return ax
 
-    def plot_ipf_map(self, direction="z", ax=None):
+    def plot_ipf_map(self, direction="z", ax=None, min_significance=5.0):
         """Plot the best orientations coloured by the inverse pole figure of ``direction``.
 
         With several phases, each position is coloured with the key of its own phase's
         Laue group. ``direction`` is the laboratory axis, ``"x"``, ``"y"`` or ``"z"`` (the
-        beam). Positions where nothing matched (not indexed: see :meth:`get_phase_map`) are
-        black. Returns the matplotlib axes.
+        beam). Positions where nothing matched or, after :meth:`refine`, no crystal is seen
+        (not indexed: see :meth:`get_phase_map`) are black. Returns the matplotlib axes.
         """
         import matplotlib.pyplot as plt
         from orix.plot import IPFColorKeyTSL
@@ -539,7 +570,7 @@ class OrientationMatches(DeviceMixin, Signal2D):
         vec = axes[direction]()
         phases, _ = self._phases()
         # positions where nothing matched stay black, as in plot_phase_map (-1: not indexed)
-        index = _indexed_phase(self._host_matches()).ravel()
+        index = self._indexed(min_significance).ravel()
         rot = self.to_rotations().data[..., 0, :].reshape(-1, 4)  # row-major, unlike flatten()
         rgb = np.zeros((index.size, 3))
         for i, phase in enumerate(phases):
