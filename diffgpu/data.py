@@ -354,7 +354,11 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     -------
     DiffractionPatterns
         Calibrated in 1/Å, centred; ``metadata.Synthetic.rotations`` holds the true
-        rotations as quaternions ``(n, 4)``.
+        rotations as quaternions ``(n, 4)``, ``metadata.Synthetic.n_spots`` the number of
+        reflections drawn in each pattern (0 where the orientation excites no allowed
+        one: a pattern of the direct beam alone, which shows no crystal; reflections
+        weaker than 1e-8 of the phase's strongest, extinct ones at rounding level, are not
+        drawn).
 
     Examples
     --------
@@ -381,9 +385,18 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     y, x = np.indices(sig_shape, dtype=np.float64)
     reach = int(np.ceil(4 * spot_sigma))
     norm = 1.0 / (2 * np.pi * spot_sigma**2)
+    # reflections weaker than 1e-8 of the phase's strongest are extinct ones that diffsims keeps
+    # at rounding level (its minimum_intensity is relative to each pattern's strongest spot):
+    # scaled up to ``counts`` they made a pattern of forbidden spots where an orientation
+    # excites no allowed one (as TemplateLibrary leaves them out of its templates)
+    top = max((float(np.max(v.intensity)) for v in coords if np.size(v.intensity)), default=0.0)
+    n_spots = np.zeros(len(coords), dtype=np.int64)
     for i, vec in enumerate(coords):
-        xy = np.asarray(vec.data)[:, :2] / calibration
         inten = np.asarray(vec.intensity, dtype=float)
+        keep = inten >= 1e-8 * top
+        n_spots[i] = int(keep.sum())
+        xy = np.asarray(vec.data)[keep, :2] / calibration
+        inten = inten[keep]
         inten = counts * inten / inten.sum() if inten.sum() > 0 else inten
         spots = list(zip(xy[:, 0] + cx, xy[:, 1] + cy, inten)) + [(cx, cy, beam_counts)]
         for px, py, amp in spots:
@@ -403,6 +416,7 @@ def orientation_patterns(phase, rotations, sig_shape=(256, 256), calibration=0.0
     s.calibration.beam_energy = accelerating_voltage
     s.metadata.set_item("Synthetic.rotations", rotations.data.reshape(-1, 4))
     s.metadata.set_item("Synthetic.phase", phase.name)
+    s.metadata.set_item("Synthetic.n_spots", n_spots)  # 0: no reflection excited, no crystal seen
     return s
 
 
