@@ -8,7 +8,9 @@ or any user mask.  HyperSpy ROIs are read in the signal's calibrated units.
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 
 import numpy as np
 
@@ -17,10 +19,27 @@ from .geometry import PolarGeometry, _disc_area, _pixel_polygons
 __all__ = ["disc_weights", "rectangle_weights", "detector_weights"]
 
 
-@functools.lru_cache(maxsize=32)
+# disc weights by (detector, centre, radii, scale), least recently used first, held to
+# _CACHE_BYTES in all (a count of 32 made a ring series of 64 detectors compute every disc
+# again at every call, 100 ms of each; by bytes it holds 512 of 256 x 256, 32 of 1024 x 1024)
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_BYTES = 256 * 2**20
+_CACHE_LOCK = threading.Lock()
+
+
 def _disc_weights_cached(detector_shape, center, radius, scale, inner_radius):
+    key = (detector_shape, center, radius, scale, inner_radius)
+    with _CACHE_LOCK:
+        w = _CACHE.get(key)
+        if w is not None:
+            _CACHE.move_to_end(key)
+            return w
     w = _disc_weights(detector_shape, center, radius, scale, inner_radius)
     w.flags.writeable = False  # shared between callers
+    with _CACHE_LOCK:
+        _CACHE[key] = w
+        while sum(v.nbytes for v in _CACHE.values()) > _CACHE_BYTES and len(_CACHE) > 1:
+            _CACHE.popitem(last=False)
     return w
 
 

@@ -336,3 +336,23 @@ def test_a_detector_that_is_no_roi_nor_mask_is_named(rois):
     s = diffgpu.data.synthetic_4dstem(nav_shape=(2, 2), sig_shape=(32, 32))
     with pytest.raises(TypeError, match=r"detector's shape \(32, 32\).*CircleROI"):
         s.get_virtual_image(rois)
+
+
+def test_a_ring_series_of_64_detectors_is_weighed_once(monkeypatch):
+    """The discs' weights are kept by bytes, not by count: 64 annuli (a ring series) were
+    weighed again at every call when 32 were kept, 100 ms of each call at 256 x 256."""
+    from diffgpu import detectors
+
+    calls = []
+    real = detectors._disc_weights
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(detectors, "_disc_weights", counted)
+    edges = np.linspace(1.0, 30.0, 65)
+    for _ in range(2):
+        for i in range(64):
+            detectors.disc_weights((64, 64), (31.7, 32.2), edges[i + 1], inner_radius=edges[i])
+    assert len(calls) == 64
