@@ -102,6 +102,9 @@ def graph_constant(value):
         return node
     kept = held.get(client.id)
     if kept is None or kept.dask[kept.key].status in ("cancelled", "lost", "error"):
+        # (copies persisted through clients closed since are dropped: each kept its client)
+        for cid in [c for c, f in held.items() if getattr(f.dask[f.key].client, "status", "") == "closed"]:
+            del held[cid]
         held[client.id] = client.persist(node)
     # the node itself, not the future: any scheduler can compute the graph (the threaded one,
     # or after the client is closed); the cluster finds its key already in memory
