@@ -736,6 +736,21 @@ def _rows(rows, p, matrices):
     return rows
 
 
+@numba.njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _less_ring_means(src, q):
+    """``q`` = the pattern ``src`` ``(radius, azimuth)`` less each ring's mean."""
+    n_r, n_a = src.shape
+    for r in range(n_r):
+        row = src[r]
+        total = 0.0
+        for a in range(n_a):
+            total += row[a]
+        mean = np.float32(total / n_a)
+        dst = q[r]
+        for a in range(n_a):
+            dst[a] = row[a] - mean
+
+
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def _contrast(p, rows, matrices, g, f2g, table, per_u, k, smax, r_first, dr, a_first, da, radius,
               out):
@@ -743,16 +758,7 @@ def _contrast(p, rows, matrices, g, f2g, table, per_u, k, smax, r_first, dr, a_f
     n_r, n_a = p.shape[1:]
     q = np.empty((n_r, n_a), np.float32)  # one pattern less its rings' means at a time
     for i in range(matrices.shape[0]):
-        src = p[rows[i]]
-        for r in range(n_r):
-            row = src[r]
-            total = 0.0
-            for a in range(n_a):
-                total += row[a]
-            mean = np.float32(total / n_a)
-            dst = q[r]
-            for a in range(n_a):
-                dst[a] = row[a] - mean
+        _less_ring_means(p[rows[i]], q)
         for j in range(matrices.shape[1]):
             out[i, j] = _score_one(q, matrices[i, j], g, f2g, table, per_u, idx, idx.size, k,
                                    smax, r_first, dr, a_first, da, radius)
@@ -808,16 +814,7 @@ def _contrast_shared(p, rows, bins, keys, count, norms, out):
     n_r, n_a = p.shape[1:]
     q = np.empty((n_r, n_a), np.float32)  # one pattern less its rings' means at a time
     for i in range(rows.shape[0]):
-        src = p[rows[i]]
-        for r in range(n_r):
-            row = src[r]
-            total = 0.0
-            for a in range(n_a):
-                total += row[a]
-            mean = np.float32(total / n_a)
-            dst = q[r]
-            for a in range(n_a):
-                dst[a] = row[a] - mean
+        _less_ring_means(p[rows[i]], q)
         for j in range(count.shape[0]):
             total = 0.0
             for s in range(count[j]):
