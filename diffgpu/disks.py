@@ -163,7 +163,8 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
     md = signal.metadata.as_dictionary()
     md.get("Diffraction", {}).pop("mask", None)
     title = md.get("General", {}).get("title", "")
-    md.setdefault("General", {})["title"] = f"Bragg disks of {title}".strip()
+    # an untitled signal: "Bragg disks", not "Bragg disks of"
+    md.setdefault("General", {})["title"] = f"Bragg disks of {title}" if title else "Bragg disks"
     md.setdefault("Signal", {})["signal_type"] = "bragg_vectors"
     md["BraggDisks"] = {
         "fields": ["x", "y", "intensity"],

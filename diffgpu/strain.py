@@ -42,6 +42,8 @@ _FIT_FRAMES = 4096  # frames fitted at a time (keeps the temporaries to tens of 
 _REF_OUTLIER = 4.0  # a region's fit further than this x the median from the median is left out
 #                    (the deviation of 4 Gaussian components: 4 x its median is ~7 sigma)
 _REF_FLOOR = 1e-4   # ... and than this (relative: a strain of 1e-4) from it (noise-free data)
+_REF_APART = 0.03   # no fit this close (relative) to the reference: it is a lattice no position
+#                    has (two grains' mean or median), said in a warning (a turn of 1.7 degrees)
 
 
 def correction_matrix(calibration):
@@ -185,6 +187,35 @@ def _robust_mean(fits):
     dev = np.sqrt(((fits - med) ** 2).sum(axis=1)) / scale
     keep = dev <= max(_REF_OUTLIER * float(np.median(dev)), _REF_FLOOR)
     return fits[keep].mean(axis=0), keep
+
+
+def _nearest(fits, ref):
+    """Distance of the lattice fit ``(m, 4)`` nearest ``ref`` (4,): the RMS over its two
+    vectors, relative to the mean length of ``ref``'s (a turn by 1 degree: 0.017).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from diffgpu.strain import _nearest
+    >>> round(_nearest(np.array([[10.1, 0, 0, 10.1], [10.3, 0, 0, 10]]), np.array([10.0, 0, 0, 10])), 4)
+    0.01
+    """
+    scale = (math.hypot(*ref[0:2]) + math.hypot(*ref[2:4])) / 2
+    return float(np.sqrt(((np.asarray(fits, float) - ref) ** 2).sum(axis=1) / 2).min() / scale)
+
+
+def _warn_apart(fits, ref, what):
+    """Warn when no fit is within ``_REF_APART`` of the reference made from them."""
+    apart = _nearest(fits, ref)
+    if apart > _REF_APART:
+        # half and half, neither grain's fits are outliers of the other's: their mean (or
+        # median) is no lattice, and every strain and rotation is off by half their difference
+        warnings.warn(
+            f"every lattice fit of the {what} is at least {100 * apart:.1f} % (relative; a turn "
+            "of 1 degree is 1.7 %) from the reference made from them: it seems to hold more than "
+            "one grain, and the reference is a lattice that none of its positions has. Give a "
+            "reference region of one grain, reference=(slice(...), slice(...)), or "
+            "reference=((g1x, g1y), (g2x, g2y))", UserWarning, stacklevel=4)
 
 
 def _frames(data, flat_ids):
@@ -425,9 +456,11 @@ def _to_basis_cell(ref_q, basis_q):
     """Reference vectors (columns) as the cell of ``basis_q``'s lattice that matches it vector
     for vector: the fits are output closest to ``basis_q``, and strain compares the two vector
     by vector (a centred or relabelled reference cell, e.g. (g1, g1 + g2), would read as a
-    large strain). Unchanged unless ``basis_q^-1 ref_q`` is an integer matrix within 0.1."""
+    large strain). Unchanged unless ``basis_q^-1 ref_q`` is an integer matrix within 0.1, of
+    either sign of determinant: a cell of the other hand (vectors swapped or one reversed) was
+    kept as it was, and compared with right-handed fits read as strains of 30-190 %."""
     whole = _integer_cell(ref_q, basis_q)
-    if whole is None or round(np.linalg.det(whole)) < 1:
+    if whole is None or abs(round(np.linalg.det(whole))) < 1:
         return ref_q
     return ref_q @ np.linalg.inv(whole)
 
@@ -632,6 +665,12 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
         if region_vectors is not None:
             sub = np.asarray(fitter(region_vectors), float)
         else:  # the whole scan: a full pass over the fits
+            if _is_dask(fits):
+                # the fits (8 numbers a frame) kept for the map: its graph found every disk
+                # again, reading the scan twice
+                import dask.array as da
+
+                fits = da.from_array(fits.compute(), chunks=fits.chunks, asarray=False)
             flat_fits = fits.reshape((-1, fits.shape[-1]))[np.asarray(ids)]
             sub = np.asarray(to_host_array(flat_fits.compute() if _is_dask(flat_fits)
                                            else flat_fits), float)
@@ -647,11 +686,13 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
         if kind == "all":
             ref = np.median(sub[good, 2:6], axis=0)
             where = "whole scan (median)"
+            _warn_apart(sub[good, 2:6], ref, "scan (the reference: their median)")
         else:
             ref, kept = _robust_mean(sub[good, 2:6])
             n_out = int(good.sum() - kept.sum())
             where = (f"region of {int(good.sum())} fits (mean after rejecting outliers: "
                      f"{n_out} left out)")
+            _warn_apart(sub[good, 2:6][kept], ref, "reference region")
             if n_out:
                 warnings.warn(
                     f"{n_out} of the reference region's {int(good.sum())} lattice fits differ from "
@@ -678,7 +719,9 @@ def get_strain_map(data, metadata, nav_axes, reference=None, basis=None, origin=
     md = {k: v for k, v in metadata.items() if k not in ("BraggDisks", "Signal")}
     md["General"] = dict(md.get("General", {}))
     title = md["General"].get("title", "")
-    md["General"]["title"] = ("Strain of " + title.replace("Bragg disks of ", "")).strip()
+    source = (title[len("Bragg disks of "):] if title.startswith("Bragg disks of ")
+              else "" if title in ("Bragg disks", "Bragg disks of") else title)
+    md["General"]["title"] = f"Strain of {source}" if source else "Strain"
     md["Signal"] = {"signal_type": "strain_map"}
     md["Strain"] = {
         "fields": list(STRAIN_FIELDS),
