@@ -848,7 +848,11 @@ def cmd_strain(args):
     basis = None if args.basis is None else np.reshape(args.basis, (2, 2))
 
     def strain_map():
-        return vectors.get_strain_map(reference=reference, basis=basis, min_disks=args.min_disks)
+        result = vectors.get_strain_map(reference=reference, basis=basis, min_disks=args.min_disks)
+        # computed before it is written (4 numbers a position): the failed positions are then
+        # counted into metadata.Strain.n_failed, which a lazy map saved as it is lacked
+        result.compute(show_progressbar=not args.no_progress)
+        return result
 
     n = s.axes_manager.navigation_size
 

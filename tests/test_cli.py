@@ -634,3 +634,12 @@ def test_auto_device_asks_every_worker():
 
     assert not cli._gpus_where_computed(Client({"a": True, "b": False}))
     assert not cli._gpus_where_computed(Client({}))
+
+
+def test_strain_output_records_its_failed_positions(nbed_file, tmp_path):
+    """docs/strain_mapping.rst: the count of NaN positions is in metadata.Strain.n_failed; a
+    lazy map saved as it was had none."""
+    out = tmp_path / "s.zspy"
+    assert main(["strain", str(nbed_file), "-o", str(out), "--radius", "4", "--no-progress"]) == 0
+    done = diffgpu.load(out, lazy=False)
+    assert done.metadata.Strain.n_failed == done.n_failed == 0
