@@ -44,6 +44,16 @@ def rois():
             hs.roi.RectangularROI(left=-60, top=-20, right=-20, bottom=20)]
 
 
+def bad_pixels():
+    """A bad-pixel mask as detectors have them: a dead column, a 4 x 4 cluster, 40 lone pixels."""
+    mask = np.zeros(SHAPE, bool)
+    mask[:, 37] = True
+    mask[100:104, 150:154] = True
+    rng = np.random.default_rng(3)
+    mask[rng.integers(0, SHAPE[0], 40), rng.integers(0, SHAPE[1], 40)] = True
+    return mask
+
+
 def tool_diffgpu(data_path, repeat, out):
     import diffgpu
 
@@ -59,6 +69,8 @@ def tool_diffgpu(data_path, repeat, out):
                                                        repeat)
     out["blur beam finder"] = n / median_time(
         lambda: s.get_direct_beam_position(method="blur", sigma=2, window=10), max(1, repeat // 2))
+    out["bad pixels corrected"] = n / median_time(lambda: s.correct_bad_pixels(mask=bad_pixels()),
+                                                  max(1, repeat // 2))
     shifts = s.get_direct_beam_position(method="blur", sigma=2, window=10)
     out["centring (bilinear shift)"] = n / median_time(lambda: s.center_direct_beam(shifts=shifts),
                                                        max(1, repeat // 2))
@@ -119,6 +131,11 @@ def tool_pyxem(data_path, repeat, out):
     s.get_direct_beam_position(method="center_of_mass")
     out["center of mass"] = n / median_time(
         lambda: s.get_direct_beam_position(method="center_of_mass"), reps)
+    kw = dict(show_progressbar=False)
+    out["blur beam finder"] = n / median_time(
+        lambda: s.get_direct_beam_position(method="blur", sigma=2, **kw), reps)
+    out["bad pixels corrected"] = n / median_time(
+        lambda: s.correct_bad_pixels(bad_pixels(), **kw), reps)
 
 
 MATRIX_DETECTORS = (1, 3, 8, 16, 32, 64)
@@ -201,7 +218,9 @@ def main():
 
     rows = []
     for key, label in (("virtual 3 detectors", "virtual imaging, 3 detectors"),
-                       ("center of mass", "centre of mass")):
+                       ("center of mass", "centre of mass"),
+                       ("blur beam finder", "beam finder, Gaussian blur sigma 2"),
+                       ("bad pixels corrected", "bad pixels corrected (a column, a 4 x 4 cluster, 40)")):
         theirs = pyx.get(key, pyx.get("error"))
         note = f" ({pyx['virtual which']})" if key.startswith("virtual") and "virtual which" in pyx else ""
         rows.append([label, ours.get(key, ours.get("error")), f"{theirs}{note}" if not isinstance(
@@ -209,7 +228,9 @@ def main():
     header = ["operation", "diffgpu", f"pyxem {pyx.get('version', '')}", "ratio"]
     print_table("Frames/s, eager in memory (CPU)", header, rows)
     print_table("diffgpu, more (frames/s)", ["what", "value"],
-                [[k, v] for k, v in ours.items() if k not in ("virtual 3 detectors", "center of mass")])
+                [[k, v] for k, v in ours.items()
+                 if k not in ("virtual 3 detectors", "center of mass", "blur beam finder",
+                              "bad pixels corrected")])
     print_table("GPU", ["what", "value"], [[k, v] for k, v in res["diffgpu-gpu"].items()])
     if args.matrix:
         ours, pyx = res["diffgpu-matrix"], res["pyxem-matrix"]
