@@ -713,7 +713,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
     def correct_bad_pixels(self, mask=None, inplace=False):
         """Replace bad pixels by the mean of their good 3 x 3 neighbours (lazily).
 
-        ``mask`` defaults to ``calibration.mask``. float32 and float64 data keep their
+        The middle of a cluster (no good neighbour) takes the mean of the pixels filled
+        around it, layer by layer; a detector that is all bad stays 0. Only the bad pixels
+        and their neighbours are read. ``mask`` defaults to ``calibration.mask``. float32 and float64 data keep their
         dtype (in this machine's byte order); integer and float16 data become float32. A lazy
         result declares the dtype it computes.
 
