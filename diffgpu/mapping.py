@@ -633,18 +633,37 @@ def _decoded(words, stored, *consts, func, into=None, out_shape=None, dtype=None
     n = words.shape[0]
     if n <= step:
         return func(stored.decode(words), *consts)
+    groups = _even_steps(0, n, step)
     if into is not None:
         out = np.empty((n,) + tuple(out_shape), dtype)
-        for i in range(0, n, step):
-            into(stored.decode(words[i:i + step]), *consts, out=out[i:i + step])
+        for i, m in groups:
+            into(stored.decode(words[i:i + m]), *consts, out=out[i:i + m])
         return out
     out = None
-    for i in range(0, n, step):
-        part = func(stored.decode(words[i:i + step]), *consts)
+    for i, m in groups:
+        part = func(stored.decode(words[i:i + m]), *consts)
         if out is None:
             out = np.empty((n,) + part.shape[1:], part.dtype)
-        out[i:i + len(part)] = part
+        out[i:i + m] = part
     return out
+
+
+def _even_steps(start, count, step):
+    """``(first, count)`` of frames ``start .. start + count`` in as few steps of at most
+    ``step`` frames as can be, of near-equal size: a lone last frame (``count % step == 1``)
+    would go to the operation by itself, and BLAS's matrix-vector product for one frame sums
+    in float32 with about ten times the error of the matrix product for several (a centre of
+    mass with threshold 4e-4 px off the same frame in memory, 384 x 384 pixels).
+
+    Examples
+    --------
+    >>> from diffgpu.mapping import _even_steps
+    >>> _even_steps(10, 9, 8), _even_steps(0, 16, 8)
+    ([(10, 4), (14, 5)], [(0, 8), (8, 8)])
+    """
+    parts = max(1, -(-count // step))
+    bounds = [start + count * k // parts for k in range(parts + 1)]
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _run_stored(root, shape, runs, stored, func, out_shape, dtype, step, *consts):
@@ -656,8 +675,7 @@ def _run_stored(root, shape, runs, stored, func, out_shape, dtype, step, *consts
         start, count = runs[0]
         out = stored.with_words(start, count, call)
         return np.asarray(out, dtype=dtype).reshape(shape + out_shape)
-    steps = [(s, min(step, start + count - s)) for start, count in runs
-             for s in range(start, start + count, step)]
+    steps = [piece for start, count in runs for piece in _even_steps(start, count, step)]
     out = np.empty((int(np.prod(shape)),) + out_shape, dtype=dtype)
     i = 0
     for (_, n), part in zip(steps, stored.each_words(steps, call)):

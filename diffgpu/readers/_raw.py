@@ -48,7 +48,9 @@ class RawFrames:
     """
 
     def __init__(self, path, offset, nav_shape, frame_shape, dtype, stride=None):
-        self.path = os.fspath(path)
+        # absolute: a relative name would read whatever file has it in the working
+        # directory of each read (another scan after os.chdir)
+        self.path = os.path.abspath(os.fspath(path))
         self.offset = int(offset)
         self.nav_shape = tuple(int(n) for n in nav_shape)
         self.frame_shape = tuple(int(n) for n in frame_shape)
@@ -103,7 +105,7 @@ def lazy_raw(frames, name, chunks=None):
 
     nav_chunks = navigation_chunks(chunks, frames.nav_shape, frames.frame_bytes)
     stat = os.stat(frames.path)
-    token = tokenize(frames.path, stat.st_mtime, stat.st_size, frames.offset, frames.shape,
+    token = tokenize(frames.path, stat.st_mtime_ns, stat.st_size, frames.offset, frames.shape,
                      frames.stride, str(frames.dtype), nav_chunks)
     data = da.from_array(frames, chunks=tuple(nav_chunks) + frames.frame_shape, asarray=False,
                          lock=False, fancy=False, meta=np.empty((0,) * frames.ndim, frames.dtype),
@@ -113,6 +115,6 @@ def lazy_raw(frames, name, chunks=None):
     # frame-wise operations read the stored words in place, in the chunks asked for if any
     auto = chunks is None or (isinstance(chunks, str) and chunks == "auto")
     asked = None if auto else nav_chunks
-    return register(data, StoredFrames(os.path.abspath(frames.path), frames.offset, frames.stride,
+    return register(data, StoredFrames(frames.path, frames.offset, frames.stride,
                                        0, frames.dtype, frames.frame_shape, frames.nav_shape,
                                        nav_chunks=asked))
