@@ -447,6 +447,20 @@ def _rod_weight(table, per_u, width, s):
     return table[i0] + (u - i0) * (table[i0 + 1] - table[i0])
 
 
+@numba.njit(inline="always")
+def _spot_bin(m, g, j, k, f2g, table, per_u, width, smax, r_first, dr, a_first, da, radius, n_r):
+    """Spot ``j`` of reciprocal vectors ``g`` under matrix ``m``: its weight (-1 where it is
+    not excited or lies beyond ``radius``), fractional radial and azimuthal bin, and its
+    first radial bin."""
+    vx, vy, r, s = _project(m, g, j, k)
+    if abs(s) >= smax or r > radius:
+        return -1.0, 0.0, 0.0, 0
+    w = f2g[j] * _rod_weight(table, per_u, width, s)
+    fr = (r - r_first) / dr
+    fa = (_atan2_deg(vy, vx) - a_first) / da
+    return w, fr, fa, min(max(int(math.floor(fr)), 0), n_r - 2)
+
+
 @numba.njit(nogil=True, fastmath=True, cache=True)
 def _score_one(p, m, g, f2g, table, per_u, idx, n_idx, k, smax, r_first, dr, a_first, da,
                radius):
@@ -459,13 +473,10 @@ def _score_one(p, m, g, f2g, table, per_u, idx, n_idx, k, smax, r_first, dr, a_f
     norm = 0.0
     for q in range(n_idx):
         j = idx[q]
-        vx, vy, r, s = _project(m, g, j, k)
-        if abs(s) >= smax or r > radius:
+        w, fr, fa, r0 = _spot_bin(m, g, j, k, f2g, table, per_u, width, smax, r_first, dr,
+                                  a_first, da, radius, n_r)
+        if w < 0:
             continue
-        w = f2g[j] * _rod_weight(table, per_u, width, s)
-        fr = (r - r_first) / dr
-        fa = (_atan2_deg(vy, vx) - a_first) / da
-        r0 = min(max(int(math.floor(fr)), 0), n_r - 2)
         ar = min(max(fr - r0, 0.0), 1.0)
         a0f = math.floor(fa)
         c0, c1, c2, c3 = _keys(fa - a0f)
@@ -781,13 +792,10 @@ def _shared_spots(matrices, g, f2g, table, per_u, k, smax, r_first, dr, a_first,
         n = 0
         norm = 0.0
         for j in range(g.shape[0]):
-            vx, vy, r, s = _project(m, g, j, k)
-            if abs(s) >= smax or r > radius:
+            w, fr, fa, r0 = _spot_bin(m, g, j, k, f2g, table, per_u, width, smax, r_first, dr,
+                                      a_first, da, radius, n_r)
+            if w < 0:
                 continue
-            w = f2g[j] * _rod_weight(table, per_u, width, s)
-            fr = (r - r_first) / dr
-            fa = (_atan2_deg(vy, vx) - a_first) / da
-            r0 = min(max(int(math.floor(fr)), 0), n_r - 2)
             a0f = math.floor(fa)
             c0, c1, c2, c3 = _keys(fa - a0f)
             a0 = int(a0f) % n_a

@@ -715,9 +715,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
 
         The middle of a cluster (no good neighbour) takes the mean of the pixels filled
         around it, layer by layer; a detector that is all bad stays 0. Only the bad pixels
-        and their neighbours are read. ``mask`` defaults to ``calibration.mask``. float32 and float64 data keep their
-        dtype (in this machine's byte order); integer and float16 data become float32. A lazy
-        result declares the dtype it computes.
+        and their neighbours are read. ``mask`` defaults to ``calibration.mask``. float32
+        and float64 data keep their dtype (in this machine's byte order); integer and
+        float16 data become float32. A lazy result declares the dtype it computes.
 
         Examples
         --------
