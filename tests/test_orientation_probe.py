@@ -11,12 +11,8 @@ from orix.quaternion import Rotation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def si():
-    return TemplateLibrary.silicon()
-
-
-@pytest.fixture(scope="module")
 def lib(si):
+    """A 3-degree library (conftest's ``si``): these tests look at frames, not accuracy."""
     return TemplateLibrary.from_phase(si, resolution=3.0, reciprocal_radius=1.2)
 
 
