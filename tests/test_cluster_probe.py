@@ -239,3 +239,23 @@ def test_a_visible_devices_value_that_hides_every_gpu_is_named(standin_gpu, monk
     with pytest.raises(diffgpu.DeviceUnavailableError) as err:
         scan().to_device()
     assert "CUDA_VISIBLE_DEVICES" not in str(err.value)
+
+
+def test_a_lazy_result_saved_to_hspy_on_a_cluster(tmp_path):
+    """HyperSpy's lazy HDF5 writer hands the cluster an open h5py dataset, which cannot be
+    sent to workers (TypeError: Could not serialize object of type _HLGExprSequence): the
+    result is computed into memory on the cluster first, then written."""
+    from distributed import Client, LocalCluster
+    from hyperspy.roi import CircleROI
+
+    frames = np.random.default_rng(0).random((8, 8, 32, 32)).astype(np.float32)
+    s = diffgpu.LazyDiffractionPatterns(da.from_array(frames, chunks=(4, 8, 32, 32)))
+    expected = s.get_virtual_image([CircleROI(0, 0, 5)])
+    expected.compute()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster):
+        v = s.get_virtual_image([CircleROI(0, 0, 5)])
+        v.save(tmp_path / "v.hspy")
+        assert v._lazy  # the signal saved stays lazy; a copy was computed
+    back = diffgpu.load(tmp_path / "v.hspy", lazy=False)
+    np.testing.assert_allclose(back.data, expected.data)

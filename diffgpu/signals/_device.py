@@ -8,11 +8,12 @@ and ``save`` paths, so the lazy classes need their own mixin placed *before*
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from ..device import blas_for_dask, device_of, to_device_array, to_host_array
-from ..mapping import compute_into, compute_shared
+from ..mapping import _available_memory, _computing_client, compute_into, compute_shared
 
 
 def to_device(signal):
@@ -158,10 +159,45 @@ class LazyDeviceMixin:
     plot.__doc__ = DeviceMixin.plot.__doc__
 
     def save(self, *args, **kwargs):
+        filename = args[0] if args else kwargs.get("filename")
+        if _hdf5_file(filename) and _computing_client() is not None:
+            return self._save_computed(args, kwargs)
         with blas_for_dask(self.data, kwargs.get("scheduler")):
             return _via_host(self, "save", super().save, args, kwargs)
 
-    save.__doc__ = DeviceMixin.save.__doc__
+    save.__doc__ = DeviceMixin.save.__doc__ + """
+        With a distributed client in use, an HDF5 file (``.hspy``, ``.h5``, ``.emd``, ...)
+        is written from the result computed into memory first (HyperSpy's lazy writer hands
+        the cluster an open h5py dataset, which cannot be sent to its workers: a
+        ``TypeError`` about ``_HLGExprSequence``); a result larger than half the memory
+        available raises a ``MemoryError`` that asks for ``.zspy``, which the workers write
+        chunk by chunk.
+        """
+
+    def _save_computed(self, args, kwargs):
+        """Compute a copy (on the cluster, into shared memory) and save that."""
+        available = _available_memory()
+        if available is not None and self.data.nbytes > available / 2:
+            raise MemoryError(
+                f"saving this lazy result ({self.data.nbytes / 2**30:.1f} GiB) to an HDF5 file "
+                f"with a distributed client means computing it into memory first (HyperSpy's "
+                f"lazy HDF5 writer cannot run on a cluster), and only "
+                f"{available / 2**30:.1f} GiB are available: save it as .zspy instead, which "
+                "the workers write chunk by chunk")
+        copy = self._on_host()
+        copy = copy.deepcopy() if copy is self else copy
+        copy.compute(show_progressbar=kwargs.get("show_progressbar"))
+        return copy.save(*args, **kwargs)
+
+
+_HDF5 = {"", ".hspy", ".h5", ".hdf5", ".hdf", ".emd", ".nxs", ".nx"}
+
+
+def _hdf5_file(filename):
+    """Whether HyperSpy writes ``filename`` through h5py (no extension: .hspy)."""
+    if filename is None:
+        return False
+    return os.path.splitext(os.fspath(filename))[1].lower() in _HDF5
 
 
 def _via_host(signal, name, parent_method, args, kwargs):
