@@ -8,7 +8,6 @@ from .calibration import detector_image
 from .detectors import disc_weights
 from .device import DeviceCache, _is_dask, array_module, to_host_array
 from .kernels.blur import gaussian_blur
-from .kernels.reduce import weighted_sums
 from .kernels.shift import shift_frames
 from .mapping import map_frames, map_weighted_sums, over_host_threads, with_new_data
 from .results import OperationResult
@@ -74,24 +73,12 @@ def center_of_mass(signal, mask=None, threshold=None):
     cx, cy = signal.calibration.center
 
     bad = signal.calibration.mask
-    if threshold is not None and bad is not None and bad.any():
-        # masked pixels count as 0 in the frame's mean that the threshold scales too (a masked
-        # hot pixel would otherwise raise the cut above the beam)
-        n_pix = shape[0] * shape[1]
-        masked = DeviceCache(np.ascontiguousarray(bad.ravel()))
-
-        def moments(frames, w, m):
-            xp = array_module(frames)
-            sums = weighted_sums(frames.reshape(-1, n_pix), w.get(xp), threshold, "zero",
-                                 masked=m.get(xp))
-            return _com_from_sums(sums, xp, (cx, cy))
-
-        data = map_frames(signal.data, moments, (2,), np.float32, constants=(weights, masked),
-                          eager_func=over_host_threads(moments))
-        return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
+    # masked pixels count as 0 in the frame's mean that the threshold scales too (a masked hot
+    # pixel would otherwise raise the cut above the beam)
+    masked = bad if threshold is not None and bad is not None and bad.any() else None
     # NaN and inf pixels count as 0, as in integration (and masked ones never count)
     data = map_weighted_sums(signal.data, weights, 3, out_shape=(2,), threshold=threshold,
-                             nonfinite="zero",
+                             nonfinite="zero", masked=masked,
                              finish=lambda sums, xp: _com_from_sums(sums, xp, (cx, cy)))
     return _shifts_result(signal, data, "Centre of mass", "center_of_mass")
 

@@ -100,7 +100,7 @@ def _fill_layers(mask):
     """The bad pixels in the order they can be filled: first those with a good neighbour,
     then those next to the first, and so on (the middle of a cluster of 3 x 3 or more
     has no good neighbour). Returns ``[(layer, valid), ...]``: the pixels filled in each
-    pass and, as float32, the pixels they are filled from. Pixels no pass reaches (a
+    pass and the pixels they are filled from. Pixels no pass reaches (a
     detector that is all bad) are left out; they become 0."""
     ny, nx = mask.shape
     valid = ~mask
@@ -116,7 +116,7 @@ def _fill_layers(mask):
         layer = remaining & near
         if not layer.any():
             break
-        layers.append((layer, valid.astype(np.float32)))
+        layers.append((layer, valid))
         valid = valid | layer
         remaining &= ~layer
     return layers
@@ -139,7 +139,7 @@ def _fill_plan(mask):
         nb_c = cols[:, None] + np.array([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]
         inside = (nb_r >= 0) & (nb_r < ny) & (nb_c >= 0) & (nb_c < nx)
         nb = np.where(inside, nb_r * nx + nb_c, own[:, None])
-        count = (inside & (valid.ravel()[nb] > 0)).sum(axis=1)
+        count = (inside & valid.ravel()[nb]).sum(axis=1)
         plan.append(np.ascontiguousarray(np.column_stack([own, nb, count]), dtype=np.int64))
     return plan
 

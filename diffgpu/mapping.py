@@ -685,7 +685,7 @@ def _run_stored(root, shape, runs, stored, func, out_shape, dtype, step, *consts
 
 
 def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=None,
-                      nonfinite="weighted"):
+                      nonfinite="weighted", masked=None):
     """Weighted sums of every frame (virtual detectors, centre-of-mass moments), read in place
     from a detector file where it can be.
 
@@ -706,6 +706,10 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
         What a NaN or inf pixel of float frames does (:func:`~diffgpu.kernels.reduce.weighted_sums`):
         NaN in the sums that weight it, or counted as 0. A pixel of zero weight never
         contributes.
+    masked : numpy.ndarray, optional
+        Detector-shaped bool, True for pixels left out of each frame's mean for
+        ``threshold`` (:func:`~diffgpu.kernels.reduce.weighted_sums`); their weights must be
+        0 already.
 
     Returns
     -------
@@ -721,9 +725,9 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
     array([[ 6., 22., 38.],
            [54., 70., 86.]], dtype=float32)
     """
-    from .device import host_threads
-    from .kernels.reduce import (IN_PLACE_MAX_SUMS, NONFINITE, stored_words_supported, weighted_sums,
-                                 weighted_sums_stored)
+    from .device import DeviceCache
+    from .kernels.reduce import (BLOCK, IN_PLACE_MAX_SUMS, NONFINITE, stored_words_supported,
+                                 weighted_sums, weighted_sums_stored)
 
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}")
@@ -746,25 +750,29 @@ def map_weighted_sums(data, weights, k, finish=None, out_shape=None, threshold=N
 
         return map_stored(stored, stored_func, out_shape, np.float32, constants=(weights_t,))
 
-    def frames_func(frames, w, threads=1):
+    consts = (weights,) if masked is None else (
+        weights, DeviceCache(np.ascontiguousarray(np.asarray(masked, bool).ravel())))
+
+    def frames_func(frames, w, m=None):
         xp = array_module(frames)
         sums = weighted_sums(frames.reshape(-1, n_pix), w.get(xp), threshold, nonfinite,
-                             threads=threads)
+                             masked=None if m is None else m.get(xp))
         return sums if finish is None else finish(sums, xp)
 
-    # in memory: the frames shared out over the host's threads (BLAS on one thread each: its
-    # own threads, on a machine with any other load, ran 17-64 sums 6-40x slower)
-    return map_frames(data, frames_func, out_shape, np.float32, constants=(weights,),
-                      eager_func=partial(frames_func, threads=host_threads()))
+    # in memory: the frames shared out over the host's threads, a block of BLAS's at least
+    return map_frames(data, frames_func, out_shape, np.float32, constants=consts,
+                      eager_func=over_host_threads(frames_func, min_frames=BLOCK))
 
 
 def over_host_threads(func, threads=None, min_frames=8):
     """``func(frames, *args)`` for frames in memory, with the frames shared out over the host's
     threads (for :func:`map_frames`'s ``eager_func``: a lazy graph's tasks already run one per
-    core, an eager call ran on one). ``func`` must release the GIL for most of its time
-    (NumPy, numba ``nogil``) and give one result row per frame; device frames, or fewer than
-    ``2 * min_frames``, go to ``func`` as they are. (Not for frame-to-frame operations: on
-    this VM, writing fresh result memory from two threads at once was no faster.)
+    core, an eager call ran on one), BLAS on one thread each (its own threads on top of
+    these, on a machine with any other load, ran products of 17-64 weighted sums 6-40x
+    slower). ``func`` must release the GIL for most of its time (NumPy, numba ``nogil``) and
+    give one result row per frame; device frames, or fewer than ``2 * min_frames``, go to
+    ``func`` as they are. (Not for frame-to-frame operations: on this VM, writing fresh
+    result memory from two threads at once was no faster.)
 
     Examples
     --------
@@ -776,7 +784,7 @@ def over_host_threads(func, threads=None, min_frames=8):
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .device import host_threads
+    from .device import host_threads, one_blas_thread
 
     def run(frames, *args):
         n = frames.shape[0]
@@ -784,7 +792,7 @@ def over_host_threads(func, threads=None, min_frames=8):
         if parts < 2 or array_module(frames) is not np:
             return func(frames, *args)
         bounds = np.linspace(0, n, parts + 1).astype(int)
-        with ThreadPoolExecutor(parts) as pool:
+        with one_blas_thread(), ThreadPoolExecutor(parts) as pool:
             done = [pool.submit(func, frames[lo:hi], *args) for lo, hi in zip(bounds[:-1], bounds[1:])]
             return np.concatenate([d.result() for d in done])
 

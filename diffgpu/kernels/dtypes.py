@@ -18,6 +18,8 @@ dates, records) raise :class:`UnsupportedDtypeError`, which names the dtype.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -163,14 +165,10 @@ def as_float32(block):
     return out
 
 
-_HALF = []
-
-
+@functools.lru_cache(maxsize=1)
 def _half_table():
     """float32 value of every float16 bit pattern (made once: 256 KiB)."""
-    if not _HALF:
-        _HALF.append(np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32))
-    return _HALF[0]
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
 @numba.njit(nogil=True, cache=True)

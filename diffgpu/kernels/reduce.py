@@ -33,7 +33,7 @@ NONFINITE = ("weighted", "zero")
 IN_PLACE_MAX_SUMS = 8
 
 
-def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=None, threads=1):
+def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=None):
     """``frames @ weights`` in float32, a block of frames at a time.
 
     Parameters
@@ -54,11 +54,6 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=
         ``(pixels,)`` bool, True for pixels left out (``calibration.mask``): they count as 0
         in the frame's mean for ``threshold`` too, whatever they hold (their weights are 0
         already), so a masked hot pixel does not raise the cut.
-    threads : int
-        Host threads, each on its share of the frames with BLAS on one thread (for frames
-        in memory; a lazy graph's tasks already run one per core). BLAS's own threads on a
-        2-core machine with any other load ran 17 or more detectors 6-40x slower than one
-        thread each (its threads wait for a core). Ignored on a GPU.
 
     Returns
     -------
@@ -81,8 +76,6 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=
         raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}")
     xp = array_module(frames)
     n = frames.shape[0]
-    if xp is np and threads > 1 and n >= 2 * BLOCK:
-        return _threaded(frames, weights, threshold, nonfinite, masked, min(threads, n // BLOCK))
     floats = frames.dtype.kind == "f"
     if frames.dtype == xp.float32 and threshold is None:
         with np.errstate(invalid="ignore"):  # inf * 0 is NaN: dealt with below, not a warning
@@ -126,30 +119,13 @@ def weighted_sums(frames, weights, threshold=None, nonfinite="weighted", masked=
 
 
 def _product(block, weights, xp):
-    """``block @ weights`` in float32; one host frame in float64: BLAS's matrix-vector product,
-    which NumPy calls for a single row, sums with about ten times the float32 error of the
-    matrix product (a thresholded centre of mass 1e-3 px off the same frame among others)."""
+    """``block @ weights`` in float32; one host frame given twice: for a single row NumPy
+    calls BLAS's matrix-vector product, which sums with about ten times the float32 error of
+    the matrix product (a thresholded centre of mass 1e-3 px off the same frame among
+    others); two rows go through the matrix product (the weights are not converted)."""
     if xp is np and block.shape[0] == 1:
-        return (block.astype(np.float64) @ weights.astype(np.float64)).astype(np.float32)
+        return (np.concatenate([block, block]) @ weights)[:1]
     return block @ weights
-
-
-def _threaded(frames, weights, threshold, nonfinite, masked, threads):
-    """:func:`weighted_sums` of host frames on ``threads`` threads, BLAS on one each."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..device import one_blas_thread
-
-    out = np.empty((frames.shape[0], weights.shape[1]), dtype=np.float32)
-    bounds = np.linspace(0, frames.shape[0], 4 * threads + 1).astype(int)
-
-    def part(lo, hi):
-        out[lo:hi] = weighted_sums(frames[lo:hi], weights, threshold, nonfinite, masked)
-
-    with one_blas_thread(), ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(part, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-            f.result()
-    return out
 
 
 @functools.lru_cache(maxsize=64)
