@@ -338,15 +338,13 @@ def _client(args):
 def _gpus_where_computed(client):
     """Whether the work would run on GPUs: here (the threaded scheduler), or on every
     worker of ``client``."""
-    import diffgpu
+    from .device import _cluster_gpus, gpu_available
 
-    if client is None:
-        return diffgpu.gpu_available()
-    try:
-        seen = client.run(diffgpu.gpu_available)
-    except Exception:  # workers that cannot be asked: the host, as before
-        return diffgpu.gpu_available()
-    return bool(seen) and all(seen.values()) and diffgpu.gpu_available()
+    found = None if client is None else _cluster_gpus(client)
+    if found is None:  # the threaded scheduler, or workers that cannot be asked: this host
+        return gpu_available()
+    with_gpu, without = found
+    return bool(with_gpu) and not without and gpu_available()
 
 
 def _load_npy(path, what):

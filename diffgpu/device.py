@@ -316,12 +316,13 @@ def to_device_array(x):
     return cp.asarray(native_byte_order(x))
 
 
-def _cluster_gpus():
-    """``(workers with a GPU, workers without)`` of the distributed client that would compute
-    a graph now, or None without one (or where its workers cannot be asked)."""
+def _cluster_gpus(client=None):
+    """``(workers with a GPU, workers without)`` of ``client`` (by default the distributed
+    client that would compute a graph now), or None without one (or where its workers
+    cannot be asked)."""
     from .mapping import _computing_client
 
-    client = _computing_client()
+    client = client or _computing_client()
     if client is None:
         return None
     try:

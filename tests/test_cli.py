@@ -629,7 +629,7 @@ def test_auto_device_asks_every_worker():
         def __init__(self, seen):
             self.seen = seen
 
-        def run(self, func):
+        def run(self, func, **kwargs):
             return self.seen
 
     assert not cli._gpus_where_computed(Client({"a": True, "b": False}))
