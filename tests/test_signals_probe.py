@@ -202,3 +202,25 @@ def test_swapping_the_detector_axes_transposes_the_mask():
     assert swapped.get_azimuthal_integral1d(npt=4).data.shape == (3, 4, 4)
     np.testing.assert_array_equal(s.swap_axes(0, 1).calibration.mask, mask)
     assert not s.swap_axes(0, 2).metadata.has_item("Diffraction.mask")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_transpose_keeps_the_mask_with_the_detector(lazy):
+    rng = np.random.default_rng(3)
+    s = diffgpu.DiffractionPatterns(rng.random((3, 4, 8, 6), dtype=np.float32))
+    mask = np.zeros((8, 6), bool)
+    mask[1, 2] = True
+    s.calibration.mask = mask
+    s = s.as_lazy() if lazy else s
+    # the detector's x and y exchanged: the mask transposed with the data
+    t = s.transpose(signal_axes=[3, 2])
+    np.testing.assert_array_equal(t.calibration.mask, mask.T)
+    np.testing.assert_array_equal(np.asarray(t.data)[..., 2, 1], np.asarray(s.data)[..., 1, 2])
+    np.testing.assert_array_equal(s.transpose(signal_axes=[2, 3]).calibration.mask, mask)
+    # s.T: the scan is the signal now, and 3 x 4 is no detector of this mask
+    assert not s.T.metadata.has_item("Diffraction.mask")
+    # a square scan of the detector's shape: the stale mask would fit, and must still go
+    sq = diffgpu.DiffractionPatterns(np.zeros((8, 6, 8, 6), np.float32))
+    sq.calibration.mask = mask
+    assert not sq.T.metadata.has_item("Diffraction.mask")
+    assert [ax.name for ax in s.axes_manager._axes] == [ax.name for ax in t.axes_manager._axes]

@@ -163,6 +163,44 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             self._set_mask(result, mask)
         return result
 
+    def transpose(self, signal_axes=None, navigation_axes=None, optimize=False):
+        """Transpose as HyperSpy does (``s.T`` too); ``calibration.mask`` stays with the detector:
+        transposed where its x and y become the signal's y and x, removed where they are no
+        longer the signal axes.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.ones((8, 8, 8, 8), dtype="float32"))
+        >>> s.calibration.mask = np.eye(8, dtype=bool)
+        >>> s.T.metadata.has_item("Diffraction.mask")   # the scan is the signal now
+        False
+        """
+        found = self._mask_axes()
+        if not found:
+            return super().transpose(signal_axes, navigation_axes, optimize)
+        mask, ax_x, ax_y = found
+        # HyperSpy permutes copies of the axes: unique names tell where the detector's went
+        names = (ax_x.name, ax_y.name)
+        marks = ("__diffgpu_detector_x__", "__diffgpu_detector_y__")
+        ax_x.name, ax_y.name = marks
+        try:
+            result = super().transpose(signal_axes, navigation_axes, optimize)
+        finally:
+            ax_x.name, ax_y.name = names
+        moved = [next(ax for ax in result.axes_manager._axes if ax.name == m) for m in marks]
+        for ax, name in zip(moved, names):
+            ax.name = name
+        sig = list(result.axes_manager.signal_axes)
+        if sig == moved:
+            kept = mask
+        elif sig == moved[::-1]:
+            kept = mask.T
+        else:
+            kept = None
+        self._set_mask(result, kept)
+        return result
+
     def rebin(self, new_shape=None, scale=None, crop=True, dtype=None, out=None):
         """Rebin as HyperSpy does (its parameters); ``calibration.mask`` is rebinned too, a new
         pixel being masked where any part of a masked one falls in it.
