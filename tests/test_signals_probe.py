@@ -84,7 +84,7 @@ def test_rebin_rebins_the_mask(lazy):
         np.testing.assert_array_equal(up.calibration.mask, np.kron(mask, np.ones((2, 2), bool)))
 
 
-@pytest.mark.parametrize("nav", [(5,), (2, 3, 5)])
+@pytest.mark.parametrize("nav", [(), (2, 3, 5)])
 def test_lazy_strain_map_plots_like_hyperspy_off_a_2d_scan(nav):
     import matplotlib.pyplot as plt
 
@@ -224,3 +224,46 @@ def test_transpose_keeps_the_mask_with_the_detector(lazy):
     sq.calibration.mask = mask
     assert not sq.T.metadata.has_item("Diffraction.mask")
     assert [ax.name for ax in s.axes_manager._axes] == [ax.name for ax in t.axes_manager._axes]
+
+
+def _strain_map(shape, lazy=False):
+    rng = np.random.default_rng(5)
+    data = rng.normal(0, 0.004, shape + (4,))
+    m = diffgpu.StrainMap(data)
+    for ax, name in zip(m.axes_manager.navigation_axes, "xy"):
+        ax.name, ax.units, ax.scale, ax.offset = name, "nm", 2.0, 10.0
+    return m.as_lazy() if lazy else m
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_strain_line_scan_plots_profiles_on_its_scale(lazy):
+    import matplotlib.pyplot as plt
+
+    fig = _strain_map((9,), lazy).plot(limit=0.02)
+    ax_s, ax_t = fig.axes
+    assert [ln.get_label() for ln in ax_s.lines[:3]] == ["exx", "eyy", "exy"]
+    assert ax_s.get_ylim() == (-0.02, 0.02)
+    np.testing.assert_allclose(ax_s.lines[0].get_xdata(), 10 + 2 * np.arange(9))
+    assert ax_s.get_xlabel() == "x (nm)"
+    plt.close("all")
+
+
+def test_strain_map_plot_uses_the_scan_calibration_and_colours():
+    import matplotlib.pyplot as plt
+
+    fig = _strain_map((4, 5)).plot(limit=0.01, cmap="viridis")
+    im = fig.axes[0].images[0]
+    assert im.get_clim() == (-0.01, 0.01) and im.get_cmap().name == "viridis"
+    # pixel edges: 5 columns of 2 nm from 10 nm, 4 rows, y down
+    np.testing.assert_allclose(im.get_extent(), (9, 19, 17, 9))
+    with pytest.raises(ValueError, match="limit"):
+        _strain_map((4, 5)).plot(limit=-1)
+    plt.close("all")
+
+
+def test_strain_plot_says_when_its_settings_are_not_used():
+    import matplotlib.pyplot as plt
+
+    with pytest.warns(UserWarning, match="limit"):
+        _strain_map((2, 3, 4)).plot(limit=0.01)
+    plt.close("all")

@@ -17,6 +17,16 @@ __all__ = ["StrainMap", "LazyStrainMap"]
 _FIELDS = ("exx", "eyy", "exy", "theta")
 
 
+def _warn_unused(limit, cmap, theta_cmap):
+    """Warn when the strain plot's own settings were given to HyperSpy's plot, which ignores them."""
+    if limit is not None or cmap != "RdBu_r" or theta_cmap != "PiYG":
+        import warnings
+
+        warnings.warn("limit, cmap and theta_cmap apply to the strain map's own plot of a line or "
+                      "2D scan without other arguments; HyperSpy's plot does not use them",
+                      UserWarning, stacklevel=3)
+
+
 class StrainMap(DeviceMixin, Signal1D):
     """Strain at every scan position: data ``(..., 4)`` of exx, eyy, exy, theta.
 
@@ -135,9 +145,12 @@ class StrainMap(DeviceMixin, Signal1D):
     def plot(self, *args, limit=None, cmap="RdBu_r", theta_cmap="PiYG", **kwargs):
         """Four maps: exx, eyy, exy on one shared, symmetric colour scale, and theta.
 
-        For a 2D scan this draws a matplotlib figure (returned); ``limit`` sets the strain
-        colour scale to ``[-limit, limit]`` (default: the 99th percentile of ``|strain|``).
-        Other signals fall back to HyperSpy's plot.
+        For a 2D scan this draws four maps in a matplotlib figure (returned), on the scan's
+        calibrated axes; for a line scan, exx, eyy and exy against the position in one panel
+        and theta in another. ``limit`` sets the strain scale to ``[-limit, limit]``
+        (default: the 99th percentile of ``|strain|``); ``cmap`` and ``theta_cmap`` colour
+        the maps. Other arguments, or other scans, go to HyperSpy's plot (``limit`` and the
+        colour maps are then not used, and a warning says so if they were set).
 
         Examples
         --------
@@ -145,8 +158,12 @@ class StrainMap(DeviceMixin, Signal1D):
         >>> fig = diffgpu.StrainMap(np.zeros((5, 6, 4))).plot()
         >>> len(fig.axes)
         6
+        >>> len(diffgpu.StrainMap(np.zeros((7, 4))).plot(limit=0.01).axes)   # a line scan
+        2
         """
-        if self.axes_manager.navigation_dimension != 2 or args or kwargs:
+        nav = self.axes_manager.navigation_dimension
+        if nav not in (1, 2) or args or kwargs:
+            _warn_unused(limit, cmap, theta_cmap)
             return super().plot(*args, **kwargs)
         import matplotlib.pyplot as plt
 
@@ -156,21 +173,45 @@ class StrainMap(DeviceMixin, Signal1D):
         if limit is None:
             limit = float(np.percentile(np.abs(strains[finite]), 99)) if finite.any() else 1e-3
             limit = limit or 1e-3
+        elif not isinstance(limit, numbers.Real) or not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"limit must be a positive number (strain); got {limit!r}")
         theta = data[..., 3]
         tl = float(np.nanmax(np.abs(theta))) if np.isfinite(theta).any() else 0.1
         tl = tl or 0.1
-        fig, axs = plt.subplots(1, 4, figsize=(14, 3.6), layout="constrained")
-        im = None
-        for i, name in enumerate(("exx", "eyy", "exy")):
-            im = axs[i].imshow(strains[..., i], cmap=cmap, vmin=-limit, vmax=limit)
-            axs[i].set_title(name)
-        fig.colorbar(im, ax=list(axs[:3]), shrink=0.8, label="strain")
-        im_t = axs[3].imshow(theta, cmap=theta_cmap, vmin=-tl, vmax=tl)
-        axs[3].set_title("theta (deg, clockwise on screen)")
-        fig.colorbar(im_t, ax=axs[3], shrink=0.8, label="deg")
-        for ax in axs:
-            ax.set_xticks([])
-            ax.set_yticks([])
+        axes = self.axes_manager.navigation_axes
+        label = [f"{ax.name} ({ax.units})" if ax.units and str(ax.units) != "<undefined>"
+                 else str(ax.name) for ax in axes]
+        if nav == 1:
+            x = axes[0].axis
+            fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
+            for i, name in enumerate(("exx", "eyy", "exy")):
+                ax_s.plot(x, strains[:, i], label=name)
+            ax_s.axhline(0, color="0.6", lw=0.8)
+            ax_s.set_ylim(-limit, limit)
+            ax_s.set_ylabel("strain")
+            ax_s.legend()
+            ax_t.plot(x, theta, color="C3")
+            ax_t.set_ylim(-tl, tl)
+            ax_t.set_ylabel("theta (deg, clockwise on screen)")
+            for a in (ax_s, ax_t):
+                a.set_xlabel(label[0])
+        else:
+            ax_x, ax_y = axes
+            half_x, half_y = ax_x.scale / 2, ax_y.scale / 2
+            extent = (ax_x.axis[0] - half_x, ax_x.axis[-1] + half_x,
+                      ax_y.axis[-1] + half_y, ax_y.axis[0] - half_y)
+            fig, axs = plt.subplots(1, 4, figsize=(14, 3.6), layout="constrained")
+            im = None
+            for i, name in enumerate(("exx", "eyy", "exy")):
+                im = axs[i].imshow(strains[..., i], cmap=cmap, vmin=-limit, vmax=limit,
+                                   extent=extent)
+                axs[i].set_title(name)
+            fig.colorbar(im, ax=list(axs[:3]), shrink=0.8, label="strain")
+            im_t = axs[3].imshow(theta, cmap=theta_cmap, vmin=-tl, vmax=tl, extent=extent)
+            axs[3].set_title("theta (deg, clockwise on screen)")
+            fig.colorbar(im_t, ax=axs[3], shrink=0.8, label="deg")
+            axs[0].set_xlabel(label[0])
+            axs[0].set_ylabel(label[1])
         fig.suptitle(self.metadata.General.title)
         return fig
 
@@ -193,10 +234,11 @@ class LazyStrainMap(LazyDeviceMixin, LazySignal1D, StrainMap):
                     self.metadata.get_item("Strain.min_disks", 0))
 
     def plot(self, *args, limit=None, cmap="RdBu_r", theta_cmap="PiYG", **kwargs):
-        if self.axes_manager.navigation_dimension == 2 and not args and not kwargs:
+        if self.axes_manager.navigation_dimension in (1, 2) and not args and not kwargs:
             return StrainMap.plot(self, limit=limit, cmap=cmap, theta_cmap=theta_cmap)
         # HyperSpy's lazy plot (its navigator made lazily), not the eager one that
         # StrainMap.plot falls back to
+        _warn_unused(limit, cmap, theta_cmap)
         return LazyDeviceMixin.plot(self, *args, **kwargs)
 
     plot.__doc__ = StrainMap.plot.__doc__
