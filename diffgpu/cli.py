@@ -60,6 +60,25 @@ def _positive_int(text):
     return value
 
 
+def _finite(text):
+    """argparse type: a finite number (a coordinate, a vector component)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {value:g}")
+    return value
+
+
+def _fraction(text):
+    """argparse type: a number from 0 up to (not including) 1."""
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 up to (not including) 1; got {value:g}")
+    return value
+
+
 def _finite_positive(text):
     """argparse type: a finite number above 0 (a radius)."""
     try:
@@ -77,11 +96,11 @@ def _common(p):
                    help="output .zspy path; its directory must exist (it is not created)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUTPUT (and the figure files asked for) if they exist")
-    p.add_argument("--center", type=float, nargs=2, metavar=("X", "Y"),
+    p.add_argument("--center", type=_finite, nargs=2, metavar=("X", "Y"),
                    help="direct beam (x, y) in pixels (default: from the file's calibration); "
                         "outside the detector: a warning; more than one detector size outside "
                         "it: an error")
-    p.add_argument("--scale", type=float, help="detector pixel size in --units")
+    p.add_argument("--scale", type=_finite_positive, help="detector pixel size in --units")
     p.add_argument("--units", help="units of --scale, e.g. 1/nm or 1/Å")
     p.add_argument("--mask", help=".npy file: detector-shaped mask, True = excluded; a bool "
                                   "array, or integers or floats that are all 0 or 1 (1 = excluded); "
@@ -127,10 +146,10 @@ def build_parser():
 
     integ = sub.add_parser("integrate", help="azimuthal integration (2D polar, or 1D profiles)")
     _common(integ)
-    integ.add_argument("--npt", type=int, default=100, help="radial bins")
-    integ.add_argument("--npt-azim", type=int, default=360, help="azimuthal bins (2D)")
+    integ.add_argument("--npt", type=_positive_int, default=100, help="radial bins")
+    integ.add_argument("--npt-azim", type=_positive_int, default=360, help="azimuthal bins (2D)")
     integ.add_argument("--1d", dest="one_d", action="store_true", help="radial profiles only")
-    integ.add_argument("--radial-range", type=float, nargs=2, metavar=("START", "STOP"),
+    integ.add_argument("--radial-range", type=_finite, nargs=2, metavar=("START", "STOP"),
                        help="radii integrated, in the detector's calibrated units (--units); "
                             "default from 0 to the farthest detector corner")
     integ.add_argument("--mean", action="store_true", help="mean per pixel instead of sum")
@@ -147,13 +166,13 @@ def build_parser():
     _common(ori)
     ori.add_argument("--phase", required=True, action="append",
                      help="'Si' (built in) or a CIF file; repeat for several phases")
-    ori.add_argument("--resolution", type=float, default=1.0, help="library spacing, degrees")
-    ori.add_argument("--reciprocal-radius", type=float, default=1.2,
+    ori.add_argument("--resolution", type=_finite_positive, default=1.0, help="library spacing, degrees")
+    ori.add_argument("--reciprocal-radius", type=_finite_positive, default=1.2,
                      help="largest spot radius simulated, 1/Å: the detector must reach it "
                           "from the centre (an error otherwise)")
-    ori.add_argument("--voltage", type=float, default=200.0, help="accelerating voltage, kV")
-    ori.add_argument("--npt", type=int, default=64, help="radial bins of the polar patterns")
-    ori.add_argument("--n-best", type=int, default=1,
+    ori.add_argument("--voltage", type=_finite_positive, default=200.0, help="accelerating voltage, kV")
+    ori.add_argument("--npt", type=_positive_int, default=64, help="radial bins of the polar patterns")
+    ori.add_argument("--n-best", type=_positive_int, default=1,
                      help="matches kept per pattern, best first (2 or more for --reliability)")
     ori.add_argument("--ipf", help="also write an IPF-z orientation map to this PNG (or .pdf, "
                      ".svg, ...; checked before the run: directory exists, not there unless "
@@ -168,32 +187,32 @@ def build_parser():
     st = sub.add_parser("strain", help="strain maps from Bragg disks (nanobeam diffraction)")
     _common(st)
     probe = st.add_mutually_exclusive_group(required=True)
-    probe.add_argument("--radius", type=float, help="disk radius in pixels (disk template)")
+    probe.add_argument("--radius", type=_finite_positive, help="disk radius in pixels (disk template)")
     probe.add_argument("--template", help=".npy file: a measured vacuum probe image")
     ref = st.add_mutually_exclusive_group()
     ref.add_argument("--reference", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
                      help="unstrained scan region rows ROW0:ROW1, columns COL0:COL1, with "
                           "0 <= ROW0 < ROW1 and 0 <= COL0 < COL1 inside the scan (default: the "
                           "median lattice of the whole scan)")
-    ref.add_argument("--reference-vectors", type=float, nargs=4,
+    ref.add_argument("--reference-vectors", type=_finite, nargs=4,
                      metavar=("G1X", "G1Y", "G2X", "G2Y"),
                      help="reference lattice vectors in detector pixels")
-    st.add_argument("--basis", type=float, nargs=4, metavar=("G1X", "G1Y", "G2X", "G2Y"),
+    st.add_argument("--basis", type=_finite, nargs=4, metavar=("G1X", "G1Y", "G2X", "G2Y"),
                     help="lattice vectors (pixels) to index the disks, non-zero and not "
                          "parallel (default: found)")
     st.add_argument("--min-disks", type=int, default=6,
                     help="positions with fewer indexed disks get NaN strain (at least 3: a "
                          "lattice fit needs 3 disks not on one row)")
-    st.add_argument("--relative-threshold", type=float, default=0.01,
+    st.add_argument("--relative-threshold", type=_fraction, default=0.01,
                     help="weakest disk, as a fraction of each pattern's strongest")
-    st.add_argument("--max-disks", type=int, default=128, help="disks kept per pattern")
+    st.add_argument("--max-disks", type=_positive_int, default=128, help="disks kept per pattern")
     st.add_argument("--png", help="also write the four strain maps to this PNG (or .pdf, .svg, "
                     "...; checked before the run: directory exists, not there unless --overwrite)")
     st.add_argument("--rings", metavar="FILE",
                     help="a ring pattern of a polycrystalline standard on the same detector (.npy "
                          "or any file diffgpu reads): calibrates scale and ellipticity first")
     rings = st.add_mutually_exclusive_group()
-    rings.add_argument("--d-spacings", type=float, nargs="+", metavar="D",
+    rings.add_argument("--d-spacings", type=_finite_positive, nargs="+", metavar="D",
                        help="the standard's ring spacings in Å (only with --rings)")
     rings.add_argument("--ring-phase", help="the standard as 'Si' or a CIF file (only with --rings)")
     return parser

@@ -71,7 +71,11 @@ def test_errors_have_exit_codes_and_leave_no_output(scan_file, tmp_path, capsys,
     assert main(["integrate", str(scan_file), "-o", str(out), "--mask",
                  str(tmp_path / "mask.npy")]) == 3
     assert "mask shape" in capsys.readouterr().err
-    assert main(["integrate", str(scan_file), "-o", str(out), "--npt", "0"]) == 3
+    with pytest.raises(SystemExit) as exc:  # a bad number is a bad argument
+        main(["integrate", str(scan_file), "-o", str(out), "--npt", "0"])
+    assert exc.value.code == 2
+    # a bad radial range is found by the integration itself: bad input
+    assert main(["integrate", str(scan_file), "-o", str(out), "--radial-range", "5", "2"]) == 3
     assert main(["virtual", str(scan_file), "-o", str(out)]) == 3
     assert "no detector" in capsys.readouterr().err
     assert main(["integrate", str(scan_file), "-o", str(tmp_path / "x.h5")]) == 3
@@ -643,3 +647,26 @@ def test_strain_output_records_its_failed_positions(nbed_file, tmp_path):
     assert main(["strain", str(nbed_file), "-o", str(out), "--radius", "4", "--no-progress"]) == 0
     done = diffgpu.load(out, lazy=False)
     assert done.metadata.Strain.n_failed == done.n_failed == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["integrate", "--npt", "0"], "--npt: must be at least 1"),
+    (["integrate", "--npt-azim", "-3"], "--npt-azim: must be at least 1"),
+    (["integrate", "--radial-range", "0", "inf"], "--radial-range: must be a finite number"),
+    (["integrate", "--center", "nan", "3"], "--center: must be a finite number"),
+    (["integrate", "--scale", "0"], "--scale: must be a finite positive number"),
+    (["orientation", "--phase", "Si", "--voltage", "nan"], "--voltage: must be a finite positive"),
+    (["orientation", "--phase", "Si", "--n-best", "0"], "--n-best: must be at least 1"),
+    (["orientation", "--phase", "Si", "--resolution", "-1"], "--resolution: must be a finite positive"),
+    (["strain", "--radius", "0"], "--radius: must be a finite positive"),
+    (["strain", "--radius", "4", "--relative-threshold", "1.5"], "--relative-threshold: must be from 0"),
+    (["strain", "--radius", "4", "--max-disks", "0"], "--max-disks: must be at least 1"),
+    (["strain", "--radius", "4", "--basis", "1", "0", "0", "inf"], "--basis: must be a finite number"),
+])
+def test_bad_numbers_are_argument_errors(args, message, tmp_path, capsys):
+    # every number the command line takes is checked as an argument (exit 2) before any file is read
+    with pytest.raises(SystemExit) as exc:
+        main([args[0], str(tmp_path / "absent.mib"), "-o", str(tmp_path / "out.zspy"), *args[1:]])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.zspy").exists()
