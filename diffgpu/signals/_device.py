@@ -20,7 +20,7 @@ def to_device(signal):
     """Move any HyperSpy signal's data to the GPU, in place (lazy: a graph step).
 
     For signals that are not diffgpu's (e.g. HyperSpy's own results); diffgpu
-    signals have the method :meth:`DeviceMixin.to_device`.
+    signals have the method :meth:`~diffgpu.signals._device.DeviceMixin.to_device`.
 
     Examples
     --------
