@@ -41,6 +41,19 @@ def _readers(signal):
     return (loads[-1], loads[0]) if loads else (None, None)
 
 
+def _companions(signal, path):
+    """The files other than ``path`` that hold the frames (a Dectris master file's data files,
+    an EMPAD XML's raw file), from what the reader recorded; [] where there are none."""
+    om = signal.original_metadata
+    files = list(om.get_item("hdf5.files", None) or []) + [om.get_item("empad.raw", None)]
+    out = []
+    for f in files:
+        if isinstance(f, str) and os.path.isfile(f) and f not in out and \
+                os.path.abspath(f) != os.path.abspath(path):
+            out.append(f)
+    return out
+
+
 # how the array's axes read, by diffgpu's signal type
 _SIGNAL_AXES = {"diffraction_patterns": "detector rows, columns", "polar_patterns": "radius, azimuth",
                 "radial_profiles": "radius"}
@@ -125,6 +138,13 @@ def describe(path, navigation_shape=None):
                                f"{plugin or 'HyperSpy/RosettaSciIO'}{origin}"))
     rows.append(("file", f"{path} ({os.path.getsize(path) / 1e9:.3g} GB)" if os.path.isfile(path)
                  else path))
+    companions = _companions(signals[0], path)
+    if companions:  # a master file's data files, an EMPAD XML's raw file: where the frames are
+        size = sum(os.path.getsize(f) for f in companions)
+        rows.append(("frames in", f"{len(companions)} file{'s' if len(companions) > 1 else ''} "
+                                  f"beside it ({size / 1e9:.3g} GB): "
+                                  f"{', '.join(os.path.basename(f) for f in companions[:3])}"
+                                  f"{', ...' if len(companions) > 3 else ''}"))
     for k, sig in enumerate(signals):
         tag = "" if len(signals) == 1 else f" [{k}]"
         data = sig.data

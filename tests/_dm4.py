@@ -103,12 +103,15 @@ def _image(data, scales, origins, units, endian):
 
 
 def write_dm4(path, data, signal_scale=1.0, signal_units="", signal_origin=(0.0, 0.0),
-              nav_scale=1.0, nav_units="", voltage=None, camera_length=None, endian="<"):
+              nav_scale=1.0, nav_units="", voltage=None, camera_length=None, endian="<",
+              meta_data=None):
     """Write ``data`` (``(scan rows, scan columns, rows, columns)`` or a stack of frames) as
     a DM4 file the way DigitalMicrograph lays it out (a thumbnail first, then the dataset).
 
     ``signal_origin`` is the pixel ``(x, y)`` where the calibrated detector coordinate is 0
-    (DM's ``Origin``); ``voltage`` in V and ``camera_length`` in mm go to ``Microscope Info``.
+    (DM's ``Origin``); ``voltage`` in V and ``camera_length`` in mm go to ``Microscope Info``;
+    ``meta_data`` (name -> value) to the image's ``Meta Data`` tags (``Format``, ``Data Order
+    Swapped``, ...).
     """
     data = np.asarray(data)
     nav = data.ndim - 2
@@ -131,7 +134,8 @@ def write_dm4(path, data, signal_scale=1.0, signal_units="", signal_origin=(0.0,
     if camera_length is not None:
         microscope.append(("STEM Camera Length", ("f", float(camera_length))))
     image_tags = _Group([("Microscope Info", _Group(microscope)),
-                         ("Session Info", _Group([("Operator", "test")]))])
+                         ("Session Info", _Group([("Operator", "test")]))]
+                        + ([("Meta Data", _Group(list(meta_data.items())))] if meta_data else []))
     images = _Group([
         ("", _Group([("ImageData", thumb_data), ("ImageTags", _Group()), ("Name", "")])),
         ("", _Group([("ImageData", _image(data, scales, origins, units, endian)),

@@ -118,6 +118,16 @@ def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds
         where = image.get("ImageData", {}).get("Data")
         dtype = np.dtype(data.dtype)
         plain = dtype.kind in "biuf" and dtype.names is None
+        swapped = image.get("ImageTags", {}).get("Meta Data", {}).get("Data Order Swapped")
+        if data.ndim == 4 and swapped is not None and not _true(swapped):
+            # GMS's older 4D layout: all scan positions of one detector pixel, then the next
+            # pixel's (LiberTEM reads the tag the same way); read as frames, each would be
+            # an image of the scan
+            raise DetectorFileError(
+                filename, "the 4D data are stored transposed (Meta Data 'Data Order Swapped' "
+                          "is 0: the scan axes fastest, not the detector's), which diffgpu does "
+                          "not read; save the data in C order from DigitalMicrograph, or convert "
+                          "it (e.g. LiberTEM's convert_dm4_transposed)")
         if data.ndim >= 3:
             # a stack of frames keeps the file's scan shape: no size-1 scan axis dropped
             d["post_process"] = [f for f in d.get("post_process", [])
@@ -151,6 +161,14 @@ def file_reader(filename, lazy=False, chunks=None, navigation_shape=None, **kwds
 
 
 _NO_CODE = SimpleNamespace(co_names=())  # post-processing callables without Python code
+
+
+def _true(value):
+    """A DM tag's truth (a bool, a number, or a string such as ``"1"``)."""
+    try:
+        return bool(int(float(value)))
+    except (TypeError, ValueError):
+        return str(value).strip().lower() in ("true", "yes")
 
 
 def _reshape_navigation(filename, d, nav):

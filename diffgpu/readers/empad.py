@@ -2,12 +2,12 @@
 
 The EMPAD software writes two files per acquisition. The ``.xml`` file describes it: the name
 of the raw file (``<raw_file filename="scan_x256_y256.raw"/>``), the scan
-(``<scan_parameters mode="acquire">`` with ``scan_resolution_x`` and ``scan_resolution_y``; older
-files: ``<pix_x>``/``<pix_y>``; a series: ``<type>series</type>`` and ``<count>``) and the
-microscope (``<iom_measurements>``: ``high_voltage`` in V, ``nominal_camera_length`` in m,
-``full_scan_field_of_view``). The ``.raw`` file holds the frames one after another, each
-128 x 128 little-endian float32 pixels followed by two rows (2 x 128 float32) of per-frame
-metadata, which the reader drops.
+(``<scan_parameters mode="acquire">`` with ``scan_resolution_x`` and ``scan_resolution_y``; older files:
+``<pix_x>``/``<pix_y>``, which win over ``<scan_parameters>`` where both are given; a series:
+``<type>series</type>`` and ``<count>``) and the microscope (``<iom_measurements>``:
+``high_voltage`` in V, ``nominal_camera_length`` in m, ``full_scan_field_of_view``). The
+``.raw`` file holds the frames one after another, each 128 x 128 little-endian float32 pixels
+followed by two rows (2 x 128 float32) of per-frame metadata, which the reader drops.
 
 :func:`file_reader` hands over a dask array of whole frames, chunked by whole scan rows,
 read straight from the file (no copy of the dataset). Use it through :func:`diffgpu.load`
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._raw import RawFrames, lazy_raw
-from .errors import DetectorFileError, navigation_shape_array_order
+from .errors import DetectorFileError, ReaderArgumentError, navigation_shape_array_order
 
 __all__ = ["file_reader", "is_empad", "read_xml", "FRAME_SHAPE", "RAW_FRAME_SHAPE", "PLUGIN"]
 
@@ -138,26 +138,47 @@ def read_xml(filename):
         nav = None if count is None else (count,)
     elif has("scan_parameters/series_count"):
         nav = (whole("scan_parameters/series_count"),)
+    elif has("pix_x", "pix_y"):
+        # older files: the frames recorded; their <scan_parameters> may hold the scan
+        # generator's resolution instead (128 x 128 beside pix_x = pix_y = 4)
+        nav = scan("pix_x", "pix_y")
     elif acquire and has("scan_resolution_x", "scan_resolution_y", node=acquire[0]):
         nav = scan("scan_resolution_x", "scan_resolution_y", acquire[0])
-    elif has("pix_x", "pix_y"):
-        nav = scan("pix_x", "pix_y")
     else:
         m = re.search(r"_x(\d+)_y(\d+)", os.path.basename(raw_name))
         nav = (int(m.group(2)), int(m.group(1))) if m else None
     if nav is None:
         raise DetectorFileError(filename, "the XML does not say the scan shape "
                                           "(scan_resolution_x/y, pix_x/pix_y or a series count)")
+    # every other scan shape the file records, for a raw file that holds another number of
+    # frames than the first says (some hold the "search" scan's, not the "acquire" one's)
+    others = []
+    search = [e for e in root.findall("scan_parameters") if e.get("mode") == "search"]
+    for node in acquire + search:
+        try:
+            others.append(scan("scan_resolution_x", "scan_resolution_y", node))
+        except DetectorFileError:
+            pass
+    m = re.search(r"_x(\d+)_y(\d+)", os.path.basename(raw_name))
+    if m:
+        others.append((int(m.group(2)), int(m.group(1))))
+    info["other_shapes"] = [o for o in dict.fromkeys(others) if o != nav and min(o) >= 1]
     if min(nav) < 1:
         scan = " x ".join(str(n) for n in nav[::-1])
         raise DetectorFileError(filename, f"the XML gives a scan of {scan} frames: the "
                                           "acquisition holds no frames")
     info["nav_shape"] = nav
 
+    # older files name the microscope's readings by its API calls, as elements with a dot in
+    # their names: <optics.get_cameralength>, <source.get_voltage>, ...
     voltage = number("iom_measurements/high_voltage")
+    if voltage is None:
+        voltage = number("iom_measurements/source.get_voltage")
     if voltage and voltage > 0:
         info["beam_energy"] = voltage / 1e3
     length = number("iom_measurements/nominal_camera_length")
+    if length is None:
+        length = number("iom_measurements/optics.get_cameralength")
     if length and length > 0:
         info["camera_length"] = length * 1e3
     pixel = number("iom_measurements/calibrated_pixelsize")  # older files; x 1e9 -> 1/nm
@@ -166,7 +187,8 @@ def read_xml(filename):
     fov = number("iom_measurements/full_scan_field_of_view/x")
     factor = number("iom_measurements/full_scan_field_of_view/scale_factor")
     if fov is None:  # older files: "(x, y)" in metres
-        el = root.find("iom_measurements/optics/get_full_scan_field_of_view")
+        el = root.find("iom_measurements/optics.get_full_scan_field_of_view")
+        el = root.find("iom_measurements/optics/get_full_scan_field_of_view") if el is None else el
         try:
             fov = float(ast.literal_eval(el.text)[0]) if el is not None else None
         except (ValueError, SyntaxError, TypeError, IndexError):
@@ -181,7 +203,8 @@ def read_xml(filename):
     return info
 
 
-def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds):
+def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, q_calibration=None,
+                **kwds):
     """Read an EMPAD scan from its ``.xml`` file (the ``.raw`` file beside it holds the data).
 
     A RosettaSciIO-style reader: ``hs.load(path, file_format=diffgpu.readers.empad)`` and
@@ -199,6 +222,10 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
     chunks : int or tuple, optional
         Frames per dask chunk, or navigation chunks; default
         :func:`diffgpu.chunking.frame_chunks` (whole frames, whole scan rows where they fit).
+    q_calibration : float, optional
+        The detector's scale in 1/nm per pixel, as RosettaSciIO's EMPAD reader takes it
+        (newer EMPAD software records none); by default the XML's
+        ``calibrated_pixelsize`` where present, else pixels.
 
     Returns
     -------
@@ -240,6 +267,13 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
     n = int(np.prod(nav))
     stride = int(np.prod(RAW_FRAME_SHAPE)) * _DTYPE.itemsize
     size = os.path.getsize(raw)
+    fits = [o for o in info.get("other_shapes", []) if int(np.prod(o)) * stride == size]
+    if navigation_shape is None and size != n * stride and fits:
+        # the raw file holds another scan the XML records (its "search" scan; the scan its
+        # name gives): the recorded field of view spans that scan's larger side
+        if info.get("scan_step") and len(fits[0]) == 2:
+            info["scan_step"] *= max(nav) / max(fits[0])
+        nav, n = fits[0], int(np.prod(fits[0]))
     if size < n * stride or (navigation_shape is None and size != n * stride):
         held = f"{size // stride} frames" + (f" and {size % stride} bytes" if size % stride else "")
         raise DetectorFileError(
@@ -257,6 +291,15 @@ def file_reader(filename, lazy=False, navigation_shape=None, chunks=None, **kwds
     axes = [{"name": name, "size": k, "scale": scan_step or 1.0, "offset": 0.0,
              "units": "nm" if scan_step else None, "navigate": True, "index_in_array": i}
             for i, (name, k) in enumerate(zip(names, nav))]
+    if q_calibration is not None:
+        try:
+            ok = float(q_calibration) > 0 and np.isfinite(float(q_calibration))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ReaderArgumentError(f"q_calibration must be a positive number (1/nm per pixel); "
+                                      f"got {q_calibration!r}")
+        info["q_scale"] = float(q_calibration)
     q = info.get("q_scale") or 1.0
     for j, name in enumerate(("ky", "kx")):
         # the origin at the middle of the detector until the beam is found

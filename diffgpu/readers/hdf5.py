@@ -6,8 +6,12 @@ data files ``<name>_data_000001.h5``, ... Each data file holds one dataset ``ent
 of shape ``(frames, rows, columns)`` (uint8, uint16 or uint32), chunked one frame per chunk
 (or a few) and compressed with bitshuffle + LZ4 (HDF5 filter 32008), which h5py reads once
 :mod:`hdf5plugin` is imported. The master file also carries the detector's description
-(``entry/instrument/detector``: pixel size, detector distance, beam centre, bad-pixel mask;
-``entry/instrument/beam/incident_wavelength``), which becomes the signal's calibration.
+(``entry/instrument/detector``: pixel size, detector distance, beam centre, bad-pixel mask,
+``detectorSpecific/photon_energy``; ``entry/instrument/beam/incident_wavelength``), which
+becomes the signal's calibration. An ARINA acquisition also leaves the scan system's metadata
+beside the master file, in ``<name>.h5`` (attributes of ``STEM Metadata``: scan size
+``NumPixelsX`` x ``NumPixelsY``, step ``Pixel Size`` in nm, ``High Tension`` in V, ``Camera
+Length`` in m), read where present.
 
 The same reader takes any HDF5 file with a stack of frames ``(frames, rows, columns)`` or a
 4D dataset ``(scan rows, scan columns, rows, columns)``: it picks the dataset (or takes
@@ -434,12 +438,24 @@ def _read_calibration(filename):
         pixel = scalar(f"{_DETECTOR}/x_pixel_size")  # m
         distance = scalar(f"{_DETECTOR}/detector_distance")  # m
         cx, cy = scalar(f"{_DETECTOR}/beam_center_x"), scalar(f"{_DETECTOR}/beam_center_y")
-        if _positive(wavelength):
+        photon = scalar(f"{_DETECTOR}/detectorSpecific/photon_energy")  # eV
+        scan = _scan_metadata(filename)
+        if scan:
+            original["STEM Metadata"] = scan
+        wavelength = _electron_wavelength(wavelength, photon, scan.get("High Tension"), cal)
+        if _positive(wavelength) and "beam_energy" not in cal:
             from ..calibration import beam_energy_from_wavelength
 
             cal["beam_energy"] = beam_energy_from_wavelength(float(wavelength))
         if _positive(distance):
             cal["camera_length"] = float(distance) * 1e3  # mm, HyperSpy's unit
+        elif _positive(scan.get("Camera Length")):  # the microscope's, in m
+            cal["camera_length"] = float(scan["Camera Length"]) * 1e3
+        if _positive(scan.get("Pixel Size")):  # the scan step, in nm
+            cal["scan_step"] = float(scan["Pixel Size"])
+        rows, cols = scan.get("NumPixelsY"), scan.get("NumPixelsX")
+        if _positive(rows) and _positive(cols) and rows == int(rows) and cols == int(cols):
+            cal["scan_shape"] = (int(rows), int(cols))
         if _positive(wavelength) and _positive(distance) and _positive(pixel):
             # scattering angle per pixel / wavelength = reciprocal distance per pixel (small angles)
             cal["scale"] = float(pixel) / float(distance) / float(wavelength)
@@ -449,6 +465,60 @@ def _read_calibration(filename):
         if _positive(count_time):
             cal["exposure"] = float(count_time)
     return cal, original
+
+
+# h c in eV Å: a photon's wavelength from its energy, as the detector records it
+_HC_EV_ANGSTROM = 12398.419843320026
+
+
+def _electron_wavelength(wavelength, photon_energy, high_tension, cal):
+    """The electron wavelength (Å) to calibrate with, and ``cal["beam_energy"]`` (keV) where
+    the file states the beam energy rather than the wavelength.
+
+    Dectris detectors keep ``detectorSpecific/photon_energy`` (eV) and
+    ``beam/incident_wavelength`` linked as a photon's, wavelength = h c / energy; an electron
+    detector (ARINA, QUADRO, SINGLA) is set to the beam energy, so the wavelength it records
+    is a photon's of that energy (0.0413 Å at 300 keV), not the electron's (0.0197 Å). A
+    wavelength that is not the photon's of the recorded energy (or recorded alone) was set as
+    an electron's and is kept. The scan system's high tension (V), where recorded, comes
+    first.
+    """
+    from ..calibration import electron_wavelength
+
+    if _positive(high_tension):
+        energy = float(high_tension) / 1e3
+    elif _positive(photon_energy) and (not _positive(wavelength) or abs(
+            float(wavelength) * float(photon_energy) / _HC_EV_ANGSTROM - 1) < 1e-3):
+        energy = float(photon_energy) / 1e3
+    else:
+        return wavelength
+    cal["beam_energy"] = energy
+    return electron_wavelength(energy)
+
+
+def _scan_metadata(filename):
+    """What the scan system recorded beside an ARINA acquisition ``<name>_master.h5``: the
+    numeric attributes of the group ``STEM Metadata`` in ``<name>.h5`` (``NumPixelsX``,
+    ``NumPixelsY``, ``Pixel Size`` in nm, ``High Tension`` in V, ``Camera Length`` in m, ...),
+    or ``{}`` where there is no such file or group."""
+    if not filename.endswith("_master.h5"):
+        return {}
+    path = filename[:-len("_master.h5")] + ".h5"
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get("STEM Metadata")
+            if not isinstance(group, (h5py.Group, h5py.Dataset)):
+                return {}
+            out = {}
+            for key, value in group.attrs.items():
+                value = np.asarray(value)
+                if value.size == 1 and value.dtype.kind in "biuf":
+                    out[key] = value.item()
+            return out
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}  # not an HDF5 file, or unreadable: the scan is calibrated without it
 
 
 def _positive(value):
@@ -473,8 +543,9 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         A dask array read chunk by chunk (:func:`diffgpu.load`'s default), or read it all.
     navigation_shape : tuple of int, optional
         Scan shape in HyperSpy's order ``(x, y)`` = (scan columns, scan rows); one number
-        for a 1D stack. By default a 4D dataset keeps its shape; a Dectris master file whose
-        ``detectorSpecific/ntrigger`` triggers of ``nimages`` frames each make up all the
+        for a 1D stack. By default a 4D dataset keeps its shape; an ARINA scan's metadata
+        file beside the master file gives the scan where it holds all the frames; a Dectris
+        master file whose ``detectorSpecific/ntrigger`` triggers of ``nimages`` frames each make up all the
         frames is a scan of ``ntrigger`` rows of ``nimages``; else a square number of frames
         becomes a square scan, and anything else a 1D stack.
     dataset : str, optional
@@ -528,6 +599,7 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
         file_nav = None
         frame_shape = shape
     n_frames = sum(n for _, _, n in parts)
+    cal, original = _read_calibration(filename)
     if navigation_shape is not None:
         nav = navigation_shape_array_order(navigation_shape)
         if int(np.prod(nav)) != n_frames:
@@ -536,6 +608,8 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
                           f"{nav[::-1]} needs {int(np.prod(nav))}")
     elif file_nav is not None:
         nav = file_nav
+    elif math.prod(cal.get("scan_shape", (0,))) == n_frames:
+        nav = cal["scan_shape"]  # the scan system's record beside an ARINA master file
     elif _triggers(filename, n_frames) is not None:
         nav = _triggers(filename, n_frames)  # (triggers, frames per trigger): scan rows, columns
     elif math.isqrt(n_frames) ** 2 == n_frames and n_frames > 1:
@@ -565,16 +639,16 @@ def file_reader(filename, lazy=False, navigation_shape=None, dataset=None, chunk
     if not lazy:
         data = data.compute()
 
-    cal, original = _read_calibration(filename)
     scale = cal.get("scale", 1.0)
     units = "1/Å" if "scale" in cal else "px"
     # the beam centre the detector recorded, else the middle of the detector
     center = cal.get("center", ((frame_shape[1] - 1) / 2, (frame_shape[0] - 1) / 2))
     axes = []
     names = {1: ("frame",), 2: ("y", "x")}.get(len(nav), [f"scan{i}" for i in range(len(nav))])
+    step = cal.get("scan_step") if len(nav) == 2 else None  # a scan's step, not a stack's
     for i, n in enumerate(nav):
-        axes.append({"name": names[i],
-                     "size": n, "scale": 1.0, "offset": 0.0, "units": "", "navigate": True,
+        axes.append({"name": names[i], "size": n, "scale": step or 1.0, "offset": 0.0,
+                     "units": "nm" if step else "", "navigate": True,
                      "index_in_array": i})
     for j, (name, n, c) in enumerate(zip(("ky", "kx"), frame_shape, center[::-1])):
         axes.append({"name": name, "size": n, "scale": scale, "offset": -c * scale,
