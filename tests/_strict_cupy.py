@@ -13,10 +13,15 @@ different array type). What it enforces, as CuPy does on a GPU:
 * the module-level namespaces (``cupy``, ``cupy.fft``, ``cupy.linalg``, ``cupy.cuda``,
   ``cupyx.scipy.ndimage``, ``cupyx.scipy.sparse``) hold only names real CuPy has (a test checks
   them against the installed package) and, where CuPy is installed, every call's keywords are
-  bound against the real function's signature;
+  bound against the real function's signature (the array methods' against ``cupy.ndarray``'s
+  docstrings);
+* ufuncs take CuPy's keywords only (``out``, ``dtype``, ``casting``: no ``where=``), have
+  ``reduce``/``accumulate``/``reduceat``/``at`` only where CuPy does (:data:`UFUNC_METHODS`)
+  and ``at`` only for the dtypes of CUDA's atomics (:data:`AT_DTYPES`);
 * every host<->device crossing is counted in :data:`TRANSFERS`: explicit ones (``cupy.asarray``
   of host data, ``.get()``, ``cupy.asnumpy``, sparse matrices, host values written into or
-  indexing device arrays) and scalar reads (``bool()``, ``float()``, ``int()``, ``.item()``).
+  indexing device arrays, as CuPy moves host index arrays and lists itself) and scalar reads
+  (``bool()``, ``float()``, ``int()``, ``.item()``, ``format()``).
 
 It runs NumPy underneath, so it says nothing about speed, CUDA kernels or memory; it checks
 that device code keeps to CuPy's API and moves data only where it says so.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 import threading
 import types
@@ -33,7 +39,7 @@ import types
 import numpy as np
 
 # NumPy functions that real CuPy also has (top level), minus file I/O and printing: the only
-# ones a device array dispatches. Checked against the installed CuPy by tests/test_strict_cupy.py.
+# ones a device array dispatches. Checked against the installed CuPy by tests/test_cupy_rules.py.
 NUMPY_NAMES = frozenset("""
 abs absolute acos acosh add all allclose amax amin angle any append apply_along_axis arange
 arccos arccosh arcsin arcsinh arctan arctan2 arctanh argmax argmin argpartition argsort argwhere
@@ -84,6 +90,33 @@ conj conjugate copy cumprod cumsum data device diagonal dot dtype fill flags fla
 item itemsize max mean min nbytes ndim nonzero partition prod ptp put ravel real repeat reshape
 round searchsorted set shape size sort squeeze std strides sum swapaxes take tolist trace
 transpose var view""".split())
+# The ufunc methods CuPy implements, by ufunc; the others raise NotImplementedError there
+# (``cupy.maximum.reduce``: use ``cupy.max``). ``outer`` is there for every binary ufunc.
+# Checked against the installed CuPy by tests/test_cupy_rules_probe.py.
+UFUNC_METHODS = {
+    "reduce": frozenset({"add", "multiply"}),
+    "accumulate": frozenset({"add", "multiply"}),
+    "reduceat": frozenset({"add"}),
+    "at": frozenset({"add", "subtract", "maximum", "minimum", "bitwise_and", "bitwise_or",
+                     "bitwise_xor"}),
+}
+# The keywords of CuPy's ufunc calls and methods (NumPy's ``where=``, ``initial=``, ``order=``
+# ... raise TypeError there): ``__call__`` and ``outer`` take these, the methods their own.
+UFUNC_CALL_KEYWORDS = frozenset({"out", "dtype", "casting"})
+UFUNC_METHOD_PARAMETERS = {
+    "reduce": "array, axis=0, dtype=None, out=None, keepdims=False",
+    "accumulate": "array, axis=0, dtype=None, out=None",
+    "reduceat": "array, indices, axis=0, dtype=None, out=None",
+    "at": "a, indices, b=None",
+}
+# ``ufunc.at`` scatters with CUDA atomics, for these dtypes of the target only (CuPy raises
+# TypeError for the others: int64 counts, for one).
+AT_DTYPES = {
+    "add": frozenset(np.dtype(t) for t in ("int32", "float16", "float32", "float64", "uint32",
+                                           "uint64")),
+    "maximum": frozenset(np.dtype(t) for t in ("int32", "float32", "float64", "uint32", "uint64")),
+    "minimum": frozenset(np.dtype(t) for t in ("int32", "float32", "float64", "uint32", "uint64")),
+}
 
 
 class TransferCounter:
@@ -215,8 +248,10 @@ def _unwrap_index(key):
     if isinstance(key, np.ndarray):  # CuPy moves host index arrays to the device
         TRANSFERS.record("to_device", key)
         return key
-    if isinstance(key, list) and any(isinstance(k, (DeviceArray, np.ndarray)) for k in key):
-        return [_unwrap_index(k) for k in key]
+    if isinstance(key, list):
+        if any(isinstance(k, DeviceArray) for k in key):
+            return [_unwrap_index(k) for k in key]
+        TRANSFERS.record("to_device", np.asarray(key))  # CuPy makes a device array of it
     return key
 
 
@@ -310,6 +345,13 @@ class DeviceArray:
         TRANSFERS.record("scalar")
         return complex(self._a)
 
+    def __format__(self, spec):  # CuPy formats self.get()
+        if self.ndim == 0:
+            TRANSFERS.record("scalar")
+        else:
+            TRANSFERS.record("to_host", self._a)
+        return format(self._a, spec)
+
     def __reduce__(self):  # pickling copies through the host, as CuPy's does
         return _rebuild, (self._a,)
 
@@ -366,8 +408,8 @@ class DeviceArray:
         return _wrap(self._a[_unwrap_index(key)])
 
     def __setitem__(self, key, value):
-        if isinstance(value, np.ndarray):  # CuPy copies a host value to the device
-            TRANSFERS.record("to_device", value)
+        if isinstance(value, (np.ndarray, list)):  # CuPy copies a host value to the device
+            TRANSFERS.record("to_device", np.asarray(value))
         elif isinstance(value, DeviceArray):
             value = value._a
         self._a[_unwrap_index(key)] = value
@@ -387,15 +429,10 @@ class DeviceArray:
         return target(*args, **kwargs)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        name = ufunc.__name__
-        if name not in NUMPY_NAMES or method not in (
+        if ufunc.__name__ not in NUMPY_NAMES or method not in (
                 "__call__", "reduce", "accumulate", "outer", "at", "reduceat"):
             return NotImplemented
-        where = f"cupy.{name}" + ("" if method == "__call__" else f".{method}")
-        ins = tuple(_unwrap(x, where) for x in inputs)
-        kwargs = {k: _unwrap(v, where) for k, v in kwargs.items()}  # out=(device array,) too
-        result = getattr(ufunc, method)(*ins, **kwargs)
-        return None if method == "at" else _wrap(result)
+        return _apply_ufunc(ufunc, method, inputs, kwargs)
 
     # -- methods: computed on the device, results stay there --------------------------
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
@@ -429,6 +466,8 @@ def _rebuild(array):
 def _method(name):
     def method(self, *args, **kwargs):
         where = f"cupy.ndarray.{name}"
+        _check_method(name, args, kwargs)
+        args = _host_operands(name, args)
         return _wrap(getattr(self._a, name)(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
     method.__name__ = name
@@ -527,6 +566,144 @@ def _check_call(module, name, args, kwargs):
             raise TypeError(f"{module}.{name}{sig} does not take this call: {err}") from None
 
 
+def _signature_from_text(params):
+    """An :class:`inspect.Signature` from the parameter list of a compiled (Cython) function's
+    docstring, ``"self, int axis=-1, kind=None"``: the names and kinds, types and defaults
+    dropped (only binding a call to it matters here)."""
+    P = inspect.Parameter
+    out, kind = [], P.POSITIONAL_OR_KEYWORD
+    for token in (t.strip() for t in params.split(",")):
+        if not token or token == "self":
+            continue
+        if token == "*":
+            kind = P.KEYWORD_ONLY
+        elif token.startswith("**"):
+            out.append(P(token[2:].split()[-1], P.VAR_KEYWORD))
+        elif token.startswith("*"):
+            out.append(P(token[1:].split()[-1], P.VAR_POSITIONAL))
+            kind = P.KEYWORD_ONLY
+        else:
+            name, eq, _ = token.partition("=")
+            out.append(P(name.split()[-1], kind, default=None if eq else P.empty))
+    return inspect.Signature(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _real_method_signature(name):
+    """The signature of ``cupy.ndarray.<name>`` from its docstring's first line (where CuPy is
+    installed), e.g. ``_ndarray_base.max(self, axis=None, out=None, keepdims=False)``."""
+    real, _ = real_cupy_modules()
+    if real is None:
+        return None
+    doc = (getattr(real["cupy"].ndarray, name).__doc__ or "").strip().splitlines()
+    match = re.match(r"[\w.]+\((.*)\)", doc[0]) if doc else None
+    return None if match is None else _signature_from_text(match.group(1))
+
+
+def _check_method(name, args, kwargs):
+    """Bind a method call to ``cupy.ndarray``'s (NumPy's ``x.max(initial=0)`` or
+    ``x.sum(where=m)`` fail there)."""
+    sig = _real_method_signature(name)
+    if sig is not None:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"cupy.ndarray.{name}{sig} does not take this call: {err}") from None
+
+
+# Arguments CuPy converts from host data itself (an index array or list: one transfer each),
+# by position: the methods' (after self) and the functions'.
+_HOST_OPERANDS = {"take": (0,), "put": (0, 1), "cupy.take": (1,), "cupy.put": (1, 2),
+                  "cupy.compress": (0,)}
+
+
+def _host_operands(name, args):
+    positions = _HOST_OPERANDS.get(name, ())
+    if not positions:
+        return args
+    args = list(args)
+    for i in positions:
+        if i < len(args) and isinstance(args[i], (np.ndarray, list)):
+            TRANSFERS.record("to_device", np.asarray(args[i]))
+            args[i] = DeviceArray(np.array(args[i]))
+    return tuple(args)
+
+
+@functools.lru_cache(maxsize=None)
+def _ufunc_method_signature(method):
+    return _signature_from_text(UFUNC_METHOD_PARAMETERS[method])
+
+
+def _apply_ufunc(ufunc, method, inputs, kwargs):
+    """``ufunc.method(*inputs, **kwargs)`` as CuPy runs it: its methods, keywords and
+    ``at`` dtypes only, on device arrays only (host arrays refused, host indices moved)."""
+    name = ufunc.__name__
+    where = f"cupy.{name}" + ("" if method == "__call__" else f".{method}")
+    if method in UFUNC_METHODS and name not in UFUNC_METHODS[method]:
+        raise NotImplementedError(f"`cupy_{name}.{method}` is not supported yet (CuPy has "
+                                  f"{method} for {sorted(UFUNC_METHODS[method])} only)")
+    if ufunc.signature is not None:  # matmul: a generalised ufunc in CuPy, keywords of its own
+        pass
+    elif method in ("__call__", "outer"):
+        wrong = {k: v for k, v in kwargs.items() if k not in UFUNC_CALL_KEYWORDS}
+        if wrong:
+            raise TypeError(f"Wrong arguments {wrong}: {where} takes out, dtype and casting only")
+    else:
+        try:
+            bound = _ufunc_method_signature(method).bind(*inputs, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{where}({UFUNC_METHOD_PARAMETERS[method]}) does not take this "
+                            f"call: {err}") from None
+        if method == "at":
+            a, indices, b = (bound.arguments.get(k) for k in ("a", "indices", "b"))
+            if not isinstance(a, DeviceArray):
+                raise TypeError(f"{where}: the target must be a device array (cupy.ndarray)")
+            if name in AT_DTYPES and a.dtype not in AT_DTYPES[name]:
+                raise TypeError(f"{where} (CUDA atomics) only supports "
+                                f"{sorted(str(d) for d in AT_DTYPES[name])} as data type, "
+                                f"not {a.dtype}")
+            ufunc.at(a._a, _unwrap_index(indices), *(() if b is None else (_unwrap(b, where),)))
+            return None
+    ins = tuple(_unwrap(x, where) for x in inputs)
+    kwargs = {k: _unwrap(v, where) for k, v in kwargs.items()}  # out=(device array,) too
+    return _wrap(getattr(ufunc, method)(*ins, **kwargs))
+
+
+class _DeviceUfunc:
+    """A ``cupy`` ufunc of the stand-in (``cupy.add``, ``cupy.add.reduce``, ``cupy.add.at``):
+    NumPy's ufunc on device arrays, with CuPy's methods and keywords."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+        self.__name__ = self.__qualname__ = ufunc.__name__
+        self.__module__ = "cupy"
+        self.nin, self.nout, self.nargs = ufunc.nin, ufunc.nout, ufunc.nargs
+
+    def __call__(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "__call__", args, kwargs)
+
+    def reduce(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "reduce", args, kwargs)
+
+    def accumulate(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "accumulate", args, kwargs)
+
+    def reduceat(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "reduceat", args, kwargs)
+
+    def outer(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "outer", args, kwargs)
+
+    def at(self, *args, **kwargs):
+        return _apply_ufunc(self._ufunc, "at", args, kwargs)
+
+    def __reduce__(self):  # pickled by reference: cupy.<name>
+        return self.__name__
+
+    def __repr__(self):
+        return f"<ufunc '{self.__name__}'>"
+
+
 def _device_function(module, name, np_func):
     """``module.name`` of the stand-in: NumPy's function on unwrapped device arrays."""
     where = f"{module}.{name}"
@@ -536,9 +713,9 @@ def _device_function(module, name, np_func):
         if name in _FROM_HOST and module == "cupy":
             a = args[0] if args else kwargs.pop("a", kwargs.pop("obj", None))
             rest = {k: v for k, v in kwargs.items() if k in ("dtype", "order")}
-            if isinstance(a, DeviceArray):
-                out = np.array(a._a, **{"copy": name == "array", **rest})
-                return DeviceArray(out)
+            if isinstance(a, DeviceArray):  # converted on the device, copied where needed
+                copy = kwargs.get("copy", True if name == "array" else None)
+                return DeviceArray(np.array(a._a, **{"copy": copy, **rest}))
             if _contains_device(a):
                 raise TypeError(f"{where}: a sequence of device arrays; use cupy.stack")
             TRANSFERS.record("to_device", a if isinstance(a, np.ndarray) else None)
@@ -546,6 +723,7 @@ def _device_function(module, name, np_func):
             if not out.dtype.isnative:  # CuPy swaps big-endian data to the GPU's byte order
                 out = out.astype(out.dtype.newbyteorder("="))
             return DeviceArray(out)
+        args = _host_operands(where, args)
         return _wrap(np_func(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
     # pickled by reference (sys.modules[module] is the stand-in while it is installed), as
@@ -729,7 +907,9 @@ _cupy = _module(
     ndarray=DeviceArray, asnumpy=asnumpy, get_array_module=get_array_module, cuda=_cuda,
     fft=_fft, linalg=_linalg,
     get_default_memory_pool=lambda: _POOL, get_default_pinned_memory_pool=lambda: _PINNED_POOL,
-    **{n: _device_function("cupy", n, getattr(np, n)) for n in NUMPY_NAMES},
+    **{n: _DeviceUfunc(getattr(np, n)) if isinstance(getattr(np, n), np.ufunc)
+       and getattr(np, n).signature is None else _device_function("cupy", n, getattr(np, n))
+       for n in NUMPY_NAMES},
     **{n: getattr(np, n) for n in NUMPY_VALUES},
 )
 _cupy.__version__ = "stand-in"
