@@ -23,6 +23,8 @@ detector (saturating at 65535).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["synthetic_4dstem", "beam_centers", "scattering_map", "orientation_patterns",
@@ -193,7 +195,8 @@ def synthetic_4dstem(
         Integer types saturate at their largest value.
     chunks : "auto", int or tuple of int
         Dask chunks of the navigation axes (the detector is never split): one number for
-        every scan axis or one per axis. ``"auto"`` makes chunks of about 32 MiB.
+        every scan axis or one per axis. ``"auto"`` makes diffgpu's chunks of whole frames
+        (:func:`diffgpu.chunking.frame_chunks`: about 8 MiB, at least two per host thread).
     seed : int
         Seed, >= 0; each chunk draws from its own generator seeded by ``(seed, position)``.
     lazy : bool
@@ -276,9 +279,12 @@ def synthetic_4dstem(
     strength = scattering_map(nav_shape)
     shape = nav_shape + sig_shape
     if isinstance(chunks, str) and chunks == "auto":
-        chunks = da.core.normalize_chunks(
-            ("auto",) * len(nav_shape) + (-1, -1), shape, limit="32MiB", dtype=dtype
-        )
+        # diffgpu's own chunks of whole frames (two or more per host thread where the data
+        # allow): one 32 MiB chunk made the frames on one thread, and every operation after
+        from .chunking import frame_chunks
+
+        chunks = frame_chunks(nav_shape, math.prod(sig_shape) * dtype.itemsize) + \
+            ((sig_shape[0],), (sig_shape[1],))
     else:
         if isinstance(chunks, (int, np.integer)):  # the same for every scan axis, as in dask
             chunks = (chunks,) * len(nav_shape)
