@@ -31,10 +31,21 @@ _ENGINES: OrderedDict = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 _MAX_ENGINES = 16
 
-_ANGSTROM_PER_UNIT = {  # reciprocal-length units of the detector scale -> length unit in Å
-    "1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "1/angstrom": 1.0,
-    "1/nm": 10.0, "nm^-1": 10.0,
-}
+# reciprocal-length units of the detector scale (compared case-insensitively) -> the length they
+# are the inverse of, in Å. pyxem's "q_..." units measure q = 2 pi k: one of them is a k of
+# 1 / (2 pi Å), the inverse of 2 pi Å.
+_ANGSTROM_PER_UNIT = {u.casefold(): f for u, f in {
+    "1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "A^-1": 1.0, "Å⁻¹": 1.0, "1/angstrom": 1.0, "k_A^-1": 1.0,
+    "1/nm": 10.0, "nm^-1": 10.0, "nm⁻¹": 10.0, "k_nm^-1": 10.0,
+    "q_A^-1": 2 * math.pi, "q_nm^-1": 20 * math.pi,
+}.items()}
+# pyxem's k units -> its name for q in the same length unit (the q axis of such a signal)
+_PYXEM_Q = {"k_a^-1": "q_A^-1", "k_nm^-1": "q_nm^-1"}
+
+
+def _angstrom_per(units):
+    """Å per length unit of reciprocal-length ``units`` (None if they are not one)."""
+    return _ANGSTROM_PER_UNIT.get(units.casefold()) if isinstance(units, str) else None
 
 
 def get_engine(geom, mask=None):
@@ -72,7 +83,9 @@ def _range(value, name, lower=None, span=None):
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (start, stop); got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or not hi > lo:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be two finite numbers (start, stop); got {value!r}")
+    if not hi > lo:
         raise ValueError(f"{name} must satisfy start < stop (an empty or inverted range); got {value!r}")
     if lower is not None and lo < lower:
         raise ValueError(f"{name} must start at {lower} or above; got {value!r}")
@@ -91,12 +104,19 @@ def _common_units(cal):
     if not isinstance(units, tuple):
         return units, (sx, sy)
     ux, uy = units
-    if ux not in _ANGSTROM_PER_UNIT or uy not in _ANGSTROM_PER_UNIT:
+    if _angstrom_per(ux) is None or _angstrom_per(uy) is None:
         raise ValueError(f"the detector axes have different units, x {ux!r} and y {uy!r}, and "
                          "only 1/Å and 1/nm can be converted into each other: set "
                          "calibration.scale and calibration.units in one unit for both axes")
     # a reciprocal length q in 1/uy is q * (length of ux / length of uy) in 1/ux
-    return ux, (sx, sy * _ANGSTROM_PER_UNIT[ux] / _ANGSTROM_PER_UNIT[uy])
+    return ux, (sx, sy * _angstrom_per(ux) / _angstrom_per(uy))
+
+
+def _flag(value, name):
+    """``value`` as a bool, refusing anything but a bool or 0 / 1 (e.g. the string "False")."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False; got {value!r}")
 
 
 def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, radial_unit,
@@ -120,14 +140,23 @@ def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, 
     if unit not in ("k", "q", "2theta_deg", "2theta_rad"):
         raise ValueError("radial_unit must be None (the signal's units), 'q', '2theta_deg' or "
                          f"'2theta_rad'; got {radial_unit!r}")
+    per = _angstrom_per(units)
+    if unit == "q":  # 2 pi k: k must be a reciprocal length, not pixels or mrad
+        if per is None:
+            raise ValueError("radial_unit='q' (2 pi k) needs the detector scale in a reciprocal "
+                             f"length, 1/Å or 1/nm (calibration.units); it is {units!r}")
+        if units.casefold().startswith("q_"):
+            raise ValueError(f"the detector scale is already in q ({units!r}): integrate with "
+                             "the default radial_unit=None for a q axis")
     if curved_ewald or unit.startswith("2theta"):
-        if units not in _ANGSTROM_PER_UNIT:
-            raise ValueError(f"radial_unit={unit!r}/curved_ewald need the detector scale in 1/Å or "
-                             f"1/nm (calibration.units); it is {units!r}")
+        asked = f"radial_unit={unit!r}" if unit.startswith("2theta") else "curved_ewald=True"
+        if per is None:
+            raise ValueError(f"{asked}: angles need the detector scale in 1/Å or 1/nm "
+                             f"(calibration.units); it is {units!r}")
         if cal.wavelength is None:
-            raise ValueError("radial_unit 2theta and curved_ewald need the beam energy: set "
+            raise ValueError(f"{asked}: angles need the beam energy: set "
                              "s.calibration.beam_energy (keV)")
-        wavelength = cal.wavelength / _ANGSTROM_PER_UNIT[units]  # in the detector's length unit
+        wavelength = cal.wavelength / per  # in the detector's length unit
     if affine is None:
         affine = cal.affine  # e.g. from a ring-standard calibration
     if affine is not None:
@@ -151,6 +180,13 @@ def _geometry(signal, npt, npt_azim, radial_range, azimuth_range, azimuth_unit, 
         rr = (0.0, float(geom.output_radius(rho)))
     else:
         rr = _range(radial_range, "radial_range", lower=0.0)
+        # scattering angles past 90 degrees never reach a flat detector (their bins would all
+        # take the pixels at the largest angles); inf where the unit has no such limit
+        limit = float(geom.output_radius(np.inf))
+        if rr[1] > limit * (1 + 1e-12):
+            raise ValueError(f"radial_range {radial_range} goes past a scattering angle 2theta of "
+                             f"90 degrees ({limit:.6g} in these units), which a flat detector "
+                             "cannot record")
     geom = dataclasses.replace(geom, radial_range=rr)
     return geom, units
 
@@ -169,7 +205,8 @@ def _mask(signal, mask):
 def _out_axes(signal, geom, units, azimuth_unit):
     r0, r1 = geom.radial_range
     dr = (r1 - r0) / geom.npt
-    names = {"k": ("radius", units), "q": ("q", units),
+    q_units = _PYXEM_Q.get(units.casefold(), units) if isinstance(units, str) else units
+    names = {"k": ("radius", units), "q": ("q", q_units),
              "2theta_deg": ("two_theta", "deg"), "2theta_rad": ("two_theta", "rad")}
     name, r_units = names[geom.radial_unit]
     radial = {"name": name, "size": geom.npt, "scale": dr, "offset": r0 + dr / 2, "navigate": False}
@@ -197,6 +234,7 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
     one_d = npt_azim is None
     npt = _positive_int(npt, "npt")
     npt_azim = 1 if one_d else _positive_int(npt_azim, "npt_azim")
+    mean, curved_ewald = _flag(mean, "mean"), _flag(curved_ewald, "curved_ewald")
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64; got {dtype}")
@@ -231,7 +269,8 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
     metadata.get("Diffraction", {}).pop("mask", None)
     metadata.setdefault("Signal", {})["signal_type"] = stype
     title = metadata.get("General", {}).get("title", "")
-    metadata.setdefault("General", {})["title"] = f"Azimuthal integral of {title}".strip()
+    metadata.setdefault("General", {})["title"] = \
+        f"Azimuthal integral of {title}" if title else "Azimuthal integral"
     metadata["Integration"] = {
         "center": list(signal.calibration.center), "scale": list(geom.scale), "npt": npt,
         "npt_azim": npt_azim, "radial_range": list(geom.radial_range),
