@@ -111,6 +111,15 @@ def graph_constant(value):
     return node
 
 
+def _tiny_chunks(data):
+    """Whether a dask array of frames has many chunks of much less than diffgpu's smallest
+    (a quarter of :data:`~diffgpu.chunking.MIN_CHUNK_BYTES` on average)."""
+    from .chunking import MIN_CHUNK_BYTES
+
+    n = data.npartitions
+    return n > 16 and data.nbytes / n < MIN_CHUNK_BYTES / 4
+
+
 def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_frame=(),
                into=None):
     """Apply ``func`` to all frames of ``data`` ``(..., rows, columns)``.
@@ -180,10 +189,13 @@ def map_frames(data, func, out_shape, dtype, eager_func=None, constants=(), per_
         # file stores them and applies func while they are in cache
         return map_stored(stored, partial(_decoded, func=func, into=into, out_shape=out_shape,
                                           dtype=dtype), out_shape, dtype, constants)
-    if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1:
+    if len(data.chunks[-1]) > 1 or len(data.chunks[-2]) > 1 or _tiny_chunks(data):
         from .chunking import whole_frame_chunks
 
-        data = whole_frame_chunks(data)  # frames split by a reader: diffgpu's chunks of whole frames
+        # frames split by a reader, or a frame or a few per chunk (dask's per-task cost, ~0.1-1
+        # ms, then outweighs the work: 64 x 64 frames of 64 x 64, one a chunk, integrated 200
+        # times slower than in memory): diffgpu's chunks of whole frames
+        data = whole_frame_chunks(data)
     nav = len(nav_shape)
     aligned = []  # nav + (1, m): their blocks line up with the blocks of frames
     for r in per_frame:

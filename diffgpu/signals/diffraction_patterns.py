@@ -297,6 +297,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         """
         from ..azimuthal import azimuthal_integral
 
+        if npt_azim is None:  # the operation's "no azimuth": radial profiles, not a polar image
+            raise ValueError("npt_azim must be a number of azimuthal bins (1 or more); for "
+                             "radial profiles use get_azimuthal_integral1d")
         result = azimuthal_integral(self, npt, npt_azim, radial_range=radial_range,
                                     azimuth_range=azimuth_range, mask=mask, mean=mean,
                                     radial_unit=radial_unit, azimuth_unit=azimuth_unit,
