@@ -15,7 +15,9 @@ Steps, and where they run
    pixel within ``min_spacing`` (a square window: Chebyshev distance) is higher, nor as
    high and before it in row-major order (one peak per plateau: ties all passed, and a flat
    frame gave 128 "disks" 1 px apart), and it is neither masked nor within ``edge`` pixels
-   of the detector's border. A frame whose correlation has no contrast (highest minus
+   of the detector's border. The relative threshold is a fraction of the frame's strongest
+   peak, but of at most 10 x its second strongest (an NBED direct beam 30-300 x the disks
+   hid them) and at least 1 % of the strongest. A frame whose correlation has no contrast (highest minus
    lowest at most ``1e-4`` of their magnitude, where peaks are allowed: no diffraction)
    has no disks. Host: a numba loop per frame; GPU: shifted maxima, the ties checked
    around each candidate, and one sort per block. Both give the same peaks.
@@ -51,6 +53,11 @@ _HOST_BATCH = 16  # frames correlated at a time on the host (16 x 192 x 192 floa
 _CONTRAST = 1e-4  # a correlation whose range is at most this fraction of its size is flat
 _TIE_VALUES = 1 << 22  # correlation values gathered at a time to check candidates for ties
 _DEVICE_BATCH = 2048  # frames at a time on a GPU (spectra of 2048 x 256 x 256: 0.5 GB)
+# relative_threshold is a fraction of the strongest disk, but of at most _BRIGHT x the second
+# strongest (an NBED direct beam 30-100 x the Bragg disks left 1-9 disks of 50), and of at
+# least _FLOOR x the strongest (a vacuum frame's second "peak" is noise or round-off)
+_BRIGHT = 10.0
+_FLOOR = 0.01
 
 
 def disk_image(radius, size=None):
@@ -193,18 +200,24 @@ class DiskFinder:
         if t.ndim != 2 or t.shape[0] > ny or t.shape[1] > nx:
             raise ValueError(f"template shape {t.shape} must be 2D and fit in the detector "
                              f"{(ny, nx)}")
-        full = np.zeros((ny, nx), np.float32)
+        self.shape = (ny, nx)
+        # the FFTs run on frames zero-padded to sizes of small prime factors: a 515 x 515
+        # Merlin quad took 2.3 x, a prime 251 x 251 detector 6 x the time of 512 / 256 px
+        import scipy.fft
+
+        py, px = (scipy.fft.next_fast_len(n, real=True) for n in (ny, nx))
+        self.fft_shape = (py, px)
+        full = np.zeros((py, px), np.float32)
         full[: t.shape[0], : t.shape[1]] = t
         full = np.roll(full, (-(t.shape[0] // 2), -(t.shape[1] // 2)), axis=(0, 1))
-        self.shape = (ny, nx)
         spec = np.conj(np.fft.rfft2(full))
         if sigma and sigma > 0:  # Gaussian low-pass: a smoother peak, interpolated without bias
-            k2 = np.fft.fftfreq(ny)[:, None] ** 2 + np.fft.rfftfreq(nx)[None, :] ** 2
+            k2 = np.fft.fftfreq(py)[:, None] ** 2 + np.fft.rfftfreq(px)[None, :] ** 2
             spec = spec * np.exp(-2 * np.pi**2 * float(sigma) ** 2 * k2)
         # divide by the cubic B-spline's frequency response: the inverse FFT then gives the
         # spline coefficients of the (periodic) correlation, interpolated exactly from them
-        by = (4 + 2 * np.cos(2 * np.pi * np.fft.fftfreq(ny))) / 6
-        bx = (4 + 2 * np.cos(2 * np.pi * np.fft.rfftfreq(nx))) / 6
+        by = (4 + 2 * np.cos(2 * np.pi * np.fft.fftfreq(py))) / 6
+        bx = (4 + 2 * np.cos(2 * np.pi * np.fft.rfftfreq(px))) / 6
         spec = spec / (by[:, None] * bx[None, :])
         self.template_conj = spec.astype(np.complex64)
         allowed = np.ones((ny, nx), bool)
@@ -216,6 +229,9 @@ class DiskFinder:
         if mask is not None:
             allowed &= ~np.asarray(mask, bool)
             keep = (~np.asarray(mask, bool)).astype(np.float32)  # masked pixels read as zero
+        padded = np.zeros((py, px), bool)  # no peak in the padding
+        padded[:ny, :nx] = allowed
+        allowed = padded
         self.allowed = allowed
         self.keep = keep
         self.threshold = float(threshold)
@@ -256,7 +272,8 @@ class DiskFinder:
 
     # -- correlation ------------------------------------------------------------------
     def correlate(self, frames):
-        """Cross-correlation of every frame with the template, float32, same shape."""
+        """Cross-correlation of every frame with the template, float32, ``(n,) + fft_shape``
+        (the frames' shape, zero-padded to a fast FFT size: the frame is the top-left part)."""
         xp = array_module(frames)
         tconj, _, *keep = self._dev.get(xp)
         floating = frames.dtype.kind == "f"
@@ -270,24 +287,24 @@ class DiskFinder:
 
             # one frame at a time: pocketfft's batched 2D transforms ran 2-3x slower per
             # frame here (the column pass over a stack has poor locality)
-            out = np.empty(frames.shape, np.float32)
+            out = np.empty(frames.shape[:1] + self.fft_shape, np.float32)
             for i in range(frames.shape[0]):
                 frame = frames[i]
                 if floating and not np.isfinite(frame).all():  # NaN or inf pixels count as zero
                     frame = np.where(np.isfinite(frame), frame, np.float32(0))
                 if keep:  # masked pixels count as zero
                     frame = frame * keep[0]
-                spec = fft.rfft2(frame, workers=1)
+                spec = fft.rfft2(frame, s=self.fft_shape, workers=1)
                 spec *= tconj
                 if self.power != 1.0:
                     spec /= np.maximum(np.abs(spec), np.float32(1e-12)) ** np.float32(1 - self.power)
-                out[i] = fft.irfft2(spec, s=self.shape, workers=1)
+                out[i] = fft.irfft2(spec, s=self.fft_shape, workers=1)
             return out
-        spec = xp.fft.rfft2(frames)
+        spec = xp.fft.rfft2(frames, s=self.fft_shape)
         spec *= tconj
         if self.power != 1.0:
             spec /= xp.maximum(xp.abs(spec), xp.float32(1e-12)) ** xp.float32(1.0 - self.power)
-        out = xp.fft.irfft2(spec, s=self.shape)
+        out = xp.fft.irfft2(spec, s=self.fft_shape)
         return out.astype(xp.float32, copy=False)
 
     # -- everything -------------------------------------------------------------------
@@ -315,7 +332,7 @@ class DiskFinder:
         idx, val = self._device_peaks(corr, xp)
         d, val = _device_refine(corr, idx, self.refine_iterations, xp)
         found = idx >= 0
-        nx = self.shape[1]
+        nx = self.fft_shape[1]
         out = xp.full((n, self.max_disks, 3), xp.nan, dtype=xp.float32)
         qy = (idx // nx).astype(xp.float32)
         qx = (idx % nx).astype(xp.float32)
@@ -343,7 +360,9 @@ class DiskFinder:
             mx[:, :-s, :] = xp.maximum(mx[:, :-s, :], rows[:, s:, :])
         top = xp.where(allowed[None], corr, neg).reshape(n, -1).max(axis=1)
         bottom = xp.where(allowed[None], corr, -neg).reshape(n, -1).min(axis=1)
-        thr = xp.maximum(xp.float32(self.threshold), xp.float32(self.relative_threshold) * top)
+        # the lowest the relative threshold can be (_FLOOR); applied once the peaks are known
+        thr = xp.maximum(xp.float32(self.threshold),
+                         xp.float32(self.relative_threshold * _FLOOR) * top)
         # no contrast (a flat frame): no disks
         flat_frame = ~(top - bottom > xp.float32(_CONTRAST) * xp.maximum(xp.abs(top),
                                                                          xp.abs(bottom)))
@@ -364,6 +383,15 @@ class DiskFinder:
         fi, flat, vals = fi[order], flat[order], vals[order]
         first = xp.searchsorted(fi, xp.arange(n))
         rank = xp.arange(fi.shape[0]) - first[fi]
+        # the relative threshold of each frame: of its strongest peak, but at most _BRIGHT x
+        # its second (a bright direct beam) and at least _FLOOR x its strongest (as the host)
+        second = xp.full(n, -np.inf, dtype=xp.float32)
+        second[fi[rank == 1]] = vals[rank == 1]
+        ref = xp.maximum(xp.minimum(top, xp.float32(_BRIGHT) * second), xp.float32(_FLOOR) * top)
+        final = xp.maximum(xp.float32(self.threshold), xp.float32(self.relative_threshold) * ref)
+        final = xp.where(second > -np.inf, final, -np.inf)  # one peak: kept (above thr)
+        above = vals > final[fi]
+        fi, flat, vals, rank = fi[above], flat[above], vals[above], rank[above]
         keep = rank < self.max_disks
         self._count_truncated(int((rank == self.max_disks).sum()))  # one per cut frame
         idx = xp.full((n, self.max_disks), -1, dtype=xp.int64)
@@ -567,7 +595,8 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
             for j in range(nx):
                 top = max(top, frame[i, j] if allowed[i, j] else ninf)
                 bottom = min(bottom, frame[i, j] if allowed[i, j] else pinf)
-        thr = max(np.float32(threshold), np.float32(relative) * top)
+        # the lowest the relative threshold can be (see _BRIGHT, _FLOOR): candidates above it
+        thr = max(np.float32(threshold), np.float32(relative * _FLOOR) * top)
         if not top - bottom > np.float32(_CONTRAST) * max(abs(top), abs(bottom)):
             thr = pinf  # no contrast (a flat frame): no disks
         # pass 2: 3 x 3 local maxima above the threshold, then the full window
@@ -595,6 +624,13 @@ def _host_peaks(corr, allowed, threshold, relative, m, max_disks, iterations):
                     cval[nc] = v
                     nc += 1
         order = np.argsort(-cval[:nc], kind="mergesort")
+        if nc > 1:  # the relative threshold, of a direct beam far brighter than the disks too
+            ref = max(min(top, np.float32(_BRIGHT) * cval[order[1]]), np.float32(_FLOOR) * top)
+            final = max(np.float32(threshold), np.float32(relative) * ref)
+            above = 0
+            while above < nc and cval[order[above]] > final:
+                above += 1
+            nc = above
         kept = min(nc, max_disks)
         cut += nc > max_disks
         for r in range(kept):

@@ -952,8 +952,9 @@ def _frequent_differences(point_sets, tolerance, min_fraction):
         diffs.append(d)
     if total < 6 or not diffs:
         raise BasisError(f"only {total} disks to find a lattice basis from (need at least 6); "
-                         "lower the detection threshold, or pass basis=((g1x, g1y), (g2x, g2y)) "
-                         "in detector pixels")
+                         "lower find_bragg_disks' threshold or relative_threshold (of the "
+                         "frame's strongest disk), or pass basis=((g1x, g1y), (g2x, g2y)) in "
+                         "detector pixels")
     d = np.concatenate(diffs)
     length = np.hypot(*d.T)
     order = np.argsort(length)
