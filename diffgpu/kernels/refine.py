@@ -37,7 +37,8 @@ from .matching import positive_power
 __all__ = ["prepare_patterns", "score_rotations", "refine_rotations", "axis_rotations",
            "shared_contrast_scores",
            "estimate_exponent", "model_similarity", "contrast_scores", "pattern_images",
-           "matrix_quaternions", "quaternion_matrices", "estimate_spot_width"]
+           "matrix_quaternions", "quaternion_matrices", "estimate_spot_width",
+           "estimate_center_offset", "shift_center"]
 
 
 def prepare_patterns(patterns, gamma, smooth=0.5):
@@ -168,6 +169,124 @@ def score_rotations(p, matrices, g, f2, k, max_excitation_error, gamma, radial, 
     hi = sum(c[q] * p[i, r0 + 1, (a0 - 1 + q) % A] for q in range(4))
     value = (1 - ar) * lo + ar * hi
     return (w * value).sum(axis=-1) / np.sqrt((w * w).sum(axis=-1) + 1e-30)
+
+
+def estimate_center_offset(p, matrices, model, gamma, radial, azimuthal, reach=3.0):
+    """Where the patterns' centre lies from the centre their polar grid was integrated about.
+
+    With the centre off by ``d``, every spot ``g`` appears at ``g + d``: no orientation
+    moves all spots alike, so an offset of one pixel biases the refined orientations
+    (median errors of 0.16-0.24 degrees against 0.08-0.10 on simulated Si). The offset
+    common to the patterns is the ``d`` that maximises the sum of their scores at their
+    orientations with the spots read at ``g + d``: a grid of 13 x 13 offsets out to ``reach``
+    radial bins or 0.03 1/Å, whichever is further, then a grid five times finer around its
+    best.
+
+    Parameters
+    ----------
+    p : array ``(n, R, A)``
+        From :func:`prepare_patterns`.
+    matrices : array ``(n, 3, 3)``
+        Crystal-to-laboratory matrices of the patterns' (refined) orientations.
+    model : tuple
+        ``(g, f2, k, max_excitation_error, reciprocal_radius)``.
+    gamma : float
+        Spot intensities are weighted as ``intensity ** gamma``.
+    radial, azimuthal : tuples ``(first_centre, step)``
+        The polar grid (1/Å, degrees).
+    reach : float
+        Largest offset tried, in radial bins (at least 0.03 1/Å).
+
+    Returns
+    -------
+    numpy.ndarray ``(2,)``
+        ``(x, y)`` in 1/Å, in the detector's frame (columns, rows).
+
+    Examples
+    --------
+    Four spots at 0.5 1/Å drawn about a centre 0.02 1/Å along x:
+
+    >>> g = np.array([[0.5, 0, 0], [0, 0.5, 0], [-0.5, 0, 0], [0, -0.5, 0]])
+    >>> model = (g, np.ones(4), 39.87, 0.05, 1.0)
+    >>> r, a = np.arange(0.005, 1.0, 0.01)[:, None], np.radians(np.arange(-179.5, 180))[None]
+    >>> x, y = r * np.cos(a), r * np.sin(a)
+    >>> p = sum(np.exp(-((x - gx - 0.02) ** 2 + (y - gy) ** 2) / (2 * 0.01 ** 2)) for gx, gy, _ in g)
+    >>> d = estimate_center_offset(prepare_patterns(p[None], 1.0), np.eye(3)[None], model, 1.0,
+    ...                            (0.005, 0.01), (-179.5, 1.0))
+    >>> (np.round(d, 2) + 0.0).tolist()
+    [0.02, 0.0]
+    """
+    g, f2, k, smax, radius = model
+    p = np.asarray(p, dtype=np.float32)
+    n, R, A = p.shape
+    mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
+    # the excited spots, found once: only where they are read moves with the offset
+    v = np.einsum("nij,gj->ngi", mats, g)
+    inside, rod, _, _ = _spots(v, k, smax, radius, radial, azimuthal)
+    at, j = np.nonzero(inside)
+    w = (f2[j] * rod[at, j]) ** gamma
+    w /= np.sqrt(np.bincount(at, w * w, minlength=n))[at]  # every pattern weighs alike
+    x, y = v[at, j, 0], v[at, j, 1]
+
+    def total(dx, dy):  # bilinear reading: the offset is common to spots at every fraction
+        fr = np.clip((np.hypot(x + dx, y + dy) - radial[0]) / radial[1], 0, R - 1)
+        fa = (np.rad2deg(np.arctan2(y + dy, x + dx)) - azimuthal[0]) / azimuthal[1]
+        r0 = np.minimum(fr.astype(np.int64), R - 2)
+        a0 = np.floor(fa)
+        wr, wa = fr - r0, fa - a0
+        a0 = a0.astype(np.int64) % A
+        a1 = (a0 + 1) % A
+        value = ((1 - wr) * ((1 - wa) * p[at, r0, a0] + wa * p[at, r0, a1])
+                 + wr * ((1 - wa) * p[at, r0 + 1, a0] + wa * p[at, r0 + 1, a1]))
+        return float(np.dot(w, value))
+
+    best = np.zeros(2)
+    if not at.size:
+        return best
+    # out to 0.03 1/Å at least (3 pixels at a usual 0.01 1/Å per pixel, whatever the bins)
+    far = max(reach * radial[1], 0.03)
+    for offsets in (np.arange(-6, 7) * far / 6, np.arange(-5, 6) * far / 30):
+        scores = [(total(best[0] + dx, best[1] + dy), dx, dy) for dx in offsets for dy in offsets]
+        top = max(scores)
+        best = best + [top[1], top[2]]
+    return best
+
+
+def shift_center(patterns, offset, radial, azimuthal):
+    """Polar patterns ``(n, R, A)`` resampled about a centre ``offset`` ``(x, y)`` (1/Å) from
+    the one they were integrated about (bilinear, the azimuth wrapping around; bins whose
+    source lies beyond the outermost radius are NaN, as outside the detector).
+
+    Examples
+    --------
+    >>> r, a = np.arange(0.005, 1.0, 0.01)[:, None], np.radians(np.arange(-179.5, 180))[None]
+    >>> p = np.exp(-((r * np.cos(a) - 0.52) ** 2 + (r * np.sin(a)) ** 2) / (2 * 0.01 ** 2))
+    >>> q = shift_center(p[None], (0.02, 0.0), (0.005, 0.01), (-179.5, 1.0))[0]
+    >>> [int(i) for i in np.unravel_index(np.nanargmax(q), q.shape)]   # 0.5 1/Å, azimuth 0
+    [49, 179]
+    """
+    xp = array_module(patterns)
+    n, R, A = patterns.shape
+    r = radial[0] + radial[1] * np.arange(R)[:, None]
+    a = np.deg2rad(azimuthal[0] + azimuthal[1] * np.arange(A))[None]
+    x, y = r * np.cos(a) + offset[0], r * np.sin(a) + offset[1]
+    fr = (np.hypot(x, y) - radial[0]) / radial[1]
+    fa = ((np.rad2deg(np.arctan2(y, x)) - azimuthal[0]) / azimuthal[1]) % A
+    beyond = fr > R - 1
+    fr = np.clip(fr, 0, R - 1)
+    r0 = np.minimum(np.floor(fr).astype(np.int64), R - 2)
+    a0 = np.floor(fa).astype(np.int64) % A
+    wr, wa = fr - r0, fa - np.floor(fa)
+    src = xp.asarray(patterns, dtype=xp.float32)
+
+    def at(rr, aa):
+        return src[:, xp.asarray(rr), xp.asarray(aa)]
+
+    weights = ((1 - wr) * (1 - wa), (1 - wr) * wa, wr * (1 - wa), wr * wa)
+    w = [xp.asarray(v, dtype=xp.float32) for v in weights]
+    out = (w[0] * at(r0, a0) + w[1] * at(r0, (a0 + 1) % A) + w[2] * at(r0 + 1, a0)
+           + w[3] * at(r0 + 1, (a0 + 1) % A))
+    return xp.where(xp.asarray(beyond)[None], xp.float32(xp.nan), out)
 
 
 def estimate_exponent(patterns, matrices, model, radial, azimuthal, smooth=0.5, min_spots=6):

@@ -174,6 +174,9 @@ class OrientationMatches(DeviceMixin, Signal2D):
     def to_crystal_map(self, min_significance=5.0):
         """An orix ``CrystalMap``: best orientations, phases, scores, mirror flags, positions.
 
+        Its phase list is the library's, phases that no position has included
+        (``xmap.phases_in_data`` lists those found).
+
         Properties: ``correlation``, ``mirror`` and ``template`` (all ``n_best`` ranks), and
         with ``n_best >= 2`` the ``reliability`` of :meth:`get_reliability`. Positions where
         nothing matched (best correlation not above 0: an empty or all-NaN frame) get
@@ -211,12 +214,19 @@ class OrientationMatches(DeviceMixin, Signal2D):
                 min_significance=min_significance).data.ravel()
         unit = axes[0].units if axes and isinstance(axes[0].units, str) else "px"
         phase_id = self._indexed(min_significance).reshape(-1)
-        return CrystalMap(rotations=rot, phase_id=phase_id, phase_list=phase_list.deepcopy(),
+        xmap = CrystalMap(rotations=rot, phase_id=phase_id, phase_list=phase_list.deepcopy(),
                           prop=props, scan_unit=unit, **coords)
+        # orix drops the phases no position has: a library phase absent from this scan
+        # (or region) went missing, and maps of one library had different phase lists
+        every = phase_list.deepcopy()
+        if (phase_id == -1).any():
+            every.add_not_indexed()
+        xmap.phases = every
+        return xmap
 
     def refine(self, polar, library, gamma=None, smooth=1.0, step=0.5, min_step=0.02,
                accelerating_voltage=None, max_excitation_error=None, candidates=3, margin=0.1,
-               intensity_exponent=None):
+               intensity_exponent=None, fit_center=True):
         """Refine every best match below the library's angular grid, and settle close calls.
 
         From each pattern's best match the crystal is turned in steps of ``step`` degrees
@@ -285,6 +295,14 @@ class OrientationMatches(DeviceMixin, Signal2D):
             (:func:`diffgpu.kernels.refine.estimate_exponent`); the model's spots are then
             weighted like the patterns' (``** (a * gamma)``), which keeps the refined tilt
             unbiased. Recorded in ``metadata.Refined.parameters``.
+        fit_center : bool
+            Estimate where the patterns' centre lies from the one they were integrated about
+            (the offset common to the sample of up to 32 patterns, at their refined
+            orientations: ``diffgpu.kernels.refine.estimate_center_offset``) and, where
+            it is a quarter of a radial bin or more, resample every polar pattern about the
+            estimated centre before refining: a centre one pixel off doubled the refined
+            errors. ``parameters["center_offset"]`` (x, y in 1/Å) and
+            ``parameters["recentred"]`` record it.
 
         Returns
         -------
@@ -322,7 +340,8 @@ class OrientationMatches(DeviceMixin, Signal2D):
 
         return as_signal(refine_orientations(self, polar, library, gamma, smooth, step, min_step,
                                              accelerating_voltage, max_excitation_error,
-                                             candidates, margin, intensity_exponent))
+                                             candidates, margin, intensity_exponent,
+                                             fit_center))
 
     def get_reliability(self, min_misorientation=5.0, indistinguishable=0.995, min_significance=5.0):
         """How clearly the best match beats the best *different* orientation: a scan map in [0, 1].
