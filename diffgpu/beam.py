@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import detector_image
-from .detectors import disc_weights
+from .calibration import check_mask, detector_image
+from .detectors import detector_weights, disc_weights
 from .device import DeviceCache, _is_dask, array_module, to_host_array
 from .kernels.blur import gaussian_blur
 from .kernels.shift import shift_frames
@@ -47,9 +47,13 @@ def _com_from_sums(sums, xp, center):
 
 def _region(signal, mask):
     """Pixel weights in which to take the centre of mass."""
+    from hyperspy import roi as hs_roi
+
     shape = signal.calibration.detector_shape
     if mask is None:
         region = np.ones(shape, dtype=np.float32)
+    elif isinstance(mask, hs_roi.BaseROI):  # calibrated units, as for the virtual detectors
+        region = detector_weights(signal, mask)
     elif np.ndim(mask) == 1 and len(mask) == 3:  # (x, y, r) disc in pixels
         x, y, r = (float(v) for v in mask)
         region = disc_weights(shape, (x, y), r)
@@ -351,9 +355,44 @@ def shift_diffraction(signal, shift_x, shift_y=None, inplace=False):
             shifts = np.stack([sx, sy], axis=-1)
     if not signal._lazy:
         shifts = to_host_array(shifts)
-    result = map_frames(signal.data, shift_frames, tuple(signal.data.shape[-2:]), np.float32,
-                        per_frame=(shifts,))
+    shape = tuple(signal.data.shape[-2:])
+    bad = signal.calibration.mask
+    if bad is None or not np.any(bad):
+        result = map_frames(signal.data, shift_frames, shape, np.float32, per_frame=(shifts,))
+    else:
+        # masked pixels (hot, dead, a gap) count as 0, as everywhere else: shifted as they
+        # are, a masked hot pixel moved out from under calibration.mask (which stays where it
+        # is) into pixels every later operation uses
+        keep = DeviceCache(~check_mask(bad, shape))
+
+        def shift_kept(frames, shifts, keep):
+            return shift_frames(frames, shifts, keep=keep.get(array_module(frames)))
+
+        result = map_frames(signal.data, shift_kept, shape, np.float32, per_frame=(shifts,),
+                            constants=(keep,))
     return with_new_data(signal, result, "Shifted", inplace)
+
+
+def _is_pyxem_beam_shift(shifts):
+    """Whether ``shifts`` is a pyxem ``BeamShift`` signal (signal type ``beam_shift``, also
+    when read from a file without pyxem installed)."""
+    md = getattr(shifts, "metadata", None)
+    return hasattr(md, "get_item") and md.get_item("Signal.signal_type") == "beam_shift"
+
+
+def _beam_from_pyxem(signal, data):
+    """pyxem's beam shifts ``data`` as diffgpu's: pyxem gives the detector's middle
+    ``(columns / 2, rows / 2)`` minus the beam (the shift that centres it), diffgpu the beam
+    minus ``calibration.center``."""
+    ny, nx = signal.calibration.detector_shape
+    cx, cy = signal.calibration.center
+    # plain numbers against each component: the same for NumPy, CuPy and dask blocks
+    parts = [(nx / 2 - cx) - data[..., 0], (ny / 2 - cy) - data[..., 1]]
+    if _is_dask(data):
+        import dask.array as da
+
+        return da.stack(parts, axis=-1)
+    return array_module(data).stack(parts, axis=-1)
 
 
 def center_direct_beam(signal, shifts=None, method="center_of_mass", inplace=False, **kwargs):
@@ -364,4 +403,8 @@ def center_direct_beam(signal, shifts=None, method="center_of_mass", inplace=Fal
         raise TypeError(f"keyword arguments {sorted(kwargs)} only apply when the shifts are "
                         "found here (shifts=None)")
     data = _shift_array(signal, shifts)
+    if _is_pyxem_beam_shift(shifts):
+        # pyxem's shifts run the other way and from another origin: taken as they are, every
+        # beam would move away from the centre by as much again
+        data = _beam_from_pyxem(signal, data)
     return shift_diffraction(signal, -data, inplace=inplace)

@@ -58,8 +58,10 @@ def _finite_neighbour_median(pattern, leave_out):
 def find_bad_pixels(signal, threshold=5.0, set_mask=False):
     """Shared implementation of :meth:`DiffractionPatterns.find_bad_pixels`.
 
-    Hot and dead pixels are judged on the mean pattern; a pixel that is NaN or inf in any
-    frame (so in the mean) is bad too, and left out of its neighbours' medians.
+    Hot and dead pixels are judged on the mean pattern (summed in float64); a pixel that is
+    NaN or inf in any frame (so in the mean) is bad too, and left out of its neighbours'
+    medians. Pixels of ``calibration.mask`` (a quad detector's gap, bad pixels found before)
+    are left out of the medians as well, and not reported again.
 
     Examples
     --------
@@ -73,23 +75,34 @@ def find_bad_pixels(signal, threshold=5.0, set_mask=False):
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be positive; got {threshold}")
-    mean = signal.mean(axis=signal.axes_manager.navigation_axes) \
-        if signal.axes_manager.navigation_dimension else signal
-    data = mean.data
+    # the mean frame summed in float64 whatever the data's dtype: in float16 (the dtype a
+    # lazy mean keeps) the sums over a few frames of a bright beam overflow to inf, and the
+    # whole beam was flagged bad
+    data = signal.data
+    scan = tuple(range(data.ndim - 2))
+    data = data.mean(axis=scan, dtype=np.float64) if scan else data.astype(np.float64)
     if signal._lazy:
         data = data.compute()
     pattern = np.asarray(to_host_array(data), dtype=np.float64)
+    known = signal.calibration.mask
+    known = None if known is None else check_mask(known, pattern.shape)
+    if known is not None and not known.any():
+        known = None
     # median of the 8 neighbours: follows rings and disc edges, ignores a lone pixel; only
     # those on the detector (a repeated edge pixel would vote for itself: hot pixels on the
-    # edge, often in a cluster, were missed)
-    local = _neighbour_median(pattern, edges="leave_out")
+    # edge, often in a cluster, were missed), and not those of calibration.mask (the zeros of
+    # a quad detector's gap made the median of the pixels at its corners 0: flagged hot)
+    local = _neighbour_median(pattern if known is None else np.where(known, np.nan, pattern),
+                              edges="leave_out")
     finite = np.isfinite(pattern)
-    positive = pattern[finite & (pattern > 0)]
+    positive = pattern[finite & (pattern > 0) & (True if known is None else ~known)]
     floor = float(np.median(positive)) if positive.size else 1.0
     with np.errstate(invalid="ignore"):  # NaN medians (no finite neighbour) compare False
         hot = pattern > threshold * np.maximum(local, 0.1 * floor)
         dead = (pattern == 0) & (local > 0)
     bad = hot | dead | ~finite
+    if known is not None:  # left out everywhere already: not reported again
+        bad &= ~known
     if set_mask:
         current = signal.calibration.mask
         signal.calibration.mask = bad if current is None else (current | bad)
@@ -156,7 +169,8 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
     # each bad pixel is the mean of its valid neighbours: those with a good one first, then
     # (the middle of a cluster) those next to the pixels filled before; none valid: 0
     bad = DeviceCache(np.flatnonzero(mask))
-    layers = [DeviceCache(layer) for layer in _fill_plan(mask)]
+    plans = _fill_plan(mask)
+    layers = [DeviceCache(layer) for layer in plans]
     # what the arithmetic below gives (float16 meets the float32 weights; any byte order
     # becomes native), declared as such for a lazy result
     dtype = np.result_type(signal.data.dtype.newbyteorder("="), np.float32) \
@@ -175,7 +189,18 @@ def correct_bad_pixels(signal, mask=None, inplace=False):
         return f.reshape(-1, *shape)
 
     result = map_frames(signal.data, fix, shape, dtype, constants=(bad, *layers))
-    return with_new_data(signal, result, "Bad pixels corrected", inplace)
+    current = signal.calibration.mask
+    out = with_new_data(signal, result, "Bad pixels corrected", inplace)
+    if current is not None:
+        # the pixels filled hold estimates now: left in calibration.mask, every later
+        # operation would still leave them out (a quad detector's gap under the beam biased
+        # the centre of mass by ~0.4 px after it was filled); those no pass reached stay
+        filled = np.zeros(n_pix, bool)
+        for plan in plans:
+            filled[plan[:, 0]] = True
+        left = check_mask(current, shape) & ~filled.reshape(shape)
+        (signal if inplace else out).calibration.mask = left if left.any() else None
+    return out
 
 
 def flat_field(signal, gain=None, dark=None, inplace=False):

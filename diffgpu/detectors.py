@@ -148,11 +148,12 @@ def detector_weights(signal, detector):
         w = disc_weights(shape, center, detector.r, (ax_x.scale, ax_y.scale), inner)
     elif isinstance(detector, hs_roi.RectangularROI):
         _check_roi_set(detector, ("left", "top", "right", "bottom"))
-        # calibrated edges -> pixel coordinates (pixel i is centred on i, spans i +- 0.5)
-        left = (detector.left - ax_x.offset) / ax_x.scale
-        right = (detector.right - ax_x.offset) / ax_x.scale
-        top = (detector.top - ax_y.offset) / ax_y.scale
-        bottom = (detector.bottom - ax_y.offset) / ax_y.scale
+        # calibrated edges -> pixel coordinates (pixel i is centred on i, spans i +- 0.5);
+        # an axis of negative scale (values falling along it) swaps its edges
+        left, right = sorted([(detector.left - ax_x.offset) / ax_x.scale,
+                              (detector.right - ax_x.offset) / ax_x.scale])
+        top, bottom = sorted([(detector.top - ax_y.offset) / ax_y.scale,
+                              (detector.bottom - ax_y.offset) / ax_y.scale])
         w = rectangle_weights(shape, left, top, right, bottom)
     elif isinstance(detector, hs_roi.BaseROI):
         raise TypeError(f"{type(detector).__name__} is not a supported virtual detector; use "
@@ -166,9 +167,19 @@ def detector_weights(signal, detector):
             raise TypeError(f"{err}. A virtual detector is a HyperSpy CircleROI (disc, or "
                             "annulus with r_inner), a RectangularROI, or such a mask") from None
     if not np.any(w):
-        what = repr(detector) if isinstance(detector, hs_roi.BaseROI) else \
-            f"mask of shape {np.shape(w)} (all zero)"
-        raise ValueError(f"the virtual detector {what} covers no pixel of the detector")
+        if isinstance(detector, hs_roi.BaseROI):
+            # ROIs are read in calibrated units, not pixels (an ROI placed in pixels from the
+            # corner, as on an uncalibrated signal, lands off a detector centred on 0)
+            span = [sorted((ax.offset - ax.scale / 2, ax.offset + ax.scale * (ax.size - 0.5)))
+                    for ax in (ax_x, ax_y)]
+            units = ax_x.units if isinstance(ax_x.units, str) and ax_x.units != "<undefined>" else ""
+            raise ValueError(
+                f"the virtual detector {detector!r} covers no pixel of the detector: ROIs are "
+                f"in the signal's calibrated units{f' ({units})' if units else ''}, from "
+                f"calibration.center at (0, 0); the detector spans x {span[0][0]:g} to "
+                f"{span[0][1]:g} and y {span[1][0]:g} to {span[1][1]:g}")
+        raise ValueError(f"the virtual detector mask of shape {np.shape(w)} (all zero) covers "
+                         "no pixel of the detector")
     return w.astype(np.float32)
 
 

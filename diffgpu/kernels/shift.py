@@ -26,7 +26,7 @@ def _shifted(frame, ix, iy, xp):
     return out
 
 
-def shift_frames(frames, shifts):
+def shift_frames(frames, shifts, keep=None):
     """Move every frame's content by its own ``(dx, dy)`` (pixels), bilinear, zero-filled.
 
     Content at ``(x, y)`` goes to ``(x + dx, y + dy)``. Each input pixel is shared
@@ -38,6 +38,9 @@ def shift_frames(frames, shifts):
     ----------
     frames : array ``(n, rows, columns)``
     shifts : array ``(n, 2)`` of ``(dx, dy)``, host or device.
+    keep : bool array ``(rows, columns)``, optional
+        On the frames' device; the pixels where it is False count as 0 (masked pixels: they
+        are read as 0, not copied, so no extra pass over the frames).
 
     Returns
     -------
@@ -58,18 +61,26 @@ def shift_frames(frames, shifts):
         raise ValueError(f"shifts must have the shape {(frames.shape[0], 2)} (one (dx, dy) per "
                          f"frame of the {tuple(frames.shape)} frames); got {shifts.shape}")
     out = xp.empty(frames.shape, dtype=xp.float32)
+    if keep is not None and tuple(keep.shape) != tuple(frames.shape[1:]):
+        raise ValueError(f"keep must have the frame shape {tuple(frames.shape[1:])}; got "
+                         f"{tuple(keep.shape)}")
     if xp is np:
-        _shift_host(kernel_ready(np.asarray(frames)), np.ascontiguousarray(shifts), out)
+        masked = keep is not None
+        keep = np.ascontiguousarray(keep, dtype=np.bool_) if masked else np.ones((1, 1), np.bool_)
+        _shift_host(kernel_ready(np.asarray(frames)), np.ascontiguousarray(shifts), out, keep,
+                    masked)
     else:
-        _shift_array(frames, shifts, out, xp)
+        _shift_array(frames, shifts, out, xp, keep)
     return out
 
 
-def _shift_array(frames, shifts, out, xp):
+def _shift_array(frames, shifts, out, xp, keep=None):
     """:func:`shift_frames` in array operations of ``xp`` (the device's way), into ``out``."""
     for i in range(frames.shape[0]):
         dx, dy = shifts[i]
         frame = frames[i].astype(xp.float32, copy=False)
+        if keep is not None:
+            frame = xp.where(keep, frame, xp.float32(0))
         if not (np.isfinite(dx) and np.isfinite(dy)):
             out[i] = frame  # no shift known: leave the frame as it is
             continue
@@ -86,11 +97,12 @@ def _shift_array(frames, shifts, out, xp):
 
 
 @numba.njit(nogil=True, cache=True)
-def _shift_host(frames, shifts, out):
+def _shift_host(frames, shifts, out, keep, masked):
     """:func:`shift_frames` on the host: the same float32 products and sums in the same
     order as :func:`_shift_array` (so the same values), one pass over each frame (read
     through a float32 copy with a border of zeros, so that no tap needs a bounds check)
-    instead of a dozen NumPy passes and temporaries."""
+    instead of a dozen NumPy passes and temporaries). ``masked``: pixels where ``keep`` is
+    False are read as 0."""
     n, ny, nx = frames.shape
     pad = np.zeros((ny + 2, nx + 2), np.float32)  # pad[y + 1, x + 1] = frame[y, x]
     for i in range(n):
@@ -100,10 +112,16 @@ def _shift_host(frames, shifts, out):
             for y in range(ny):
                 for x in range(nx):
                     out[i, y, x] = np.float32(f[y, x])
+                    if masked and not keep[y, x]:
+                        out[i, y, x] = 0
             continue
         for y in range(ny):
             for x in range(nx):
                 pad[y + 1, x + 1] = np.float32(f[y, x])
+            if masked:
+                for x in range(nx):
+                    if not keep[y, x]:
+                        pad[y + 1, x + 1] = 0
         ix, iy = int(np.floor(dx)), int(np.floor(dy))
         fx, fy = dx - ix, dy - iy
         w00 = np.float32((1 - fx) * (1 - fy))

@@ -31,7 +31,7 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
 
     _signal_type = "direct_beam_shifts"
 
-    def fit_plane(self, mask=None):
+    def fit_plane(self, mask=None, robust=True):
         """Least-squares plane ``a + b * column + c * row`` through the shifts (a linear descan).
 
         Parameters
@@ -39,6 +39,13 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
         mask : array-like of bool, optional
             Navigation-shaped; True excludes a scan position from the fit (e.g. over
             vacuum or a strongly diffracting grain).
+        robust : bool
+            Leave out, and fit again without, the positions whose shift lies more than 5
+            standard deviations of the scatter about the plane (estimated from the median
+            distance; never less than 0.1 px) from it: a few frames whose beam was not found
+            (a Bragg spot taken for it, a beam lost) would otherwise tilt the whole plane.
+            ``False``: an ordinary least-squares fit of every position not masked. The
+            number left out is ``metadata.BeamShifts.plane_outliers``.
 
         Returns
         -------
@@ -81,10 +88,21 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
         if use.sum() < design.shape[1]:
             raise ValueError("too few valid scan positions to fit a plane")
         coef, *_ = np.linalg.lstsq(design[use], values[use], rcond=None)
+        kept = use
+        for _ in range(10 if robust else 0):
+            off = np.hypot(*(values - design @ coef).T)  # distance of each shift from the plane
+            # the median distance of 2D Gaussian scatter is 1.1774 sigma
+            cut = max(5 * np.median(off[kept]) / 1.1774, 0.1)
+            now = use & (off <= cut)
+            if np.array_equal(now, kept) or now.sum() < design.shape[1]:
+                break
+            kept = now
+            coef, *_ = np.linalg.lstsq(design[kept], values[kept], rcond=None)
         fitted = (design @ coef).reshape(data.shape).astype(np.float32)
         out = DirectBeamShifts(fitted, axes=self.axes_manager._get_axes_dicts(),
                                metadata=self.metadata.as_dictionary())
         out.metadata.General.title = f"Plane fit of {self.metadata.General.title}".strip()
+        out.metadata.set_item("BeamShifts.plane_outliers", int(use.sum() - kept.sum()))
         return out
 
 
