@@ -443,7 +443,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
             ``r_inner`` below ``r`` by ignoring a value that breaks it: ``CircleROI(r=5,
             r_inner=10)`` is a disc of radius 5 before diffgpu sees it.)
         normalize : bool
-            Divide by each detector's area (mean per pixel) instead of summing.
+            Divide by each detector's area (mean per pixel) instead of summing (pyxem's
+            ``normalize`` divides each image by its maximum instead).
 
         Returns
         -------
@@ -494,9 +495,11 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
 
         Parameters
         ----------
-        mask : (x, y, r) or array-like, optional
-            Where to take the centre of mass: a disc (pixels) or detector-shaped
-            weights. ``calibration.mask`` pixels are always left out, whatever they hold.
+        mask : (x, y, r), HyperSpy ROI or array-like, optional
+            Where to take the centre of mass: a disc (pixels), a ``CircleROI`` (an annulus
+            with ``r_inner``) or ``RectangularROI`` in calibrated units about
+            ``calibration.center``, or detector-shaped weights. ``calibration.mask`` pixels
+            are always left out, whatever they hold.
         threshold : float, optional
             Ignore pixels below ``threshold`` times each frame's mean intensity (as in
             pyxem), e.g. to suppress diffuse scattering.
@@ -607,7 +610,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         shifts : DirectBeamShifts or array, optional
             Where the beam is (e.g. from :meth:`get_direct_beam_position`, perhaps
             smoothed with :meth:`DirectBeamShifts.fit_plane`); found with ``method`` and
-            ``**kwargs`` (see :meth:`get_direct_beam_position`) if not given.
+            ``**kwargs`` (see :meth:`get_direct_beam_position`) if not given. A pyxem
+            ``BeamShift`` (the detector's middle less the beam) is converted to diffgpu's
+            convention (the beam less ``calibration.center``).
         inplace : bool
             Replace this signal's data.
 
@@ -731,7 +736,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         follows rings and the beam's edge but not a lone pixel), and
         dead when it is zero in every pattern while its neighbours are not. A pixel that is
         NaN or inf in any pattern is bad too, and its neighbours are judged on their finite
-        neighbours only.
+        neighbours only. Pixels already in ``calibration.mask`` (a quad detector's gap) are
+        left out of the medians and not reported again.
 
         Returns
         -------
@@ -758,7 +764,10 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         around it, layer by layer; a detector that is all bad stays 0. Only the bad pixels
         and their neighbours are read. ``mask`` defaults to ``calibration.mask``. float32
         and float64 data keep their dtype (in this machine's byte order); integer and
-        float16 data become float32. A lazy result declares the dtype it computes.
+        float16 data become float32. A lazy result declares the dtype it computes. The
+        pixels filled leave ``calibration.mask`` of the result (they hold estimates now,
+        which later steps use); masked pixels that could not be filled, or that were not in
+        ``mask``, stay in it.
 
         Examples
         --------
