@@ -390,5 +390,11 @@ def detector_image(value, detector_shape, name):
         raise ValueError(f"{name} shape {arr.shape} does not match the detector shape "
                          f"{tuple(detector_shape)} (rows, columns)")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf")
+        bad = ~np.isfinite(arr)
+        where = np.argwhere(bad)[0]
+        hint = (" (a gain made as mean(flat) / flat is inf where the flat field is 0: give "
+                "those pixels a gain of 0 and add them to calibration.mask)" if name == "gain"
+                else "")
+        raise ValueError(f"{name} contains NaN or inf at {int(bad.sum())} pixels, the first at "
+                         f"(row, column) {tuple(int(i) for i in where)}{hint}")
     return arr

@@ -291,3 +291,13 @@ def test_polar_transform_needs_azimuthal_bins():
     with pytest.raises(ValueError, match="npt_azim.*get_azimuthal_integral1d"):
         s.get_azimuthal_integral2d(npt=4, npt_azim=None)
     assert s.get_azimuthal_integral2d(npt=4, npt_azim=1).data.shape == (2, 4, 1)
+
+
+def test_a_gain_with_inf_says_where_and_what_to_do():
+    s = diffgpu.DiffractionPatterns(np.ones((2, 6, 6), np.float32))
+    flat = np.ones((6, 6), np.float32)
+    flat[2, 3] = 0  # a dead pixel of the flat field
+    with np.errstate(divide="ignore"):
+        gain = flat.mean() / flat
+    with pytest.raises(ValueError, match=r"1 pixels, the first at \(row, column\) \(2, 3\).*gain of 0"):
+        s.flat_field(gain=gain)
