@@ -10,6 +10,15 @@ next; the data go through a temporary ``.npy`` file. Peers that are not installe
 (``pip install -e ".[bench]"``) are reported as such.
 
 GPU rows run when CuPy finds a CUDA device.
+
+    python benchmarks/bench_integration.py --first-call [--repeat 3] [--cold]
+
+The first call on one large frame (geometry and integration matrix built, kernels loaded),
+diffgpu against pyFAI (full splitting, CSR), for 512^2, 1024^2 and 2048^2 detectors and 1D
+(1,000 bins) and 2D (500 x 360, 1,000 x 1,440) outputs; each call in a fresh process, the
+tools alternating. diffgpu's rows also give the matrix build alone (compiled, after numba is
+loaded) and the NumPy reference build of the same matrix. ``--cold`` runs diffgpu with an
+empty numba cache (everything compiled on the first call).
 """
 
 import argparse
@@ -223,8 +232,102 @@ def tool_pyxem(data_path, repeat, out):
                                                  show_progressbar=False), reps, warmup=0)
 
 
+FIRST_SHAPES = ((512, 512), (1024, 1024), (2048, 2048))
+FIRST_BINS = ((1000, 1), (500, 360), (1000, 1440))
+
+
+def _first_point(args):
+    h, w, npt, naz = (int(v) for v in args.data.split(","))
+    return (h, w), npt, naz, (w / 2 - 0.7, h / 2 + 0.3), float(np.hypot(h, w)) / 2
+
+
+def tool_first_diffgpu(args, out):
+    shape, npt, naz, center, r_max = _first_point(args)
+    frame = np.random.default_rng(0).poisson(5, shape).astype(np.float32)
+    import diffgpu
+    from diffgpu.geometry import PolarGeometry, integration_matrix
+
+    s = diffgpu.DiffractionPatterns(frame[None])
+    s.calibration.center = center
+    t0 = time.perf_counter()
+    if naz == 1:
+        s.get_azimuthal_integral1d(npt=npt, radial_range=(0, r_max))
+    else:
+        s.get_azimuthal_integral2d(npt=npt, npt_azim=naz, radial_range=(0, r_max))
+    out["first call (s)"] = time.perf_counter() - t0
+    g = PolarGeometry(shape, center, (1.0, 1.0), npt, naz, (0.0, r_max), (-180.0, 180.0))
+    t0 = time.perf_counter()
+    integration_matrix(g)
+    out["matrix (s)"] = time.perf_counter() - t0
+    if args.before:
+        t0 = time.perf_counter()
+        integration_matrix(g, _reference=True)
+        out["matrix, NumPy build (s)"] = time.perf_counter() - t0
+
+
+def tool_first_pyfai(args, out):
+    shape, npt, naz, (cx, cy), r_max = _first_point(args)
+    frame = np.random.default_rng(0).poisson(5, shape).astype(np.float32)
+    import pyFAI
+    from pyFAI.detectors import Detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    out["version"] = pyFAI.version
+    det = Detector(pixel1=PIX_M, pixel2=PIX_M, max_shape=shape)
+    ai = AzimuthalIntegrator(dist=1.0, poni1=(cy + 0.5) * PIX_M, poni2=(cx + 0.5) * PIX_M,
+                             detector=det)
+    kw = dict(unit="r_mm", method=("full", "csr", "cython"), correctSolidAngle=False,
+              polarization_factor=None, radial_range=(0, r_max), azimuth_range=(-180, 180))
+    t0 = time.perf_counter()
+    if naz == 1:
+        ai.integrate1d_ng(frame, npt, **kw)
+    else:
+        ai.integrate2d_ng(frame, npt, naz, **kw)
+    out["first call (s)"] = time.perf_counter() - t0
+
+
+def first_calls(args):
+    """Fresh-process first calls, diffgpu and pyFAI alternating: a Markdown table of ranges."""
+    print(f"machine: {machine()}")
+    res = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for rep in range(args.repeat):
+            for shape in FIRST_SHAPES:
+                for npt, naz in FIRST_BINS:
+                    point = ",".join(str(v) for v in (*shape, npt, naz))
+                    argv = ["--data", point] + (["--before"] if rep == 0 else [])
+                    if args.cold:  # an empty numba cache for each diffgpu process
+                        os.environ["NUMBA_CACHE_DIR"] = os.path.join(cache, f"{rep}-{point}")
+                    ours = run_tool(__file__, "first-diffgpu", argv)
+                    os.environ.pop("NUMBA_CACHE_DIR", None)
+                    fai = run_tool(__file__, "first-pyfai", argv)
+                    for name, r in (("diffgpu", ours), ("pyfai", fai)):
+                        for key, v in r.items():
+                            res.setdefault((shape, npt, naz, name, key), []).append(v)
+
+    def span(key):
+        v = [x for x in res.get(key, []) if isinstance(x, float)]
+        if not v:
+            return (res.get(key) or ["n/a"])[0]
+        return f"{min(v):.2f}" if len(v) == 1 else f"{min(v):.2f} - {max(v):.2f}"
+
+    rows = []
+    for shape in FIRST_SHAPES:
+        for npt, naz in FIRST_BINS:
+            k = (shape, npt, naz)
+            rows.append([f"{shape[0]}^2 -> " + (f"{npt}" if naz == 1 else f"{npt} x {naz}"),
+                         span(k + ("diffgpu", "first call (s)")), span(k + ("pyfai", "first call (s)")),
+                         span(k + ("diffgpu", "matrix (s)")),
+                         span(k + ("diffgpu", "matrix, NumPy build (s)"))])
+    version = (res.get(((512, 512), 1000, 1, "pyfai", "version")) or [""])[0]
+    print_table(f"First call on one frame, s (range of {args.repeat} fresh processes"
+                + (", empty numba cache" if args.cold else ", numba cache warm") + ")",
+                ["detector -> bins", "diffgpu first call", f"pyFAI {version} first call (full, csr)",
+                 "diffgpu matrix (compiled)", "matrix, NumPy build"], rows)
+
+
 TOOLS = {"diffgpu": tool_diffgpu, "diffgpu-gpu": tool_diffgpu_gpu, "pyfai": tool_pyfai,
-         "pyxem": tool_pyxem}
+         "pyxem": tool_pyxem, "first-diffgpu": tool_first_diffgpu, "first-pyfai": tool_first_pyfai}
 
 
 def main():
@@ -233,9 +336,16 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--tool")
     ap.add_argument("--data")
+    ap.add_argument("--first-call", action="store_true")
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--before", action="store_true")
     args = ap.parse_args()
+    if args.tool and args.tool.startswith("first-"):
+        return tool_process(lambda out: TOOLS[args.tool](args, out), gib=0)
     if args.tool:
         return tool_process(lambda out: TOOLS[args.tool](args.data, args.repeat, out))
+    if args.first_call:
+        return first_calls(args)
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:

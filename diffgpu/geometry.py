@@ -15,8 +15,12 @@ origin only adds edges *along rays from the origin*; their triangles have no
 area, so it is enough to clip each pixel edge to the wedge on its own.  The
 area in a bin is then ``A(R_j+1) - A(R_j)`` for the clipped edges.
 
-Everything is vectorised over (pixel, azimuthal bin) pairs with NumPy; the
-matrix is built once per geometry and cached.
+The matrix is built once per geometry and cached, by a compiled kernel
+(:mod:`diffgpu.kernels.geometry_build`, pixel by pixel on host threads) that
+evaluates the same expressions in the same order as the NumPy build kept here
+(``_build_numpy``, vectorised over (pixel, azimuthal bin) pairs) as the
+reference the tests compare it against: the same entries, and the same values
+to float32 rounding. The NumPy build took 3.5 s at 1024 x 1024 -> 1,000 bins.
 
 Coordinates follow :mod:`diffgpu.calibration`: pixel (row i, column j) is
 centred on ``(x, y) = (j, i)``.  Azimuth is ``atan2(y - cy, x - cx)`` in
@@ -32,6 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+
+from .device import host_threads
+from .kernels.geometry_build import split_pixels_csr
 
 __all__ = ["PolarGeometry", "integration_matrix"]
 
@@ -219,12 +226,37 @@ def _ranks(counts):
     return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-# Pixels handled together: the (pixel, bin) temporaries of a block (a few MB) stay in cache
-# and are reused; the whole detector at once needed GBs at 1024 x 1024 (17 s, now ~2 s).
+# Pixels handled together by the NumPy build: the (pixel, bin) temporaries of a block (a few
+# MB) stay in cache and are reused; the whole detector at once needed GBs at 1024 x 1024.
 _BUILD_BLOCK = 8192
 
 
+def _edges(geom):
+    """The radial bin edges mapped into the detector plane."""
+    edges = geom.detector_radius(geom.radial_edges())
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError("radial_range maps to a non-increasing detector radius (beyond 90 deg?)")
+    return edges
+
+
 def _build(geom, mask):
+    """The matrix (float32 CSR) built by the compiled kernel."""
+    ny, nx = geom.detector_shape
+    edges = _edges(geom)
+    m = np.diag(np.asarray(geom.scale, dtype=float))
+    if geom.affine is not None:
+        m = m @ np.asarray(geom.affine, dtype=float).reshape(2, 2)
+    keep = None if mask is None else np.flatnonzero(~np.asarray(mask, dtype=bool).ravel())
+    indptr, indices, data = split_pixels_csr(geom.detector_shape, geom.center, m, edges, geom.npt,
+                                             geom.npt_azim, geom.azimuth_range, keep,
+                                             threads=host_threads())
+    out = sp.csr_matrix((data, indices, indptr), shape=(geom.npt * geom.npt_azim, ny * nx))
+    out.has_sorted_indices = True  # the kernel writes every row's pixels in increasing order
+    return out
+
+
+def _build_numpy(geom, mask):
+    """The matrix (float64 CSR) built with NumPy: the reference the compiled build is tested against."""
     ny, nx = geom.detector_shape
     poly, pixel_area = _pixel_polygons(geom)  # (P, 4, 2)
     n_pix = poly.shape[0]
@@ -232,10 +264,7 @@ def _build(geom, mask):
     if mask is not None:
         keep = np.flatnonzero(~np.asarray(mask, dtype=bool).ravel())
         poly = poly[keep]
-    # radial edges mapped into the detector plane
-    edges = geom.detector_radius(geom.radial_edges())
-    if np.any(np.diff(edges) <= 0):
-        raise ValueError("radial_range maps to a non-increasing detector radius (beyond 90 deg?)")
+    edges = _edges(geom)
     pieces = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
     pieces += [_build_block(geom, poly[i:i + _BUILD_BLOCK], keep[i:i + _BUILD_BLOCK], edges,
                             pixel_area) for i in range(0, len(keep), _BUILD_BLOCK)]
@@ -330,7 +359,7 @@ def _build_block(geom, poly, keep, edges, pixel_area):
     return rows, cols, weights
 
 
-def integration_matrix(geom, mask=None):
+def integration_matrix(geom, mask=None, *, _reference=False):
     """The CSR matrix ``(npt * npt_azim, rows * columns)`` of pixel fractions (float32).
 
     Row ``j * npt_azim + k`` holds, for every pixel, the fraction of its area
@@ -357,6 +386,8 @@ def integration_matrix(geom, mask=None):
                              f"{tuple(geom.detector_shape)}")
         if not mask.any():
             mask = None
-    m = _build(geom, mask)
-    m.data = m.data.astype(np.float32)
-    return m
+    if _reference:  # the NumPy build, kept as the reference for the compiled one
+        m = _build_numpy(geom, mask)
+        m.data = m.data.astype(np.float32)
+        return m
+    return _build(geom, mask)

@@ -98,9 +98,10 @@ def test_geometry_built_in_blocks_is_the_same_matrix(monkeypatch):
     g = PolarGeometry((40, 52), (19.2, 27.7), (1.0, 1.1), 25, 36, (0.0, 30.0), (-150.0, 170.0),
                       affine=(1.02, 0.01, -0.02, 0.99))
     mask = np.random.default_rng(0).random((40, 52)) < 0.1
-    whole = integration_matrix(g, mask)
+    # the NumPy reference build (the compiled one's blocks: tests/test_geometry_build.py)
+    whole = integration_matrix(g, mask, _reference=True)
     monkeypatch.setattr(geometry, "_BUILD_BLOCK", 97)  # many blocks, uneven last one
-    blocks = integration_matrix(g, mask)
+    blocks = integration_matrix(g, mask, _reference=True)
     assert whole.nnz > 0
     np.testing.assert_array_equal(whole.indptr, blocks.indptr)
     np.testing.assert_array_equal(whole.indices, blocks.indices)
