@@ -32,6 +32,12 @@ def as_diffraction_patterns(signal, copy=False):
     the detector's units (``$A^{-1}$``, ``k_A^-1``, ``nm$^{-1}$``, ...) become ``1/Å`` and
     ``1/nm``, which diffgpu's operations read.
 
+    A signal whose signal type says it is something else than patterns on a detector
+    (pyxem's ``polar_diffraction`` or ``virtual_dark_field``, diffgpu's ``polar_patterns``,
+    ``virtual_images``, ...) is refused: its axes are no detector's. Signal types taken: none
+    (``""``), pyxem's ``diffraction``, ``electron_diffraction`` and ``insitu_diffraction``,
+    and ``diffraction_patterns``.
+
     Parameters
     ----------
     signal : hyperspy.signal.BaseSignal
@@ -48,7 +54,8 @@ def as_diffraction_patterns(signal, copy=False):
     TypeError
         If ``signal`` is not a HyperSpy signal.
     ValueError
-        If it does not have exactly two signal dimensions.
+        If it does not have exactly two signal dimensions, or is of another signal type
+        (``signal.set_signal_type("")`` first takes its data as patterns anyway).
 
     Examples
     --------
@@ -69,6 +76,14 @@ def as_diffraction_patterns(signal, copy=False):
             f"diffraction patterns need 2 signal dimensions (detector rows, columns); "
             f"this signal has {ndim} (signal shape {signal.axes_manager.signal_shape})"
         )
+    _check_patterns_type(signal.metadata.get_item("Signal.signal_type", ""), "this signal",
+                         "call signal.set_signal_type('') first to take its data as patterns "
+                         "anyway", also=("diffraction_patterns",))
+    return _as_patterns(signal, copy)
+
+
+def _as_patterns(signal, copy=False):
+    """:func:`as_diffraction_patterns` whatever the signal type of ``signal`` (2D)."""
     data = signal.data.copy() if copy else signal.data
     new = signal._deepcopy_with_new_data(data, copy_variance=True)
     new.set_signal_type("diffraction_patterns")
@@ -102,7 +117,11 @@ def load(path, lazy=True, signal_type=None, **kwargs):
     signal_type : str, optional
         Force one of diffgpu's signal types; by default a file saved by
         diffgpu keeps its type and any other 2D signal becomes
-        ``"diffraction_patterns"``.
+        ``"diffraction_patterns"`` (1D: ``"radial_profiles"``), where the file names no
+        signal type or pyxem's ``"diffraction"``, ``"electron_diffraction"`` or
+        ``"insitu_diffraction"``. A file of another signal type (pyxem's
+        ``"beam_shift"``, ``"polar_diffraction"``, ``"virtual_dark_field"``, ...) is refused
+        unless ``signal_type`` is given.
     **kwargs
         Passed to :func:`hyperspy.api.load` and the reader (``navigation_shape=(x, y)``,
         ``chunks=``, ``dataset=`` for HDF5, ``file_format=`` to choose the reader, ...).
@@ -127,7 +146,7 @@ def load(path, lazy=True, signal_type=None, **kwargs):
         :class:`~diffgpu.readers.errors.DetectorFileError` for a file that holds no frames,
         a ``.zspy`` path that is a file (what its first bytes look like is named), or a
         file a reader finds bad. Also if the data cannot be one of diffgpu's signals (e.g. 3
-        signal dimensions), or
+        signal dimensions, or another signal type, see ``signal_type``), or
         ``chunks`` is a number but not a positive whole number of frames, or a tuple that is
         not dask's chunks of the navigation axes;
         :class:`~diffgpu.readers.errors.ReaderArgumentError` for a ``navigation_shape`` of the
@@ -383,6 +402,31 @@ def _reader_for(path):
     return None
 
 
+# signal types (besides diffgpu's) under which files hold diffraction patterns, or radial profiles
+# for one signal axis: none (HyperSpy's generic signals, most readers) and pyxem's
+_PATTERN_TYPES = ("", "diffraction", "electron_diffraction", "insitu_diffraction")
+# what to do instead with the other signals pyxem writes, by signal type
+_FOREIGN_HINTS = {
+    "polar_diffraction": "pyxem's azimuth runs the other way from diffgpu's: integrate the "
+                         "diffraction patterns with diffgpu",
+    "polar_patterns": "integrated already",
+    "beam_shift": "DiffractionPatterns.center_direct_beam(shifts=...) takes pyxem's beam "
+                  "shifts as they are",
+}
+
+
+def _check_patterns_type(signal_type, subject, anyway, also=()):
+    """A signal whose signal type says it is something else than diffraction patterns (pyxem's
+    beam shifts, virtual dark-field images, polar patterns, vectors; EELS spectra) is named, not
+    taken as patterns or radial profiles by its number of signal axes. ``subject`` names the
+    file or signal, ``anyway`` how to take it all the same; ``also``: further types taken."""
+    if not isinstance(signal_type, str) or signal_type in _PATTERN_TYPES + tuple(also):
+        return
+    hint = _FOREIGN_HINTS.get(signal_type)
+    raise ValueError(f"{subject} is of signal type {signal_type!r}, not diffraction patterns"
+                     + (f": {hint}" if hint else "") + f"; {anyway}")
+
+
 def _our_class(signal, signal_type):
     """``signal`` as diffgpu's class for its signal type and number of signal axes where
     HyperSpy gave it another (its generic ``Signal1D`` for the virtual images of a one-axis
@@ -409,6 +453,10 @@ def _ours(signal, signal_type, path):
         current = signal.metadata.get_item("Signal.signal_type", "")
         if current in _OURS:
             return _our_class(signal, current)
+        _check_patterns_type(current, f"'{path}' holds a signal that",
+                             "load it with hyperspy.api.load, or pass signal_type="
+                             "'diffraction_patterns' (or 'radial_profiles') to read its data "
+                             "as that anyway")
         dim = signal.axes_manager.signal_dimension
         if dim not in _SIGNAL_TYPES:
             raise ValueError(
@@ -417,7 +465,7 @@ def _ours(signal, signal_type, path):
             )
         signal_type = _SIGNAL_TYPES[dim]
     if signal_type == "diffraction_patterns":
-        return as_diffraction_patterns(signal)
+        return _as_patterns(signal)
     if signal_type not in _OURS:
         raise ValueError(f"signal_type must be one of {_OURS}; got {signal_type!r}")
     signal.set_signal_type(signal_type)

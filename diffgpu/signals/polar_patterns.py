@@ -11,12 +11,17 @@ from ._wrap import as_signal
 __all__ = ["PolarPatterns", "LazyPolarPatterns"]
 
 
+# diffgpu's radial units -> pyxem's spelling of them (its polar signals' radial axis)
+_PYXEM_RADIAL_UNITS = {"1/Å": "k_A^-1", "1/nm": "k_nm^-1", "deg": "2th_deg", "rad": "2th_rad"}
+
+
 class PolarPatterns(DeviceMixin, Signal2D):
     """Diffraction patterns resampled to polar coordinates.
 
     Signal axes: azimuth is x (the fast, last array axis) and radius is y, so
     the data array is ``(..., radius, azimuth)``, the same layout as pyxem's
-    polar signals.
+    polar signals. The azimuth runs the other way from pyxem's, and the axes hold bin
+    centres (pyxem's: the bins' lower edges): :meth:`to_pyxem` converts.
 
     Examples
     --------
@@ -117,6 +122,74 @@ class PolarPatterns(DeviceMixin, Signal2D):
                                          normalize_templates=normalize_templates, gamma=gamma,
                                          template_sigma=template_sigma,
                                          max_frequency=max_frequency, ring_means=ring_means))
+
+    def to_pyxem(self):
+        """These polar patterns as pyxem 0.21's ``get_azimuthal_integral2d`` gives them (signal
+        type ``polar_diffraction``: pyxem's ``PolarDiffraction2D`` where pyxem is installed).
+
+        diffgpu's azimuth is ``atan2(y - cy, x - cx)`` on the detector (row ``y`` down);
+        pyxem's runs the other way. Taken as they are, with ``set_signal_type``, every pattern
+        would be mirrored for pyxem (its orientation mapping would find the mirror
+        orientations). Here the azimuth is reversed and the axes are given pyxem's
+        conventions: azimuth ``-phi`` in radians (``Rad``), both axes by their bins' lower
+        edges, radial units spelled as pyxem does (``k_A^-1``, ``k_nm^-1``). The bins
+        themselves are unchanged. Lazy stays lazy; the metadata are kept. The data stay where
+        they are: pyxem works on the host, so move a GPU signal's first (:meth:`to_host`, or
+        :func:`diffgpu.to_host` on the result).
+
+        Returns
+        -------
+        hyperspy.signal.BaseSignal
+            A new signal of signal type ``polar_diffraction``; HyperSpy's ``Signal2D`` where
+            pyxem is not installed (saved, it reads back as pyxem's in pyxem).
+
+        Raises
+        ------
+        ValueError
+            If the azimuth axis is not in degrees or radians, or not increasing.
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.zeros((2, 32, 32), dtype="float32"))
+        >>> s.calibration.center = None
+        >>> s.calibration.scale = 0.02
+        >>> s.calibration.units = "1/Å"
+        >>> p = s.get_azimuthal_integral2d(npt=8, npt_azim=36)
+        >>> q = p.to_pyxem()
+        >>> q.metadata.Signal.signal_type, q.axes_manager.signal_axes[0].units
+        ('polar_diffraction', 'Rad')
+        >>> np.allclose(q.data, p.data[..., ::-1])
+        True
+        """
+        import logging
+        import math
+
+        azimuth, radius = self.axes_manager.signal_axes
+        to_rad = {"deg": math.pi / 180.0, "rad": 1.0}.get(azimuth.units)
+        if to_rad is None or not azimuth.scale > 0:
+            raise ValueError(f"the azimuth axis must increase in degrees ('deg') or radians ('rad'); "
+                             f"got units {azimuth.units!r}, scale {azimuth.scale}")
+        width = azimuth.scale * to_rad
+        upper = (azimuth.offset + (azimuth.size - 0.5) * azimuth.scale) * to_rad  # last bin's edge
+        # bin j of the reversed data is diffgpu's bin n-1-j: pyxem's angle -phi over
+        # [-upper + j * width, -upper + (j + 1) * width]
+        out = self._deepcopy_with_new_data(self.data[..., ::-1], copy_variance=False)
+        az, rad = out.axes_manager.signal_axes
+        az.name, az.units, az.scale, az.offset = "Radians", "Rad", width, -upper
+        rad.name = "Radius"
+        rad.offset = radius.offset - radius.scale / 2
+        rad.units = _PYXEM_RADIAL_UNITS.get(radius.units, radius.units)
+        # HyperSpy warns that the signal type is not understood where pyxem is not installed:
+        # the signal type is meant for pyxem, which reads it from the saved file
+        logger = logging.getLogger("hyperspy.io")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            out.set_signal_type("polar_diffraction")
+        finally:
+            logger.setLevel(level)
+        return out
 
 
 class LazyPolarPatterns(LazyDeviceMixin, LazySignal2D, PolarPatterns):
