@@ -10,7 +10,7 @@ from .device import DeviceCache, _is_dask, array_module, to_host_array
 from .kernels.blur import gaussian_blur
 from .kernels.shift import shift_frames
 from .mapping import map_frames, map_weighted_sums, over_host_threads, with_new_data
-from .results import OperationResult
+from .results import OperationResult, derived_metadata
 
 __all__ = ["center_of_mass", "direct_beam_position", "shift_diffraction", "center_direct_beam"]
 
@@ -20,10 +20,9 @@ def _shifts_result(signal, data, title, method):
     axes = signal.axes_manager._get_navigation_axes_dicts() + [
         {"name": "shift", "size": 2, "scale": 1.0, "offset": 0.0, "units": "px", "navigate": False}
     ]
-    md = {"General": {"title": f"{title} of {signal.metadata.General.title}".strip()},
-          "Signal": {"signal_type": "direct_beam_shifts"},
-          "BeamShifts": {"method": method, "center": list(signal.calibration.center),
-                         "components": ["x", "y"]}}
+    md = derived_metadata(signal, title, Signal={"signal_type": "direct_beam_shifts"},
+                          BeamShifts={"method": method, "center": list(signal.calibration.center),
+                                      "components": ["x", "y"]})
     return OperationResult(data, axes, md, "direct_beam_shifts", lazy=signal._lazy)
 
 

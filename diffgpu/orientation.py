@@ -13,7 +13,7 @@ from .kernels.matching import (GROUP_MIN_TEMPLATES, match_patterns, pack_into, p
                                packed_shape, prepare_templates, radial_projection, template_groups,
                                template_major)
 from .mapping import map_frames
-from .results import OperationResult
+from .results import OperationResult, derived_metadata
 from .templates import TemplateLibrary, library_for
 
 __all__ = ["get_orientation", "refine_orientations", "match_quaternions"]
@@ -277,8 +277,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     axes = polar.axes_manager._get_navigation_axes_dicts() + [
         {"name": "rank", "size": n_best, "navigate": False},
         {"name": "field", "size": len(FIELDS), "navigate": False}]
-    metadata = {
-        "General": {"title": f"Orientations of {polar.metadata.General.title}".strip()},
+    metadata = derived_metadata(polar, "Orientations", **{
         "Signal": {"signal_type": "orientation_matches"},
         "Matching": {"fields": list(FIELDS), "n_best": n_best, "frac_keep": frac_keep,
                      "gamma": gamma, "template_sigma": float(sigma), "max_frequency": K,
@@ -291,7 +290,7 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
                                      for p in library.phases],
                     "point_groups": [p.point_group.name for p in library.phases],
                     "reciprocal_radius": library.reciprocal_radius},
-    }
+    })
     return OperationResult(data, axes, metadata, "orientation_matches", lazy=polar._lazy)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["OperationResult"]
+__all__ = ["OperationResult", "derived_metadata"]
 
 
 @dataclass
@@ -51,3 +51,34 @@ class OperationResult:
     signal_type: str
     lazy: bool = False
     original_metadata: dict | None = field(default=None)
+
+
+# what a result keeps of its input's metadata: the experiment, not the detector's layout
+_CARRIED = ("Acquisition_instrument", "Sample")
+
+
+def derived_metadata(signal, title, **sections):
+    """Metadata of a result made from ``signal``: ``General`` (its title ``"<title> of
+    <input's title>"``, or ``title`` alone for an untitled input), the microscope
+    (``Acquisition_instrument``: beam energy, camera length) and ``Sample`` of the input,
+    then ``sections`` (``Signal=...``, the operation's own record).
+
+    Examples
+    --------
+    >>> import numpy as np, hyperspy.api as hs
+    >>> from diffgpu.results import derived_metadata
+    >>> s = hs.signals.Signal2D(np.zeros((2, 4, 4)))
+    >>> s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", 200.0)
+    >>> md = derived_metadata(s, "Virtual image", Signal={"signal_type": ""})
+    >>> md["General"]["title"], md["Acquisition_instrument"]["TEM"]["beam_energy"]
+    ('Virtual image', 200.0)
+    """
+    source = signal.metadata.as_dictionary()
+    general = {k: v for k, v in source.get("General", {}).items()
+               if k not in ("title", "mask")}  # pyxem's detector mask is no result's
+    before = source.get("General", {}).get("title", "")
+    general["title"] = f"{title} of {before}" if before else title
+    md = {"General": general}
+    md.update({k: source[k] for k in _CARRIED if k in source})
+    md.update(sections)
+    return md

@@ -10,7 +10,7 @@ from .calibration import check_mask
 from .detectors import detector_weights
 from .device import DeviceCache, array_module
 from .mapping import map_weighted_sums
-from .results import OperationResult
+from .results import OperationResult, derived_metadata
 
 __all__ = ["virtual_images"]
 
@@ -103,11 +103,11 @@ def virtual_images(signal, detectors, normalize=False):
     axes = [{"name": "detector", "size": k, "navigate": True}] + scan_axes
     if single:
         result, axes = result[0], axes[1:]
-    metadata = {
-        "General": {"title": f"Virtual image of {signal.metadata.General.title}".strip()},
-        "Signal": {"signal_type": "virtual_images" if len(scan_axes) in (1, 2) else ""},
-        "VirtualDetectors": {"detectors": [_describe(d) for d in detectors],
-                             "normalized": bool(normalize)},
-    }
+    metadata = derived_metadata(
+        signal, "Virtual image",
+        Signal={"signal_type": "virtual_images" if len(scan_axes) in (1, 2) else "",
+                "quantity": signal.metadata.get_item("Signal.quantity", "")},
+        VirtualDetectors={"detectors": [_describe(d) for d in detectors],
+                          "normalized": bool(normalize)})
     return OperationResult(result, axes, metadata, metadata["Signal"]["signal_type"],
                            lazy=signal._lazy)

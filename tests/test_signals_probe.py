@@ -301,3 +301,16 @@ def test_a_gain_with_inf_says_where_and_what_to_do():
         gain = flat.mean() / flat
     with pytest.raises(ValueError, match=r"1 pixels, the first at \(row, column\) \(2, 3\).*gain of 0"):
         s.flat_field(gain=gain)
+
+
+def test_results_keep_the_microscope_and_name_untitled_inputs():
+    import hyperspy.api as hs
+
+    s = diffgpu.data.synthetic_4dstem(nav_shape=(3, 4), sig_shape=(32, 32), lazy=False)
+    s.calibration.beam_energy = 200.0
+    s.metadata.General.title = ""
+    images = s.get_virtual_image(hs.roi.CircleROI(cx=0, cy=0, r=4))
+    shifts = s.center_of_mass()
+    for result, title in ((images, "Virtual image"), (shifts, "Centre of mass")):
+        assert result.metadata.get_item("Acquisition_instrument.TEM.beam_energy") == 200.0
+        assert result.metadata.General.title == title
