@@ -14,7 +14,10 @@ threaded scheduler (``compute()``), and on a 2-worker distributed ``LocalCluster
 patterns 8 times over, held by the workers, beside the eager call on the same 2,048).
 ``--large`` adds the 0.2-degree library (25,651 templates) at 64 bins for diffgpu: the diffsims
 simulation passed as the library and the ``TemplateLibrary`` made from it, 128 and 256 patterns
-a call, n_best 1 and 5 (``--only-large``: that table alone).
+a call, n_best 1 and 5 (``--only-large``: that table alone). ``--only-prep``: what preparing a
+library costs (1,081, 4,186 and 25,651 templates; 64 and 128 radial bins, 25,651 at 64 only):
+the first call's extra time over later ones and the fixed cost of a one-pattern call, with a
+``TemplateLibrary`` and with the diffsims simulation passed as the library (wall and CPU time).
 """
 
 import argparse
@@ -119,6 +122,49 @@ def _large_rows(frames):
     return rows
 
 
+def _prep_rows(frames):
+    """First-call extra cost and fixed cost per call, per library size and radial bins (64
+    patterns a call; wall and CPU seconds, medians of 3 for later calls, of 5 for one-pattern
+    calls)."""
+    import diffgpu
+
+    def timed(f):
+        w, c = time.perf_counter(), time.process_time()
+        f()
+        return time.perf_counter() - w, time.process_time() - c
+
+    def median_of(f, n):
+        return tuple(np.median([timed(f) for _ in range(n)], axis=0))
+
+    rows = {}
+    for resolution, bins in ((1.0, 64), (1.0, 128), (0.5, 64), (0.5, 128), (0.2, 64)):
+        sim = _simulation(resolution)
+        polar = _polar(frames[:64], bins, "as is")
+        one = polar.inav[:1]
+        lib = diffgpu.TemplateLibrary.from_simulation(sim)
+        first = timed(lambda: polar.get_orientation(lib))
+        later = median_of(lambda: polar.get_orientation(lib), 3)
+        row = {"templates": len(lib), "bins": bins,
+               "first extra": tuple(a - b for a, b in zip(first, later)),
+               "fixed": median_of(lambda: one.get_orientation(lib), 5)}
+        row["simulation first (1 pattern)"] = timed(lambda: one.get_orientation(sim))
+        row["simulation fixed"] = median_of(lambda: one.get_orientation(sim), 5)
+        rows[f"{resolution}|{bins}"] = row
+    return rows
+
+
+def _print_prep(rows):
+    print_table("Library preparation: 64 patterns a call, Si; seconds (first call) and ms (one-"
+                "pattern calls), wall / CPU",
+                ["templates", "radial bins", "first call extra (s)", "fixed, TemplateLibrary (ms)",
+                 "simulation: first one-pattern call (s)", "simulation: fixed (ms)"],
+                [[r["templates"], r["bins"], "%.2f / %.2f" % tuple(r["first extra"]),
+                  "%.0f / %.0f" % tuple(1e3 * x for x in r["fixed"]),
+                  "%.2f / %.2f" % tuple(r["simulation first (1 pattern)"]),
+                  "%.0f / %.0f" % tuple(1e3 * x for x in r["simulation fixed"])]
+                 for r in rows.values()])
+
+
 CLUSTER_COPIES = 8  # the cluster rows match the patterns 8 times over: 2,048 by default
 CLUSTER_CHUNK = 256
 
@@ -176,9 +222,14 @@ def main():
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--only-large", action="store_true", help="the large library only (no "
                     "matrix, no pyxem)")
+    ap.add_argument("--only-prep", action="store_true", help="the library preparation table "
+                    "alone (diffgpu only)")
     ap.add_argument("--tool")
     ap.add_argument("--data")
     args = ap.parse_args()
+    if args.tool == "diffgpu" and args.only_prep:
+        return tool_process(lambda o: o.update(
+            prep=_prep_rows(np.load(f"{args.data}_random.npy"))))
     if args.tool == "diffgpu" and args.only_large:
         return tool_process(lambda o: o.update(
             large=_large_rows(np.load(f"{args.data}_random.npy")[:args.patterns])))
@@ -195,12 +246,16 @@ def main():
         make_data(path, max(args.patterns, args.pyxem_patterns), 1)
         common = ["--data", path, "--patterns", args.patterns, "--pyxem-patterns",
                   args.pyxem_patterns] + (["--large"] if args.large else []) \
-            + (["--only-large"] if args.only_large else [])
+            + (["--only-large"] if args.only_large else []) \
+            + (["--only-prep"] if args.only_prep else [])
         ours = run_tool(__file__, "diffgpu", common)
-        peer = {} if args.only_large else run_tool(__file__, "pyxem", common)
+        peer = {} if args.only_large or args.only_prep else run_tool(__file__, "pyxem", common)
     if "error" in ours:
         print("diffgpu failed:", ours["error"])
         return 1
+    if args.only_prep:
+        _print_prep(ours["prep"])
+        return 0
     if args.only_large:
         args.large = True
         _print_large(ours)

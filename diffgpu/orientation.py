@@ -49,6 +49,35 @@ def _host_search(host):
     return [None, norms, projection, groups]
 
 
+def _render_packed(library, radii, n_azim, sigma, gamma, normalize, K, slice_bytes=2**24):
+    """The library's templates drawn on the polar grid, Fourier transformed along azimuth and
+    packed (:func:`~diffgpu.kernels.matching.pack_into`): slices of ~16 MB at a time (the whole
+    polar stack is 0.1-0.4 GB for 1,081 templates, GBs for large libraries, and fresh memory
+    is slow to touch on first use), on all host threads (drawing is compiled without the
+    GIL, SciPy's FFT and the copies release it; every slice fills its own templates, so the
+    values do not depend on the threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_t = len(library)
+    packed = np.zeros(packed_shape(n_t, K, radii.size), np.float32)
+    step = max(16, slice_bytes // (4 * radii.size * n_azim))
+    library._flat_spots(gamma)  # the spots' weights, made once before the threads share them
+
+    def slice_(t0):
+        part = library.render_polar(radii, n_azim, sigma, gamma, normalize,
+                                    templates=slice(t0, t0 + step))
+        pack_into(packed, t0, *prepare_templates(part, K, workers=1))
+
+    starts = range(0, n_t, step)
+    if len(starts) == 1 or host_threads() == 1:
+        for t0 in starts:
+            slice_(t0)
+    else:
+        with ThreadPoolExecutor(host_threads()) as pool:
+            list(pool.map(slice_, starts))
+    return packed
+
+
 def _host_spectra(templates, major=False):
     """``(packed, n_t, major, norms, projection, groups)`` for the host's two-stage search.
     The norms, the radial projection, the groups and, where the search needs it (no exact
@@ -231,16 +260,8 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
     cache = library._render_cache
     if key not in cache:
         cache.clear()  # one rendering per library at a time: they can be large
-        packed = np.zeros(packed_shape(n_t, K, radii.size), np.float32)
-        # render in slices of ~16 MB: the whole polar stack is 0.1-0.4 GB for 1,081 templates
-        # (GBs for large libraries), and fresh memory is slow to touch on first use
-        step = max(16, 2**24 // (4 * radii.size * n_azim))
-        for t0 in range(0, n_t, step):
-            part = library.render_polar(radii, n_azim, sigma, gamma, normalize_templates,
-                                        templates=slice(t0, t0 + step))
-            pack_into(packed, t0, *prepare_templates(part, K))
-        cache[key] = DeviceCache((packed, n_t), _templates_to_device)
-        del packed
+        cache[key] = DeviceCache((_render_packed(library, radii, n_azim, sigma, gamma,
+                                                 normalize_templates, K), n_t), _templates_to_device)
     constants = [cache[key], DeviceCache(library.phase_index.astype(np.float32))]
     keep = None if frac_keep >= 1 else max(n_best, int(math.ceil(frac_keep * n_t)))
     if keep is not None and keep < n_t and polar.device == "gpu":
@@ -267,10 +288,16 @@ def get_orientation(polar, library, n_best=1, frac_keep=1.0, normalize_templates
 
     def match_eager(frames, *consts):
         """In memory on the host: blocks of patterns on all cores, one BLAS thread each."""
-        if array_module(frames) is not np or frames.shape[0] <= 64:
+        if array_module(frames) is not np:
             return match(frames, *consts)
         with one_blas_thread():
-            return _in_host_blocks(lambda a, b: match(frames[a:b], *consts), frames.shape[0])
+            # the search layout first, its small products on one BLAS thread too: OpenBLAS's
+            # own threads spin idle on a busy host (first calls with 1,081 templates at 128
+            # radial bins took 4-6 s of CPU on the shared 2-core VM, 1 s with one thread)
+            _host_spectra(consts[0], major=keep is not None)
+            if frames.shape[0] > 64:
+                return _in_host_blocks(lambda a, b: match(frames[a:b], *consts), frames.shape[0])
+        return match(frames, *consts)
 
     data = map_frames(polar.data, match, (n_best, len(FIELDS)), np.float32,
                       constants=tuple(constants), eager_func=match_eager)

@@ -63,11 +63,29 @@ GROUP_SIZE = 4
 GROUP_MIN_TEMPLATES = 8192
 
 
-def prepare_templates(rendered, max_frequency):
+def prepare_templates(rendered, max_frequency, workers=None):
     """Rendered templates ``(n_t, R, N)`` -> ``(real, imag)`` spectra, each ``(K, R, n_t)``
-    float32 (views of one complex array: :func:`pack_templates` gathers them into place)."""
+    float32 (views of one complex array: :func:`pack_templates` gathers them into place).
+    ``workers``: SciPy FFT threads (None: :func:`~diffgpu.device.host_threads`; the values do
+    not depend on it).
+
+    Examples
+    --------
+    >>> rendered = np.zeros((2, 3, 16), np.float32)
+    >>> rendered[1, 2, 0] = 1.0  # one bin: every frequency 1
+    >>> real, imag = prepare_templates(rendered, 4, workers=1)
+    >>> real.shape, real[:, 2, 1].tolist(), float(abs(imag).max())
+    ((4, 3, 2), [1.0, 1.0, 1.0, 1.0], 0.0)
+    """
     # SciPy's FFT: ~3x NumPy's on float32 here, and threaded
-    spec = _fft(np)[0](rendered.astype(np.float32, copy=False), axis=-1)[..., :max_frequency]
+    x = rendered.astype(np.float32, copy=False)
+    if workers is None:
+        spec = _fft(np)[0](x, axis=-1)
+    else:
+        import scipy.fft as sfft
+
+        spec = sfft.rfft(x, axis=-1, workers=workers)
+    spec = spec[..., :max_frequency]
     return spec.real.transpose(2, 1, 0), spec.imag.transpose(2, 1, 0)
 
 
@@ -191,6 +209,18 @@ def spectral_norms(major):
     return np.ascontiguousarray(np.sqrt(blocks).transpose(1, 2, 0))
 
 
+def _over_threads(func, items):
+    """``[func(x) for x in items]``, on :func:`~diffgpu.device.host_threads` threads where there
+    are several items."""
+    threads = min(host_threads(), len(items))
+    if threads <= 1:
+        return [func(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(func, items))
+
+
 class RadialProjection(NamedTuple):
     """The templates' spectra in their radial basis (:func:`radial_projection`)."""
 
@@ -283,25 +313,33 @@ def radial_projection(packed, n_t, tolerance=BASIS_TOLERANCE, low=PREFILTER_FREQ
     U = np.ascontiguousarray(vectors[:, :m], dtype=np.float32)
     coefficients = np.empty((n_t, K, 2, m), np.float32)
     residual = np.empty((K, n_t), np.float32)
-    worst = 0.0  # largest relative residual energy outside all m vectors
     chunk = 128  # temporaries of ~16 MB at 256 bins: larger ones are fresh pages every time
-    for i in range(n_tiles):
-        for j0 in range(0, min(tile, n_t - i * tile), chunk):
-            j1 = min(j0 + chunk, tile, n_t - i * tile)
-            t0, t1, w = i * tile + j0, i * tile + j1, j1 - j0
-            part = np.concatenate([packed[i][:, :, j0:j1], packed[i][:, :, tile + j0:tile + j1]],
-                                  axis=2)  # (K, R, 2w): real parts, then imaginary
-            c = np.matmul(U.T, part)  # (K, m, 2w)
-            coefficients[t0:t1] = c.reshape(K, m, 2, w).transpose(3, 0, 2, 1)
-            norm_sq = np.einsum("krc,krc->kc", part, part)
-            part -= np.matmul(U, c)  # what all m vectors leave out, measured
-            sq = np.einsum("krc,krc->kc", part, part)
-            if exact:
-                whole = norm_sq.sum(axis=0)
-                worst = max(worst, float(np.max(sq.sum(axis=0) / np.where(whole > 0, whole, 1))))
-            # outside the first m1: that, plus the coefficients m1..m (U is orthonormal)
-            sq += np.einsum("kjc,kjc->kc", c[:, m1:], c[:, m1:]) + _RESIDUAL_MARGIN ** 2 * norm_sq
-            residual[:, t0:t1] = np.sqrt(sq[:, :w] + sq[:, w:])
+
+    def project(i, j0):
+        """One chunk's coefficients and residual norms; the largest relative residual energy
+        outside all m vectors."""
+        j1 = min(j0 + chunk, tile, n_t - i * tile)
+        t0, t1, w = i * tile + j0, i * tile + j1, j1 - j0
+        part = np.concatenate([packed[i][:, :, j0:j1], packed[i][:, :, tile + j0:tile + j1]],
+                              axis=2)  # (K, R, 2w): real parts, then imaginary
+        c = np.matmul(U.T, part)  # (K, m, 2w)
+        coefficients[t0:t1] = c.reshape(K, m, 2, w).transpose(3, 0, 2, 1)
+        norm_sq = np.einsum("krc,krc->kc", part, part)
+        part -= np.matmul(U, c)  # what all m vectors leave out, measured
+        sq = np.einsum("krc,krc->kc", part, part)
+        worst = 0.0
+        if exact:
+            whole = norm_sq.sum(axis=0)
+            worst = float(np.max(sq.sum(axis=0) / np.where(whole > 0, whole, 1)))
+        # outside the first m1: that, plus the coefficients m1..m (U is orthonormal)
+        sq += np.einsum("kjc,kjc->kc", c[:, m1:], c[:, m1:]) + _RESIDUAL_MARGIN ** 2 * norm_sq
+        residual[:, t0:t1] = np.sqrt(sq[:, :w] + sq[:, w:])
+        return worst
+
+    chunks = [(i, j0) for i in range(n_tiles) for j0 in range(0, min(tile, n_t - i * tile), chunk)]
+    # the chunks on all host threads (the products and sums release the GIL; each chunk
+    # writes its own templates, so the values do not depend on the threads)
+    worst = max(_over_threads(lambda ij: project(*ij), chunks))
     exact = exact and worst <= _EXACT_RESIDUAL
     if not exact and m > m1:
         U, coefficients = U[:, :m1].copy(), np.ascontiguousarray(coefficients[..., :m1])
