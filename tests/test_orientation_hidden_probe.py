@@ -157,3 +157,16 @@ def test_recentring_and_the_edge_cut_on_device_patterns(standin_gpu, si_library)
     np.testing.assert_allclose(out.metadata.Refined.rotations, ref.metadata.Refined.rotations,
                                atol=1e-5)
     np.testing.assert_array_equal(out.data, ref.data)
+
+
+def test_centre_offset_of_patterns_without_spots_is_zero():
+    # every offset scores alike (or NaN) on a flat pattern: the centre stays where it is,
+    # not at a corner of the search grid
+    from diffgpu.kernels.refine import estimate_center_offset, prepare_patterns
+
+    g = np.array([[0.5, 0, 0], [0, 0.5, 0], [-0.5, 0, 0], [0, -0.5, 0]])
+    model = (g, np.ones(4), 39.87, 0.05, 1.0)
+    for flat in (np.zeros((1, 100, 360), np.float32), np.ones((1, 100, 360), np.float32)):
+        d = estimate_center_offset(prepare_patterns(flat, 1.0), np.eye(3)[None], model, 1.0,
+                                   (0.005, 0.01), (-179.5, 1.0))
+        np.testing.assert_array_equal(d, [0.0, 0.0])
