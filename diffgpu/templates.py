@@ -247,7 +247,7 @@ class TemplateLibrary:
 
         A phase whose point group is not a symmetry of its structure (a monoclinic
         structure with b the unique axis: orix puts the two-fold along c) is refused, with
-        a ValueError: see :func:`check_symmetry`.
+        a ValueError: see :func:`~diffgpu.templates.check_symmetry`.
 
         Examples
         --------
@@ -317,7 +317,7 @@ class TemplateLibrary:
         ------
         ValueError
             A parameter out of its range, a phase without a structure, or a phase whose
-            point group is not a symmetry of its structure (:func:`check_symmetry`).
+            point group is not a symmetry of its structure (:func:`~diffgpu.templates.check_symmetry`).
 
         Examples
         --------

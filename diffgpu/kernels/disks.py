@@ -175,7 +175,7 @@ class DiskFinder:
         stop, hot pixels).
     max_disks : int
         Capacity per frame; the strongest are kept. Frames that had more are counted in
-        :attr:`truncated` (and with ``warn_truncated``, a RuntimeWarning says so).
+        ``truncated`` (and with ``warn_truncated``, a RuntimeWarning says so).
     correlation_power : float
         1: cross-correlation; 0: phase correlation; between: hybrid.
     refine_iterations : int

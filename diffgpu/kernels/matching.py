@@ -196,7 +196,7 @@ def _radial_blocks(R):
 def spectral_norms(major):
     """``(K, B, n_t)``: every template's spectral norm over each block of ``RADIAL_BLOCK``
     radial bins at each frequency, for the Cauchy-Schwarz part of the two-stage bound
-    (:func:`_match_two_stage`).
+    (``_match_two_stage``).
 
     Examples
     --------
