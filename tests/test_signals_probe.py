@@ -314,3 +314,21 @@ def test_results_keep_the_microscope_and_name_untitled_inputs():
     for result, title in ((images, "Virtual image"), (shifts, "Centre of mass")):
         assert result.metadata.get_item("Acquisition_instrument.TEM.beam_energy") == 200.0
         assert result.metadata.General.title == title
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_patterns_to_pyxem_carry_the_mask_where_pyxem_reads_it(lazy):
+    s = diffgpu.DiffractionPatterns(np.ones((2, 3, 16, 16), np.float32))
+    s.calibration.scale, s.calibration.units = 0.02, "1/nm"
+    mask = np.zeros((16, 16), bool)
+    mask[:2] = True
+    s.calibration.mask = mask
+    s = s.as_lazy() if lazy else s
+    p = s.to_pyxem()
+    assert p.metadata.Signal.signal_type == "electron_diffraction"
+    assert [ax.units for ax in p.axes_manager.signal_axes] == ["k_nm^-1", "k_nm^-1"]
+    np.testing.assert_array_equal(p.metadata.General.mask, mask)
+    assert p._lazy == lazy
+    assert [ax.offset for ax in p.axes_manager.signal_axes] == \
+        [ax.offset for ax in s.axes_manager.signal_axes]
+    assert s.axes_manager.signal_axes[0].units == "1/nm"  # the original is left as it was

@@ -201,6 +201,46 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         self._set_mask(result, kept)
         return result
 
+    def to_pyxem(self):
+        """These patterns as pyxem 0.21 reads them (signal type ``electron_diffraction``:
+        pyxem's ``ElectronDiffraction2D`` where pyxem is installed).
+
+        The data, axes and metadata are kept (the centre and scale live in the axes, as
+        pyxem's calibration reads them); the detector units are spelled as pyxem does
+        (``k_A^-1``, ``k_nm^-1``), and ``calibration.mask`` is also put where pyxem's
+        calibration looks for it (``metadata.General.mask``): with ``set_signal_type`` alone,
+        pyxem would integrate without the mask. Lazy stays lazy. pyxem works on the host:
+        move a GPU signal's data first (:meth:`to_host`).
+
+        Returns
+        -------
+        hyperspy.signal.BaseSignal
+            A new signal; HyperSpy's ``Signal2D`` where pyxem is not installed (saved, it reads
+            back as pyxem's in pyxem).
+
+        Examples
+        --------
+        >>> import numpy as np, diffgpu
+        >>> s = diffgpu.DiffractionPatterns(np.zeros((2, 8, 8), dtype="float32"))
+        >>> s.calibration.scale, s.calibration.units = 0.02, "1/Å"
+        >>> s.calibration.mask = np.eye(8, dtype=bool)
+        >>> p = s.to_pyxem()
+        >>> p.metadata.Signal.signal_type, p.axes_manager.signal_axes[0].units
+        ('electron_diffraction', 'k_A^-1')
+        >>> int(p.metadata.General.mask.sum())
+        8
+        """
+        from .polar_patterns import _PYXEM_RADIAL_UNITS, set_pyxem_type
+
+        out = self._deepcopy_with_new_data(self.data, copy_variance=False)
+        for ax in out.axes_manager.signal_axes:
+            ax.units = _PYXEM_RADIAL_UNITS.get(ax.units, ax.units) if ax.units in ("1/Å", "1/nm") \
+                else ax.units
+        mask = self.calibration.mask
+        if mask is not None:
+            out.metadata.set_item("General.mask", np.asarray(mask, bool).copy())
+        return set_pyxem_type(out, "electron_diffraction")
+
     def rebin(self, new_shape=None, scale=None, crop=True, dtype=None, out=None):
         """Rebin as HyperSpy does (its parameters); ``calibration.mask`` is rebinned too, a new
         pixel being masked where any part of a masked one falls in it.

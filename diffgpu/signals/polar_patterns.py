@@ -15,6 +15,23 @@ __all__ = ["PolarPatterns", "LazyPolarPatterns"]
 _PYXEM_RADIAL_UNITS = {"1/Å": "k_A^-1", "1/nm": "k_nm^-1", "deg": "2th_deg", "rad": "2th_rad"}
 
 
+def set_pyxem_type(signal, signal_type):
+    """Give ``signal`` one of pyxem's signal types (pyxem's class where pyxem is installed);
+    returns it."""
+    import logging
+
+    # HyperSpy warns that the signal type is not understood where pyxem is not installed:
+    # the signal type is meant for pyxem, which reads it from the saved file
+    logger = logging.getLogger("hyperspy.io")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        signal.set_signal_type(signal_type)
+    finally:
+        logger.setLevel(level)
+    return signal
+
+
 class PolarPatterns(DeviceMixin, Signal2D):
     """Diffraction patterns resampled to polar coordinates.
 
@@ -162,7 +179,6 @@ class PolarPatterns(DeviceMixin, Signal2D):
         >>> np.allclose(q.data, p.data[..., ::-1])
         True
         """
-        import logging
         import math
 
         azimuth, radius = self.axes_manager.signal_axes
@@ -180,16 +196,7 @@ class PolarPatterns(DeviceMixin, Signal2D):
         rad.name = "Radius"
         rad.offset = radius.offset - radius.scale / 2
         rad.units = _PYXEM_RADIAL_UNITS.get(radius.units, radius.units)
-        # HyperSpy warns that the signal type is not understood where pyxem is not installed:
-        # the signal type is meant for pyxem, which reads it from the saved file
-        logger = logging.getLogger("hyperspy.io")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            out.set_signal_type("polar_diffraction")
-        finally:
-            logger.setLevel(level)
-        return out
+        return set_pyxem_type(out, "polar_diffraction")
 
 
 class LazyPolarPatterns(LazyDeviceMixin, LazySignal2D, PolarPatterns):
