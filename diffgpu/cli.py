@@ -127,7 +127,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="diffgpu", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"diffgpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions, CUDA devices, dask-cuda; or how a FILE is read")
+    info = sub.add_parser("info", help="versions, CUDA devices, dask-cuda; or how a FILE is read "
+                          "and the calibration a run takes from it")
     info.add_argument("file", nargs="?", help="a data file: format, dtype and byte order, shape, "
                       "the reader's chunks and diffgpu's, header fields")
     info.add_argument("--navigation-shape", type=_positive_int, nargs="+", metavar="N",
@@ -170,7 +171,9 @@ def build_parser():
     ori.add_argument("--reciprocal-radius", type=_finite_positive, default=1.2,
                      help="largest spot radius simulated, 1/Å: the detector must reach it "
                           "from the centre (an error otherwise)")
-    ori.add_argument("--voltage", type=_finite_positive, default=200.0, help="accelerating voltage, kV")
+    ori.add_argument("--voltage", type=_finite_positive, default=None,
+                     help="accelerating voltage, kV (default: the beam energy the file records, "
+                          "else 200)")
     ori.add_argument("--npt", type=_positive_int, default=64, help="radial bins of the polar patterns")
     ori.add_argument("--n-best", type=_positive_int, default=1,
                      help="matches kept per pattern, best first (2 or more for --reliability)")
@@ -228,11 +231,12 @@ def cmd_info(args):
                 _check_navigation_shape_applies(args.file)
         try:
             rows = describe(args.file, navigation_shape=args.navigation_shape)
+            rows += _calibration_rows(args.file, args.navigation_shape)
         except (OSError, ValueError) as err:
             raise InputError(_cli_words(str(err))) from err
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {_cli_words(value)}")
         return EXIT_OK
     import dask
     import hyperspy
@@ -254,6 +258,40 @@ def cmd_info(args):
     have = importlib.util.find_spec("dask_cuda") is not None
     print(f"dask-cuda: {'available' if have else 'not installed (pip install diffgpu[cuda-cluster])'}")
     return EXIT_OK
+
+
+def _calibration_rows(path, navigation_shape):
+    """What a batch run takes from the file's metadata: the scan step, the detector's scale
+    and centre, the beam energy and camera length, or that the file does not record them
+    (and which option gives them)."""
+    import diffgpu
+
+    nav = {"navigation_shape": tuple(navigation_shape)} if navigation_shape else {}
+    s = diffgpu.load(path, lazy=True, **nav)
+    if not isinstance(s, diffgpu.DiffractionPatterns):
+        return []
+    cal = s.calibration
+    nav = s.axes_manager.navigation_axes
+    rows = []
+    if any(str(ax.units) not in ("", "<undefined>") for ax in nav):
+        rows.append(("scan step", ", ".join(f"{ax.scale:g} {ax.units}" for ax in nav)
+                     + " (x, y)" * (len(nav) == 2)))
+    else:
+        rows.append(("scan step", "not recorded (the scan's axes are in positions)"))
+    if cal.units in (None, "", "px"):
+        rows.append(("detector scale", "not recorded (pixels): give --scale and --units"))
+    else:
+        rows.append(("detector scale", f"{cal.scale[0]:g} x {cal.scale[1]:g} {cal.units} "
+                                       "per pixel (x, y)"))
+    cx, cy = (c + 0.0 for c in cal.center)  # (-0.0 printed as 0)
+    rows.append(("beam centre", f"({cx:g}, {cy:g}) pixels (x, y); "
+                                "--center overrides it"))
+    energy = cal.beam_energy
+    rows.append(("beam energy", f"{energy:g} keV" if energy else
+                 "not recorded (orientation takes 200 kV unless --voltage)"))
+    length = s.metadata.get_item("Acquisition_instrument.TEM.camera_length")
+    rows.append(("camera length", f"{length:g} mm" if length else "not recorded"))
+    return rows
 
 
 def cmd_demo(args):
@@ -289,7 +327,7 @@ def _with_chunks(args, s, nav):
 
 
 # a reader's advice: "pass navigation_shape=(12,) to read ...", "navigation_shape=(11,) reads ..."
-_NAV_ARG = re.compile(r"navigation_shape=(?:\((\d+(?:, ?\d+)*),?\))?(?= to read| reads|$)")
+_NAV_ARG = re.compile(r"navigation_shape=(?:\((\d+(?:, ?\d+)*),?\))?(?= to read| reads|\)|$)")
 
 
 def _cli_words(message):
@@ -721,9 +759,12 @@ def cmd_orientation(args):
     s = _load(args)
     phases = [_phase(p) for p in args.phase]
     _check_reach(s, args.reciprocal_radius)
+    # the file's beam energy sets the Ewald sphere the templates are cut from (a fixed 200 kV
+    # made other energies' templates wrong); --voltage overrides it
+    voltage = args.voltage or s.calibration.beam_energy or 200.0
     library = TemplateLibrary.from_phase(phases if len(phases) > 1 else phases[0],
                                          resolution=args.resolution,
-                                         accelerating_voltage=args.voltage,
+                                         accelerating_voltage=voltage,
                                          reciprocal_radius=args.reciprocal_radius)
     units = s.calibration.units
     per_unit = {"1/nm": 10.0}.get(units, 1.0)  # radial range in the signal's own units
@@ -943,6 +984,24 @@ def _check_virtual_args(parser, args):
                          "R_IN < distance <= R_OUT)")
 
 
+def _check_scheduler(parser, value):
+    """--scheduler must be 'threads', 'local-cluster' or a scheduler's address (exit code 2):
+    a misspelt word was taken for an address and failed later as bad input."""
+    if value in ("threads", "local-cluster"):
+        return
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:  # no dask.distributed: connecting says so
+        return
+    try:
+        scheme, location = parse_address(value)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as err:
+        parser.error(f"--scheduler {value!r}: give 'threads', 'local-cluster' or a running "
+                     f"scheduler's address such as tcp://host:8786 ({err})")
+
+
 def _pairs(values):
     """Four numbers as ``((g1x, g1y), (g2x, g2y))``."""
     return [list(values[:2]), list(values[2:])]
@@ -965,6 +1024,8 @@ def main(argv=None):
         _check_strain_args(parser, args)
     if args.command == "virtual":
         _check_virtual_args(parser, args)
+    if getattr(args, "scheduler", None) is not None:
+        _check_scheduler(parser, args.scheduler)
     from .device import DeviceUnavailableError
 
     previous = signal.signal(signal.SIGTERM, _terminate)
