@@ -196,7 +196,8 @@ def synthetic_4dstem(
     chunks : "auto", int or tuple of int
         Dask chunks of the navigation axes (the detector is never split): one number for
         every scan axis or one per axis. ``"auto"`` makes diffgpu's chunks of whole frames
-        (:func:`diffgpu.chunking.frame_chunks`: about 8 MiB, at least two per host thread).
+        (:func:`diffgpu.chunking.frame_chunks` for 4 threads, whatever the host: about 8 MiB,
+        and the same frames on every machine).
     seed : int
         Seed, >= 0; each chunk draws from its own generator seeded by ``(seed, position)``.
     lazy : bool
@@ -283,7 +284,9 @@ def synthetic_4dstem(
         # allow): one 32 MiB chunk made the frames on one thread, and every operation after
         from .chunking import frame_chunks
 
-        chunks = frame_chunks(nav_shape, math.prod(sig_shape) * dtype.itemsize) + \
+        # chunking fixed for 4 threads, not this host's: each chunk draws its own noise, so
+        # the frames are then the same on every machine
+        chunks = frame_chunks(nav_shape, math.prod(sig_shape) * dtype.itemsize, workers=4) + \
             ((sig_shape[0],), (sig_shape[1],))
     else:
         if isinstance(chunks, (int, np.integer)):  # the same for every scan axis, as in dask

@@ -332,3 +332,14 @@ def test_patterns_to_pyxem_carry_the_mask_where_pyxem_reads_it(lazy):
     assert [ax.offset for ax in p.axes_manager.signal_axes] == \
         [ax.offset for ax in s.axes_manager.signal_axes]
     assert s.axes_manager.signal_axes[0].units == "1/nm"  # the original is left as it was
+
+
+def test_synthetic_frames_do_not_depend_on_the_hosts_threads(monkeypatch):
+    # each chunk draws its own noise: chunks that followed the thread count gave other
+    # frames on another machine
+    import diffgpu.device
+
+    a = diffgpu.data.synthetic_4dstem(nav_shape=(16, 16), sig_shape=(64, 64), lazy=False).data
+    monkeypatch.setattr(diffgpu.device, "host_threads", lambda: 16)
+    b = diffgpu.data.synthetic_4dstem(nav_shape=(16, 16), sig_shape=(64, 64), lazy=False).data
+    np.testing.assert_array_equal(a, b)
