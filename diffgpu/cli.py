@@ -207,7 +207,8 @@ def build_parser():
                     help="positions with fewer indexed disks get NaN strain (at least 3: a "
                          "lattice fit needs 3 disks not on one row)")
     st.add_argument("--relative-threshold", type=_fraction, default=0.01,
-                    help="weakest disk, as a fraction of each pattern's strongest")
+                    help="weakest disk, as a fraction of each pattern's strongest (of at most 10x "
+                         "its second strongest: a bright direct beam does not hide the disks)")
     st.add_argument("--max-disks", type=_positive_int, default=128, help="disks kept per pattern")
     st.add_argument("--png", help="also write the four strain maps to this PNG (or .pdf, .svg, "
                     "...; checked before the run: directory exists, not there unless --overwrite)")

@@ -32,7 +32,8 @@ class DirectBeamShifts(DeviceMixin, Signal1D):
     _signal_type = "direct_beam_shifts"
 
     def fit_plane(self, mask=None, robust=True):
-        """Least-squares plane ``a + b * column + c * row`` through the shifts (a linear descan).
+        """Plane ``a + b * column + c * row`` through the shifts (a linear descan), by least
+        squares robust to a few lost beams (see ``robust``).
 
         Parameters
         ----------

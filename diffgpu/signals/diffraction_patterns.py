@@ -288,7 +288,8 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         npt : int
             Number of radial bins.
         npt_azim : int
-            Number of azimuthal bins.
+            Number of azimuthal bins, 1 or more (``None`` is refused: radial profiles come
+            from :meth:`get_azimuthal_integral1d`).
         radial_range : (float, float), optional
             Radial range in output units; default from 0 to the farthest detector corner.
         azimuth_range : (float, float), optional
@@ -301,12 +302,15 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         mean : bool
             False (default, as pyxem): each bin holds the *sum* of the intensity
             falling in it. True: the mean per unit pixel area (a constant image gives
-            that constant in every covered bin; bins covering no pixel give NaN).
+            that constant in every covered bin; bins covering no pixel give NaN). True or
+            False (or 0 or 1) only.
         inplace : bool
             Replace this signal by the result (returns None).
         radial_unit : {None, "q", "2theta_deg", "2theta_rad"}
-            None: the signal's own units (pixels, 1/Å, 1/nm, ...). "q" = 2 pi k.
-            2theta needs the scale in 1/Å or 1/nm and ``calibration.beam_energy``.
+            None: the signal's own units (pixels, 1/Å, 1/nm, ...). "q" = 2 pi k, for a
+            detector in 1/Å or 1/nm (pyxem's q units are read as q already). 2theta needs
+            the scale in 1/Å or 1/nm and ``calibration.beam_energy``; a radial range past
+            90 degrees is refused.
         azimuth_unit : {"deg", "rad"}
             Unit of ``azimuth_range`` and of the output azimuth axis.
         curved_ewald : bool
@@ -688,7 +692,9 @@ class DiffractionPatterns(DeviceMixin, Signal2D):
         threshold : float
             Minimum correlation (about the mean counts per pixel in a disk).
         relative_threshold : float
-            Minimum as a fraction of each frame's strongest disk.
+            Minimum as a fraction of each frame's strongest disk, but of at most 10 times
+            its second strongest (a bright direct beam does not hide the disks) and at
+            least a hundredth of the strongest.
         min_spacing : float, optional
             A disk must be the maximum within this many pixels (square window); default
             the radius.
