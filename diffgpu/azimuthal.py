@@ -23,7 +23,7 @@ from .device import host_threads, is_device_array
 from .geometry import PolarGeometry, integration_matrix, mask_digest
 from .kernels.integration import IntegrationEngine
 from .mapping import map_frames
-from .results import OperationResult
+from .results import OperationResult, derived_metadata
 
 __all__ = ["azimuthal_integral", "get_engine"]
 
@@ -265,12 +265,8 @@ def azimuthal_integral(signal, npt, npt_azim=None, radial_range=None, azimuth_ra
         axes, stype = nav_axes + [radial], "radial_profiles"
     else:
         axes, stype = nav_axes + [radial, azimuth], "polar_patterns"
-    metadata = signal.metadata.as_dictionary()
-    metadata.get("Diffraction", {}).pop("mask", None)
-    metadata.setdefault("Signal", {})["signal_type"] = stype
-    title = metadata.get("General", {}).get("title", "")
-    metadata.setdefault("General", {})["title"] = \
-        f"Azimuthal integral of {title}" if title else "Azimuthal integral"
+    metadata = derived_metadata(signal, "Azimuthal integral", keep_all=True,
+                                Signal={"signal_type": stype})
     metadata["Integration"] = {
         "center": list(signal.calibration.center), "scale": list(geom.scale), "npt": npt,
         "npt_azim": npt_azim, "radial_range": list(geom.radial_range),

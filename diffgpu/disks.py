@@ -21,6 +21,7 @@ from .calibration import _positive, _real, _whole, check_mask
 from .device import _is_dask, to_host_array
 from .kernels.disks import DiskFinder, disk_image, probe_image
 from .mapping import map_frames
+from .results import derived_metadata
 
 __all__ = ["find_bragg_disks", "bragg_calibration"]
 
@@ -160,12 +161,8 @@ def find_bragg_disks(signal, radius=None, template=None, threshold=0.0, relative
         {"name": "disk", "size": max_disks, "navigate": False},
         {"name": "field", "size": 3, "navigate": False},
     ]
-    md = signal.metadata.as_dictionary()
-    md.get("Diffraction", {}).pop("mask", None)
-    title = md.get("General", {}).get("title", "")
-    # an untitled signal: "Bragg disks", not "Bragg disks of"
-    md.setdefault("General", {})["title"] = f"Bragg disks of {title}" if title else "Bragg disks"
-    md.setdefault("Signal", {})["signal_type"] = "bragg_vectors"
+    md = derived_metadata(signal, "Bragg disks", keep_all=True,
+                          Signal={"signal_type": "bragg_vectors"})
     md["BraggDisks"] = {
         "fields": ["x", "y", "intensity"],
         "template": source, "radius": float(r), "threshold": float(threshold),

@@ -57,11 +57,13 @@ class OperationResult:
 _CARRIED = ("Acquisition_instrument", "Sample")
 
 
-def derived_metadata(signal, title, **sections):
+def derived_metadata(signal, title, keep_all=False, **sections):
     """Metadata of a result made from ``signal``: ``General`` (its title ``"<title> of
     <input's title>"``, or ``title`` alone for an untitled input), the microscope
     (``Acquisition_instrument``: beam energy, camera length) and ``Sample`` of the input,
-    then ``sections`` (``Signal=...``, the operation's own record).
+    then ``sections`` (``Signal=...`` is merged into what there is; the operation's own
+    record). ``keep_all``: start from all of the input's metadata instead (a result on the
+    same detector or scan: integrals, disks), less the detector's mask.
 
     Examples
     --------
@@ -74,11 +76,18 @@ def derived_metadata(signal, title, **sections):
     ('Virtual image', 200.0)
     """
     source = signal.metadata.as_dictionary()
-    general = {k: v for k, v in source.get("General", {}).items()
-               if k not in ("title", "mask")}  # pyxem's detector mask is no result's
     before = source.get("General", {}).get("title", "")
-    general["title"] = f"{title} of {before}" if before else title
-    md = {"General": general}
-    md.update({k: source[k] for k in _CARRIED if k in source})
-    md.update(sections)
+    if keep_all:
+        md = source
+        md.get("Diffraction", {}).pop("mask", None)  # the detector's, not the result's
+    else:
+        md = {"General": {k: v for k, v in source.get("General", {}).items()
+                          if k not in ("title", "mask")}}  # pyxem's detector mask is no result's
+        md.update({k: source[k] for k in _CARRIED if k in source})
+    md.setdefault("General", {})["title"] = f"{title} of {before}" if before else title
+    for key, value in sections.items():
+        if key == "Signal":
+            md.setdefault("Signal", {}).update(value)
+        else:
+            md[key] = value
     return md
